@@ -1,0 +1,87 @@
+"""What the backends share: running a step in a container of the method's base image, and uv."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .. import paths
+from ..base import BaseImage
+from ..context import Context
+from ..engine import BindMount, ContainerSpec
+from ..errors import EnvmgrError, MirrorError
+from ..mirrors import ca_mounts, uv_env
+
+_MIRROR_FAILURES = re.compile(r"(Connection refused|connection error|Failed to fetch|failed to connect|"
+                              r"dns error|Could not connect|ConnectError|Max retries exceeded|"
+                              r"401 Unauthorized|403 Forbidden|timed out|tcp connect error)", re.I)
+_HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hashes|THESE PACKAGES DO NOT MATCH)", re.I)
+
+
+def run_step(ctx: Context, base: BaseImage, step: str, script: str, mounts: list[BindMount],
+             env: dict[str, str], workdir: str | None = None, on_line=None) -> list[str]:
+    """Run `script` (sh) in a container of the base image with host networking, as the invoking user.
+
+    Host networking lets a mirror on the host's loopback answer, as `docker build --network=host`
+    does. Returns the output lines; raises with the last lines (redacted) when the step fails.
+    """
+    lines: list[str] = []
+
+    def collect(line: str) -> None:
+        lines.append(line)
+        ctx.ui.log(line)
+        if on_line:
+            on_line(line)
+
+    spec = ContainerSpec(
+        image=base.image_id, command=["/bin/sh", "-ec", script], env={"HOME": "/tmp", **env},
+        mounts=mounts + ca_mounts(ctx.config.mirrors), workdir=workdir, user=f"{os.getuid()}:{os.getgid()}",
+        network="host", labels={paths.LABEL_KIND: "step"},
+    )
+    code = ctx.engine.run(spec, on_line=collect)
+    if code != 0:
+        tail = [line for line in lines if line.strip()][-6:]
+        detail = ctx.ui.redact(" | ".join(t.strip() for t in tail))[-900:]
+        text = "\n".join(lines)
+        if _HASH_FAILURES.search(text):
+            raise MirrorError(f"{step}: a downloaded file does not match the hash in the lock: {detail}",
+                              hint="the mirror serves a different file than the one locked; nothing was tagged")
+        if _MIRROR_FAILURES.search(text):
+            raise MirrorError(f"{step}: a mirror did not answer: {detail}",
+                              hint="check the mirrors `envmgr doctor` shows")
+        raise EnvmgrError(f"{step} failed (exit {code}): {detail}")
+    return lines
+
+
+def uv_mounts(ctx: Context) -> list[BindMount]:
+    uv_cache = ctx.cache_dir / "uv"
+    uv_cache.mkdir(parents=True, exist_ok=True)
+    return [BindMount(ctx.uv_binary(), paths.CONTAINER_UV, read_only=True),
+            BindMount(uv_cache, f"{paths.CONTAINER_CACHE}/uv", read_only=False)]
+
+
+def uv_step_env(ctx: Context) -> dict[str, str]:
+    return {**uv_env(ctx.config.mirrors), "UV_CACHE_DIR": f"{paths.CONTAINER_CACHE}/uv"}
+
+
+def install_requirements_script(base: BaseImage, prefix: str, requirements: str) -> str:
+    """Create the venv, install exact hashed pins without resolving, compile bytecode reproducibly.
+
+    Bytecode uses unchecked-hash pycs (no source mtimes inside) compiled in one process with a
+    fixed hash seed, so two builds write the same bytes.
+    """
+    uv = paths.CONTAINER_UV
+    return "\n".join([
+        f"{uv} venv --quiet --allow-existing --python {base.python} {prefix}",
+        f"{uv} pip install --python {prefix}/bin/python --require-hashes --no-deps --strict -r {requirements}",
+        f"PYTHONHASHSEED=0 {prefix}/bin/python -m compileall -q -j 1 --invalidation-mode unchecked-hash "
+        f"{prefix}/lib >/dev/null || true",  # a package's deliberately broken test file must not fail the build
+    ])
+
+
+def safe_remove_tree(path: Path) -> None:
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)

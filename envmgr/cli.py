@@ -1,0 +1,267 @@
+"""The `envmgr` command: parses, calls one function per verb, prints."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .config import load_config, mask_url
+from .context import Context
+from .errors import EnvmgrError, Exit, Interrupted
+from .ui import Reporter
+
+EXIT_CODES = """Exit codes: 0 ok · 1 the work failed · 2 bad input (unknown method, malformed spec or config) ·
+3 lock missing or stale (run `envmgr lock`) · 4 Docker Engine unreachable · 5 a mirror failed ·
+130 interrupted."""
+
+app = typer.Typer(
+    name="envmgr",
+    help="Locked, reproducible, GPU-ready container environments for ML training methods.\n\n" + EXIT_CODES,
+    no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+base_app = typer.Typer(help="Base images (Debian + Python) built from the site's apt mirror.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+
+STATE: dict = {}
+
+
+@app.callback()
+def main(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable JSON events on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Stream the output of containers and tools.")] = False,
+    base_dir: Annotated[Optional[Path], typer.Option(help="Base directory (models/, datasets/, methods/, runs/, "
+                                                          "cache/). Env: ENVMGR_BASE_DIR.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory. Env: ENVMGR_CACHE_DIR.")] = None,
+    pypi_mirror: Annotated[Optional[str], typer.Option(help="PyPI mirror (PEP 503 index URL) for this command. "
+                                                            "Env: ENVMGR_MIRRORS_PYPI.")] = None,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+):
+    if version:
+        print(f"envmgr {__version__}")
+        raise typer.Exit(0)
+    flags: dict = {}
+    if base_dir:
+        flags["base_dir"] = str(base_dir)
+    if cache_dir:
+        flags["cache_dir"] = str(cache_dir)
+    if pypi_mirror:
+        flags["mirrors"] = {"pypi": pypi_mirror}
+    STATE.update(flags=flags, mode="json" if json_output else None, verbose=verbose)
+
+
+def _context() -> Context:
+    ui = Reporter(STATE.get("mode"), verbose=STATE.get("verbose", False))
+    STATE["ui"] = ui
+    config = load_config(STATE.get("flags"))
+    ui.add_secrets(config.secrets())
+    return Context(config=config, ui=ui)
+
+
+def _fail(exc: EnvmgrError) -> None:
+    ui = STATE.get("ui") or Reporter(STATE.get("mode"))
+    ui.error(str(exc.message), exc.hint)
+    raise typer.Exit(int(exc.exit_code))
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def verb(function):
+    """Run a verb with errors turned into one line and an exit code."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        _sigterm_as_interrupt()
+        try:
+            return function(*args, **kwargs)
+        except EnvmgrError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            _fail(Interrupted("interrupted: nothing was tagged; containers were removed"))
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------- verbs
+
+
+@base_app.command("build")
+@verb
+def base_build(name: Annotated[str, typer.Argument(help="A folder of images/ (default bookworm-py311).")]
+               = "bookworm-py311"):
+    """Build a base image with debuerreotype through the apt mirror and load it into the engine."""
+    from .base import build_base
+
+    ctx = _context()
+    build_base(ctx, name)
+
+
+@app.command("list")
+@verb
+def list_cmd():
+    """List the built-in (envs/) and added (<base_dir>/methods/) methods."""
+    from .spec import list_methods
+
+    ctx = _context()
+    methods = list_methods(ctx.config.base_dir)
+    if ctx.ui.mode == "json":
+        ctx.ui.event("methods", methods=[{"name": m.name, "backend": m.backend, "builtin": m.builtin,
+                                          "folder": str(m.folder)} for m in methods])
+        return
+    from rich.table import Table
+
+    table = Table("method", "backend", "python", "gpu", "where", "description", box=None)
+    for m in methods:
+        table.add_row(m.name, m.backend, m.python, m.gpu, "built-in" if m.builtin else "added", m.description)
+    ctx.ui.console.print(table)
+
+
+@app.command()
+@verb
+def show(method: Annotated[str, typer.Argument(help="Method name.")]):
+    """Show a method's spec, lock state and image."""
+    from .backends import get_backend
+    from .errors import StaleLockError
+    from .spec import find_method
+
+    ctx = _context()
+    spec = find_method(method, ctx.config.base_dir)
+    backend = get_backend(spec)
+    try:
+        backend.check(spec)
+        lock_state = "current"
+    except StaleLockError as exc:
+        lock_state = f"stale: {exc.message}"
+    summary = backend.summary(spec)
+    info = {"name": spec.name, "backend": spec.backend, "folder": str(spec.folder), "python": spec.python,
+            "base_image": spec.base_image, "entry": spec.entry, "gpu": spec.gpu,
+            "default_model": spec.default_model, "env": spec.env, "lock": lock_state,
+            "packages": summary.get("packages")}
+    if ctx.ui.mode == "json":
+        ctx.ui.event("method", **info, pins=summary.get("pins"))
+        return
+    for key, value in info.items():
+        ctx.ui.console.print(f"[bold]{key:>13}[/]  {value}", markup=True, highlight=False)
+    pins = summary.get("pins") or {}
+    if pins and ctx.ui.verbose:
+        for name, version in sorted(pins.items()):
+            ctx.ui.console.print(f"{'':>15}{name}=={version}")
+
+
+@app.command()
+@verb
+def lock(
+    method: Annotated[str, typer.Argument(help="Method name.")],
+    check: Annotated[bool, typer.Option("--check", help="Only check that the lock is current (exit 3 if not).")]
+    = False,
+    regenerate: Annotated[bool, typer.Option("--regenerate", help="Re-solve every package, not only changes.")]
+    = False,
+):
+    """Lock a method's environment for its target platform, through the site's mirrors."""
+    from .backends import get_backend
+    from .base import ensure_base
+    from .spec import find_method
+
+    ctx = _context()
+    spec = find_method(method, ctx.config.base_dir)
+    backend = get_backend(spec)
+    if check:
+        backend.check(spec)
+        ctx.ui.success(f"{spec.name}: lock is current", method=spec.name, current=True)
+        return
+    base = ensure_base(ctx, spec.base_image)
+    written = backend.lock(ctx, spec, base, regenerate=regenerate)
+    backend.check(spec)
+    ctx.ui.success(f"{spec.name}: locked → {', '.join(str(p) for p in written)}",
+                   method=spec.name, files=[str(p) for p in written])
+
+
+@app.command()
+@verb
+def build(
+    method: Annotated[str, typer.Argument(help="Method name.")],
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the image for these inputs exists.")]
+    = False,
+):
+    """Build the method's image from its lock (a no-op when the image for these inputs exists)."""
+    from .build import build as build_image
+    from .spec import find_method
+
+    ctx = _context()
+    spec = find_method(method, ctx.config.base_dir)
+    result = build_image(ctx, spec, force=force)
+    what = "up to date" if result.reused else "built"
+    ctx.ui.success(f"{spec.name}: {what} {result.tag} ({result.image_id[:19]}, {result.seconds:.1f} s)",
+                   method=spec.name, image=result.image_id, tag=result.tag, reused=result.reused,
+                   inputs_hash=result.inputs_hash, lock_hash=result.lock_hash, seconds=round(result.seconds, 3))
+
+
+@app.command()
+@verb
+def doctor():
+    """Show the effective configuration, where each value came from, and what is missing."""
+    from .base import missing_tools
+    from .errors import EngineError
+
+    ctx = _context()
+    config = ctx.config
+    mirrors = config.mirrors
+    rows = [
+        ("base_dir", str(config.base_dir), config.origins.get("base_dir", "")),
+        ("cache_dir", str(config.cache_dir), config.origins.get("cache_dir", "")),
+        ("mirrors.pypi", mask_url(mirrors.pypi) or "(the installers' default index)",
+         config.origins.get("mirrors.pypi", "nothing configured on the host or for envmgr")),
+        ("mirrors.extra_indexes", ", ".join(mask_url(u) or "" for u in mirrors.extra_indexes) or "-",
+         config.origins.get("mirrors.extra_indexes", "")),
+        ("mirrors.find_links", ", ".join(mask_url(u) or "" for u in mirrors.find_links) or "-",
+         config.origins.get("mirrors.find_links", "")),
+        ("mirrors.apt", mask_url(mirrors.apt) or "-", config.origins.get("mirrors.apt", "")),
+        ("mirrors.ca_bundle", mirrors.ca_bundle or "-", config.origins.get("mirrors.ca_bundle", "")),
+        ("mirrors.https_proxy", mask_url(mirrors.https_proxy) or "-", config.origins.get("mirrors.https_proxy", "")),
+    ]
+    checks = []
+    try:
+        engine = ctx.engine
+        version = engine.api.version()
+        checks.append(("engine", f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')})", True))
+        checks.append(("gpu runtime", "NVIDIA runtime present" if engine.has_nvidia_runtime()
+                       else "no NVIDIA runtime (GPU runs need the NVIDIA Container Toolkit)", True))
+    except EngineError as exc:
+        checks.append(("engine", str(exc), False))
+    missing = missing_tools()
+    checks.append(("base image tools", "debuerreotype, debootstrap present" if not missing
+                   else f"missing: {', '.join(missing)} (apt-get install debuerreotype debootstrap)", not missing))
+    if ctx.ui.mode == "json":
+        ctx.ui.event("doctor", settings=[{"key": k, "value": v, "origin": o} for k, v, o in rows],
+                     checks=[{"check": c, "status": s, "ok": ok} for c, s, ok in checks])
+    else:
+        from rich.table import Table
+
+        table = Table("setting", "value", "from", box=None)
+        for row in rows:
+            table.add_row(*[ctx.ui.redact(x) for x in row])
+        ctx.ui.console.print(table)
+        for check, status, ok in checks:
+            ctx.ui.console.print(f"{'[green]ok[/]' if ok else '[red]!![/]'}  {check}: {ctx.ui.redact(status)}")
+    if not all(ok for _, _, ok in checks):
+        raise typer.Exit(int(Exit.ENGINE) if not checks[0][2] else int(Exit.FAILED))
+
+
+def run() -> None:
+    try:
+        app()
+    except EnvmgrError as exc:  # raised while parsing the config, before a verb ran
+        Reporter(STATE.get("mode")).error(str(exc.message), exc.hint)
+        sys.exit(int(exc.exit_code))
+

@@ -1,0 +1,48 @@
+"""What every verb needs: the effective config, the output, and (lazily) the engine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import EffectiveConfig
+from .engine import Engine
+from .errors import EnvmgrError
+from .ui import Reporter
+
+
+@dataclass
+class Context:
+    config: EffectiveConfig
+    ui: Reporter
+    _engine: Engine | None = field(default=None, repr=False)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.config.engine_url)
+        return self._engine
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.config.cache_dir
+
+    @property
+    def store_dir(self) -> Path:
+        """Base rootfs layers and lock tools: content-addressed, safe to share between cache dirs."""
+        value = os.environ.get("ENVMGR_STORE_DIR")
+        return Path(value) if value else self.config.cache_dir / "store"
+
+    def uv_binary(self) -> Path:
+        try:
+            from uv import find_uv_bin
+
+            return Path(find_uv_bin())
+        except (ImportError, FileNotFoundError):
+            found = shutil.which("uv")
+            if not found:
+                raise EnvmgrError("uv is not installed next to envmgr",
+                                  hint="reinstall envmgr: `make install` (uv is one of its dependencies)") from None
+            return Path(found)

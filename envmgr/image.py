@@ -1,0 +1,231 @@
+"""Deterministic layers and images: envmgr writes the tar files and the image config itself.
+
+Docker's own builder stamps creation times into every image. Here every entry has a fixed
+mtime, uid/gid 0 and sorted order, the config has a fixed `created`, and the image ID (the
+sha256 of the config bytes) depends on nothing but the content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+# 2000-01-01T00:00:00Z: a fixed time for every entry and the config (0 confuses some tools).
+EPOCH = 946684800
+CREATED = "2000-01-01T00:00:00Z"
+CHUNK = 1 << 20
+
+
+class HashingWriter(io.RawIOBase):
+    """A file wrapper that hashes what goes through it."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        self.raw.write(data)
+        return len(data)
+
+
+@dataclass
+class ExtraFile:
+    """A file that a layer adds from memory (shims, metadata)."""
+
+    path: str
+    data: bytes
+    mode: int = 0o644
+
+
+@dataclass
+class Layer:
+    path: Path          # the uncompressed layer tar on disk
+    diff_id: str        # sha256:<hex> of the uncompressed tar
+    size: int
+
+
+def _parents(target: str) -> list[str]:
+    parts = PurePosixPath(target.strip("/")).parts
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _tarinfo(name: str, kind: bytes, mode: int, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode & 0o7777
+    info.size = size
+    info.linkname = linkname
+    info.mtime = EPOCH
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: Iterable[ExtraFile] = (),
+                progress: Callable[[int], None] | None = None) -> Layer:
+    """Write a layer tar holding each host `tree` under its image path, plus `extra_files`.
+
+    Entries are sorted by path; hard links become plain files; sockets and devices are skipped.
+    The file is written under a temporary name and renamed when complete.
+    """
+    entries: dict[str, tuple[str, Path | ExtraFile | None]] = {}
+    for source, target in trees:
+        for parent in _parents(target):
+            entries.setdefault(parent, ("dir", None))
+        base = target.strip("/")
+        for root, dirs, files in os.walk(source):
+            rel_root = os.path.relpath(root, source)
+            for name in dirs + files:
+                host = Path(root) / name
+                rel = name if rel_root == "." else f"{rel_root}/{name}"
+                entries[f"{base}/{rel}"] = ("host", host)
+    for extra in extra_files:
+        for parent in _parents(str(PurePosixPath(extra.path).parent)):
+            entries.setdefault(parent, ("dir", None))
+        entries[extra.path.strip("/")] = ("extra", extra)
+
+    tmp = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as raw:
+        writer = HashingWriter(raw)
+        with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for name in sorted(entries):
+                kind, item = entries[name]
+                if kind == "dir":
+                    tar.addfile(_tarinfo(name, tarfile.DIRTYPE, 0o755))
+                elif kind == "extra":
+                    assert isinstance(item, ExtraFile)
+                    tar.addfile(_tarinfo(name, tarfile.REGTYPE, item.mode, len(item.data)), io.BytesIO(item.data))
+                    if progress:
+                        progress(len(item.data))
+                else:
+                    assert isinstance(item, Path)
+                    st = item.lstat()
+                    if stat.S_ISLNK(st.st_mode):
+                        tar.addfile(_tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=os.readlink(item)))
+                    elif stat.S_ISDIR(st.st_mode):
+                        tar.addfile(_tarinfo(name, tarfile.DIRTYPE, st.st_mode))
+                    elif stat.S_ISREG(st.st_mode):
+                        with open(item, "rb") as fh:
+                            tar.addfile(_tarinfo(name, tarfile.REGTYPE, st.st_mode, st.st_size), fh)
+                        if progress:
+                            progress(st.st_size)
+    os.replace(tmp, out)
+    return Layer(path=out, diff_id="sha256:" + writer.sha.hexdigest(), size=writer.size)
+
+
+def file_layer(path: Path) -> Layer:
+    """A layer from an existing uncompressed tar (e.g. a debuerreotype rootfs)."""
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return Layer(path=path, diff_id="sha256:" + sha.hexdigest(), size=size)
+
+
+@dataclass
+class ImageConfig:
+    layers: list[Layer]
+    env: dict[str, str] = field(default_factory=dict)
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    workdir: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    history: list[str] = field(default_factory=list)   # one "created_by" per layer
+    architecture: str = "amd64"
+
+    def to_bytes(self) -> bytes:
+        config: dict = {"Env": [f"{k}={v}" for k, v in self.env.items()], "Labels": dict(sorted(self.labels.items()))}
+        if self.cmd:
+            config["Cmd"] = self.cmd
+        if self.entrypoint:
+            config["Entrypoint"] = self.entrypoint
+        if self.workdir:
+            config["WorkingDir"] = self.workdir
+        document = {
+            "architecture": self.architecture,
+            "os": "linux",
+            "created": CREATED,
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in self.layers]},
+            "history": [{"created": CREATED, "created_by": text} for text in self.history],
+        }
+        return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+    def image_id(self) -> str:
+        return "sha256:" + hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+def write_archive(out, config: ImageConfig, repo_tags: list[str],
+                  progress: Callable[[int], None] | None = None) -> str:
+    """Write a docker-archive (manifest.json + config + layer tars) to a binary file object.
+
+    Returns the image ID. The archive bytes depend only on the config, layers and tags.
+    """
+    config_bytes = config.to_bytes()
+    image_hex = hashlib.sha256(config_bytes).hexdigest()
+    layer_names = [f"{layer.diff_id.split(':', 1)[1]}/layer.tar" for layer in config.layers]
+    manifest = json.dumps([{"Config": f"{image_hex}.json", "RepoTags": repo_tags, "Layers": layer_names}],
+                          separators=(",", ":")).encode()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(_tarinfo(f"{image_hex}.json", tarfile.REGTYPE, 0o644, len(config_bytes)), io.BytesIO(config_bytes))
+        seen = set()
+        for name, layer in zip(layer_names, config.layers):
+            if name in seen:
+                continue
+            seen.add(name)
+            tar.addfile(_tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
+            with open(layer.path, "rb") as fh:
+                tar.addfile(_tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), _Counting(fh, progress))
+        tar.addfile(_tarinfo("manifest.json", tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
+    return "sha256:" + image_hex
+
+
+class _Counting:
+    def __init__(self, fh, progress):
+        self.fh = fh
+        self.progress = progress
+
+    def read(self, size=-1):
+        data = self.fh.read(size)
+        if self.progress and data:
+            self.progress(len(data))
+        return data
+
+
+def tree_hash(root: Path, exclude: Callable[[str], bool] = lambda rel: False) -> str:
+    """Content hash of a directory: relative paths, modes' executable bit and file bytes."""
+    sha = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not exclude(os.path.relpath(Path(dirpath) / d, root)))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = os.path.relpath(path, root)
+            if exclude(rel):
+                continue
+            st = path.lstat()
+            sha.update(rel.encode() + b"\0")
+            if stat.S_ISLNK(st.st_mode):
+                sha.update(b"L" + os.readlink(path).encode())
+            else:
+                sha.update(b"X" if st.st_mode & 0o111 else b"F")
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(CHUNK):
+                        sha.update(chunk)
+            sha.update(b"\0")
+    return sha.hexdigest()

@@ -1,0 +1,45 @@
+"""One source of truth for paths, variable names and label keys shared by envmgr's modules.
+
+Container-side paths are part of the contract with the methods (see envs/sd-demo/README.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Where the repository's built-in methods and base images live.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_METHODS_DIR = REPO_ROOT / "envs"
+BASE_IMAGES_DIR = REPO_ROOT / "images"
+
+SPEC_FILE = "envmgr.toml"
+
+# Site config layers, lowest priority first.
+SYSTEM_CONFIG = Path("/etc/envmgr/config.toml")
+USER_CONFIG = Path("~/.config/envmgr/config.toml")
+ENV_PREFIX = "ENVMGR_"
+
+# Inside images and containers.
+CONTAINER_ENVS_ROOT = "/opt/envmgr/envs"          # /opt/envmgr/envs/<method>: the locked environment
+CONTAINER_METHOD_DIR = "/opt/envmgr/method"       # the method's own files
+CONTAINER_TOOLS_DIR = "/opt/envmgr/tools"         # lock-time tools (poetry), never in an image
+CONTAINER_UV = "/opt/envmgr/bin/uv"               # the host's pinned uv, mounted read-only at lock/build time
+CONTAINER_CA_BUNDLE = "/opt/envmgr/ca-bundle.crt" # the site's CA bundle, mounted at lock/build time only
+CONTAINER_WORK = "/opt/envmgr/work"
+CONTAINER_CACHE = "/opt/envmgr/cache"
+CONTAINER_MODELS = "/envmgr/models"
+CONTAINER_DATA = "/envmgr/data"
+CONTAINER_RUN = "/envmgr/run"
+CONTAINER_METHOD_INFO = "/etc/envmgr/method.json"
+
+# Image labels (never a mirror URL).
+LABEL_PREFIX = "org.envmgr."
+LABEL_METHOD = LABEL_PREFIX + "method"
+LABEL_INPUTS = LABEL_PREFIX + "inputs-hash"
+LABEL_LOCK = LABEL_PREFIX + "lock-hash"
+LABEL_SPEC = LABEL_PREFIX + "spec-hash"
+LABEL_BASE = LABEL_PREFIX + "base"
+LABEL_KIND = LABEL_PREFIX + "kind"   # "base" or "method"
+LABEL_MANAGED = LABEL_PREFIX + "managed"
+
+IMAGE_REPO_PREFIX = "envmgr/"

@@ -1,0 +1,98 @@
+"""Method specs: `envs/<name>/envmgr.toml` (built-in) or `<base_dir>/methods/<name>/envmgr.toml` (added)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import paths
+from .errors import UsageError
+from .tomlfile import load_model
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    backend: str = "poetry"
+    python: str = "3.11"
+    base_image: str = "bookworm-py311"
+    source_dir: str = "."                       # relative to the spec's folder: files copied into the image
+    entry: list[str]                            # run in CONTAINER_METHOD_DIR, e.g. ["python", "sd-demo.py"]
+    default_model: str | None = None
+    gpu: Literal["required", "optional", "none"] = "optional"
+    platform: Literal["linux-64", "linux-aarch64"] = "linux-64"
+    env: dict[str, str] = Field(default_factory=dict)
+    exclude: list[str] = Field(default_factory=list)   # glob patterns of files not copied into the image
+
+    # Where the spec was read from (not part of the file).
+    folder: Path = Field(default=Path("."), exclude=True)
+    builtin: bool = Field(default=True, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("lower-case letters, digits, '.', '_' and '-', starting with a letter or digit")
+        return value
+
+    @field_validator("entry")
+    @classmethod
+    def _entry(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name a command, e.g. [\"python\", \"train.py\"]")
+        return value
+
+    @property
+    def source_path(self) -> Path:
+        return (self.folder / self.source_dir).resolve()
+
+    @property
+    def env_prefix(self) -> str:
+        return f"{paths.CONTAINER_ENVS_ROOT}/{self.name}"
+
+    @property
+    def image_repository(self) -> str:
+        return f"{paths.IMAGE_REPO_PREFIX}{self.name}"
+
+    def spec_hash(self) -> str:
+        data = self.model_dump(mode="json")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _spec_files(base_dir: Path | None) -> list[tuple[Path, bool]]:
+    found = []
+    if paths.BUILTIN_METHODS_DIR.is_dir():
+        found += [(p, True) for p in sorted(paths.BUILTIN_METHODS_DIR.glob(f"*/{paths.SPEC_FILE}"))]
+    if base_dir and (base_dir / "methods").is_dir():
+        found += [(p, False) for p in sorted((base_dir / "methods").glob(f"*/{paths.SPEC_FILE}"))]
+    return found
+
+
+def load_spec(path: Path, builtin: bool = True) -> MethodSpec:
+    spec = load_model(MethodSpec, path)
+    spec.folder = path.parent.resolve()
+    spec.builtin = builtin
+    if spec.name != path.parent.name:
+        raise UsageError(f"{path}: key 'name': {spec.name!r} must match its folder name {path.parent.name!r}")
+    return spec
+
+
+def list_methods(base_dir: Path | None) -> list[MethodSpec]:
+    return [load_spec(path, builtin) for path, builtin in _spec_files(base_dir)]
+
+
+def find_method(name: str, base_dir: Path | None) -> MethodSpec:
+    for path, builtin in _spec_files(base_dir):
+        if path.parent.name == name:
+            return load_spec(path, builtin)
+    known = ", ".join(path.parent.name for path, _ in _spec_files(base_dir)) or "none"
+    raise UsageError(f"unknown method {name!r} (known: {known})", hint="`envmgr list` shows every method")

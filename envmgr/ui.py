@@ -1,0 +1,126 @@
+"""Output for people and machines: rich displays on a terminal, plain lines otherwise, JSON events
+with `--json`. Every line passes through `redact`, so a mirror credential never reaches a log."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+
+class Reporter:
+    def __init__(self, mode: str | None = None, secrets: list[str] | None = None, verbose: bool = False):
+        self.console = Console(stderr=False, highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        if mode is None:
+            mode = "rich" if self.console.is_terminal else "plain"
+        self.mode = mode
+        self.verbose = verbose
+        self.secrets = sorted({s for s in (secrets or []) if s}, key=len, reverse=True)
+
+    def add_secrets(self, secrets: list[str]) -> None:
+        self.secrets = sorted({*self.secrets, *(s for s in secrets if s)}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    # ------------------------------------------------------------------ lines
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """A machine-readable event (JSON mode only)."""
+        if self.mode == "json":
+            payload = {"event": kind, **fields}
+            sys.stdout.write(self.redact(json.dumps(payload, default=str)) + "\n")
+            sys.stdout.flush()
+
+    def step(self, message: str, **fields: Any) -> None:
+        if self.mode == "json":
+            self.event("step", message=message, **fields)
+        elif self.mode == "rich":
+            self.console.print(f"[bold cyan]▸[/] {self.redact(message)}")
+        else:
+            print(f"envmgr: {self.redact(message)}", flush=True)
+
+    def info(self, message: str) -> None:
+        if self.mode == "json":
+            self.event("info", message=message)
+        elif self.mode == "rich":
+            self.console.print(f"  {self.redact(message)}", markup=False)
+        else:
+            print(f"  {self.redact(message)}", flush=True)
+
+    def log(self, line: str) -> None:
+        """A line of a subprocess's output: shown with -v, always redacted."""
+        if self.verbose:
+            if self.mode == "json":
+                self.event("log", line=line)
+            else:
+                self.err.print(f"  │ {self.redact(line)}", markup=False, style="dim")
+
+    def warn(self, message: str) -> None:
+        if self.mode == "json":
+            self.event("warning", message=message)
+        else:
+            self.err.print(f"[yellow]warning:[/] {self.redact(message)}")
+
+    def success(self, message: str, **fields: Any) -> None:
+        if self.mode == "json":
+            self.event("done", message=message, **fields)
+        elif self.mode == "rich":
+            self.console.print(f"[bold green]✓[/] {self.redact(message)}")
+        else:
+            print(f"envmgr: {self.redact(message)}", flush=True)
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        if self.mode == "json":
+            self.event("error", message=message, hint=hint)
+        else:
+            self.err.print(f"[bold red]error:[/] {self.redact(message)}", markup=True)
+            if hint:
+                self.err.print(f"  [dim]{self.redact(hint)}[/]")
+
+    # ------------------------------------------------------------------ progress
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: float | None = None, unit: str = "items") -> Iterator["Task"]:
+        """A progress bar (rich), a start and end line (plain), or events (json)."""
+        started = time.monotonic()
+        if self.mode == "rich":
+            columns: list = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
+            columns += [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
+            columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+            with Progress(*columns, console=self.console, transient=False) as bar:
+                task_id = bar.add_task(self.redact(description), total=total)
+                yield Task(lambda n: bar.advance(task_id, n), lambda t: bar.update(task_id, total=t),
+                           lambda d: bar.update(task_id, description=self.redact(d)))
+        else:
+            self.step(description) if self.mode == "plain" else self.event("progress-start", task=description,
+                                                                           total=total, unit=unit)
+            done = [0.0]
+
+            def advance(n: float) -> None:
+                done[0] += n
+
+            yield Task(advance, lambda t: None, lambda d: None)
+            elapsed = time.monotonic() - started
+            if self.mode == "plain":
+                amount = f"{done[0] / 1e6:.1f} MB" if unit == "bytes" else f"{int(done[0])} {unit}"
+                print(f"  done in {elapsed:.1f} s ({amount})", flush=True)
+            else:
+                self.event("progress-end", task=description, amount=done[0], unit=unit, seconds=round(elapsed, 3))
+
+
+class Task:
+    def __init__(self, advance, set_total, describe):
+        self.advance = advance
+        self.set_total = set_total
+        self.describe = describe
