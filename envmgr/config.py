@@ -141,6 +141,16 @@ def host_pip_settings() -> dict[str, Setting]:
     return found
 
 
+def pip_default_index() -> Setting | None:
+    """The index pip uses when nothing is configured, read from pip itself (so envmgr names none)."""
+    try:
+        from pip._internal.models.index import PyPI  # pip keeps its default here
+
+        return Setting(PyPI.simple_url, "inherited: pip's built-in default index (nothing configured)")
+    except Exception:  # noqa: BLE001 - no pip, or pip moved it: then there is no default to inherit
+        return None
+
+
 def _reachable_from_container(url: str) -> bool:
     return urlsplit(url).scheme in ("http", "https")
 
@@ -272,6 +282,10 @@ def load_config(flags: dict[str, Any] | None = None, *, inherit_host: bool = Tru
         if mirrors.pypi is None and "index-url" in pip and _reachable_from_container(pip["index-url"].value):
             mirrors.pypi = pip["index-url"].value
             origins["mirrors.pypi"] = "inherited: " + pip["index-url"].origin
+        elif mirrors.pypi is None and (default := pip_default_index()):
+            # poetry needs an index it can read through the simple API (see backends/poetry.py)
+            mirrors.pypi = default.value
+            origins["mirrors.pypi"] = default.origin
         if "mirrors.extra_indexes" not in origins and "extra-index-url" in pip:
             urls = [u for u in pip["extra-index-url"].value.split() if _reachable_from_container(u)]
             if urls:

@@ -17,8 +17,6 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from packaging.markers import InvalidMarker, Marker
-
 from .. import paths
 from ..base import BaseImage
 from ..context import Context
@@ -26,6 +24,7 @@ from ..engine import BindMount
 from ..errors import EnvmgrError, StaleLockError, UsageError
 from ..mirrors import mirror_hosts, poetry_env
 from ..spec import MethodSpec
+from .poetry_lock import select
 from .common import install_requirements_script, run_step, uv_mounts, uv_step_env
 
 POETRY_VERSION = "2.5.1"
@@ -106,24 +105,8 @@ class PoetryBackend:
 
     def packages(self, spec: MethodSpec, base: BaseImage) -> list[dict]:
         """The locked packages that the target installs (main group, markers true for the target)."""
-        lock = self._lock_data(spec)
-        environment = target_environment(base, spec)
-        chosen = []
-        for package in lock.get("package", []):
-            groups = package.get("groups", ["main"])
-            if "main" not in groups:
-                continue
-            markers = package.get("markers")
-            if isinstance(markers, dict):
-                markers = markers.get("main")
-            if markers:
-                try:
-                    if not Marker(markers).evaluate(environment):
-                        continue
-                except InvalidMarker:
-                    raise UsageError(f"{spec.folder / LOCK}: package {package['name']}: bad marker {markers!r}")
-            chosen.append(package)
-        return chosen
+        return select(self._lock_data(spec), self._pyproject(spec), target_environment(base, spec),
+                      str(spec.folder / LOCK))
 
     def requirements(self, spec: MethodSpec, base: BaseImage) -> str:
         lines = []

@@ -1,0 +1,130 @@
+"""A real PEP 503 package index on 127.0.0.1 serving wheels that the tests build themselves."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FIXED_TIME = (2020, 1, 1, 0, 0, 0)
+
+
+def build_wheel(out_dir: Path, name: str, version: str, requires: list[str] = (), body: str = "") -> Path:
+    """A minimal, valid, pure-Python wheel with one module (byte-identical on every call)."""
+    module = name.replace("-", "_")
+    dist = f"{module}-{version}"
+    files = {
+        f"{module}/__init__.py": (body or f'VERSION = "{version}"\n').encode(),
+        f"{dist}.dist-info/METADATA": ("Metadata-Version: 2.1\n"
+                                       f"Name: {name}\nVersion: {version}\n"
+                                       + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode(),
+        f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: envmgr-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record_lines = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record_lines.append(f"{path},sha256={digest},{len(data)}")
+    record_lines.append(f"{dist}.dist-info/RECORD,,")
+    files[f"{dist}.dist-info/RECORD"] = ("\n".join(record_lines) + "\n").encode()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file_name, data in files.items():
+            info = zipfile.ZipInfo(file_name, FIXED_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    return path
+
+
+@dataclass
+class Index:
+    """Serves every wheel in `root` as /simple/<project>/ with sha256 fragments."""
+
+    root: Path
+    username: str | None = None
+    password: str | None = None
+    requests: list[str] = field(default_factory=list)
+
+    def start(self) -> "Index":
+        index = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):  # noqa: N802
+                index.requests.append(self.path)
+                if index.username:
+                    expected = base64.b64encode(f"{index.username}:{index.password}".encode()).decode()
+                    if self.headers.get("Authorization") != f"Basic {expected}":
+                        self.send_response(401)
+                        self.send_header("WWW-Authenticate", 'Basic realm="test"')
+                        self.end_headers()
+                        return
+                parts = [p for p in self.path.split("?")[0].split("/") if p]
+                if parts == ["simple"]:
+                    names = sorted({_project(w.name) for w in index.root.glob("*.whl")})
+                    return self._html("".join(f'<a href="/simple/{n}/">{n}</a>\n' for n in names))
+                if len(parts) == 2 and parts[0] == "simple":
+                    project = _normalize(parts[1])
+                    wheels = sorted(w for w in index.root.glob("*.whl") if _project(w.name) == project)
+                    if not wheels:
+                        self.send_response(404)
+                        self.end_headers()
+                        return
+                    links = "".join(f'<a href="/files/{w.name}#sha256={hashlib.sha256(w.read_bytes()).hexdigest()}">'
+                                    f"{w.name}</a>\n" for w in wheels)
+                    return self._html(links)
+                if len(parts) == 2 and parts[0] == "files" and (index.root / parts[1]).is_file():
+                    data = (index.root / parts[1]).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                self.send_response(404)
+                self.end_headers()
+
+            def _html(self, body: str):
+                data = f"<!DOCTYPE html><html><body>\n{body}</body></html>\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        auth = f"{self.username}:{self.password}@" if self.username else ""
+        return f"http://{auth}127.0.0.1:{self.port}/simple/"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _normalize(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _project(wheel_name: str) -> str:
+    return _normalize(wheel_name.split("-")[0])
+
+
