@@ -1,0 +1,121 @@
+"""Saving: the final LoRA file, and atomic `checkpoint-<step>/` folders for resuming.
+
+A checkpoint is written into `.checkpoint-<step>.tmp/` and renamed into place only
+when complete, so a crash or a full disk never leaves a broken latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import model
+
+log = logging.getLogger("sd_trainer")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PEFT_FILE = "lora_peft.safetensors"
+STATE_FILE = "training_state.pt"
+META_FILE = "checkpoint.json"  # written last: its presence marks a complete checkpoint
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def save_lora(transformer, directory: Path) -> Path:
+    """`pytorch_lora_weights.safetensors` in the format StableDiffusion3Pipeline.load_lora_weights reads."""
+    from diffusers import StableDiffusion3Pipeline
+
+    directory.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=model.lora_state_dict(transformer),
+        transformer_lora_adapter_metadata=model.lora_metadata(transformer),
+        safe_serialization=True,
+    )
+    return directory / LORA_FILE
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in list(directory.iterdir()) + [directory]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, lr_scheduler, extra: dict) -> Path:
+    final = output_dir / f"checkpoint-{step}"
+    temporary = output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        temporary.mkdir(parents=True)
+        save_lora(transformer, temporary)
+        save_file(model.lora_state_dict(transformer), str(temporary / PEFT_FILE))
+        torch.save(
+            {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(), **extra},
+            temporary / STATE_FILE,
+        )
+        (temporary / META_FILE).write_text(json.dumps({"step": step, "complete": True}) + "\n")
+        _fsync_tree(temporary)
+        previous = output_dir / f".checkpoint-{step}.old"
+        if final.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            final.rename(previous)
+        temporary.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match and (path / META_FILE).is_file() and (path / STATE_FILE).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, request: str | None) -> Path | None:
+    """`latest` -> newest complete checkpoint (None if there is none); a path -> that checkpoint."""
+    if not request:
+        return None
+    if request == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            log.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting from step 0", output_dir)
+            return None
+        return checkpoints[-1][1]
+    path = Path(request)
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / request
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint={request}: {path} is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(path: Path, transformer, optimizer, lr_scheduler) -> dict:
+    model.load_lora_state(transformer, load_file(str(path / PEFT_FILE)))
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def prune(output_dir: Path, keep: int | None) -> None:
+    if not keep or keep < 1:
+        return
+    for _step, path in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

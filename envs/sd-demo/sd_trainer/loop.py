@@ -1,0 +1,246 @@
+"""The training loop: cached latents + embeddings -> noise -> predict -> loss -> step.
+
+Read `train` top to bottom: set-up, cache, model + LoRA, optimizer, resume, then one
+`train_step` per optimizer step, with checkpoints, validation and a clean stop on
+SIGTERM/SIGINT (checkpoint, exit code 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data, events, metrics, model, validation
+from .config import LORA_TARGETS, TrainConfig
+
+log = logging.getLogger("sd_trainer")
+EXIT_INTERRUPTED = 130
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StopFlag:
+    """Set by the SIGTERM/SIGINT handler; the loop checks it between steps."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def request(self, signum: int) -> None:
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def resolve_precision(config: TrainConfig) -> str:
+    """config.json wins, then what `accelerate launch --mixed_precision` set; bf16/fp16 need a GPU."""
+    wanted = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "bf16"
+    if wanted != "no" and not torch.cuda.is_available():
+        log.warning("mixed_precision=%s needs a GPU; no GPU found, training in fp32 on CPU", wanted)
+        return "no"
+    return wanted
+
+
+@dataclass
+class Trainer:
+    """Everything one optimizer step needs."""
+
+    config: TrainConfig
+    accelerator: object
+    transformer: torch.nn.Module
+    parameters: list
+    optimizer: object
+    lr_scheduler: object
+    training_set: data.TrainingSet
+    plan: data.BatchPlan
+    dtype: torch.dtype
+    shift: float
+
+    def sample_sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Logit-normal (or uniform) u, then the model's timestep shift: sigma = s*u / (1 + (s-1)*u)."""
+        config = self.config
+        if config.weighting_scheme == "logit_normal":
+            u = torch.sigmoid(torch.randn(count, generator=generator) * config.logit_std + config.logit_mean)
+        else:
+            u = torch.rand(count, generator=generator)
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def micro_step_loss(self, step: int, micro: int) -> torch.Tensor:
+        config, accelerator, cached = self.config, self.accelerator, self.training_set
+        device, rank = accelerator.device, accelerator.process_index
+        indices = self.plan.indices(step, micro, rank)
+        generator = data.step_generator(config.seed, step, micro, rank)
+
+        latents = cached.latents[indices]
+        caption_ids = cached.caption_ids[indices]
+        if config.caption_dropout_probability > 0:
+            dropped = torch.rand(len(indices), generator=generator) < config.caption_dropout_probability
+            caption_ids = torch.where(dropped, torch.full_like(caption_ids, data.EMPTY_PROMPT_ID), caption_ids)
+        noise = torch.randn(latents.shape, generator=generator)
+        sigmas = self.sample_sigmas(len(indices), generator)
+
+        sigma = sigmas.view(-1, 1, 1, 1)
+        noisy = ((1 - sigma) * latents + sigma * noise).to(device, self.dtype)
+        target = (noise - latents).to(device, torch.float32)
+        with accelerator.autocast():
+            prediction = self.transformer(
+                hidden_states=noisy,
+                timestep=(sigmas * 1000).to(device),
+                encoder_hidden_states=cached.prompt_embeds[caption_ids].to(device, self.dtype),
+                pooled_projections=cached.pooled_embeds[caption_ids].to(device, self.dtype),
+                return_dict=False,
+            )[0]
+        return F.mse_loss(prediction.float(), target)
+
+    def train_step(self, step: int) -> float:
+        accumulation = self.config.gradient_accumulation_steps
+        losses = []
+        self.transformer.train()
+        for micro in range(accumulation):
+            last = micro == accumulation - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.transformer)
+            with sync:
+                loss = self.micro_step_loss(step, micro)
+                self.accelerator.backward(loss / accumulation)
+            losses.append(loss.detach())
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean = torch.stack(losses).mean()
+        if self.accelerator.num_processes > 1:
+            mean = self.accelerator.reduce(mean, reduction="mean")
+        return mean.item()
+
+
+def total_steps(config: TrainConfig, plan: data.BatchPlan) -> int:
+    return config.max_train_steps if config.max_train_steps > 0 else config.num_train_epochs * plan.steps_per_epoch()
+
+
+def stop_everywhere(accelerator, stop: StopFlag) -> bool:
+    """All processes must agree to stop at the same step, or collectives would hang."""
+    if accelerator.num_processes == 1:
+        return stop()
+    flag = torch.tensor([1.0 if stop() else 0.0], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def train(config: TrainConfig, stop: StopFlag) -> int:
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    # ---- set-up
+    precision = resolve_precision(config)
+    accelerator = Accelerator(mixed_precision=precision)
+    events.set_main_process(accelerator.is_main_process)
+    dtype = DTYPES[precision]
+    output_dir = Path(config.output_dir)
+    model.check_model_folder(config.pretrained_model_name_or_path)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    log.info("device %s, %d process(es), precision %s", accelerator.device, accelerator.num_processes, precision)
+
+    # ---- cache latents and text embeddings once; VAE and text encoders are freed afterwards
+    training_set = data.build_training_set(config, accelerator, dtype, stop)
+    if training_set is None:
+        events.emit("interrupted", step=0, checkpoint=None)
+        return EXIT_INTERRUPTED
+    events.emit("dataset", **training_set.report)
+    plan = data.BatchPlan(training_set.order, config.train_batch_size, config.gradient_accumulation_steps,
+                          accelerator.num_processes, config.seed)
+    max_steps = total_steps(config, plan)
+
+    # ---- transformer + LoRA, optimizer, schedule
+    transformer = model.load_transformer(config.pretrained_model_name_or_path, dtype)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(config.seed)  # LoRA initialisation
+    parameters = model.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                LORA_TARGETS[config.lora_target])
+    transformer.to(accelerator.device)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    scheduler_name = config.lr_scheduler
+    if scheduler_name == "constant" and config.lr_warmup_steps > 0:
+        scheduler_name = "constant_with_warmup"
+    lr_scheduler = get_scheduler(scheduler_name, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=max_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    unwrapped = accelerator.unwrap_model(transformer)
+
+    # ---- resume
+    start_step = 0
+    resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, unwrapped, optimizer, lr_scheduler)
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+        events.emit("resume", step=start_step, path=str(resume_from))
+    shift = config.flow_schedule_shift
+    if shift is None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        shift = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            config.pretrained_model_name_or_path, subfolder="scheduler", local_files_only=True).config.shift
+    trainer = Trainer(config, accelerator, transformer, parameters, optimizer, lr_scheduler, training_set, plan, dtype, shift)
+    metrics_log = metrics.MetricsLog(output_dir / "metrics.jsonl", start_step) if accelerator.is_main_process else None
+
+    def save_checkpoint(step: int) -> Path | None:
+        path = None
+        if accelerator.is_main_process:
+            try:
+                path = checkpoint.save_checkpoint(output_dir, step, unwrapped, optimizer, lr_scheduler, {"seed": config.seed})
+                checkpoint.prune(output_dir, config.checkpoints_total_limit)
+                events.emit("checkpoint", step=step, path=str(path))
+            except OSError as error:  # e.g. disk full: the previous checkpoint stays the latest
+                log.error("checkpoint at step %d failed (%s); previous checkpoints are intact", step, error)
+                events.emit("checkpoint_failed", step=step, error=str(error))
+        accelerator.wait_for_everyone()
+        return path
+
+    def validate(step: int) -> None:
+        if config.disable_validation or not config.validation_prompt:
+            return
+        if accelerator.is_main_process:
+            path = validation.render(unwrapped, config, training_set, step, accelerator.device, dtype, accelerator.autocast)
+            events.emit("validation", step=step, path=str(path))
+        accelerator.wait_for_everyone()
+
+    # ---- the loop
+    loss = None
+    for step in range(start_step + 1, max_steps + 1):
+        if stop_everywhere(accelerator, stop):
+            path = save_checkpoint(step - 1) if step - 1 > start_step else None
+            events.emit("interrupted", step=step - 1, checkpoint=str(path) if path else None)
+            return EXIT_INTERRUPTED
+        started = time.perf_counter()
+        lr = lr_scheduler.get_last_lr()[0]
+        loss = trainer.train_step(step)
+        seconds = time.perf_counter() - started
+        events.emit("progress", step=step, max_steps=max_steps, loss=round(loss, 6), lr=lr, s_per_step=round(seconds, 4))
+        if metrics_log:
+            metrics_log.append({"step": step, "loss": loss, "lr": lr, "s_per_step": seconds})
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            save_checkpoint(step)
+        if config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
+            validate(step)
+
+    # ---- final outputs
+    if accelerator.is_main_process:
+        lora_file = checkpoint.save_lora(unwrapped, output_dir)
+        records = metrics_log.records()
+        metrics.plot_loss(records, output_dir / "loss.png")
+        final_loss = records[-1]["loss"] if records else loss
+    validate(max_steps)
+    if accelerator.is_main_process:
+        events.emit("done", lora=str(lora_file), steps=max_steps, final_loss=final_loss)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0

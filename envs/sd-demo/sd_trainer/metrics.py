@@ -1,0 +1,58 @@
+"""`metrics.jsonl` (one record per step, survives resumes) and the `loss.png` plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("sd_trainer")
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        kept = []
+        if resume_step and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict], target: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no loss.png")
+        return None
+    steps = [r["step"] for r in records if r.get("loss") is not None]
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    axis.plot(steps, losses, linewidth=1, label="loss")
+    if len(losses) >= 10:
+        window = max(2, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        axis.plot(steps, smooth, linewidth=2, label=f"mean of {window}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title("SD3 LoRA training loss")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(target)
+    plt.close(figure)
+    return target

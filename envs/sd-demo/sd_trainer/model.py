@@ -1,0 +1,127 @@
+"""Loading a local diffusers SD3 folder, encoding images and prompts, attaching LoRA."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .model_folder import ModelError, check_model_folder, has_t5  # noqa: F401  (re-exported)
+
+log = logging.getLogger("sd_trainer")
+
+
+# ---------------------------------------------------------------- text
+
+
+def load_text_pipeline(path: Path, dtype: torch.dtype, device: torch.device):
+    """The SD3 pipeline with only its tokenizers and text encoders (no transformer, no VAE)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    extra = {} if has_t5(path) else {"text_encoder_3": None, "tokenizer_3": None}
+    pipeline = StableDiffusion3Pipeline.from_pretrained(
+        path, transformer=None, vae=None, dtype=dtype, local_files_only=True, **extra
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(pipeline, prompts: list[str], max_length: int, device: torch.device, batch_size: int = 8):
+    """(prompt_embeds [N, L, D], pooled [N, P]) on CPU for every prompt, via the pipeline's own encoder."""
+    embeds, pooled = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        prompt_embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
+            prompt=chunk, prompt_2=None, prompt_3=None, device=device,
+            do_classifier_free_guidance=False, max_sequence_length=max_length,
+        )
+        embeds.append(prompt_embeds.cpu())
+        pooled.append(pooled_embeds.cpu())
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def load_vae(path: Path, dtype: torch.dtype, device: torch.device):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, local_files_only=True)
+    vae.requires_grad_(False)
+    return vae.to(device).eval()
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> training latents `(mean - shift_factor) * scaling_factor`.
+
+    The posterior mean is used (not a sample) so the cache is deterministic.
+    """
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    latents = vae.encode(pixels).latent_dist.mean
+    shift = vae.config.shift_factor or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float().cpu()
+
+
+# ---------------------------------------------------------------- transformer + LoRA
+
+
+def load_transformer(path: Path, dtype: torch.dtype):
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=dtype, local_files_only=True)
+    transformer.requires_grad_(False)
+    return transformer
+
+
+def add_lora(transformer, rank: int, alpha: float | None, dropout: float, target_modules: tuple[str, ...]):
+    """Attach a peft LoRA adapter; LoRA weights stay fp32 even when the base is bf16."""
+    from peft import LoraConfig
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()} | {
+        name.split(".")[-2] + "." + name.split(".")[-1] for name, _ in transformer.named_modules() if name.count(".") >= 1
+    }
+    targets = [t for t in target_modules if t in present]
+    if not targets:
+        raise ModelError(f"transformer has none of the LoRA target modules {', '.join(target_modules)}")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+        init_lora_weights="gaussian", target_modules=targets,
+    )
+    transformer.add_adapter(config)
+    parameters = [p for p in transformer.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.data = parameter.data.float()
+    return parameters
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {key: value.detach().float().cpu().contiguous() for key, value in get_peft_model_state_dict(transformer).items()}
+
+
+def load_lora_state(transformer, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(transformer, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ModelError(f"checkpoint LoRA does not fit this model ({len(unexpected)} unexpected keys, e.g. {unexpected[0]})")
+
+
+def lora_metadata(transformer) -> dict:
+    """The adapter's LoraConfig as plain JSON (diffusers stores it so alpha/rank survive loading)."""
+    config = transformer.peft_config["default"].to_dict()
+    return json.loads(json.dumps(config, default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
+
+
+def release_memory() -> None:
+    """Return memory of models the caller has dropped its references to."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
