@@ -89,6 +89,15 @@ def verb(function):
             _fail(exc)
         except KeyboardInterrupt:
             _fail(Interrupted("interrupted: nothing was tagged; containers were removed"))
+        except typer.Exit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback with -v
+            if STATE.get("verbose"):
+                import traceback
+
+                traceback.print_exc()
+            _fail(EnvmgrError(f"internal error: {type(exc).__name__}: {exc}",
+                              hint="re-run with -v for the traceback and report it"))
 
     return wrapper
 

@@ -34,6 +34,9 @@ class HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self.size
+
     def write(self, data) -> int:
         self.sha.update(data)
         self.size += len(data)

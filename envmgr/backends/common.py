@@ -20,7 +20,7 @@ _HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hash
 
 
 def run_step(ctx: Context, base: BaseImage, step: str, script: str, mounts: list[BindMount],
-             env: dict[str, str], workdir: str | None = None, on_line=None) -> list[str]:
+             env: dict[str, str], workdir: str | None = None, on_line=None, method: str = "") -> list[str]:
     """Run `script` (sh) in a container of the base image with host networking, as the invoking user.
 
     Host networking lets a mirror on the host's loopback answer, as `docker build --network=host`
@@ -37,7 +37,7 @@ def run_step(ctx: Context, base: BaseImage, step: str, script: str, mounts: list
     spec = ContainerSpec(
         image=base.image_id, command=["/bin/sh", "-ec", script], env={"HOME": "/tmp", **env},
         mounts=mounts + ca_mounts(ctx.config.mirrors), workdir=workdir, user=f"{os.getuid()}:{os.getgid()}",
-        network="host", labels={paths.LABEL_KIND: "step"},
+        network="host", labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method},
     )
     code = ctx.engine.run(spec, on_line=collect)
     if code != 0:

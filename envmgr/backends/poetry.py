@@ -191,7 +191,7 @@ class PoetryBackend:
                          [BindMount(tools, f"{paths.CONTAINER_TOOLS_DIR}/poetry", read_only=True),
                           BindMount(Path(work), paths.CONTAINER_WORK, read_only=False),
                           BindMount(poetry_cache, f"{paths.CONTAINER_CACHE}/poetry", read_only=False)],
-                         env, workdir=paths.CONTAINER_WORK, on_line=on_line)
+                         env, workdir=paths.CONTAINER_WORK, on_line=on_line, method=spec.name)
                 task.advance(1)
             written = Path(work) / LOCK
             text = written.read_text(encoding="utf-8")
@@ -224,4 +224,4 @@ class PoetryBackend:
                 run_step(ctx, base, f"installing {spec.name}'s environment", script,
                          [BindMount(prefix, spec.env_prefix, read_only=False),
                           BindMount(Path(work), paths.CONTAINER_WORK, read_only=True), *uv_mounts(ctx)],
-                         uv_step_env(ctx), on_line=on_line)
+                         uv_step_env(ctx), on_line=on_line, method=spec.name)
