@@ -1,0 +1,63 @@
+# The verbs a newcomer types: `make demo` and `make test`. `make bench` for the figures.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+METHOD_VENV := .venv-method
+ENVMGR := $(VENV)/bin/envmgr
+DEMO_BASE ?= $(CURDIR)/.demo
+
+.PHONY: help install method-venv host-tools engine demo test test-unit test-method test-integration bench lint clean
+
+help:
+	@echo "make demo   - engine up, base + sd-demo images, tiny SD3 model + sample dataset, a short CPU run"
+	@echo "make test   - unit, trainer and integration tests (starts the Docker Engine if none answers)"
+	@echo "make bench  - benchmarks (figures for the closing notes)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The trainer's host venv: torch 2.13.0 (the CPU wheel on this machine's disk) + the locked pins.
+$(METHOD_VENV)/.installed: envs/sd-demo/poetry.lock
+	$(PYTHON) -m venv $(METHOD_VENV)
+	$(METHOD_VENV)/bin/pip install -q torch==2.13.0
+	$(METHOD_VENV)/bin/pip install -q diffusers==0.42.1 transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 \
+	    safetensors==0.8.0 pillow matplotlib sentencepiece protobuf pytest
+	touch $@
+
+method-venv: $(METHOD_VENV)/.installed
+
+# Debian's docker.io (Engine 20.10) and the base-image tools, when missing.
+host-tools:
+	@if ! command -v dockerd >/dev/null || ! command -v debuerreotype-init >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debuerreotype debootstrap >/dev/null; \
+	fi
+
+# Use the engine that answers, or start the machine's one dockerd (never a second one).
+engine: host-tools install
+	@$(VENV)/bin/python -c "from tests.support.engine import ensure_engine; ensure_engine()" && echo "engine: up"
+
+demo: engine method-venv
+	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m envmgr.demo
+
+test-unit: install
+	$(VENV)/bin/python -m pytest tests/unit -q
+
+test-method: method-venv
+	$(METHOD_VENV)/bin/python -m pytest tests/method -q
+
+test-integration: engine
+	$(VENV)/bin/python -m pytest tests/integration -q
+
+test: test-unit test-method test-integration
+
+bench: engine method-venv
+	$(VENV)/bin/python -m tests.bench.core_bench
+	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
+
+clean:
+	rm -rf $(VENV) $(METHOD_VENV) .demo
