@@ -41,7 +41,7 @@ host-tools:
 engine: host-tools install
 	@$(VENV)/bin/python -c "from tests.support.engine import ensure_engine; ensure_engine()" && echo "engine: up"
 
-demo: engine method-venv
+demo: engine
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m envmgr.demo
 
 test-unit: install

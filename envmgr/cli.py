@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from pathlib import Path
@@ -214,6 +215,80 @@ def build(
     ctx.ui.success(f"{spec.name}: {what} {result.tag} ({result.image_id[:19]}, {result.seconds:.1f} s)",
                    method=spec.name, image=result.image_id, tag=result.tag, reused=result.reused,
                    inputs_hash=result.inputs_hash, lock_hash=result.lock_hash, seconds=round(result.seconds, 3))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@verb
+def run(
+    typer_ctx: typer.Context,
+    method: Annotated[str, typer.Argument(help="Method name.")],
+    model: Annotated[Optional[str], typer.Option(help="Model folder under <base_dir>/models (or a path); "
+                                                      "default: the method's default_model.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset file or folder under <base_dir>/datasets "
+                                                        "(or a path).")] = None,
+    gpus: Annotated[Optional[str], typer.Option(help="all | none | a count (2) | indices (0,1). Default: all "
+                                                     "for GPU methods.")] = None,
+    network: Annotated[str, typer.Option(help="Container network: none (default), host, bridge.")] = "none",
+    resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its run id).")] = None,
+    shm_size: Annotated[Optional[str], typer.Option(help="/dev/shm size, e.g. 8g (default: 1/4 of RAM).")] = None,
+):
+    """Run a method in its image. Arguments after `--` go to the method's entry
+    (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
+    from .run import RunRequest, run as run_method
+    from .spec import find_method
+
+    ctx = _context()
+    spec = find_method(method, ctx.config.base_dir)
+    record = run_method(ctx, RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
+                                        args=list(typer_ctx.args), resume=resume, shm_size=shm_size))
+    run_dir = ctx.config.base_dir / "runs" / spec.name / record["run_id"]
+    found = record.get("artifacts", {})
+    ctx.ui.success(f"run {record['run_id']} succeeded → {run_dir}", run_id=record["run_id"], run_dir=str(run_dir),
+                   artifacts=found)
+    for kind, items in found.items():
+        if items:
+            ctx.ui.info(f"{kind:>17}: {run_dir / items[0]}" + (f" (+{len(items) - 1} more)" if len(items) > 1 else ""))
+
+
+runs_app = typer.Typer(help="Runs and their records.", invoke_without_command=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
+@verb
+def runs_list(typer_ctx: typer.Context,
+              method: Annotated[Optional[str], typer.Option(help="Only this method's runs.")] = None):
+    """List runs (newest last)."""
+    if typer_ctx.invoked_subcommand:
+        return
+    from .run import list_runs
+
+    ctx = _context()
+    records = list_runs(ctx.config.base_dir, method)
+    if ctx.ui.mode == "json":
+        ctx.ui.event("runs", runs=records)
+        return
+    from rich.table import Table
+
+    table = Table("run", "method", "status", "started", "ended", "image", box=None)
+    for r in records:
+        table.add_row(r["run_id"], r["method"], r["status"], r.get("started") or "", r.get("ended") or "",
+                      r["image"]["tag"])
+    ctx.ui.console.print(table)
+
+
+@runs_app.command("show")
+@verb
+def runs_show(run_id: Annotated[str, typer.Argument(help="Run id (from `envmgr runs`).")]):
+    """Show one run's record."""
+    from .run import find_run
+
+    ctx = _context()
+    record = find_run(ctx.config.base_dir, run_id)
+    if ctx.ui.mode == "json":
+        ctx.ui.event("run", **record)
+    else:
+        ctx.ui.console.print_json(json.dumps(record))
 
 
 @app.command()
