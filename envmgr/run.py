@@ -238,7 +238,7 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str,
         if event is None:
             ctx.ui.log(line)
             return
-        ctx.ui.event("method", **event)
+        ctx.ui.event("method." + str(event.get("event")), **{k: v for k, v in event.items() if k != "event"})
         if event.get("event") == "progress" and ctx.ui.mode == "rich":
             if task is None:
                 progress_cm = _step_bar(ctx, event.get("max_steps"))
