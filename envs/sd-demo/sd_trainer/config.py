@@ -191,6 +191,8 @@ def load_config(path: Path) -> TrainConfig:
         elif name == "validation_guidance_scale":
             config.validation_guidance = _convert(name, value, "float", path)
         elif name in IGNORED_KEYS:
+            if name == "report_to" and str(value).lower() in ("none", ""):
+                continue
             log.info("config: %s=%r has no effect in this trainer; ignored", name, value)
         elif name not in CRITICAL_FLAGS:
             log.warning("config: unknown key %s=%r ignored", name, value)
