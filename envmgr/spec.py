@@ -17,6 +17,29 @@ from .tomlfile import load_model
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
+class Adaptations(BaseModel):
+    """How a third-party method is adapted without forking it: applied at lock time, recorded in
+    the lock's inputs, the method's own files left byte-identical."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pin: dict[str, str] = Field(default_factory=dict)      # name -> version: replaces a range, a git or URL source
+    drop: list[str] = Field(default_factory=list)          # dependencies removed
+    add: dict[str, str] = Field(default_factory=dict)      # name -> constraint ("*" for any)
+    sources: dict[str, str] = Field(default_factory=dict)  # a declared index -> "default" or "mirror"
+
+    def is_empty(self) -> bool:
+        return not (self.pin or self.drop or self.add or self.sources)
+
+    def describe(self) -> list[str]:
+        lines = [f"pin {name} == {version}" for name, version in sorted(self.pin.items())]
+        lines += [f"drop {name}" for name in sorted(self.drop)]
+        lines += [f"add {name} {constraint}" for name, constraint in sorted(self.add.items())]
+        lines += [f"index {name!r} -> {'the default index' if target == 'default' else 'its site mirror'}"
+                  for name, target in sorted(self.sources.items())]
+        return lines
+
+
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -26,12 +49,15 @@ class MethodSpec(BaseModel):
     python: str = "3.11"
     base_image: str = "bookworm-py311"
     source_dir: str = "."                       # relative to the spec's folder: files copied into the image
+    lock_dir: str = "."                         # relative to the spec's folder: where envmgr writes the lock
     entry: list[str]                            # run in CONTAINER_METHOD_DIR, e.g. ["python", "sd-demo.py"]
     default_model: str | None = None
     gpu: Literal["required", "optional", "none"] = "optional"
     platform: Literal["linux-64", "linux-aarch64"] = "linux-64"
     env: dict[str, str] = Field(default_factory=dict)
     exclude: list[str] = Field(default_factory=list)   # glob patterns of files not copied into the image
+    platform_args: bool = True    # pass the platform's --model_path/--pic_relative_path/... to the entry
+    adapt: Adaptations = Field(default_factory=Adaptations)
 
     # Where the spec was read from (not part of the file).
     folder: Path = Field(default=Path("."), exclude=True)
@@ -54,6 +80,10 @@ class MethodSpec(BaseModel):
     @property
     def source_path(self) -> Path:
         return (self.folder / self.source_dir).resolve()
+
+    @property
+    def lock_path(self) -> Path:
+        return (self.folder / self.lock_dir).resolve()
 
     @property
     def env_prefix(self) -> str:

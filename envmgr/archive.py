@@ -1,0 +1,153 @@
+"""Safe extraction of user-supplied archives (zip, tar, tar.gz) on the host.
+
+No entry may leave the destination (`../`, absolute paths, links pointing out), sizes are capped
+against archive bombs, and macOS junk (`__MACOSX/`, `._*`, `.DS_Store`) is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from .errors import UsageError
+
+MAX_TOTAL_BYTES = 20 << 30     # 20 GiB unpacked
+MAX_RATIO = 200                # unpacked / packed
+MAX_ENTRIES = 200_000
+
+
+def is_junk(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return any(p == "__MACOSX" or p == ".DS_Store" or p.startswith("._") for p in parts)
+
+
+def _safe_target(dest: Path, name: str, archive: Path) -> Path | None:
+    clean = name.replace("\\", "/")
+    if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
+        raise UsageError(f"{archive}: entry {name!r} has an absolute path; nothing was extracted")
+    parts = [p for p in PurePosixPath(clean).parts if p not in ("", ".")]
+    if ".." in parts:
+        raise UsageError(f"{archive}: entry {name!r} escapes the destination (zip-slip); nothing was extracted")
+    if not parts:
+        return None
+    return dest.joinpath(*parts)
+
+
+def kind(path: Path) -> str:
+    if path.is_dir():
+        return "dir"
+    if zipfile.is_zipfile(path):
+        return "zip"
+    try:
+        if tarfile.is_tarfile(path):
+            return "tar"
+    except OSError:
+        pass
+    raise UsageError(f"{path}: not a folder, a zip or a tar(.gz) archive")
+
+
+def extract(source: Path, dest: Path) -> None:
+    """Extract (or copy, for a folder) `source` into the empty folder `dest`."""
+    what = kind(source)
+    packed = source.stat().st_size if what != "dir" else 0
+    total = 0
+
+    def account(size: int) -> None:
+        nonlocal total
+        total += size
+        if total > MAX_TOTAL_BYTES or (packed and total > max(packed * MAX_RATIO, 64 << 20)):
+            raise UsageError(f"{source}: unpacks to more than allowed ({total >> 20} MiB so far): "
+                             "refusing a possible archive bomb")
+
+    if what == "dir":
+        for root, dirs, files in os.walk(source):
+            dirs[:] = [d for d in dirs if not is_junk(d)]
+            for name in files:
+                if is_junk(name):
+                    continue
+                src = Path(root) / name
+                rel = src.relative_to(source)
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if src.is_symlink():
+                    link = os.readlink(src)
+                    if os.path.isabs(link) or ".." in PurePosixPath(link).parts:
+                        continue  # a link out of the method is dropped
+                    target.symlink_to(link)
+                else:
+                    account(src.stat().st_size)
+                    shutil.copy2(src, target)
+        return
+    if what == "zip":
+        try:
+            with zipfile.ZipFile(source) as zf:
+                infos = zf.infolist()
+                if len(infos) > MAX_ENTRIES:
+                    raise UsageError(f"{source}: too many entries ({len(infos)})")
+                plan = []
+                for info in infos:
+                    if is_junk(info.filename):
+                        continue
+                    target = _safe_target(dest, info.filename, source)
+                    mode = (info.external_attr >> 16) & 0o170000
+                    if target is None:
+                        continue
+                    if mode == stat.S_IFLNK:
+                        raise UsageError(f"{source}: entry {info.filename!r} is a symbolic link; refusing it")
+                    plan.append((info, target))
+                for info, target in plan:
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    account(info.file_size)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    if (info.external_attr >> 16) & 0o111:
+                        target.chmod(0o755)
+        except zipfile.BadZipFile as exc:
+            raise UsageError(f"{source}: corrupt zip archive ({exc})") from None
+        return
+    try:
+        with tarfile.open(source) as tf:
+            members = tf.getmembers()
+            if len(members) > MAX_ENTRIES:
+                raise UsageError(f"{source}: too many entries ({len(members)})")
+            for member in members:
+                if is_junk(member.name):
+                    continue
+                target = _safe_target(dest, member.name, source)
+                if target is None:
+                    continue
+                if member.issym() or member.islnk():
+                    link = member.linkname
+                    if os.path.isabs(link) or ".." in PurePosixPath(link).parts:
+                        raise UsageError(f"{source}: entry {member.name!r} links outside the archive; refusing it")
+                    if member.issym():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.symlink_to(link)
+                    continue
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                elif member.isfile():
+                    account(member.size)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tf.extractfile(member) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    if member.mode & 0o111:
+                        target.chmod(0o755)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UsageError(f"{source}: corrupt or truncated tar archive ({exc})") from None
+
+
+def single_top_folder(root: Path) -> Path:
+    """A repository zipped with its own top folder: descend into it."""
+    entries = [p for p in root.iterdir() if not is_junk(p.name)]
+    while len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+        root = entries[0]
+        entries = [p for p in root.iterdir() if not is_junk(p.name)]
+    return root
