@@ -36,9 +36,10 @@ class Backend(Protocol):
 
 
 def get_backend(spec: MethodSpec) -> Backend:
+    from .pip import PipBackend
     from .poetry import PoetryBackend
 
-    backends: dict[str, Backend] = {"poetry": PoetryBackend()}
+    backends: dict[str, Backend] = {"poetry": PoetryBackend(), "pip": PipBackend()}
     try:
         return backends[spec.backend]
     except KeyError:

@@ -61,8 +61,13 @@ def uv_mounts(ctx: Context) -> list[BindMount]:
             BindMount(uv_cache, f"{paths.CONTAINER_CACHE}/uv", read_only=False)]
 
 
-def uv_step_env(ctx: Context) -> dict[str, str]:
-    return {**uv_env(ctx.config.mirrors), "UV_CACHE_DIR": f"{paths.CONTAINER_CACHE}/uv"}
+def uv_step_env(ctx: Context, extra_indexes: list[str] | None = None) -> dict[str, str]:
+    """uv's environment; `extra_indexes` are mirrors of indexes a method declares (mapped in its [adapt])."""
+    env = {**uv_env(ctx.config.mirrors), "UV_CACHE_DIR": f"{paths.CONTAINER_CACHE}/uv"}
+    if extra_indexes:
+        env["UV_INDEX"] = " ".join([*extra_indexes, *env.get("UV_INDEX", "").split()])
+        env["UV_INDEX_STRATEGY"] = "unsafe-best-match"   # hashes are required: any index may serve a pin
+    return env
 
 
 def install_requirements_script(base: BaseImage, prefix: str, requirements: str) -> str:

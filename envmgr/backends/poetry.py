@@ -12,12 +12,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import tomllib
 from pathlib import Path
 
+import tomli_w
+
 from .. import paths
+from ..adapt import adapt_pyproject, raise_if_unreachable, unreachable_in_pyproject
 from ..base import BaseImage
 from ..context import Context
 from ..engine import BindMount
@@ -73,12 +77,12 @@ class PoetryBackend:
     name = "poetry"
 
     def lock_files(self, spec: MethodSpec) -> list[Path]:
-        return [spec.folder / LOCK]
+        return [spec.lock_path / LOCK]
 
     # ------------------------------------------------------------------ reading
 
-    def _pyproject(self, spec: MethodSpec) -> dict:
-        path = spec.folder / PYPROJECT
+    def _source_pyproject(self, spec: MethodSpec) -> dict:
+        path = spec.source_path / PYPROJECT
         if not path.is_file():
             raise UsageError(f"{path}: missing (a poetry method needs pyproject.toml)")
         try:
@@ -86,8 +90,20 @@ class PoetryBackend:
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path}: not valid TOML: {exc}") from None
 
+    def _pyproject(self, spec: MethodSpec, mirror_urls: dict[str, str] | None = None) -> dict:
+        """The effective pyproject: the method's own with the spec's [adapt] applied."""
+        data = self._source_pyproject(spec)
+        if spec.adapt.is_empty() and not mirror_urls:
+            return data
+        return adapt_pyproject(data, spec.adapt, spec.folder / "envmgr.toml", mirror_urls)
+
+    def _mapped_indexes(self, ctx: Context, spec: MethodSpec) -> dict[str, str]:
+        """Declared indexes mapped to a site mirror: name -> mirror URL (used at lock and install time only)."""
+        return {name: ctx.config.mirrors.sources[name] for name, target in spec.adapt.sources.items()
+                if target == "mirror" and name in ctx.config.mirrors.sources}
+
     def _lock_data(self, spec: MethodSpec) -> dict:
-        path = spec.folder / LOCK
+        path = spec.lock_path / LOCK
         if not path.is_file():
             raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
         try:
@@ -106,7 +122,7 @@ class PoetryBackend:
     def packages(self, spec: MethodSpec, base: BaseImage) -> list[dict]:
         """The locked packages that the target installs (main group, markers true for the target)."""
         return select(self._lock_data(spec), self._pyproject(spec), target_environment(base, spec),
-                      str(spec.folder / LOCK))
+                      str(spec.lock_path / LOCK))
 
     def requirements(self, spec: MethodSpec, base: BaseImage) -> str:
         lines = []
@@ -118,7 +134,7 @@ class PoetryBackend:
                 continue
             hashes = [f["hash"] for f in package.get("files", []) if f.get("hash")]
             if not hashes:
-                raise StaleLockError(f"{spec.folder / LOCK}: package {package['name']} has no file hashes",
+                raise StaleLockError(f"{spec.lock_path / LOCK}: package {package['name']} has no file hashes",
                                      hint=f"run `envmgr lock {spec.name}`")
             lines.append(f"{package['name']}=={package['version']} \\\n"
                          + " \\\n".join(f"    --hash={h}" for h in sorted(hashes)))
@@ -133,7 +149,7 @@ class PoetryBackend:
         except StaleLockError:
             return {"lock": None}
         packages = lock.get("package", [])
-        return {"lock": str(spec.folder / LOCK), "packages": len(packages),
+        return {"lock": str(spec.lock_path / LOCK), "packages": len(packages), "adaptations": spec.adapt.describe(),
                 "pins": {p["name"]: p["version"] for p in packages}}
 
     # ------------------------------------------------------------------ locking
@@ -167,48 +183,65 @@ class PoetryBackend:
         return root / name
 
     def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
-        self._pyproject(spec)
+        source = self._source_pyproject(spec)
+        raise_if_unreachable(spec.name, unreachable_in_pyproject(source, spec.adapt, ctx.config.mirrors.sources))
+        canonical = self._pyproject(spec)
+        mapped = self._mapped_indexes(ctx, spec)
+        for_lock = self._pyproject(spec, mapped) if mapped else canonical
         tools = self._tools(ctx, base)
         work_root = ctx.cache_dir / "work"
         work_root.mkdir(parents=True, exist_ok=True)
+        spec.lock_path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=work_root, prefix=f"lock-{spec.name}-") as work:
-            shutil.copy2(spec.folder / PYPROJECT, Path(work) / PYPROJECT)
-            if (spec.folder / LOCK).is_file() and not regenerate:
-                shutil.copy2(spec.folder / LOCK, Path(work) / LOCK)
+            (Path(work) / PYPROJECT).write_text(tomli_w.dumps(for_lock))
+            previous = spec.lock_path / LOCK
+            if not previous.is_file() and spec.adapt.is_empty() and (spec.source_path / LOCK).is_file():
+                previous = spec.source_path / LOCK   # the method's own lock seeds the solve
+            if previous.is_file() and not regenerate:
+                shutil.copy2(previous, Path(work) / LOCK)
             poetry_cache = ctx.cache_dir / "poetry"
             poetry_cache.mkdir(parents=True, exist_ok=True)
             env = {**poetry_env(ctx.config.mirrors), "POETRY_CACHE_DIR": f"{paths.CONTAINER_CACHE}/poetry"}
             command = f"{paths.CONTAINER_TOOLS_DIR}/poetry/bin/poetry lock" + (" --regenerate" if regenerate else "")
-            resolved = [0]
-
-            def on_line(line: str) -> None:
-                if "Resolving dependencies" in line:
-                    resolved[0] += 1
-
             with ctx.ui.progress(f"locking {spec.name} with poetry {POETRY_VERSION} in {base.tag}",
                                  total=1, unit="steps") as task:
                 run_step(ctx, base, f"locking {spec.name}", command,
                          [BindMount(tools, f"{paths.CONTAINER_TOOLS_DIR}/poetry", read_only=True),
                           BindMount(Path(work), paths.CONTAINER_WORK, read_only=False),
                           BindMount(poetry_cache, f"{paths.CONTAINER_CACHE}/poetry", read_only=False)],
-                         env, workdir=paths.CONTAINER_WORK, on_line=on_line, method=spec.name)
+                         env, workdir=paths.CONTAINER_WORK, method=spec.name)
                 task.advance(1)
-            written = Path(work) / LOCK
-            text = written.read_text(encoding="utf-8")
+            text = (Path(work) / LOCK).read_text(encoding="utf-8")
+            text = self._unmirror(text, source, mapped, canonical)
             leaked = [host for host in mirror_hosts(ctx.config.mirrors) if host in text]
             if leaked:
                 raise EnvmgrError(f"{spec.name}: poetry recorded a mirror in the lock; it was not written",
                                   hint="a [[tool.poetry.source]] in pyproject.toml may name the mirror: remove it")
-            target = spec.folder / LOCK
-            tmp = target.with_name(LOCK + ".envmgr-tmp")
-            shutil.copyfile(written, tmp)
-            tmp.replace(target)
-        return [target]
+            written = []
+            if spec.lock_path != spec.source_path:
+                # the effective manifest beside the lock: what was locked, for people and `poetry check`
+                _atomic_write(spec.lock_path / PYPROJECT, tomli_w.dumps(canonical))
+                written.append(spec.lock_path / PYPROJECT)
+            _atomic_write(spec.lock_path / LOCK, text)
+            written.append(spec.lock_path / LOCK)
+        return written[::-1]
+
+    @staticmethod
+    def _unmirror(text: str, source: dict, mapped: dict[str, str], canonical: dict) -> str:
+        """Put the declared index URLs back where poetry recorded the mirror, and the mirror-free hash."""
+        declared = {s.get("name"): s.get("url") for s in source.get("tool", {}).get("poetry", {}).get("source", [])}
+        for name, mirror in mapped.items():
+            if declared.get(name):
+                text = text.replace(f'url = "{mirror}"', f'url = "{declared[name]}"')
+                text = text.replace(f'url = "{mirror.rstrip("/")}"', f'url = "{declared[name]}"')
+        return re.sub(r'^content-hash = "[0-9a-f]+"$', f'content-hash = "{content_hash(canonical)}"', text,
+                      count=1, flags=re.M)
 
     # ------------------------------------------------------------------ installing
 
     def install(self, ctx: Context, spec: MethodSpec, base: BaseImage, prefix: Path) -> None:
         requirements = self.requirements(spec, base)
+        extra = list(self._mapped_indexes(ctx, spec).values())
         count = requirements.count("==")
         work_root = ctx.cache_dir / "work"
         work_root.mkdir(parents=True, exist_ok=True)
@@ -224,4 +257,10 @@ class PoetryBackend:
                 run_step(ctx, base, f"installing {spec.name}'s environment", script,
                          [BindMount(prefix, spec.env_prefix, read_only=False),
                           BindMount(Path(work), paths.CONTAINER_WORK, read_only=True), *uv_mounts(ctx)],
-                         uv_step_env(ctx), on_line=on_line, method=spec.name)
+                         uv_step_env(ctx, extra), on_line=on_line, method=spec.name)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".envmgr-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,113 @@
+"""Plain pip methods: `requirements.txt` → `requirements.lock.txt` (exact pins, every file's hash).
+
+Resolved with `uv pip compile --generate-hashes` inside a container of the method's base image,
+so the target's own Python and platform decide every marker and wheel — uv because it is
+already envmgr's installer (one pinned binary), resolves fast, and writes hashed, exact
+requirements without recording the index it used. Installed with hashes required.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .. import paths
+from ..adapt import effective_requirements, raise_if_unreachable
+from ..base import BaseImage
+from ..context import Context
+from ..engine import BindMount
+from ..errors import EnvmgrError, StaleLockError, UsageError
+from ..mirrors import mirror_hosts
+from ..spec import MethodSpec
+from .common import install_requirements_script, run_step, uv_mounts, uv_step_env
+
+MANIFEST = "requirements.txt"
+EFFECTIVE = "requirements.in"
+LOCK = "requirements.lock.txt"
+HEADER = "# envmgr lock: "
+
+
+class PipBackend:
+    name = "pip"
+
+    def lock_files(self, spec: MethodSpec) -> list[Path]:
+        return [spec.lock_path / LOCK]
+
+    def _effective(self, ctx_sources: dict[str, str], spec: MethodSpec) -> tuple[str, list[str], list[str]]:
+        path = spec.source_path / MANIFEST
+        if not path.is_file():
+            raise UsageError(f"{path}: missing (a pip method needs requirements.txt)")
+        return effective_requirements(path.read_text(encoding="utf-8"), spec.adapt, path, ctx_sources,
+                                      base=spec.source_path)
+
+    def _inputs_hash(self, effective: str, spec: MethodSpec) -> str:
+        return hashlib.sha256(f"{effective}\0{spec.python}\0{spec.platform}".encode()).hexdigest()
+
+    def check(self, spec: MethodSpec, site_sources: dict[str, str] | None = None) -> None:
+        lock = spec.lock_path / LOCK
+        if not lock.is_file():
+            raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
+        effective, _, _ = self._effective(site_sources or {}, spec)
+        first = lock.read_text(encoding="utf-8").splitlines()[:1]
+        if not first or first[0] != HEADER + self._inputs_hash(effective, spec):
+            raise StaleLockError(f"{spec.name}: {LOCK} does not match {MANIFEST} and the spec's [adapt]",
+                                 hint=f"run `envmgr lock {spec.name}`")
+
+    def summary(self, spec: MethodSpec) -> dict:
+        lock = spec.lock_path / LOCK
+        if not lock.is_file():
+            return {"lock": None, "adaptations": spec.adapt.describe()}
+        pins = dict(re.findall(r"^([A-Za-z0-9_.\-\[\],]+)==(\S+)", lock.read_text(), flags=re.M))
+        return {"lock": str(lock), "packages": len(pins), "pins": pins, "adaptations": spec.adapt.describe()}
+
+    def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
+        effective, extra, problems = self._effective(ctx.config.mirrors.sources, spec)
+        raise_if_unreachable(spec.name, problems)
+        spec.lock_path.mkdir(parents=True, exist_ok=True)
+        work_root = ctx.cache_dir / "work"
+        work_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=work_root, prefix=f"lock-{spec.name}-") as work:
+            (Path(work) / EFFECTIVE).write_text(effective)
+            previous = spec.lock_path / LOCK
+            upgrade = "--upgrade" if regenerate or not previous.is_file() else ""
+            if previous.is_file():
+                shutil.copy2(previous, Path(work) / LOCK)
+            command = (f"{paths.CONTAINER_UV} pip compile --quiet --generate-hashes --no-header --strict "
+                       f"--python {base.python} {upgrade} -o {paths.CONTAINER_WORK}/{LOCK} "
+                       f"{paths.CONTAINER_WORK}/{EFFECTIVE}")
+            with ctx.ui.progress(f"locking {spec.name} with uv pip compile in {base.tag}", total=1,
+                                 unit="steps") as task:
+                run_step(ctx, base, f"locking {spec.name}", command,
+                         [BindMount(Path(work), paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)],
+                         uv_step_env(ctx, extra), workdir=paths.CONTAINER_WORK, method=spec.name)
+                task.advance(1)
+            body = (Path(work) / LOCK).read_text(encoding="utf-8")
+            body = "\n".join(line for line in body.splitlines() if not line.startswith(HEADER)) + "\n"
+            if [host for host in mirror_hosts(ctx.config.mirrors) if host in body] or "--index-url" in body:
+                raise EnvmgrError(f"{spec.name}: the resolver recorded an index in the lock; it was not written")
+            text = HEADER + self._inputs_hash(effective, spec) + "\n" + body
+            for name, content in ((EFFECTIVE, effective), (LOCK, text)):
+                tmp = spec.lock_path / (name + ".envmgr-tmp")
+                tmp.write_text(content, encoding="utf-8")
+                tmp.replace(spec.lock_path / name)
+        return [spec.lock_path / LOCK, spec.lock_path / EFFECTIVE]
+
+    def install(self, ctx: Context, spec: MethodSpec, base: BaseImage, prefix: Path) -> None:
+        lock = spec.lock_path / LOCK
+        count = len(re.findall(r"^[A-Za-z0-9_.\-]+==", lock.read_text(), flags=re.M))
+        _, extra, _ = self._effective(ctx.config.mirrors.sources, spec)
+        work_root = ctx.cache_dir / "work"
+        work_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=work_root, prefix=f"install-{spec.name}-") as work:
+            shutil.copy2(lock, Path(work) / "requirements.txt")
+            script = install_requirements_script(base, spec.env_prefix, f"{paths.CONTAINER_WORK}/requirements.txt")
+            with ctx.ui.progress(f"installing {count} locked packages into {spec.env_prefix}", total=count,
+                                 unit="packages") as task:
+                run_step(ctx, base, f"installing {spec.name}'s environment", script,
+                         [BindMount(prefix, spec.env_prefix, read_only=False),
+                          BindMount(Path(work), paths.CONTAINER_WORK, read_only=True), *uv_mounts(ctx)],
+                         uv_step_env(ctx, extra), method=spec.name,
+                         on_line=lambda line: task.advance(1) if line.strip().startswith("+ ") else None)

@@ -1,0 +1,112 @@
+"""Benchmarks for the core (issue: envmgr core). Prints a table and writes bench-results/core.json.
+
+Each figure is a ratio measured in one run on this machine:
+  - no-op `envmgr build sd-demo` wall time (goal <= 1 s)
+  - warm rebuild of the sd-demo environment layer vs `uv pip install` of the same pins into an
+    empty venv with the same warm cache (goal <= 1.5x)
+  - cold sd-demo build (empty caches) vs downloading and unpacking its locked wheels
+    (`uv pip install --no-cache` into an empty venv) (goal <= 1.3x)
+  - the sd-demo image size
+Run: `make bench` (or `.venv/bin/python -m tests.bench.core_bench [--skip-cold]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "bench-results"
+
+
+def envmgr(*args: str, env: dict[str, str]) -> float:
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "envmgr", *args], env=env, check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def requirements_file(ctx, directory: Path) -> Path:
+    from envmgr.backends import get_backend
+    from envmgr.base import ensure_base
+    from envmgr.spec import find_method
+
+    spec = find_method("sd-demo", None)
+    base = ensure_base(ctx, spec.base_image)
+    path = directory / "requirements.txt"
+    path.write_text(get_backend(spec).requirements(spec, base))
+    return path
+
+
+def uv_install(requirements: Path, cache: Path | None, venv: Path) -> float:
+    from uv import find_uv_bin
+
+    uv = find_uv_bin()
+    env = {**os.environ, "UV_LINK_MODE": "copy", "UV_NO_CONFIG": "1"}
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=env)
+    started = time.monotonic()
+    cache_args = ["--cache-dir", str(cache)] if cache else ["--no-cache"]
+    subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--require-hashes",
+                    "--no-deps", *cache_args, "-r", str(requirements)], check=True, env=env)
+    return time.monotonic() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold build (downloads GBs twice)")
+    args = parser.parse_args()
+    from envmgr.config import load_config
+    from envmgr.context import Context
+    from envmgr.ui import Reporter
+
+    work = Path(tempfile.mkdtemp(prefix="envmgr-bench-", dir="/var/tmp"))
+    cache = Path(os.environ.get("ENVMGR_BENCH_CACHE", "/var/tmp/envmgr-bench-cache"))
+    env = {**os.environ, "ENVMGR_CACHE_DIR": str(cache), "ENVMGR_CONFIG": "/dev/null"}
+    os.environ.update(ENVMGR_CACHE_DIR=str(cache))
+    ctx = Context(load_config(files=[]), Reporter("plain"))
+    results: dict[str, float | str] = {}
+    try:
+        envmgr("build", "sd-demo", env=env)  # make sure the image exists
+        noop = min(envmgr("build", "sd-demo", env=env) for _ in range(3))
+        results["noop_build_s"] = round(noop, 3)
+
+        requirements = requirements_file(ctx, work)
+        for layer in (cache / "layers").glob("env-sd-demo-*"):
+            layer.unlink()
+        warm = envmgr("build", "sd-demo", "--force", env=env)
+        baseline = uv_install(requirements, cache / "uv", work / "venv-warm")
+        results.update(warm_env_rebuild_s=round(warm, 1), warm_uv_install_s=round(baseline, 1),
+                       warm_ratio=round(warm / baseline, 2))
+
+        if not args.skip_cold:
+            cold_cache = work / "cold-cache"
+            cold_env = {**env, "ENVMGR_CACHE_DIR": str(cold_cache), "ENVMGR_STORE_DIR": str(cache / "store")}
+            cold = envmgr("build", "sd-demo", "--force", env=cold_env)
+            shutil.rmtree(cold_cache, ignore_errors=True)
+            download = uv_install(requirements, None, work / "venv-cold")
+            results.update(cold_build_s=round(cold, 1), download_unpack_s=round(download, 1),
+                           cold_ratio=round(cold / download, 2))
+
+        from envmgr.build import build
+        from envmgr.spec import find_method
+
+        image = ctx.engine.inspect_image(build(ctx, find_method("sd-demo", None)).image_id)
+        results["image_size_gb"] = round(image["Size"] / 1e9, 2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "core.json").write_text(json.dumps(results, indent=1))
+    for key, value in results.items():
+        print(f"{key:>22}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
