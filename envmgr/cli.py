@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 base_app = typer.Typer(help="Base images (Debian + Python) built from the site's apt mirror.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+method_app = typer.Typer(help="Third-party training repositories as methods.", no_args_is_help=True)
+app.add_typer(method_app, name="method")
 
 STATE: dict = {}
 
@@ -117,6 +119,30 @@ def base_build(name: Annotated[str, typer.Argument(help="A folder of images/ (de
     build_base(ctx, name)
 
 
+@method_app.command("add")
+@verb
+def method_add(
+    source: Annotated[Path, typer.Argument(help="The repository: a folder, a zip or a tar.gz.")],
+    name: Annotated[str, typer.Option("--name", help="The method's name.")],
+    entry: Annotated[Optional[str], typer.Option(help="Entry file in the repository (default: train.sh or "
+                                                      "train.py).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="poetry | conda | pip, when the repository has "
+                                                        "several environment files.")] = None,
+    gpu: Annotated[str, typer.Option(help="required | optional | none")] = "optional",
+):
+    """Add a training repository as a method in <base_dir>/methods/NAME (unforked: adapt it in its envmgr.toml)."""
+    from .methods import add_method
+
+    ctx = _context()
+    spec, detected = add_method(ctx.config.base_dir, source, name, entry=entry, backend=backend, gpu=gpu)
+    if detected.note:
+        ctx.ui.warn(detected.note)
+    ctx.ui.success(f"added {spec.name}: {detected.backend} ({detected.reason}), entry {' '.join(spec.entry)} → "
+                   f"{spec.folder}", method=spec.name, backend=spec.backend, entry=spec.entry, folder=str(spec.folder))
+    ctx.ui.info(f"next: `envmgr lock {spec.name}` (adapt it in {spec.folder / 'envmgr.toml'} if that reports "
+                "sources the site cannot reach)")
+
+
 @app.command("list")
 @verb
 def list_cmd():
@@ -157,11 +183,13 @@ def show(method: Annotated[str, typer.Argument(help="Method name.")]):
     info = {"name": spec.name, "backend": spec.backend, "folder": str(spec.folder), "python": spec.python,
             "base_image": spec.base_image, "entry": spec.entry, "gpu": spec.gpu,
             "default_model": spec.default_model, "env": spec.env, "lock": lock_state,
-            "packages": summary.get("packages")}
+            "packages": summary.get("packages"), "adaptations": spec.adapt.describe()}
     if ctx.ui.mode == "json":
         ctx.ui.event("method", **info, pins=summary.get("pins"))
         return
     for key, value in info.items():
+        if key == "adaptations":
+            value = "none" if not value else "\n" + "\n".join(f"{'':>15}{line}" for line in value)
         ctx.ui.console.print(f"[bold]{key:>13}[/]  {value}", markup=True, highlight=False)
     pins = summary.get("pins") or {}
     if pins and ctx.ui.verbose:

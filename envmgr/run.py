@@ -134,7 +134,12 @@ def run(ctx: Context, request: RunRequest) -> dict:
     spec = request.method
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
-    gpus = request.gpus or ("all" if spec.gpu in ("required", "optional") else "none")
+    if request.gpus:
+        gpus = request.gpus
+    elif spec.gpu == "required" or (spec.gpu == "optional" and ctx.engine.has_nvidia_runtime()):
+        gpus = "all"
+    else:
+        gpus = "none"
     device_requests = gpu_device_requests(gpus)
     if device_requests and not ctx.engine.has_nvidia_runtime():
         raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
@@ -170,10 +175,15 @@ def run(ctx: Context, request: RunRequest) -> dict:
         mounts.append(BindMount(dataset, f"{paths.CONTAINER_DATA}/{dataset.name}", read_only=True))
         platform_args.insert(1, f"--pic_relative_path={paths.CONTAINER_DATA}/{dataset.name}")
     given = {a.split("=", 1)[0] for a in args}
-    command = _entry_command(spec) + [a for a in platform_args if a.split("=", 1)[0] not in given] + args
+    command = _entry_command(spec) + ([a for a in platform_args if a.split("=", 1)[0] not in given]
+                                      if spec.platform_args else []) + args
 
     env = {"HOME": "/tmp", "HF_HUB_OFFLINE": "1", "ENVMGR_OUTPUT_DIR": f"{paths.CONTAINER_RUN}/output",
            "ENVMGR_RUN_ID": run_id, "MPLCONFIGDIR": "/tmp/matplotlib"}
+    if model:
+        env["ENVMGR_MODEL_PATH"] = f"{paths.CONTAINER_MODELS}/{model.name}"
+    if dataset:
+        env["ENVMGR_DATASET_PATH"] = f"{paths.CONTAINER_DATA}/{dataset.name}"
     count = _gpu_count(gpus)
     if count:
         env["TRAINING_NUM_PROCESSES"] = str(count)
