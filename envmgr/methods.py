@@ -144,6 +144,7 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             "entry": command,
             "gpu": gpu,
             "platform_args": False,
+            "workdir": "method",
             "env": {"DISABLE_UPDATES": "1", "HF_HUB_OFFLINE": "1"},
             "adapt": {"pin": {}, "drop": [], "add": {}, "sources": {}},
         }

@@ -208,7 +208,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
 
     shm = request.shm_size or _default_shm()
     container = ContainerSpec(
-        image=result.image_id, command=command, env=env, mounts=mounts, workdir=paths.CONTAINER_RUN,
+        image=result.image_id, command=command, env=env, mounts=mounts,
+        workdir=paths.CONTAINER_RUN if spec.workdir == "run" else paths.CONTAINER_METHOD_DIR,
         user=f"{os.getuid()}:{os.getgid()}", network=request.network, shm_size=shm,
         device_requests=device_requests, labels={paths.LABEL_METHOD: spec.name, paths.LABEL_KIND: "run",
                                                  paths.LABEL_PREFIX + "run-id": run_id},

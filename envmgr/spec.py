@@ -57,6 +57,7 @@ class MethodSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     exclude: list[str] = Field(default_factory=list)   # glob patterns of files not copied into the image
     platform_args: bool = True    # pass the platform's --model_path/--pic_relative_path/... to the entry
+    workdir: Literal["run", "method"] = "run"   # the entry's working directory: the run dir or its own files
     adapt: Adaptations = Field(default_factory=Adaptations)
 
     # Where the spec was read from (not part of the file).

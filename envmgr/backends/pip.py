@@ -75,7 +75,7 @@ class PipBackend:
             upgrade = "--upgrade" if regenerate or not previous.is_file() else ""
             if previous.is_file():
                 shutil.copy2(previous, Path(work) / LOCK)
-            command = (f"{paths.CONTAINER_UV} pip compile --quiet --generate-hashes --no-header --strict "
+            command = (f"{paths.CONTAINER_UV} pip compile --quiet --generate-hashes --no-header "
                        f"--python {base.python} {upgrade} -o {paths.CONTAINER_WORK}/{LOCK} "
                        f"{paths.CONTAINER_WORK}/{EFFECTIVE}")
             with ctx.ui.progress(f"locking {spec.name} with uv pip compile in {base.tag}", total=1,

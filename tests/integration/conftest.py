@@ -141,8 +141,10 @@ class Workspace:
         return proc
 
     def cleanup(self, engine) -> None:
+        """Remove the images of the methods this workspace added (and untagged leftovers)."""
+        ours = {f"envmgr/{p.name}" for p in (self.base_dir / "methods").iterdir()} if (self.base_dir / "methods").is_dir() else set()
         for image in engine.images.list(filters={"label": "org.envmgr.method"}):
-            if any(t.startswith("envmgr/tiny:") for t in image.tags) or not image.tags:
+            if any(t.rsplit(":", 1)[0] in ours for t in image.tags) or not image.tags:
                 try:
                     engine.images.remove(image.id, force=True)
                 except Exception:  # noqa: BLE001 - already gone

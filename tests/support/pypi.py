@@ -57,6 +57,17 @@ class Index:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def do_HEAD(self):  # noqa: N802 - resolvers probe files with HEAD before range requests
+                self._head_only = True
+                try:
+                    self.do_GET()
+                finally:
+                    self._head_only = False
+
+            def _body(self, data: bytes) -> None:
+                if not getattr(self, "_head_only", False):
+                    self.wfile.write(data)
+
             def do_GET(self):  # noqa: N802
                 index.requests.append(self.path)
                 if index.username:
@@ -86,7 +97,7 @@ class Index:
                     self.send_header("Content-Type", "application/octet-stream")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    self._body(data)
                     return
                 self.send_response(404)
                 self.end_headers()
@@ -97,7 +108,7 @@ class Index:
                 self.send_header("Content-Type", "text/html")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                self._body(data)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

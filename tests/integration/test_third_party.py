@@ -1,0 +1,149 @@
+"""Third-party repositories as methods: add from a zip, unreachable sources named up front, fixed
+through [adapt], locked through a loopback mirror, built reproducibly, run with no network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+pytestmark = pytest.mark.engine
+
+POETRY_REPO = {
+    "pyproject.toml": """\
+[tool.poetry]
+name = "third-trainer"
+version = "0.3.0"
+description = "someone else's training code"
+authors = ["Someone <someone@example.invalid>"]
+
+[tool.poetry.dependencies]
+python = ">=3.11,<3.12"
+envmgr-alpha = "^1.0"
+envmgr-beta = { git = "https://git.example.invalid/beta.git", branch = "main" }
+envmgr-gamma = { version = "^2.0", source = "pytorch" }
+
+[[tool.poetry.source]]
+name = "pytorch"
+url = "https://download.example.invalid/whl/cu121"
+priority = "explicit"
+
+[build-system]
+requires = ["poetry-core"]
+build-backend = "poetry.core.masonry.api"
+""",
+    "train.sh": """\
+#!/usr/bin/env bash
+# like SimpleTuner's: re-installs at every launch unless told not to
+set -e
+if [ -z "${DISABLE_UPDATES:-}" ]; then pip install -U envmgr-alpha; fi
+exec python train.py "$@"
+""",
+    "train.py": """\
+import os, pathlib
+import envmgr_alpha, envmgr_gamma
+model = pathlib.Path(os.environ["ENVMGR_MODEL_PATH"])
+try:
+    (model / "written-by-method").write_text("x")
+    writable = True
+except OSError:
+    writable = False
+out = pathlib.Path(os.environ["ENVMGR_OUTPUT_DIR"])
+out.mkdir(parents=True, exist_ok=True)
+(out / "result.txt").write_text(f"{envmgr_alpha.GREETING} {sorted(os.listdir(model))} model_writable={writable}")
+print('{"event": "done", "steps": 0}')
+""",
+}
+
+PIP_REPO = {
+    "requirements.txt": "--extra-index-url https://download.example.invalid/whl\nenvmgr-alpha>=1.0\n",
+    "train.py": "import envmgr_alpha\nprint(envmgr_alpha.GREETING)\n",
+}
+
+
+def _zip(path: Path, files: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, text in files.items():
+            info = zipfile.ZipInfo(f"third-main/{name}")
+            info.external_attr = (0o755 if name.endswith(".sh") else 0o644) << 16
+            zf.writestr(info, text)
+        zf.writestr("__MACOSX/third-main/._train.py", "junk")
+    return path
+
+
+def _tree_digest(root: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        sha.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return sha.hexdigest()
+
+
+def _adapt(spec_path: Path, **adapt) -> None:
+    data = tomllib.loads(spec_path.read_text())
+    data["adapt"].update(adapt)
+    spec_path.write_text(tomli_w.dumps(data))
+
+
+def _done(proc) -> dict:
+    return [json.loads(line) for line in proc.stdout.splitlines() if '"event": "done"' in line][-1]
+
+
+def test_poetry_repository_added_adapted_locked_built_and_run(workspace, engine, mirror_a, tmp_path):
+    archive = _zip(tmp_path / "third.zip", POETRY_REPO)
+    workspace.envmgr("method", "add", str(archive), "--name", "third")
+    method = workspace.base_dir / "methods" / "third"
+    source_digest = _tree_digest(method / "source")
+    assert (method / "source" / "train.sh").read_text() == POETRY_REPO["train.sh"]
+    assert "third" in workspace.envmgr("list").stdout
+
+    refused = workspace.envmgr("lock", "third", mirror=mirror_a.url, check=False)
+    assert refused.returncode == 2
+    assert "envmgr-beta comes from git" in refused.stderr and "index 'pytorch'" in refused.stderr
+    assert not (method / "lock" / "poetry.lock").exists(), "no half lock"
+
+    _adapt(method / "envmgr.toml", pin={"envmgr-beta": "1.0"}, sources={"pytorch": "default"})
+    workspace.envmgr("lock", "third", mirror=mirror_a.url)
+    lock = (method / "lock" / "poetry.lock").read_text()
+    assert "127.0.0.1" not in lock and "git" not in lock
+    assert {p["name"]: p["version"] for p in tomllib.loads(lock)["package"]}["envmgr-beta"] == "1.0"
+    assert _tree_digest(method / "source") == source_digest, "the third-party files changed"
+    shown = workspace.envmgr("show", "third").stdout
+    assert "pin envmgr-beta == 1.0" in shown and "index 'pytorch' -> the default index" in shown
+
+    first = _done(workspace.envmgr("--json", "build", "third", mirror=mirror_a.url))
+    engine.images.remove(first["image"], force=True)
+    shutil.rmtree(workspace.cache_dir)
+    second = _done(workspace.envmgr("--json", "build", "third", mirror=mirror_a.url))
+    assert second["image"] == first["image"] and not second["reused"]
+
+    model = workspace.base_dir / "models" / "some-model"
+    model.mkdir(parents=True)
+    (model / "weights.bin").write_text("w")
+    ran = workspace.envmgr("--json", "run", "third", "--model", "some-model", "--gpus", "none")
+    run_dir = Path(_done(ran)["run_dir"])
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "succeeded"
+    result = (run_dir / "output" / "result.txt").read_text()
+    assert result == "alpha+beta-1.0 ['weights.bin'] model_writable=False"
+    assert sorted(p.name for p in model.iterdir()) == ["weights.bin"]
+
+
+def test_requirements_repository_locked_with_hashes_and_run(workspace, engine, mirror_a, tmp_path):
+    workspace.envmgr("method", "add", str(_zip(tmp_path / "pip.zip", PIP_REPO)), "--name", "pipper")
+    method = workspace.base_dir / "methods" / "pipper"
+    refused = workspace.envmgr("lock", "pipper", mirror=mirror_a.url, check=False)
+    assert refused.returncode == 2 and "download.example.invalid" in refused.stderr
+    _adapt(method / "envmgr.toml", sources={"download.example.invalid": "default"})
+    workspace.envmgr("lock", "pipper", mirror=mirror_a.url)
+    lock = (method / "lock" / "requirements.lock.txt").read_text()
+    assert "envmgr-alpha==1.0" in lock and "envmgr-beta==1.1" in lock and "--hash=sha256:" in lock
+    assert "127.0.0.1" not in lock and "index-url" not in lock
+    assert workspace.envmgr("lock", "pipper", "--check").returncode == 0
+    _done(workspace.envmgr("--json", "build", "pipper", mirror=mirror_a.url))
+    ran = workspace.envmgr("-v", "run", "pipper", "--gpus", "none")
+    assert "alpha+beta-1.1" in ran.stderr + ran.stdout
