@@ -16,6 +16,10 @@ from ..mirrors import ca_mounts, uv_env
 _MIRROR_FAILURES = re.compile(r"(Connection refused|connection error|Failed to fetch|failed to connect|"
                               r"dns error|Could not connect|ConnectError|Max retries exceeded|"
                               r"401 Unauthorized|403 Forbidden|timed out|tcp connect error)", re.I)
+_BUILD_FAILURE = re.compile(r"Failed to (?:build|download and build|prepare distributions).*?`([^`]+)`")
+_BUILD_CALL = re.compile(r"Call to `([^`]+)` failed")
+_NO_WHEEL = re.compile(r"Distribution `([^`@ ]+)[^`]*` can't be installed because it doesn't have a source "
+                       r"distribution or wheel for the current platform")
 _HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hashes|THESE PACKAGES DO NOT MATCH)", re.I)
 
 
@@ -44,6 +48,18 @@ def run_step(ctx: Context, base: BaseImage, step: str, script: str, mounts: list
         tail = [line for line in lines if line.strip()][-6:]
         detail = ctx.ui.redact(" | ".join(t.strip() for t in tail))[-900:]
         text = "\n".join(lines)
+        no_wheel = _NO_WHEEL.search(text)
+        if no_wheel:
+            raise EnvmgrError(f"{step}: {no_wheel.group(1)} has no wheel (and no sdist) for the target "
+                              f"(linux, Python of {base.tag})",
+                              hint="pin a version that ships one, or drop it in the method's [adapt]")
+        build_failed = _BUILD_FAILURE.search(text)
+        if build_failed:
+            call = _BUILD_CALL.search(text)
+            what = f"`{call.group(1)}`" if call else "building it from its sdist"
+            raise EnvmgrError(f"{step}: {build_failed.group(1)} failed while {what}: {detail}",
+                              hint="it has no wheel for the target and needs build-time dependencies (torch, a "
+                                   "compiler): pin a version with a wheel, or drop it in the method's [adapt]")
         if _HASH_FAILURES.search(text):
             raise MirrorError(f"{step}: a downloaded file does not match the hash in the lock: {detail}",
                               hint="the mirror serves a different file than the one locked; nothing was tagged")

@@ -147,3 +147,33 @@ def test_requirements_repository_locked_with_hashes_and_run(workspace, engine, m
     _done(workspace.envmgr("--json", "build", "pipper", mirror=mirror_a.url))
     ran = workspace.envmgr("-v", "run", "pipper", "--gpus", "none")
     assert "alpha+beta-1.1" in ran.stderr + ran.stdout
+
+
+def test_sdist_that_fails_to_build_is_named_with_version_and_step(workspace, tmp_path):
+    """An sdist that needs torch at build time (like many CUDA extensions) fails the lock with its name."""
+    import io
+    import tarfile
+
+    from tests.support.pypi import Index, build_wheel
+
+    root = tmp_path / "index"
+    build_wheel(root, "envmgr-alpha", "1.0")
+    setup = b"import torch  # needs torch at build time, like flash-attn\n"
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:gz") as tf:
+        for name, body in (("needs-torch-0.1/setup.py", setup),
+                           ("needs-torch-0.1/PKG-INFO", b"Metadata-Version: 2.1\nName: needs-torch\nVersion: 0.1\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    (root / "needs_torch-0.1.tar.gz").write_bytes(data.getvalue())
+    index = Index(root, sdists=True).start()
+    try:
+        repo = {"requirements.txt": "needs-torch==0.1\n", "train.py": "print(1)\n"}
+        workspace.envmgr("method", "add", str(_zip(tmp_path / "heavy.zip", repo)), "--name", "heavy")
+        proc = workspace.envmgr("lock", "heavy", mirror=index.url, check=False)
+    finally:
+        index.stop()
+    assert proc.returncode == 1, proc.stderr
+    assert "needs-torch==0.1" in proc.stderr and "failed while" in proc.stderr
+    assert "Traceback" not in proc.stderr

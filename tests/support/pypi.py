@@ -48,7 +48,14 @@ class Index:
     root: Path
     username: str | None = None
     password: str | None = None
+    sdists: bool = False   # also serve *.tar.gz source distributions
     requests: list[str] = field(default_factory=list)
+
+    def files(self) -> list[Path]:
+        found = list(self.root.glob("*.whl"))
+        if self.sdists:
+            found += list(self.root.glob("*.tar.gz"))
+        return sorted(found)
 
     def start(self) -> "Index":
         index = self
@@ -79,11 +86,11 @@ class Index:
                         return
                 parts = [p for p in self.path.split("?")[0].split("/") if p]
                 if parts == ["simple"]:
-                    names = sorted({_project(w.name) for w in index.root.glob("*.whl")})
+                    names = sorted({_project(w.name) for w in index.files()})
                     return self._html("".join(f'<a href="/simple/{n}/">{n}</a>\n' for n in names))
                 if len(parts) == 2 and parts[0] == "simple":
                     project = _normalize(parts[1])
-                    wheels = sorted(w for w in index.root.glob("*.whl") if _project(w.name) == project)
+                    wheels = [w for w in index.files() if _project(w.name) == project]
                     if not wheels:
                         self.send_response(404)
                         self.end_headers()
@@ -135,7 +142,9 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _project(wheel_name: str) -> str:
-    return _normalize(wheel_name.split("-")[0])
+def _project(file_name: str) -> str:
+    if file_name.endswith(".tar.gz"):
+        return _normalize(file_name[: -len(".tar.gz")].rsplit("-", 1)[0])
+    return _normalize(file_name.split("-")[0])
 
 
