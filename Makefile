@@ -57,6 +57,7 @@ test: test-unit test-method test-integration
 
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench
+	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
 
 clean:
