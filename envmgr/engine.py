@@ -12,6 +12,7 @@ from typing import Any, BinaryIO
 
 import docker
 import docker.errors
+import requests
 from docker.types import DeviceRequest, Mount
 
 from . import paths
@@ -125,6 +126,9 @@ class Engine:
             raise EngineError(f"image not found in the engine: {_short(exc)}") from None
         except docker.errors.APIError as exc:
             raise EngineError(f"engine error: {_short(exc)}") from None
+        except requests.exceptions.ConnectionError:
+            raise EngineError("the Docker Engine stopped answering while the container ran",
+                              hint=ENGINE_HINT) from None
         finally:
             if container_id:
                 with contextlib.suppress(Exception):

@@ -268,6 +268,10 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str,
         status = "succeeded" if code == 0 else "failed"
     except Interrupted:
         status = "interrupted"
+    except EnvmgrError as exc:  # the engine went away mid-run: record it, then report it
+        status = "failed"
+        tail.append(f"envmgr: {exc.message}")
+        code = None
     finally:
         if progress_cm is not None:
             progress_cm.__exit__(None, None, None)
