@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__, paths
-from .backends import get_backend
+from .backends import entry_command, get_backend
 from .base import BaseImage, ensure_base
 from .context import Context
 from .errors import EnvmgrError
@@ -201,7 +201,7 @@ def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: d
         paths.LABEL_BASE: base.image_id,
     }
     return ImageConfig(
-        layers=layers, env=env, cmd=spec.entry, workdir=paths.CONTAINER_METHOD_DIR, labels=labels,
+        layers=layers, env=env, cmd=entry_command(spec, spec.entry), workdir=paths.CONTAINER_METHOD_DIR, labels=labels,
         history=[f"envmgr base {spec.base_image}", f"envmgr environment {spec.name} ({spec.backend} lock "
                  f"{data['lock'][:16]})", f"envmgr method files {spec.name}"],
     )

@@ -54,6 +54,28 @@ def poetry_env(mirrors: MirrorsConfig) -> dict[str, str]:
     return env
 
 
+def on_host(env: dict[str, str], mirrors: MirrorsConfig) -> dict[str, str]:
+    """The same settings for a tool that runs on the host: the CA bundle at its host path."""
+    return {key: (str(mirrors.ca_bundle) if value == paths.CONTAINER_CA_BUNDLE else value) for key, value in env.items()}
+
+
+def conda_channel_mirrors(mirrors: MirrorsConfig) -> dict[str, str]:
+    """Canonical channel URL -> mirror URL, from `[mirrors] channels` (keys: a channel name or URL).
+
+    `$VAR` / `${VAR}` in a mirror URL come from the environment, so a credential can stay out of
+    the config file. The canonical URL is what a lock records; the mirror is only ever fetched.
+    """
+    import os
+
+    from rattler import Channel
+
+    found = {}
+    for channel, mirror in mirrors.channels.items():
+        if mirror and mirror != "default":
+            found[Channel(channel).base_url.rstrip("/")] = os.path.expandvars(mirror).rstrip("/")
+    return found
+
+
 def mirror_hosts(mirrors: MirrorsConfig) -> list[str]:
     """Host parts of every configured mirror: a lock that mentions one of these is rejected."""
     from urllib.parse import urlsplit

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import paths
+from .backends import entry_command
 from .build import build as build_image
 from .context import Context
 from .engine import NVIDIA_HINT, BindMount, ContainerSpec, gpu_device_requests
@@ -112,7 +113,7 @@ def _entry_command(spec: MethodSpec) -> list[str]:
         if not word.startswith("-") and (spec.source_path / word).is_file():
             word = f"{paths.CONTAINER_METHOD_DIR}/{word}"
         command.append(word)
-    return command
+    return entry_command(spec, command)   # e.g. through `conda run -n <m>` for a conda env
 
 
 def _gpu_count(gpus: str) -> int | None:

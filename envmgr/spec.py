@@ -53,7 +53,11 @@ class MethodSpec(BaseModel):
     entry: list[str]                            # run in CONTAINER_METHOD_DIR, e.g. ["python", "sd-demo.py"]
     default_model: str | None = None
     gpu: Literal["required", "optional", "none"] = "optional"
-    platform: Literal["linux-64", "linux-aarch64"] = "linux-64"
+    platform: Literal["linux-64", "linux-aarch64"] = "linux-64"   # what images are built for
+    # conda methods: the platforms the lock is solved for (default: `platform`) and the virtual
+    # packages the solver may assume there, e.g. {"__cuda" = "12.4"}; __glibc defaults to the base's
+    platforms: list[Literal["linux-64", "linux-aarch64"]] = Field(default_factory=list)
+    virtual_packages: dict[str, str] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     exclude: list[str] = Field(default_factory=list)   # glob patterns of files not copied into the image
     platform_args: bool = True    # pass the platform's --model_path/--pic_relative_path/... to the entry
@@ -77,6 +81,19 @@ class MethodSpec(BaseModel):
         if not value:
             raise ValueError("must name a command, e.g. [\"python\", \"train.py\"]")
         return value
+
+    @field_validator("virtual_packages")
+    @classmethod
+    def _virtual_packages(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name.startswith("__"):
+                raise ValueError(f"{name!r}: virtual package names start with '__' (e.g. __cuda, __glibc)")
+        return value
+
+    @property
+    def lock_platforms(self) -> list[str]:
+        """The platforms a lock covers: the declared ones, always including the one images are built for."""
+        return sorted({*self.platforms, self.platform})
 
     @property
     def source_path(self) -> Path:

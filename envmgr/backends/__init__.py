@@ -34,12 +34,22 @@ class Backend(Protocol):
     def summary(self, spec: MethodSpec) -> dict:
         """What `envmgr show` prints about the locked environment."""
 
+    # Optional: `entry_prefix(spec) -> list[str]`, the command that activates the environment before
+    # the method's entry runs (conda: `conda run -n <m>`, which sources etc/conda/activate.d).
+
+
+def entry_command(spec: MethodSpec, command: list[str]) -> list[str]:
+    """`command` started the way the method's environment must be activated (the image's CMD, `envmgr run`)."""
+    activate = getattr(get_backend(spec), "entry_prefix", None)
+    return [*activate(spec), *command] if activate else list(command)
+
 
 def get_backend(spec: MethodSpec) -> Backend:
+    from .conda import CondaBackend
     from .pip import PipBackend
     from .poetry import PoetryBackend
 
-    backends: dict[str, Backend] = {"poetry": PoetryBackend(), "pip": PipBackend()}
+    backends: dict[str, Backend] = {"poetry": PoetryBackend(), "pip": PipBackend(), "conda": CondaBackend()}
     try:
         return backends[spec.backend]
     except KeyError:
