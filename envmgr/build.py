@@ -235,3 +235,17 @@ def export_archive(ctx: Context, spec: MethodSpec, out) -> str:
     digest = _digest(data)
     layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
     return write_archive(out, image_config(spec, base, layers, data, digest), [image_tag(spec, digest)])
+
+
+def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> tuple[BaseImage, dict[str, str], str, str]:
+    """What `build` would make now, without building: the base, the inputs, their hash and the image tag."""
+    base = base or ensure_base(ctx, spec.base_image)
+    data = inputs(ctx, spec, base)
+    digest = _digest(data)
+    return base, data, digest, image_tag(spec, digest)
+
+
+def config_for(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str], digest: str) -> ImageConfig:
+    """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
+    layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
+    return image_config(spec, base, layers, data, digest)

@@ -319,6 +319,124 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id (from `envmgr r
         ctx.ui.console.print_json(json.dumps(record))
 
 
+@app.command("export")
+@verb
+def export_cmd(
+    method: Annotated[str, typer.Argument(help="Method name.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Archive file (default "
+                                                   "<method>-<inputs hash>.envmgr.tar).")] = None,
+    compress: Annotated[str, typer.Option(help="none (default: fastest, loads as is) or gzip (level 6, "
+                                               "deterministic).")] = "none",
+):
+    """Write the method's image, spec, lock and files into one archive for a server that reaches nothing."""
+    from .transfer import export
+
+    ctx = _context()
+    result = export(ctx, method, output, compress)
+    ctx.ui.success(f"{result['method']}: {result['tag']} → {result['file']} ({result['bytes'] / 1e6:.1f} MB)",
+                   **result)
+
+
+@app.command("import")
+@verb
+def import_cmd(
+    archive: Annotated[Path, typer.Argument(help="An archive written by `envmgr export`.")],
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an added method of the same name "
+                                                            "whose files differ.")] = False,
+    replace_base: Annotated[bool, typer.Option("--replace-base", help="Make the archive's base image current "
+                                                                      "here when this server has another.")]
+    = False,
+):
+    """Check every hash in an exported archive, then load its image and register its method."""
+    from .transfer import import_archive
+
+    ctx = _context()
+    result = import_archive(ctx, archive, replace_base=replace_base, replace=replace)
+    what = "imported" if result["changed"] else "already imported, nothing changed:"
+    ctx.ui.success(f"{result['method']}: {what} {result['tag']} ({result['image_id'][:19]})", **result)
+
+
+@app.command()
+@verb
+def push(method: Annotated[str, typer.Argument(help="Method name.")],
+         registry: Annotated[str, typer.Argument(help="Registry host[:port], e.g. 127.0.0.1:5000.")]):
+    """Push the method's current image to a registry as `REGISTRY/envmgr/METHOD:INPUTS-HASH`."""
+    from .registry import push as push_image
+
+    ctx = _context()
+    result = push_image(ctx, method, registry)
+    ctx.ui.success(f"{result['method']}: pushed {result['reference']}@{result['digest']}", **result)
+
+
+@app.command()
+@verb
+def pull(method: Annotated[str, typer.Argument(help="Method name.")],
+         registry: Annotated[str, typer.Argument(help="Registry host[:port], e.g. 127.0.0.1:5000.")]):
+    """Pull the image this server's lock and inputs call for, and check its labels against them."""
+    from .registry import pull as pull_image
+
+    ctx = _context()
+    result = pull_image(ctx, method, registry)
+    ctx.ui.success(f"{result['method']}: pulled {result['reference']} → {result['tag']} "
+                   f"({result['image_id'][:19]})", **result)
+
+
+@app.command()
+@verb
+def verify(
+    method: Annotated[str, typer.Argument(help="Method name.")],
+    rebuild: Annotated[bool, typer.Option("--rebuild/--no-rebuild", help="Make the image again in a scratch "
+                                          "cache and compare image IDs (needs the mirrors).")] = True,
+):
+    """Check that the image in use is the one its inputs make, and its installed files match their RECORDs."""
+    from .verify import verify as verify_method
+
+    ctx = _context()
+    result = verify_method(ctx, method, rebuild=rebuild)
+    if "image_matches" in result:
+        ctx.ui.info(f"image: {'same' if result['image_matches'] else 'DIFFERENT'} — in use "
+                    f"{result['in_use'][:19]}, rebuilt {result['rebuilt'][:19]}")
+    ctx.ui.info(f"files: {result['files']} files of {result['packages']} packages checked, "
+                f"{len(result['bad_files'])} differ from their RECORD")
+    for dist, path, state in result["bad_files"][:20]:
+        ctx.ui.info(f"  {state}: {path} ({dist})")
+    if not result["ok"]:
+        ctx.ui.event("verify", **result)
+        raise EnvmgrError(f"{result['method']}: verification failed: "
+                          + ", ".join(x for x in ("image ID differs" if not result.get("image_matches", True)
+                                                  else "", f"{len(result['bad_files'])} files differ"
+                                                  if result["bad_files"] else "") if x))
+    ctx.ui.success(f"{result['method']}: verified {result['in_use_ref']}", **result)
+
+
+@app.command()
+@verb
+def gc(
+    keep: Annotated[int, typer.Option(help="Also keep the N most recent superseded images of each method.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="Only these methods (repeatable).")]
+    = None,
+):
+    """Remove superseded method images, stopped envmgr containers and stale cache entries (never what is in use)."""
+    from .gc import apply, plan
+
+    ctx = _context()
+    result = plan(ctx, keep=keep, methods=method)
+    if not dry_run:
+        result = apply(ctx, result)
+    verb_word = "would remove" if dry_run else "removed"
+    for item in result.remove:
+        ctx.ui.info(f"{verb_word} {item.kind}: {item.why} ({item.bytes / 1e6:.1f} MB)"
+                    if item.kind in ("image", "container") else
+                    f"{verb_word} {item.kind}: {item.what} ({item.bytes / 1e6:.1f} MB)")
+    for item in result.keep:
+        if "refused" in item.why:
+            ctx.ui.info(f"kept {item.kind} {item.what[:19]}: {item.why}")
+    ctx.ui.success(f"{verb_word} {len(result.remove)} items, {result.freed() / 1e6:.1f} MB"
+                   + (" freed" if not dry_run else ""), dry_run=dry_run, bytes_freed=result.freed(),
+                   removed=[vars(i) for i in result.remove], kept=[vars(i) for i in result.keep])
+
+
 @app.command()
 @verb
 def doctor():

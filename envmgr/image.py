@@ -65,7 +65,7 @@ def _parents(target: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def _tarinfo(name: str, kind: bytes, mode: int, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
+def tarinfo(name: str, kind: bytes, mode: int, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode & 0o7777
@@ -108,22 +108,22 @@ def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: 
             for name in sorted(entries):
                 kind, item = entries[name]
                 if kind == "dir":
-                    tar.addfile(_tarinfo(name, tarfile.DIRTYPE, 0o755))
+                    tar.addfile(tarinfo(name, tarfile.DIRTYPE, 0o755))
                 elif kind == "extra":
                     assert isinstance(item, ExtraFile)
-                    tar.addfile(_tarinfo(name, tarfile.REGTYPE, item.mode, len(item.data)), io.BytesIO(item.data))
+                    tar.addfile(tarinfo(name, tarfile.REGTYPE, item.mode, len(item.data)), io.BytesIO(item.data))
                     if progress:
                         progress(len(item.data))
                 else:
                     assert isinstance(item, Path)
                     st = item.lstat()
                     if stat.S_ISLNK(st.st_mode):
-                        tar.addfile(_tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=os.readlink(item)))
+                        tar.addfile(tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=os.readlink(item)))
                     elif stat.S_ISDIR(st.st_mode):
-                        tar.addfile(_tarinfo(name, tarfile.DIRTYPE, st.st_mode))
+                        tar.addfile(tarinfo(name, tarfile.DIRTYPE, st.st_mode))
                     elif stat.S_ISREG(st.st_mode):
                         with open(item, "rb") as fh:
-                            tar.addfile(_tarinfo(name, tarfile.REGTYPE, st.st_mode, st.st_size), fh)
+                            tar.addfile(tarinfo(name, tarfile.REGTYPE, st.st_mode, st.st_size), fh)
                         if progress:
                             progress(st.st_size)
     os.replace(tmp, out)
@@ -174,28 +174,35 @@ class ImageConfig:
         return "sha256:" + hashlib.sha256(self.to_bytes()).hexdigest()
 
 
+def archive_parts(config: ImageConfig, repo_tags: list[str]) -> tuple[bytes, list[str], bytes]:
+    """A docker-archive's config bytes, layer member names (config order) and manifest.json bytes."""
+    config_bytes = config.to_bytes()
+    image_hex = hashlib.sha256(config_bytes).hexdigest()
+    layer_names = [f"{layer.diff_id.split(':', 1)[1]}/layer.tar" for layer in config.layers]
+    manifest = json.dumps([{"Config": f"{image_hex}.json", "RepoTags": repo_tags, "Layers": layer_names}],
+                          separators=(",", ":")).encode()
+    return config_bytes, layer_names, manifest
+
+
 def write_archive(out, config: ImageConfig, repo_tags: list[str],
                   progress: Callable[[int], None] | None = None) -> str:
     """Write a docker-archive (manifest.json + config + layer tars) to a binary file object.
 
     Returns the image ID. The archive bytes depend only on the config, layers and tags.
     """
-    config_bytes = config.to_bytes()
+    config_bytes, layer_names, manifest = archive_parts(config, repo_tags)
     image_hex = hashlib.sha256(config_bytes).hexdigest()
-    layer_names = [f"{layer.diff_id.split(':', 1)[1]}/layer.tar" for layer in config.layers]
-    manifest = json.dumps([{"Config": f"{image_hex}.json", "RepoTags": repo_tags, "Layers": layer_names}],
-                          separators=(",", ":")).encode()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        tar.addfile(_tarinfo(f"{image_hex}.json", tarfile.REGTYPE, 0o644, len(config_bytes)), io.BytesIO(config_bytes))
+        tar.addfile(tarinfo(f"{image_hex}.json", tarfile.REGTYPE, 0o644, len(config_bytes)), io.BytesIO(config_bytes))
         seen = set()
         for name, layer in zip(layer_names, config.layers):
             if name in seen:
                 continue
             seen.add(name)
-            tar.addfile(_tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
+            tar.addfile(tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
             with open(layer.path, "rb") as fh:
-                tar.addfile(_tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), _Counting(fh, progress))
-        tar.addfile(_tarinfo("manifest.json", tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
+                tar.addfile(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), _Counting(fh, progress))
+        tar.addfile(tarinfo("manifest.json", tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
     return "sha256:" + image_hex
 
 

@@ -1,0 +1,239 @@
+"""`envmgr gc`: remove what superseded locks left behind, never what is in use.
+
+Removed: method images (label org.envmgr.method) that are not their method's current image and not
+among its N most recently tagged ones; stopped envmgr containers; cached layers no kept image uses;
+leftovers of interrupted builds in the cache. Kept, always: the current image of every method, any
+image a container uses (running or stopped, envmgr's or not), the images of methods this base dir
+does not know (another base dir's), and work folders while a build holds its lock. Removal goes tag
+by tag without force, so an image that a container started to use meanwhile is refused by the
+engine and kept.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker.errors
+
+from . import paths
+from .base import current_base
+from .build import target
+from .context import Context
+from .errors import UsageError
+from .image import CHUNK
+from .spec import list_methods
+
+LAYER_FILE = re.compile(r"^(env|method)-(.+)-([0-9a-f]{32})\.(tar|json)$")
+STOPPED = ("created", "exited", "dead")
+
+
+@dataclass
+class Item:
+    kind: str          # image | container | layer | work
+    what: str
+    bytes: int = 0
+    why: str = ""
+
+
+@dataclass
+class Plan:
+    remove: list[Item] = field(default_factory=list)
+    keep: list[Item] = field(default_factory=list)
+
+    def freed(self) -> int:
+        return sum(item.bytes for item in self.remove)
+
+
+def _current_images(ctx: Context, only: set[str] | None) -> dict[str, str | None]:
+    """method -> the image ID its current inputs give (None where this server cannot tell)."""
+    current: dict[str, str | None] = {}
+    for spec in list_methods(ctx.config.base_dir):
+        if only and spec.name not in only:
+            continue
+        base = current_base(ctx, spec.base_image)
+        if base is None:
+            current[spec.name] = None
+            continue
+        _, _, _, tag = target(ctx, spec, base)
+        current[spec.name] = ctx.engine.image_id(tag) or ""
+    return current
+
+
+def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
+    if keep < 0:
+        raise UsageError("--keep must be 0 or more")
+    only = set(methods or [])
+    api = ctx.engine.api
+    result = Plan()
+    current = _current_images(ctx, only or None)
+    unknown = only - set(current)
+    if unknown:
+        raise UsageError(f"unknown method {', '.join(sorted(unknown))}", hint="`envmgr list` shows every method")
+
+    containers = api.containers(all=True)
+    doomed: set[str] = set()
+    for container in containers:
+        labels = container.get("Labels") or {}
+        if labels.get(paths.LABEL_MANAGED) != "true" or container.get("State") not in STOPPED:
+            continue
+        if only and labels.get(paths.LABEL_METHOD) not in only:
+            continue
+        doomed.add(container["Id"])
+        name = (container.get("Names") or [container["Id"][:12]])[0].lstrip("/")
+        result.remove.append(Item("container", container["Id"], 0, f"stopped envmgr container {name} "
+                                                                 f"({container.get('Image')})"))
+    in_use = {c.get("ImageID") for c in containers if c["Id"] not in doomed}
+
+    by_method: dict[str, list[dict]] = {}
+    for image in api.images(filters={"label": paths.LABEL_METHOD}):
+        method = (image.get("Labels") or {}).get(paths.LABEL_METHOD, "")
+        by_method.setdefault(method, []).append(image)
+    sizes = _unique_sizes(ctx)
+    kept_images: list[str] = []
+    for method, images in sorted(by_method.items()):
+        if only and method not in only:
+            kept_images += [i["Id"] for i in images]
+            continue
+        ids = [i["Id"] for i in images]
+        if method not in current or current[method] is None:
+            kept_images += ids
+            why = "method unknown to this base dir" if method not in current else "no base image here to tell"
+            result.keep += [Item("image", i, 0, f"{method}: {why}") for i in ids]
+            continue
+        recency = sorted(images, key=lambda i: _last_tagged(ctx, i["Id"]), reverse=True)
+        superseded = 0
+        for image in recency:
+            label = f"{method} {', '.join(image.get('RepoTags') or []) or image['Id'][:19]}"
+            if image["Id"] == current[method]:
+                kept_images.append(image["Id"])
+                result.keep.append(Item("image", image["Id"], 0, f"{label}: current"))
+            elif image["Id"] in in_use:
+                kept_images.append(image["Id"])
+                result.keep.append(Item("image", image["Id"], 0, f"{label}: used by a container"))
+            elif superseded < keep:
+                superseded += 1
+                kept_images.append(image["Id"])
+                result.keep.append(Item("image", image["Id"], 0, f"{label}: one of the {keep} most recent"))
+            else:
+                result.remove.append(Item("image", image["Id"], sizes.get(image["Id"], 0),
+                                          f"{label}: superseded"))
+    _plan_cache(ctx, result, kept_images, only)
+    return result
+
+
+def _last_tagged(ctx: Context, image_id: str) -> str:
+    info = ctx.engine.inspect_image(image_id) or {}
+    return (info.get("Metadata") or {}).get("LastTagTime") or ""
+
+
+def _unique_sizes(ctx: Context) -> dict[str, int]:
+    """Bytes each image holds that no other image shares (what removing it alone frees)."""
+    try:
+        images = ctx.engine.api.df().get("Images") or []
+    except docker.errors.APIError:
+        return {}
+    return {i["Id"]: max(0, int(i.get("Size", 0)) - max(0, int(i.get("SharedSize", 0)))) for i in images}
+
+
+def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[str]) -> None:
+    cache = ctx.cache_dir
+    used: set[str] = set()
+    for image_id in set(kept_images) | {i["Id"] for i in ctx.engine.api.images(filters={"label": paths.LABEL_KIND})
+                                        if i["Id"] not in {r.what for r in result.remove if r.kind == "image"}}:
+        info = ctx.engine.inspect_image(image_id) or {}
+        used.update((info.get("RootFS") or {}).get("Layers") or [])
+    layers = cache / "layers"
+    if layers.is_dir():
+        for path in sorted(layers.iterdir()):
+            if path.name.endswith(".partial"):
+                if not _build_running(cache):
+                    result.remove.append(Item("layer", str(path), _size(path), "unfinished layer"))
+                continue
+            match = LAYER_FILE.match(path.name)
+            if not match or match.group(4) != "tar" or (only and match.group(2) not in only):
+                continue
+            diff_id = _diff_id(path)
+            if diff_id in used:
+                continue
+            result.remove.append(Item("layer", str(path), _size(path), "no kept image uses this layer"))
+            record = path.with_suffix(".json")
+            if record.is_file():
+                result.remove.append(Item("layer", str(record), _size(record), "its layer's record"))
+    if _build_running(cache):
+        result.keep.append(Item("work", str(cache / "work"), 0, "a build is running"))
+        return
+    for folder in ("work", "envs"):
+        root = cache / folder
+        if root.is_dir():
+            for path in sorted(root.iterdir()):
+                if only and not any(path.name.startswith((f"{m}-", f"method-{m}-")) for m in only):
+                    continue
+                result.remove.append(Item("work", str(path), _size(path), "left over by an interrupted build"))
+
+
+def _diff_id(tar: Path) -> str:
+    record = tar.with_suffix(".json")
+    if record.is_file():
+        try:
+            known = json.loads(record.read_text())
+            if known.get("size") == tar.stat().st_size:
+                return known["diff_id"]
+        except (ValueError, KeyError):
+            pass
+    sha = hashlib.sha256()
+    with open(tar, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            sha.update(chunk)
+    return "sha256:" + sha.hexdigest()
+
+
+def _build_running(cache: Path) -> bool:
+    for guard_path in (cache / "locks").glob("build-*.lock") if (cache / "locks").is_dir() else []:
+        with open(guard_path, "a") as guard:
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(guard, fcntl.LOCK_UN)
+            except BlockingIOError:
+                return True
+    return False
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def apply(ctx: Context, result: Plan) -> Plan:
+    """Remove what the plan says; what the engine refuses (in use meanwhile) moves to `keep`."""
+    api = ctx.engine.api
+    done = Plan(keep=list(result.keep))
+    for item in result.remove:
+        try:
+            if item.kind == "container":
+                api.remove_container(item.what)
+            elif item.kind == "image":
+                tags = (ctx.engine.inspect_image(item.what) or {}).get("RepoTags") or []
+                for tag in tags:
+                    api.remove_image(tag)
+                if ctx.engine.image_id(item.what):
+                    api.remove_image(item.what)
+            else:
+                path = Path(item.what)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            done.keep.append(Item(item.kind, item.what, 0, f"the engine refused: {exc.explanation or exc}"))
+            continue
+        done.remove.append(item)
+    return done

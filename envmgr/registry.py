@@ -1,0 +1,157 @@
+"""`envmgr push` / `envmgr pull`: a method's image through a registry, by its content-hash tag.
+
+The image goes as `<registry>/envmgr/<m>:<inputs hash>`; a pull asks for the tag this server's
+inputs give and checks the image's lock and inputs labels against the method's current lock, so
+what runs is what the lock says. Credentials come from the engine's credential store (the docker
+SDK reads ~/.docker/config.json and its helpers) or ENVMGR_REGISTRY_USER / ENVMGR_REGISTRY_PASSWORD,
+and are redacted from every line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import docker.errors
+
+from . import paths
+from .backends import get_backend
+from .base import current_base
+from .build import target
+from .context import Context
+from .errors import EnvmgrError, Exit, UsageError
+from .spec import MethodSpec, find_method
+
+USER_VAR = "ENVMGR_REGISTRY_USER"
+PASSWORD_VAR = "ENVMGR_REGISTRY_PASSWORD"
+PUSHED_FILE = "pushed.json"
+
+
+class RegistryError(EnvmgrError):
+    """The registry did not answer or refused: exit 5, as for a mirror."""
+
+    exit_code = Exit.MIRROR
+
+
+def credentials(ctx: Context, registry: str) -> dict | None:
+    """ENVMGR_REGISTRY_USER/PASSWORD if set (registered as secrets); else None: the engine's store."""
+    user, password = os.environ.get(USER_VAR), os.environ.get(PASSWORD_VAR)
+    if not (user and password):
+        return None
+    ctx.ui.add_secrets([password, f"{user}:{password}"])
+    return {"username": user, "password": password, "serveraddress": registry}
+
+
+def _check_registry(registry: str) -> str:
+    registry = registry.strip().rstrip("/")
+    if not registry or "://" in registry or "@" in registry or " " in registry:
+        raise UsageError(f"registry {registry!r}: expected host[:port], e.g. 127.0.0.1:5000 "
+                         "(credentials go in ENVMGR_REGISTRY_USER / ENVMGR_REGISTRY_PASSWORD)")
+    return registry
+
+
+def _stream(ctx: Context, start, verb: str, registry: str, total: int) -> dict:
+    """Start the push or pull and follow the engine's JSON progress; returns the last `aux` (digest)."""
+    aux: dict = {}
+    done: dict[str, int] = {}
+    try:
+        with ctx.ui.progress(f"{verb} {registry}", total=total or None, unit="bytes") as task:
+            for line in start():
+                if "error" in line or "errorDetail" in line:
+                    detail = line.get("error") or line.get("errorDetail", {}).get("message", "")
+                    raise RegistryError(f"registry {registry} refused or did not answer the {verb}: "
+                                        f"{ctx.ui.redact(str(detail))}",
+                                        hint="is the registry up, and are the credentials right?")
+                if "aux" in line:
+                    aux = line["aux"]
+                layer = line.get("id")
+                current = (line.get("progressDetail") or {}).get("current")
+                if layer and isinstance(current, int) and line.get("status") in ("Pushing", "Downloading"):
+                    task.advance(max(0, current - done.get(layer, 0)))
+                    done[layer] = current
+                elif line.get("status"):
+                    ctx.ui.log(f"{layer + ': ' if layer else ''}{line['status']}")
+    except docker.errors.APIError as exc:
+        raise RegistryError(f"registry {registry}: the engine could not {verb}: "
+                            f"{ctx.ui.redact(str(exc.explanation or exc))}") from None
+    return aux
+
+
+def _remote(spec: MethodSpec, registry: str) -> str:
+    return f"{registry}/{spec.image_repository}"
+
+
+def push(ctx: Context, method: str, registry: str) -> dict:
+    registry = _check_registry(registry)
+    spec = find_method(method, ctx.config.base_dir)
+    get_backend(spec).check(spec)
+    _, data, digest, tag = target(ctx, spec)
+    image_id = ctx.engine.image_id(tag)
+    if image_id is None:
+        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
+                         hint=f"build it first: `envmgr build {spec.name}`")
+    remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
+    size = (ctx.engine.inspect_image(image_id) or {}).get("Size", 0)
+    ctx.engine.tag(image_id, remote, short)
+    try:
+        auth = credentials(ctx, registry)
+        aux = _stream(ctx, lambda: ctx.engine.api.push(remote, tag=short, stream=True, decode=True,
+                                                       auth_config=auth), "push", registry, size)
+    finally:
+        ctx.engine.remove_image(f"{remote}:{short}")  # only the extra tag: the image keeps its own
+    digest_pushed = aux.get("Digest")
+    if not digest_pushed:
+        raise RegistryError(f"registry {registry} did not report a digest for {remote}:{short}")
+    record = {"method": spec.name, "registry": registry, "reference": f"{remote}:{short}",
+              "digest": digest_pushed, "image_id": image_id, "inputs_hash": digest, "lock_hash": data["lock"],
+              "pushed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    _record_push(ctx.cache_dir / PUSHED_FILE, record)
+    return record
+
+
+def _record_push(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        known[record["reference"]] = record
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def pull(ctx: Context, method: str, registry: str) -> dict:
+    registry = _check_registry(registry)
+    spec = find_method(method, ctx.config.base_dir)
+    get_backend(spec).check(spec)
+    base = current_base(ctx, spec.base_image)
+    if base is None:
+        raise UsageError(f"{spec.name}: no base image {spec.base_image!r} on this server: its ID is part of the "
+                         "tag to pull", hint="`envmgr base build`, or `envmgr import` an archive of any method once")
+    _, data, digest, tag = target(ctx, spec, base)
+    remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
+    auth = credentials(ctx, registry)
+    _stream(ctx, lambda: ctx.engine.api.pull(remote, tag=short, stream=True, decode=True, auth_config=auth),
+            "pull", registry, 0)
+    pulled = ctx.engine.inspect_image(f"{remote}:{short}")
+    if pulled is None:
+        raise RegistryError(f"registry {registry}: {remote}:{short} did not arrive")
+    try:
+        labels = (pulled.get("Config") or {}).get("Labels") or {}
+        wrong = [key for key, want in ((paths.LABEL_LOCK, data["lock"]), (paths.LABEL_INPUTS, digest),
+                                       (paths.LABEL_METHOD, spec.name)) if labels.get(key) != want]
+        if wrong:
+            raise EnvmgrError(f"{remote}:{short} does not match {spec.name}'s current lock and inputs "
+                              f"(label {', '.join(wrong)} differs); it was not tagged {tag}",
+                              hint="push it again from a server whose lock is this one")
+        ctx.engine.tag(pulled["Id"], spec.image_repository, short)
+        ctx.engine.tag(pulled["Id"], spec.image_repository, "latest")
+    finally:
+        ctx.engine.remove_image(f"{remote}:{short}")  # the registry's name; envmgr's tag stays
+    repo_digests = [d for d in pulled.get("RepoDigests", []) if d.startswith(remote + "@")]
+    return {"method": spec.name, "registry": registry, "reference": f"{remote}:{short}", "tag": tag,
+            "image_id": pulled["Id"], "digest": repo_digests[0].split("@", 1)[1] if repo_digests else None,
+            "inputs_hash": digest, "lock_hash": data["lock"]}

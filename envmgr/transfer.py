@@ -1,0 +1,477 @@
+"""`envmgr export` / `envmgr import`: one file that carries a method to a server that reaches nothing.
+
+The file is a tar that is also a docker-archive (`docker load` takes it as is and ignores the
+`envmgr/` members). It holds, in this order:
+
+    envmgr/export.json          what the archive is, the method's inputs, and the sha256 + size of
+                                every other member (written first, so an import can refuse early)
+    envmgr/method/...           the spec, the lock files and the method's files, laid out as in the
+                                method's folder
+    <config sha256>.json        the image config
+    <diff id>/layer.tar         base, environment and method layers (their diff IDs are their sha256)
+    manifest.json               the docker-archive manifest, tagged envmgr/<m>:<inputs hash>
+
+Every member has a fixed mtime, uid/gid 0 and a fixed order, so exporting the same image twice gives
+the same bytes. The default is no compression: the layers are mostly shared libraries and wheels'
+contents, an uncompressed tar is written and loaded at disk speed, and `docker load` reads it
+without a decompression pass. `--compress gzip` writes a gzip stream with mtime 0 and no file name
+(deterministic for a given zlib), for links where bytes cost more than time.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+from . import paths
+from .backends import get_backend
+from .base import BaseImage, _load as load_base_image, current_base
+from .build import _excluded, config_for, inputs, lock_hash, target, uv_version
+from .context import Context
+from .errors import EnvmgrError, UsageError
+from .image import CHUNK, archive_parts, tarinfo, tree_hash
+from .spec import MethodSpec, find_method, load_spec
+
+FORMAT = "envmgr-export/1"
+MANIFEST = "envmgr/export.json"
+METHOD_PREFIX = "envmgr/method/"
+ENGINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+class ArchiveError(UsageError):
+    """A damaged, truncated or foreign archive: bad input, exit 2; nothing was loaded."""
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+@dataclass
+class Member:
+    name: str
+    part: str                 # what it is, in the user's words ("environment layer", "lock file poetry.lock")
+    size: int = 0
+    sha256: str = ""
+    path: Path | None = None  # read from this file ...
+    data: bytes | None = None  # ... or from memory
+    link: str | None = None   # a symlink (method files only)
+    mode: int = 0o644
+
+    def entry(self) -> dict:
+        found = {"name": self.name, "part": self.part}
+        if self.link is not None:
+            found["link"] = self.link
+        else:
+            found.update(size=self.size, sha256=self.sha256, mode=self.mode)
+        return found
+
+
+def _file_sha256(path: Path) -> tuple[str, int]:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), size
+
+
+def _from_bytes(name: str, part: str, data: bytes) -> Member:
+    return Member(name, part, len(data), hashlib.sha256(data).hexdigest(), data=data)
+
+
+def method_members(spec: MethodSpec) -> list[Member]:
+    """The spec, the lock files and the method's files (exactly those the inputs hash covers)."""
+    folder = spec.folder.resolve()
+    found: dict[str, Member] = {}
+
+    def add(path: Path, part: str) -> None:
+        try:
+            rel = path.relative_to(folder).as_posix()
+        except ValueError:
+            raise UsageError(f"{spec.name}: {path} lies outside the method's folder {folder}; "
+                             "export needs source_dir and lock_dir inside it") from None
+        name = METHOD_PREFIX + rel
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            found[name] = Member(name, part, link=os.readlink(path))
+        else:
+            sha, size = _file_sha256(path)
+            found[name] = Member(name, part, size, sha, path=path, mode=0o755 if st.st_mode & 0o111 else 0o644)
+
+    add(folder / paths.SPEC_FILE, "spec")
+    for lock_file in get_backend(spec).lock_files(spec):
+        if lock_file.is_file():
+            add(lock_file, f"lock file {lock_file.name}")
+    excluded = _excluded(spec)
+    source = spec.source_path
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames[:] = sorted(d for d in dirnames if not excluded(os.path.relpath(Path(dirpath) / d, source)))
+        for name in sorted(filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]):
+            path = Path(dirpath) / name
+            rel = os.path.relpath(path, source)
+            if not excluded(rel):
+                add(path, f"method file {rel}")
+    return [found[name] for name in sorted(found)]
+
+
+def export(ctx: Context, method: str, out: Path | None, compress: str = "none") -> dict:
+    spec = find_method(method, ctx.config.base_dir)
+    get_backend(spec).check(spec)
+    base, data, digest, tag = target(ctx, spec)
+    image_id = ctx.engine.image_id(tag)
+    if image_id is None:
+        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
+                         hint=f"build it first: `envmgr build {spec.name}`")
+    config = config_for(ctx, spec, base, data, digest)
+    if config.image_id() != image_id:
+        raise EnvmgrError(f"{spec.name}: the cached layers make {config.image_id()[:19]}, not the engine's "
+                          f"{image_id[:19]} for {tag}", hint=f"rebuild with `envmgr build --force {spec.name}`")
+    if compress not in ("none", "gzip"):
+        raise UsageError(f"--compress {compress!r}: expected none or gzip")
+    out = out or Path(f"{spec.name}-{digest[:16]}.envmgr.tar" + (".gz" if compress == "gzip" else ""))
+
+    config_bytes, layer_names, docker_manifest = archive_parts(config, [tag])
+    members = method_members(spec)
+    members.append(_from_bytes(f"{config.image_id().split(':')[1]}.json", "image config", config_bytes))
+    layer_parts = ["base layer", "environment layer", "method layer"]
+    for name, layer, part in zip(layer_names, config.layers, layer_parts):
+        if not any(m.name == name for m in members):
+            members.append(Member(name, part, layer.size, layer.diff_id.split(":", 1)[1], path=layer.path))
+    members.append(_from_bytes("manifest.json", "docker-archive manifest", docker_manifest))
+    manifest = {
+        "format": FORMAT, "method": spec.name, "tag": tag, "image_id": image_id, "inputs_hash": digest,
+        "inputs": data, "architecture": config.architecture, "os": "linux", "builtin": spec.builtin,
+        "base": {k: v for k, v in asdict(base).items() if k != "layer_path"},
+        "members": [m.entry() for m in members],
+    }
+    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    total = sum(m.size for m in members)
+    if compress == "none":
+        free = shutil.disk_usage(out.resolve().parent).free
+        if free < total + (1 << 20):
+            raise EnvmgrError(f"not enough space for {out}: it needs {total / 1e6:.0f} MB, "
+                              f"{free / 1e6:.0f} MB free; nothing was written")
+    write_atomically(out, lambda fh: _write_members(fh, manifest_bytes, members, compress, ctx, out), ctx)
+    size = out.stat().st_size
+    return {"method": spec.name, "file": str(out), "tag": tag, "image_id": image_id, "bytes": size,
+            "compress": compress}
+
+
+def _write_members(raw, manifest_bytes: bytes, members: list[Member], compress: str, ctx: Context,
+                   out: Path) -> None:
+    stream = gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=raw, mtime=0) \
+        if compress == "gzip" else raw
+    total = sum(m.size for m in members)
+    with ctx.ui.progress(f"exporting to {out}", total=total, unit="bytes") as task:
+        with tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            tar.addfile(tarinfo(MANIFEST, tarfile.REGTYPE, 0o644, len(manifest_bytes)), io.BytesIO(manifest_bytes))
+            dirs: set[str] = set()
+            for member in members:
+                parent = str(PurePosixPath(member.name).parent)
+                if parent != "." and not member.name.startswith("envmgr/") and parent not in dirs:
+                    dirs.add(parent)  # the layer folders of a docker-archive
+                    tar.addfile(tarinfo(parent, tarfile.DIRTYPE, 0o755))
+                if member.link is not None:
+                    tar.addfile(tarinfo(member.name, tarfile.SYMTYPE, 0o777, linkname=member.link))
+                elif member.data is not None:
+                    tar.addfile(tarinfo(member.name, tarfile.REGTYPE, member.mode, member.size),
+                                io.BytesIO(member.data))
+                    task.advance(member.size)
+                else:
+                    assert member.path is not None
+                    with open(member.path, "rb") as fh:
+                        tar.addfile(tarinfo(member.name, tarfile.REGTYPE, member.mode, member.size),
+                                    _Reader(fh, task.advance))
+    if stream is not raw:
+        stream.close()
+
+
+def _chunks(fh, advance):
+    """The file as a stream of chunks (sent with chunked encoding), counted for the progress bar."""
+    while chunk := fh.read(CHUNK):
+        advance(len(chunk))
+        yield chunk
+
+
+class _Reader:
+    def __init__(self, fh, advance):
+        self.fh = fh
+        self.advance = advance
+
+    def read(self, size=-1):
+        data = self.fh.read(size)
+        if data:
+            self.advance(len(data))
+        return data
+
+
+def write_atomically(out: Path, write, ctx: Context) -> None:
+    """Write under a temporary name beside `out`, then rename: a failure leaves nothing under `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise EnvmgrError(f"disk full while writing {out}: no archive was written",
+                              hint="free space there or choose another place with -o") from None
+        raise EnvmgrError(f"could not write {out}: {exc.strerror or exc}; no archive was written") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------- import
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    raw = open(path, "rb")
+    return raw, (gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw)
+
+
+def read_manifest(path: Path) -> dict:
+    raw, stream = _open(path)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            first = tar.next()
+            if first is None or first.name != MANIFEST:
+                raise ArchiveError(f"{path}: not an envmgr export (its first member is not {MANIFEST})")
+            manifest = json.loads(tar.extractfile(first).read())
+    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
+        raise ArchiveError(f"{path}: not a readable envmgr export ({exc}); nothing was loaded") from None
+    finally:
+        raw.close()
+    if manifest.get("format") != FORMAT:
+        raise ArchiveError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; nothing was loaded")
+    return manifest
+
+
+def engine_architecture(ctx: Context) -> str:
+    machine = ctx.engine.api.info().get("Architecture", "")
+    return ENGINE_ARCH.get(machine, machine)
+
+
+def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Context) -> dict[str, bytes]:
+    """Read the whole archive once: every member's size and sha256 against the manifest.
+
+    Small members (the config, manifest.json, method files) are returned; members named in `keep`
+    are also written to those files. Raises ArchiveError naming the part that failed.
+    """
+    expected = {m["name"]: m for m in manifest["members"]}
+    seen: set[str] = set()
+    small: dict[str, bytes] = {}
+    current = "the archive's header"
+    raw, stream = _open(path)
+    total = sum(m.get("size", 0) for m in manifest["members"])
+    try:
+        with ctx.ui.progress(f"checking {path.name}", total=total, unit="bytes") as task, \
+                tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                current = f"member {info.name}"
+                if info.name == MANIFEST:
+                    continue
+                if info.isdir() and f"{info.name}/layer.tar" in expected:
+                    continue
+                entry = expected.get(info.name)
+                if entry is None:
+                    raise ArchiveError(f"{path}: unexpected member {info.name!r} (not in the manifest); "
+                                       "nothing was loaded")
+                current = f"{entry['part']} ({info.name})"
+                seen.add(info.name)
+                if "link" in entry:
+                    if not info.issym() or info.linkname != entry["link"]:
+                        raise ArchiveError(f"{path}: {entry['part']} is not the link the manifest names; "
+                                           "nothing was loaded")
+                    continue
+                if not info.isfile() or info.size != entry["size"]:
+                    raise ArchiveError(f"{path}: {entry['part']} has {info.size} bytes, the manifest says "
+                                       f"{entry['size']}; nothing was loaded")
+                sha = hashlib.sha256()
+                source = tar.extractfile(info)
+                sink = open(keep[info.name], "wb") if info.name in keep else None
+                buffer = None if info.name.endswith("/layer.tar") else bytearray()
+                try:
+                    while chunk := source.read(CHUNK):
+                        sha.update(chunk)
+                        task.advance(len(chunk))
+                        if sink:
+                            sink.write(chunk)
+                        if buffer is not None:
+                            buffer += chunk
+                finally:
+                    if sink:
+                        sink.close()
+                if sha.hexdigest() != entry["sha256"]:
+                    raise ArchiveError(f"{path}: {entry['part']} is damaged (sha256 {sha.hexdigest()[:16]}…, "
+                                       f"expected {entry['sha256'][:16]}…); nothing was loaded")
+                if buffer is not None:
+                    small[info.name] = bytes(buffer)
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+        raise ArchiveError(f"{path}: truncated or unreadable at {current} ({exc}); nothing was loaded") from None
+    finally:
+        raw.close()
+    missing = [expected[name]["part"] for name in expected if name not in seen]
+    if missing:
+        raise ArchiveError(f"{path}: truncated: missing {', '.join(missing)}; nothing was loaded")
+    return small
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+def _method_hashes(spec: MethodSpec, ctx: Context) -> dict[str, str]:
+    return {"lock": lock_hash(ctx, spec), "spec": spec.spec_hash(),
+            "method_files": tree_hash(spec.source_path, _excluded(spec))}
+
+
+def _differences(have: dict[str, str], want: dict[str, str]) -> list[str]:
+    return [key for key in sorted(want) if key in have and have[key] != want[key]]
+
+
+def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace: bool = False) -> dict:
+    manifest = read_manifest(path)
+    name, tag, image_id = manifest["method"], manifest["tag"], manifest["image_id"]
+    here = engine_architecture(ctx)
+    if manifest.get("architecture") != here:
+        raise ArchiveError(f"{path}: {name} was built for {manifest.get('os')}/{manifest.get('architecture')}, "
+                           f"this engine runs {here}; nothing was loaded")
+    want = manifest["inputs"]
+    installer = f"uv {uv_version(ctx)}"
+    if want.get("installer") != installer:
+        raise ArchiveError(f"{path}: exported by an envmgr whose installer is {want.get('installer')}, this one "
+                           f"has {installer}: `envmgr build` here would not find the image",
+                           hint="install the same envmgr version on both servers")
+
+    # Is the method already here (built-in or added), and the same?
+    existing: MethodSpec | None
+    try:
+        existing = find_method(name, ctx.config.base_dir)
+    except UsageError:
+        existing = None
+    register = True
+    if existing is not None:
+        differs = _differences(_method_hashes(existing, ctx), want)
+        if not differs:
+            register = False
+        elif existing.builtin:
+            raise UsageError(f"{path}: the built-in method {name} here differs from the archive's "
+                             f"({', '.join(differs)}); nothing was loaded")
+        elif not replace:
+            raise UsageError(f"{path}: method {name} is already added here with another {', '.join(differs)}; "
+                             "nothing was loaded", hint="`--replace` replaces the added method's files")
+
+    base_info = manifest["base"]
+    base = current_base(ctx, base_info["name"])
+    install_base = base is None or base.image_id != base_info["image_id"]
+    if base is not None and install_base and not replace_base:
+        raise UsageError(f"{path}: base image {base_info['name']} here is {base.image_id[:19]}, the archive's is "
+                         f"{base_info['image_id'][:19]}; nothing was loaded",
+                         hint="`--replace-base` makes the archive's base current here (other methods then "
+                              "build on it too)")
+    loaded = ctx.engine.image_id(tag) == image_id
+    if loaded and not register and not install_base:
+        ctx.engine.tag(image_id, tag.rsplit(":", 1)[0], "latest")
+        return {"method": name, "tag": tag, "image_id": image_id, "changed": False}
+
+    # Verify every member, then stage the method files and check they give the archive's inputs.
+    base_dir = base_info_dir(ctx, base_info["name"])
+    base_hex = base_info["diff_id"].split(":", 1)[1]
+    base_member = f"{base_hex}/layer.tar"
+    methods_root = ctx.config.base_dir / "methods"
+    methods_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=methods_root, prefix=".import-"))
+    base_tmp = base_dir / f".{base_hex}.tar.partial"
+    try:
+        small = verify_members(path, manifest, {base_member: base_tmp} if install_base else {}, ctx)
+        config = json.loads(small[f"{image_id.split(':', 1)[1]}.json"])
+        if config.get("architecture") != here:
+            raise ArchiveError(f"{path}: the image config says {config.get('architecture')}, this engine runs "
+                               f"{here}; nothing was loaded")
+        folder = staging / name
+        _stage_method(manifest, small, folder)
+        staged = load_spec(folder / paths.SPEC_FILE, builtin=False)
+        probe = BaseImage(**{**base_info, "layer_path": str(base_tmp)})
+        got = inputs(ctx, staged, probe)
+        if got != want:
+            raise ArchiveError(f"{path}: its method files give other inputs than its manifest "
+                               f"({', '.join(_differences(got, want))}); nothing was loaded")
+
+        if not loaded:
+            with open(path, "rb") as fh, ctx.ui.progress(f"loading {tag} into the engine",
+                                                         total=path.stat().st_size, unit="bytes") as task:
+                ctx.engine.load_archive(_chunks(fh, task.advance))
+            if ctx.engine.image_id(tag) != image_id:
+                raise EnvmgrError(f"the engine did not report {image_id[:19]} as {tag} after loading {path}")
+        ctx.engine.tag(image_id, tag.rsplit(":", 1)[0], "latest")
+        if install_base:
+            layer_path = base_dir / f"{base_hex}.tar"
+            os.replace(base_tmp, layer_path)
+            new_base = BaseImage(**{**base_info, "layer_path": str(layer_path)})
+            load_base_image(ctx, new_base)
+            (base_dir / "current.json").write_text(json.dumps(asdict(new_base), indent=1, sort_keys=True))
+        if register:
+            final = methods_root / name
+            if final.exists():
+                old = methods_root / f".replaced-{name}-{os.getpid()}"
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        base_tmp.unlink(missing_ok=True)
+    return {"method": name, "tag": tag, "image_id": image_id, "changed": True, "registered": register,
+            "base_installed": install_base, "loaded": not loaded}
+
+
+def base_info_dir(ctx: Context, name: str) -> Path:
+    folder = ctx.store_dir / "base" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _stage_method(manifest: dict, small: dict[str, bytes], folder: Path) -> None:
+    """Write the method's members under `folder`; no member may leave it."""
+    folder.mkdir(parents=True)
+    root = folder.resolve()
+    for entry in manifest["members"]:
+        name = entry["name"]
+        if not name.startswith(METHOD_PREFIX):
+            continue
+        rel = PurePosixPath(name[len(METHOD_PREFIX):])
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ArchiveError(f"member {name!r} would leave the method's folder; nothing was loaded")
+        target = folder.joinpath(*rel.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.resolve().is_relative_to(root):
+            raise ArchiveError(f"member {name!r} would leave the method's folder; nothing was loaded")
+        if "link" in entry:
+            target.symlink_to(entry["link"])
+        else:
+            target.write_bytes(small[name])
+            target.chmod(entry.get("mode", 0o644))
