@@ -31,10 +31,10 @@ $(METHOD_VENV)/.installed: envs/sd-demo/poetry.lock
 
 method-venv: $(METHOD_VENV)/.installed
 
-# Debian's docker.io (Engine 20.10) and the base-image tools, when missing.
+# Debian's docker.io (Engine 20.10), the base-image tools and docker-registry (the tests' registry), when missing.
 host-tools:
-	@if ! command -v dockerd >/dev/null || ! command -v debuerreotype-init >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debuerreotype debootstrap >/dev/null; \
+	@if ! command -v dockerd >/dev/null || ! command -v debuerreotype-init >/dev/null || ! command -v docker-registry >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debuerreotype debootstrap docker-registry >/dev/null; \
 	fi
 
 # Use the engine that answers, or start the machine's one dockerd (never a second one).
@@ -58,6 +58,7 @@ test: test-unit test-method test-integration
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
+	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
 
 clean:
