@@ -188,6 +188,14 @@ def _channel_base(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def _cause(text: str) -> str:
+    """rattler's `A Caused by: B Caused by: C` chains: the most specific causes, no host cache paths."""
+    causes = [c.strip() for c in re.split(r"\s*Caused by:\s*", text) if c.strip()]
+    if causes:
+        text = causes[-1] if len(causes[-1]) > 40 or len(causes) == 1 else f"{causes[-2].rstrip('.')}: {causes[-1]}"
+    return re.sub(r" to /\S+", "", text)
+
+
 def _shorten(text: str, limit: int = 400) -> str:
     text = re.sub(r"[│├└─]+", " ", text)
     text = re.sub(r"\s+", " ", text).strip()
@@ -318,21 +326,22 @@ class CondaBackend:
             content_hash={p: self.content_hash(env, spec, p) for p in spec.lock_platforms},
             channels=env.channels, platforms=spec.lock_platforms, sources=[ENVIRONMENT]))
         spec.lock_path.mkdir(parents=True, exist_ok=True)
-        tmp = spec.lock_path / (LOCK + ".envmgr-tmp")
-        write_conda_lock_file(lockfile, tmp, metadata_choices=None)
-        text = tmp.read_text(encoding="utf-8")
-        leaked = [host for host in [*mirror_hosts(ctx.config.mirrors),
-                                    *(urlsplit(m).netloc for m in network.mirrors.values())] if host and host in text]
-        if leaked:
-            tmp.unlink()
-            raise EnvmgrError(f"{spec.name}: a mirror ({leaked[0]}) would have been recorded in {LOCK}; "
-                              "it was not written", hint=f"name channels in {ENVIRONMENT}, not their mirrors")
-        tmp.replace(spec.lock_path / LOCK)
+        with tempfile.TemporaryDirectory(dir=spec.lock_path, prefix=".envmgr-lock-") as work:
+            tmp = Path(work) / LOCK   # conda-lock's header names the file: give it its real name
+            write_conda_lock_file(lockfile, tmp, metadata_choices=None)
+            text = tmp.read_text(encoding="utf-8")
+            leaked = [host for host in [*mirror_hosts(ctx.config.mirrors),
+                                        *(urlsplit(m).netloc for m in network.mirrors.values())]
+                      if host and host in text]
+            if leaked:
+                raise EnvmgrError(f"{spec.name}: a mirror ({leaked[0]}) would have been recorded in {LOCK}; "
+                                  "it was not written", hint=f"name channels in {ENVIRONMENT}, not their mirrors")
+            tmp.replace(spec.lock_path / LOCK)
         return [spec.lock_path / LOCK, *written]
 
     def _solve(self, ctx: Context, spec: MethodSpec, env: Environment, network: _Network, platform: str,
                locked: list) -> list:
-        from rattler import BuildString, Gateway, GenericVirtualPackage, PackageName, Version, solve
+        from rattler import BuildString, Channel, Gateway, GenericVirtualPackage, PackageName, Version, solve
         from rattler.exceptions import GatewayError, SolverError
 
         virtual = []
@@ -351,8 +360,9 @@ class CondaBackend:
                               hint="relax the conflicting specs, or check that each package exists for "
                                    f"{platform} in {', '.join(env.channels)}") from None
         except GatewayError as exc:
-            raise MirrorError(f"{spec.name}: a channel did not answer while solving for {platform}: "
-                              f"{ctx.ui.redact(_shorten(str(exc), 300))}",
+            where = ", ".join(network.mirrors.get(Channel(c).base_url.rstrip("/"), c) for c in env.channels)
+            raise MirrorError(f"{spec.name}: channel {where} did not answer while solving for {platform}: "
+                              f"{ctx.ui.redact(_shorten(_cause(str(exc)), 300))}",
                               hint="check the channel mirrors `envmgr doctor` shows") from None
 
     def _lock_pip(self, ctx: Context, spec: MethodSpec, env: Environment, platform: str,
@@ -426,7 +436,7 @@ class CondaBackend:
             package = next((p for p in conda if p.name == reporter.current), None)
         name = f"{package.name} {package.version}" if package else "a package"
         mirror = network.mirror_for(package.url) if package else ", ".join(network.mirrors.values()) or "its channel"
-        detail = ctx.ui.redact(_shorten(text, 300))
+        detail = ctx.ui.redact(_shorten(_cause(text), 300))
         if re.search(r"(sha256|md5|hash|checksum)", text, re.I) and re.search(r"(mismatch|match|expected)", text, re.I):
             return MirrorError(f"{spec.name}: {name} from {mirror} does not match the hash in {LOCK}: {detail}",
                                hint="the mirror serves a different file than the one locked; nothing was tagged")

@@ -44,6 +44,7 @@ class Package:
     build_number: int = 0
     has_prefix: tuple[str, ...] = ()  # files whose text holds PLACEHOLDER
     executable: tuple[str, ...] = ()
+    noarch: str = "generic"           # for noarch packages: generic or python
 
     @property
     def build(self) -> str:
@@ -92,7 +93,7 @@ def _info_files(pkg: Package) -> dict[str, bytes]:
     index = {"name": pkg.name, "version": pkg.version, "build": pkg.build, "build_number": pkg.build_number,
              "depends": pkg.depends, "license": "MIT", "subdir": pkg.subdir, "timestamp": EPOCH * 1000}
     if pkg.subdir == "noarch":
-        index["noarch"] = "generic"
+        index["noarch"] = pkg.noarch
     else:
         index["arch"] = {"linux-64": "x86_64", "linux-aarch64": "aarch64"}[pkg.subdir]
         index["platform"] = "linux"
@@ -150,6 +151,9 @@ def fixture_packages() -> list[Package]:
     packages = [
         Package("greet-data", "1.0", "noarch", fmt=".tar.bz2", has_prefix=("share/greet/message.txt",),
                 files={"share/greet/message.txt": f"greetings installed in {PLACEHOLDER}\n"}),
+        Package("greet-data", "0.9", "noarch", fmt=".tar.bz2", files={"share/greet/message.txt": "old greetings\n"}),
+        Package("greet-py", "1.0", "noarch", fmt=".conda", depends=["python >=3.8"], noarch="python",
+                files={"site-packages/greet_py/__init__.py": 'MESSAGE = "greet-py (noarch: python)"\n'}),
         Package("cuda-kernels", "1.0", "linux-64", depends=["__cuda >=12"],
                 files={"share/cuda-kernels/README": "needs a CUDA driver\n"}),
         Package("x86-only", "1.0", "linux-64", files={"share/x86-only/README": "linux-64 only\n"}),
