@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .spec import list_methods
 
 LAYER_FILE = re.compile(r"^(env|method)-(.+)-([0-9a-f]{32})\.(tar|json)$")
 STOPPED = ("created", "exited", "dead")
+CREATED_GRACE_S = 120
 
 
 @dataclass
@@ -82,6 +84,8 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
         labels = container.get("Labels") or {}
         if labels.get(paths.LABEL_MANAGED) != "true" or container.get("State") not in STOPPED:
             continue
+        if container.get("State") == "created" and time.time() - container.get("Created", 0) < CREATED_GRACE_S:
+            continue  # a run or build between creating its container and starting it
         if only and labels.get(paths.LABEL_METHOD) not in only:
             continue
         doomed.add(container["Id"])
@@ -94,7 +98,6 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
     for image in api.images(filters={"label": paths.LABEL_METHOD}):
         method = (image.get("Labels") or {}).get(paths.LABEL_METHOD, "")
         by_method.setdefault(method, []).append(image)
-    sizes = _unique_sizes(ctx)
     kept_images: list[str] = []
     for method, images in sorted(by_method.items()):
         if only and method not in only:
@@ -121,8 +124,8 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
                 kept_images.append(image["Id"])
                 result.keep.append(Item("image", image["Id"], 0, f"{label}: one of the {keep} most recent"))
             else:
-                result.remove.append(Item("image", image["Id"], sizes.get(image["Id"], 0),
-                                          f"{label}: superseded"))
+                result.remove.append(Item("image", image["Id"], 0, f"{label}: superseded"))
+    _count_image_bytes(ctx, result)
     _plan_cache(ctx, result, kept_images, only)
     return result
 
@@ -132,13 +135,45 @@ def _last_tagged(ctx: Context, image_id: str) -> str:
     return (info.get("Metadata") or {}).get("LastTagTime") or ""
 
 
-def _unique_sizes(ctx: Context) -> dict[str, int]:
-    """Bytes each image holds that no other image shares (what removing it alone frees)."""
+def _layers(ctx: Context, image_id: str) -> list[tuple[str, int]] | None:
+    """(chain, size) of each layer, oldest first; None when the history does not map onto the layers."""
+    info = ctx.engine.inspect_image(image_id) or {}
+    diff_ids = (info.get("RootFS") or {}).get("Layers") or []
     try:
-        images = ctx.engine.api.df().get("Images") or []
+        history = list(reversed(ctx.engine.api.history(image_id)))
     except docker.errors.APIError:
-        return {}
-    return {i["Id"]: max(0, int(i.get("Size", 0)) - max(0, int(i.get("SharedSize", 0)))) for i in images}
+        return None
+    if len(history) != len(diff_ids):
+        return None
+    chain = hashlib.sha256()
+    found = []
+    for diff_id, entry in zip(diff_ids, history):
+        chain.update(diff_id.encode())  # a layer is shared only with the same layers below it
+        found.append((chain.hexdigest(), int(entry.get("Size") or 0)))
+    return found
+
+
+def _count_image_bytes(ctx: Context, result: Plan) -> None:
+    """The bytes removing these images frees: layers that no remaining image (of any kind) has."""
+    removed = [item for item in result.remove if item.kind == "image"]
+    if not removed:
+        return
+    doomed = {item.what for item in removed}
+    kept_chains: set[str] = set()
+    for image in ctx.engine.api.images(all=True):
+        if image["Id"] not in doomed:
+            kept_chains.update(chain for chain, _ in (_layers(ctx, image["Id"]) or []))
+    counted: set[str] = set()
+    for item in removed:
+        layers = _layers(ctx, item.what)
+        if layers is None:  # fall back to the engine's own figure for this image alone
+            image = next((i for i in ctx.engine.api.df().get("Images") or [] if i["Id"] == item.what), {})
+            item.bytes = max(0, int(image.get("Size", 0)) - max(0, int(image.get("SharedSize", 0))))
+            continue
+        for chain, size in layers:
+            if chain not in kept_chains and chain not in counted:
+                counted.add(chain)
+                item.bytes += size
 
 
 def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[str]) -> None:

@@ -351,6 +351,8 @@ def test_gc_removes_superseded_images_and_leftovers_but_nothing_in_use(source, e
                                     labels={"org.envmgr.managed": "true", "org.envmgr.method": NAME})
     stopped = engine.api.create_container(current, command=["true"],
                                           labels={"org.envmgr.managed": "true", "org.envmgr.method": NAME})
+    engine.api.start(stopped["Id"])
+    engine.api.wait(stopped["Id"])
     layers = source.cache_dir / "layers"
     stale = layers / f"method-{NAME}-{'0' * 32}.tar"
     stale.write_bytes(b"x" * 4096)
