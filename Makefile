@@ -57,6 +57,7 @@ test: test-unit test-method test-integration
 
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench
+	$(VENV)/bin/python -m tests.bench.conda_bench
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py

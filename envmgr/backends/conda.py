@@ -243,7 +243,7 @@ class CondaBackend:
     # ------------------------------------------------------------------ reading the lock
 
     def read_lock(self, spec: MethodSpec):
-        from conda_lock.lockfile import parse_conda_lock_file
+        parse_conda_lock_file = _conda_lock().parse_conda_lock_file
 
         path = spec.lock_path / LOCK
         if not path.is_file():
@@ -254,11 +254,28 @@ class CondaBackend:
             raise StaleLockError(f"{path}: not a valid conda-lock file: {_shorten(str(exc), 200)}",
                                  hint=f"run `envmgr lock {spec.name}`") from None
 
+    def _content_hashes(self, spec: MethodSpec) -> dict[str, str]:
+        """The lock's per-platform content hashes, read without conda-lock's models: this is on the
+        path of every no-op build, and importing conda-lock costs a third of a second."""
+        import yaml
+
+        path = spec.lock_path / LOCK
+        if not path.is_file():
+            raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            hashes = data["metadata"]["content_hash"]
+            assert data.get("version") in (1, 2) and isinstance(hashes, dict)
+            return hashes
+        except Exception:  # noqa: BLE001 - anything unreadable: conda-lock's reader says what
+            self.read_lock(spec)
+            raise StaleLockError(f"{path}: not a valid conda-lock file", hint=f"run `envmgr lock {spec.name}`") from None
+
     def check(self, spec: MethodSpec) -> None:
         env = self.environment(spec)
-        lock = self.read_lock(spec)
+        hashes = self._content_hashes(spec)
         for platform in spec.lock_platforms:
-            recorded = lock.metadata.content_hash.get(platform)
+            recorded = hashes.get(platform)
             if recorded != self.content_hash(env, spec, platform):
                 what = "has no solution for" if recorded is None else "does not match"
                 raise StaleLockError(f"{spec.name}: {LOCK} {what} {ENVIRONMENT} and the spec's platforms and "
@@ -291,8 +308,8 @@ class CondaBackend:
     # ------------------------------------------------------------------ locking
 
     def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
-        from conda_lock.lockfile import write_conda_lock_file
-        from conda_lock.lockfile.v2prelim.models import LockMeta, Lockfile
+        lockfile_module = _conda_lock()
+        LockMeta, Lockfile = lockfile_module.LockMeta, lockfile_module.Lockfile   # noqa: N806 - model classes
 
         env = self.environment(spec)
         network = _Network(ctx)
@@ -303,18 +320,26 @@ class CondaBackend:
             except StaleLockError:
                 previous = {}
         packages = []
-        python_versions = set()
+        pythons: dict[str, str] = {}   # platform -> the solved Python's version
         with ctx.ui.progress(f"solving {spec.name} for {', '.join(spec.lock_platforms)} with py-rattler",
                              total=len(spec.lock_platforms), unit="platforms") as task:
             for platform in spec.lock_platforms:
                 records = self._solve(ctx, spec, env, network, platform, previous.get(platform, []))
                 packages += [_locked_conda(record, platform) for record in records]
-                python = next((r for r in records if r.name.normalized == "python"), None)
-                if python is not None:
-                    python_versions.add(str(python.version))
-                if env.pip:
-                    packages += self._lock_pip(ctx, spec, env, platform, str(python.version))
+                pythons.update({platform: str(r.version) for r in records if r.name.normalized == "python"})
                 task.advance(1)
+        if env.pip:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ctx.ui.progress(f"resolving the pip: section for {', '.join(spec.lock_platforms)} with uv",
+                                 total=len(spec.lock_platforms), unit="platforms") as task, \
+                    ThreadPoolExecutor(max_workers=len(spec.lock_platforms)) as pool:
+                jobs = [pool.submit(self._lock_pip, ctx, spec, env, platform, pythons[platform])
+                        for platform in spec.lock_platforms]
+                for job in jobs:
+                    packages += job.result()
+                    task.advance(1)
+        python_versions = set(pythons.values())
         written = []
         if self._has_poetry(spec):
             for version in python_versions:
@@ -328,7 +353,7 @@ class CondaBackend:
         spec.lock_path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=spec.lock_path, prefix=".envmgr-lock-") as work:
             tmp = Path(work) / LOCK   # conda-lock's header names the file: give it its real name
-            write_conda_lock_file(lockfile, tmp, metadata_choices=None)
+            lockfile_module.write_conda_lock_file(lockfile, tmp, metadata_choices=None)
             text = tmp.read_text(encoding="utf-8")
             leaked = [host for host in [*mirror_hosts(ctx.config.mirrors),
                                         *(urlsplit(m).netloc for m in network.mirrors.values())]
@@ -482,6 +507,22 @@ class CondaBackend:
 # ---------------------------------------------------------------------- conversions
 
 
+def _conda_lock():
+    """conda-lock's reader, writer and models (its vendored conda warns about itself on import)."""
+    import warnings
+    from types import SimpleNamespace
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        from conda_lock.lockfile import parse_conda_lock_file, write_conda_lock_file
+        from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, LockMeta, Lockfile
+
+    return SimpleNamespace(parse_conda_lock_file=parse_conda_lock_file, write_conda_lock_file=write_conda_lock_file,
+                           HashModel=HashModel, LockedDependency=LockedDependency, LockMeta=LockMeta,
+                           Lockfile=Lockfile)
+
+
 class _Reporter:
     """rattler's installer callbacks -> a progress bar (and the package being linked, for errors)."""
 
@@ -510,7 +551,8 @@ def _dependencies(depends: list[str]) -> dict[str, str]:
 
 
 def _locked_conda(record, platform: str):
-    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
+    models = _conda_lock()
+    HashModel, LockedDependency = models.HashModel, models.LockedDependency   # noqa: N806 - model classes
 
     return LockedDependency(
         name=record.name.normalized, version=str(record.version), manager="conda", platform=platform,
@@ -550,7 +592,8 @@ def _pypi_file_url(name: str, file_name: str) -> str:
 
 
 def _locked_pip(package: dict, platform: str, python_version: str, spec: MethodSpec):
-    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency
+    models = _conda_lock()
+    HashModel, LockedDependency = models.HashModel, models.LockedDependency   # noqa: N806 - model classes
     from packaging.tags import compatible_tags, cpython_tags
     from packaging.utils import canonicalize_name, parse_wheel_filename
 
@@ -589,6 +632,7 @@ def _pip_requirement(locked) -> str:
 def _normalize_prefix(prefix: Path) -> None:
     """Drop what would make the layer depend on this machine: host cache paths in conda-meta."""
     (prefix / "CACHEDIR.TAG").unlink(missing_ok=True)
+    (prefix / ".lock").unlink(missing_ok=True)   # rattler's lock file for the prefix (mode 0666)
     for meta in sorted((prefix / "conda-meta").glob("*.json")):
         data = json.loads(meta.read_text())
         for key in ("extracted_package_dir", "package_tarball_full_path", "link"):
