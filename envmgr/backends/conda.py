@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import tomllib
@@ -269,7 +268,8 @@ class CondaBackend:
             return hashes
         except Exception:  # noqa: BLE001 - anything unreadable: conda-lock's reader says what
             self.read_lock(spec)
-            raise StaleLockError(f"{path}: not a valid conda-lock file", hint=f"run `envmgr lock {spec.name}`") from None
+            raise StaleLockError(f"{path}: not a valid conda-lock file",
+                                 hint=f"run `envmgr lock {spec.name}`") from None
 
     def check(self, spec: MethodSpec) -> None:
         env = self.environment(spec)
@@ -436,7 +436,6 @@ class CondaBackend:
 
     def _install_conda(self, ctx: Context, spec: MethodSpec, conda: list, prefix: Path) -> None:
         from rattler import Platform, install
-        from rattler.exceptions import GatewayError
 
         network = _Network(ctx)
         records = [_record(p) for p in conda]

@@ -175,8 +175,9 @@ def test_lock_via_a_build_via_b_no_mirror_anywhere(conda_ws, engine, channel_a, 
     assert out.splitlines()[0].split() == ["alpha+beta-1.1", "greet-py", "(noarch:", "python)",
                                            f"{prefix}/share/greet", prefix]
     assert out.splitlines()[1] == (f"hello-tool 1.1 (linux-64) from {prefix}: greetings installed in {prefix}")
-    shim = engine.containers.run(first["tag"], ["conda", "run", "-n", conda_ws.name, "sh", "-c", "echo $HELLO_TOOL_HOME"],
-                                 remove=True, network_mode="none").decode().strip()
+    shim = engine.containers.run(first["tag"], ["conda", "run", "-n", conda_ws.name, "sh", "-c",
+                                                "echo $HELLO_TOOL_HOME"], remove=True, network_mode="none")
+    shim = shim.decode().strip()
     assert shim == f"{prefix}/share/greet"
 
     # No mirror, credential or host cache path in any layer or label.

@@ -48,7 +48,8 @@ class Package:
 
     @property
     def build(self) -> str:
-        return f"h{hashlib.sha256((self.name + self.version + self.subdir).encode()).hexdigest()[:8]}_{self.build_number}"
+        digest = hashlib.sha256((self.name + self.version + self.subdir).encode()).hexdigest()[:8]
+        return f"h{digest}_{self.build_number}"
 
     @property
     def dist(self) -> str:

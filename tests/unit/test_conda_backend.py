@@ -115,7 +115,8 @@ def test_pip_entry_takes_the_best_wheel_for_the_target(tmp_path):
     sha = {name: f"{i:064x}" for i, name in enumerate(["win", "many", "musl", "old", "sdist"])}
     package = {"name": "Fast_Lib", "version": "2.0", "wheels": [
         {"url": "http://mirror/f/fast_lib-2.0-cp311-cp311-win_amd64.whl", "hashes": {"sha256": sha["win"]}},
-        {"url": "http://mirror/f/fast_lib-2.0-cp311-cp311-musllinux_1_2_x86_64.whl", "hashes": {"sha256": sha["musl"]}},
+        {"url": "http://mirror/f/fast_lib-2.0-cp311-cp311-musllinux_1_2_x86_64.whl",
+         "hashes": {"sha256": sha["musl"]}},
         {"url": "http://mirror/f/fast_lib-2.0-cp311-cp311-manylinux_2_17_x86_64.whl", "hashes": {"sha256": sha["old"]}},
         {"url": "http://mirror/f/fast_lib-2.0-cp311-cp311-manylinux_2_28_x86_64.whl", "hashes": {"sha256": sha["many"]}},
     ], "sdist": {"url": "http://mirror/f/fast_lib-2.0.tar.gz", "hashes": {"sha256": sha["sdist"]}}}
