@@ -7,8 +7,10 @@ import fcntl
 import fnmatch
 import hashlib
 import json
+import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -18,12 +20,12 @@ from . import __version__, paths
 from .backends import entry_command, get_backend
 from .base import BaseImage, ensure_base
 from .context import Context
-from .errors import EnvmgrError
-from .image import ExtraFile, ImageConfig, Layer, tree_hash, write_archive, write_layer
+from .errors import EngineError, EnvmgrError
+from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .spec import MethodSpec
 
 # Bump when the layout of the layers changes: it is part of every inputs hash.
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"
 DEFAULT_EXCLUDES = [".git", ".git/*", "*/__pycache__", "*/__pycache__/*", "__pycache__", "*.pyc",
                     ".venv*", ".mypy_cache", ".pytest_cache", ".DS_Store", "*/.DS_Store"]
 
@@ -211,21 +213,55 @@ def _assemble(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     ctx.ui.step(f"building {tag}")
     layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
     config = image_config(spec, base, layers, data, digest)
-    work = ctx.cache_dir / "work"
-    total = sum(layer.size for layer in layers)
-    with tempfile.TemporaryFile(dir=work) as archive:
-        with ctx.ui.progress("writing the image archive", total=total, unit="bytes") as task:
-            image_id = write_archive(archive, config, [], progress=task.advance)
-        archive.seek(0)
-        with ctx.ui.progress("loading the image into the engine", total=1, unit="steps") as task:
-            ctx.engine.load_archive(archive)
-            task.advance(1)
+    present = ctx.engine.present_layers([layer.diff_id for layer in layers])
+    try:
+        image_id = _stream_load(ctx, config, present)
+    except EngineError:
+        if not present:
+            raise
+        image_id = _stream_load(ctx, config, frozenset())   # an engine that wants every layer's bytes
     if ctx.engine.image_id(image_id) != image_id:
         raise EnvmgrError(f"the engine did not report image {image_id} after loading it")
     repository, short = tag.rsplit(":", 1)
     ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")
     return image_id
+
+
+def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> str:
+    """Write the archive into a pipe that the engine reads: no archive file on disk."""
+    total = sum(layer.size for layer in config.layers if layer.diff_id not in present)
+    read_end, write_end = os.pipe()
+    result: dict = {}
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_end, "wb", buffering=1 << 20) as sink:
+                # tarfile asks where it is (tell), which a pipe cannot answer: count the bytes instead
+                result["id"] = write_archive(HashingWriter(sink), config, [], progress=task.advance,
+                                             present=present)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+            result["error"] = exc
+
+    source = os.fdopen(read_end, "rb", buffering=0)
+
+    def chunks():
+        while chunk := source.read(1 << 20):
+            yield chunk
+
+    skipped = len(present)
+    with ctx.ui.progress(f"loading the image into the engine ({skipped} of {len(config.layers)} layers already "
+                         "there)", total=total, unit="bytes") as task:
+        producer = threading.Thread(target=produce, daemon=True)
+        producer.start()
+        try:
+            ctx.engine.load_archive(chunks())
+        finally:
+            source.close()   # a writer still going gets a broken pipe and stops
+            producer.join()
+    if "error" in result and not isinstance(result["error"], BrokenPipeError):
+        raise result["error"]
+    return result["id"]
 
 
 def export_archive(ctx: Context, spec: MethodSpec, out) -> str:

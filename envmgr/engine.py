@@ -69,6 +69,18 @@ class Engine:
             raise EngineError(f"engine refused the image archive: {_short(exc)}") from None
         return loaded
 
+    def present_layers(self, diff_ids: list[str]) -> frozenset[str]:
+        """The longest prefix of `diff_ids` whose layer chain some envmgr image in the engine has."""
+        best: list[str] = []
+        for summary in self.api.images(filters={"label": paths.LABEL_MANAGED}):
+            layers = (self.api.inspect_image(summary["Id"]).get("RootFS") or {}).get("Layers") or []
+            common = 0
+            while common < min(len(layers), len(diff_ids)) and layers[common] == diff_ids[common]:
+                common += 1
+            if common > len(best):
+                best = diff_ids[:common]
+        return frozenset(best)
+
     def tag(self, image_id: str, repository: str, tag: str) -> None:
         self.api.tag(image_id, repository, tag, force=True)
 

@@ -185,10 +185,13 @@ def archive_parts(config: ImageConfig, repo_tags: list[str]) -> tuple[bytes, lis
 
 
 def write_archive(out, config: ImageConfig, repo_tags: list[str],
-                  progress: Callable[[int], None] | None = None) -> str:
+                  progress: Callable[[int], None] | None = None, present: frozenset[str] = frozenset()) -> str:
     """Write a docker-archive (manifest.json + config + layer tars) to a binary file object.
 
     Returns the image ID. The archive bytes depend only on the config, layers and tags.
+    Layers in `present` (diff IDs whose layer chain the target engine already holds) are named in
+    the manifest but their bytes are left out: the engine's loader looks a layer chain up before
+    it opens the file, so a rebuild that only changed the method files sends only those.
     """
     config_bytes, layer_names, manifest = archive_parts(config, repo_tags)
     image_hex = hashlib.sha256(config_bytes).hexdigest()
@@ -199,6 +202,8 @@ def write_archive(out, config: ImageConfig, repo_tags: list[str],
             if name in seen:
                 continue
             seen.add(name)
+            if layer.diff_id in present:
+                continue
             tar.addfile(tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
             with open(layer.path, "rb") as fh:
                 tar.addfile(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), _Counting(fh, progress))

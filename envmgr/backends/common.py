@@ -96,7 +96,8 @@ def install_requirements_script(base: BaseImage, prefix: str, requirements: str)
     return "\n".join([
         f"{uv} venv --quiet --allow-existing --python {base.python} {prefix}",
         f"{uv} pip install --python {prefix}/bin/python --require-hashes --no-deps --strict -r {requirements}",
-        f"PYTHONHASHSEED=0 {prefix}/bin/python -m compileall -q -j 1 --invalidation-mode unchecked-hash "
+        # -S -B: no .pth import (setuptools' _distutils_hack) may write a timestamped pyc first; -f: rewrite all
+        f"PYTHONHASHSEED=0 {prefix}/bin/python -S -B -m compileall -f -q -j 1 --invalidation-mode unchecked-hash "
         f"{prefix}/lib >/dev/null || true",  # a package's deliberately broken test file must not fail the build
     ])
 

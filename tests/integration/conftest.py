@@ -50,8 +50,11 @@ def store(engine) -> Path:
 @pytest.fixture(scope="session")
 def wheels(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheels")
+    # a .pth that imports a module at interpreter start, like setuptools' _distutils_hack: it must not
+    # leave a timestamped pyc behind in the image
     build_wheel(root, "envmgr-alpha", "1.0", requires=["envmgr-beta>=1.0"],
-                body='from envmgr_beta import NAME\nGREETING = "alpha+" + NAME\n')
+                body='from envmgr_beta import NAME\nGREETING = "alpha+" + NAME\n',
+                extra={"envmgr_alpha_hook.pth": "import envmgr_alpha_hook\n", "envmgr_alpha_hook.py": "HOOKED = 1\n"})
     build_wheel(root, "envmgr-beta", "1.0", body='NAME = "beta-1.0"\n')
     build_wheel(root, "envmgr-beta", "1.1", body='NAME = "beta-1.1"\n')
     build_wheel(root, "envmgr-gamma", "2.0", body='WINDOWS_ONLY = True\n')
