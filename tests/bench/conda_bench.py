@@ -33,15 +33,13 @@ def main() -> int:
     from envmgr.context import Context
     from envmgr.spec import find_method
     from envmgr.ui import Reporter
-    from tests.support.conda_channel import CHANNEL, Channel, build_channel
-    from tests.support.pypi import Index, build_wheel
+    from tests.support.conda_channel import CHANNEL, Channel, build_channel, build_example_wheels
+    from tests.support.pypi import Index
 
     work = Path(tempfile.mkdtemp(prefix="envmgr-conda-bench-", dir="/var/tmp"))
     store = Path(os.environ.get("ENVMGR_BENCH_CACHE", "/var/tmp/envmgr-bench-cache")) / "store"
     build_channel(work / "channel")
-    build_wheel(work / "wheels", "envmgr-alpha", "1.0", requires=["envmgr-beta>=1.0"],
-                body='from envmgr_beta import NAME\nGREETING = "alpha+" + NAME\n')
-    build_wheel(work / "wheels", "envmgr-beta", "1.1", body='NAME = "beta-1.1"\n')
+    build_example_wheels(work / "wheels")
     channel, pypi = Channel(work / "channel").start(), Index(work / "wheels").start()
     method = work / "base" / "methods" / NAME
     shutil.copytree(REPO / "envs" / "conda-demo", method, ignore=shutil.ignore_patterns("conda-lock.yml"))

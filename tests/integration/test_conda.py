@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.conda_channel import CHANNEL, Channel, build_channel
+from tests.support.conda_channel import CHANNEL, Channel, build_channel, build_example_wheels
+from tests.support.pypi import Index
 
 pytestmark = pytest.mark.engine
 
@@ -73,6 +74,25 @@ def channel_b(channel_root):
     served = Channel(channel_root, username="builder", password=SECRET).start()
     yield served
     served.stop()
+
+
+@pytest.fixture(scope="module")
+def example_wheels(tmp_path_factory) -> Path:
+    return build_example_wheels(tmp_path_factory.mktemp("conda-wheels"))
+
+
+@pytest.fixture(scope="module")
+def pypi_a(example_wheels):
+    index = Index(example_wheels).start()
+    yield index
+    index.stop()
+
+
+@pytest.fixture(scope="module")
+def pypi_b(example_wheels):
+    index = Index(example_wheels, username="builder", password=SECRET).start()
+    yield index
+    index.stop()
 
 
 class CondaWorkspace:
@@ -148,9 +168,9 @@ def _assert_canonical_lock(path: Path, mirrors: list[Channel]):
     return lock
 
 
-def test_lock_via_a_build_via_b_no_mirror_anywhere(conda_ws, engine, channel_a, channel_b, mirror_a, mirror_b):
+def test_lock_via_a_build_via_b_no_mirror_anywhere(conda_ws, engine, channel_a, channel_b, pypi_a, pypi_b):
     conda_ws.write()
-    conda_ws.mirrors(channel_a, mirror_a)
+    conda_ws.mirrors(channel_a, pypi_a)
     conda_ws.envmgr("lock", conda_ws.name)
     lock = _assert_canonical_lock(conda_ws.lock_path, [channel_a, channel_b])
     pins = {(p.platform, p.name): p for p in lock.package}
@@ -161,7 +181,7 @@ def test_lock_via_a_build_via_b_no_mirror_anywhere(conda_ws, engine, channel_a, 
     assert any("/linux-aarch64/" in r for r in channel_a.requests), "aarch64 was not solved through mirror A"
     assert conda_ws.envmgr("lock", conda_ws.name, "--check").returncode == 0
 
-    conda_ws.mirrors(channel_b, mirror_b)
+    conda_ws.mirrors(channel_b, pypi_b)
     a_before = len(channel_a.requests)
     built = conda_ws.envmgr("--json", "build", conda_ws.name)
     first = _done(built)
@@ -203,7 +223,7 @@ def test_lock_via_a_build_via_b_no_mirror_anywhere(conda_ws, engine, channel_a, 
     assert not rebuilt["reused"] and rebuilt["image"] == first["image"]
 
 
-def test_conda_env_with_poetry_lock(conda_ws, engine, channel_a, mirror_a):
+def test_conda_env_with_poetry_lock(conda_ws, engine, channel_a, pypi_a):
     """The conda env provides the interpreter, poetry.lock the Python packages, in one prefix."""
     environment = f"channels:\n  - {CHANNEL}\ndependencies:\n  - python 3.11.*\n  - hello-tool\n"
     conda_ws.write(environment)
@@ -212,7 +232,7 @@ def test_conda_env_with_poetry_lock(conda_ws, engine, channel_a, mirror_a):
         'dependencies = ["envmgr-alpha>=1.0"]\n\n[tool.poetry]\npackage-mode = false\n')
     (conda_ws.method_dir / "main.py").write_text(
         "import os, sys, envmgr_alpha\nprint(envmgr_alpha.GREETING, os.environ['HELLO_TOOL_HOME'], sys.executable)\n")
-    conda_ws.mirrors(channel_a, mirror_a)
+    conda_ws.mirrors(channel_a, pypi_a)
     locked = conda_ws.envmgr("lock", conda_ws.name)
     assert "conda-lock.yml" in locked.stdout + locked.stderr and "poetry.lock" in locked.stdout + locked.stderr
     assert (conda_ws.method_dir / "poetry.lock").is_file()
@@ -229,8 +249,8 @@ def test_conda_env_with_poetry_lock(conda_ws, engine, channel_a, mirror_a):
     assert stale.returncode == 3 and f"envmgr lock {conda_ws.name}" in stale.stderr
 
 
-def test_bad_input_gives_one_clear_line(conda_ws, channel_a, mirror_a):
-    conda_ws.mirrors(channel_a, mirror_a)
+def test_bad_input_gives_one_clear_line(conda_ws, channel_a, pypi_a):
+    conda_ws.mirrors(channel_a, pypi_a)
 
     # Unsolvable: hello-tool needs greet-data >=1.0.
     conda_ws.write(f"channels: [{CHANNEL}]\ndependencies:\n  - hello-tool\n  - greet-data <1\n")
@@ -274,15 +294,15 @@ def test_bad_input_gives_one_clear_line(conda_ws, channel_a, mirror_a):
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
 
 
-def test_mirror_down_or_serving_other_bytes_fails_the_build(conda_ws, engine, channel_root, channel_a, mirror_a):
+def test_mirror_down_or_serving_other_bytes_fails_the_build(conda_ws, engine, channel_root, channel_a, pypi_a):
     conda_ws.write(f"channels: [{CHANNEL}]\ndependencies:\n  - hello-tool\n")
-    conda_ws.mirrors(channel_a, mirror_a)
+    conda_ws.mirrors(channel_a, pypi_a)
     conda_ws.envmgr("lock", conda_ws.name)
 
     # A mirror that serves a different file than the locked one.
     corrupt = Channel(channel_root, corrupt={"hello-tool-1.1-hafe0c462_0.conda"}).start()
     try:
-        conda_ws.mirrors(corrupt, mirror_a)
+        conda_ws.mirrors(corrupt, pypi_a)
         proc = conda_ws.envmgr("build", conda_ws.name, check=False)
     finally:
         corrupt.stop()
@@ -292,7 +312,7 @@ def test_mirror_down_or_serving_other_bytes_fails_the_build(conda_ws, engine, ch
     assert not engine.images.list(name=f"envmgr/{conda_ws.name}")
 
     # A mirror that is down.
-    conda_ws.mirrors(corrupt, mirror_a)   # stopped now: nothing listens on its port
+    conda_ws.mirrors(corrupt, pypi_a)   # stopped now: nothing listens on its port
     proc = conda_ws.envmgr("build", conda_ws.name, check=False)
     assert proc.returncode == 5, proc.stderr
     assert f"127.0.0.1:{corrupt.port}" in proc.stderr and "could not be fetched" in proc.stderr
@@ -300,13 +320,13 @@ def test_mirror_down_or_serving_other_bytes_fails_the_build(conda_ws, engine, ch
 
 
 def test_committed_example_is_current_relocks_identically_and_runs(tmp_path, store, engine, channel_a, channel_b,
-                                                                    mirror_a, mirror_b):
+                                                                    pypi_a, pypi_b):
     """envs/conda-demo/conda-lock.yml: current, parseable, canonical, what a fresh lock writes, and it builds."""
     ws = CondaWorkspace(tmp_path, store, name="conda-demo-relock")
     shutil.copytree(EXAMPLE, ws.method_dir, ignore=shutil.ignore_patterns("conda-lock.yml"))
     spec = ws.method_dir / "envmgr.toml"
     spec.write_text(spec.read_text().replace('name = "conda-demo"', f'name = "{ws.name}"'))
-    ws.mirrors(channel_a, mirror_a)
+    ws.mirrors(channel_a, pypi_a)
     ws.envmgr("lock", ws.name)
     if os.environ.get("ENVMGR_UPDATE_EXAMPLE"):
         shutil.copyfile(ws.lock_path, EXAMPLE / "conda-lock.yml")
@@ -314,7 +334,7 @@ def test_committed_example_is_current_relocks_identically_and_runs(tmp_path, sto
     assert ws.envmgr("lock", "conda-demo", "--check").returncode == 0
     _assert_canonical_lock(EXAMPLE / "conda-lock.yml", [channel_a])
 
-    ws.mirrors(channel_b, mirror_b)
+    ws.mirrors(channel_b, pypi_b)
     built = _done(ws.envmgr("--json", "build", "conda-demo"))
     try:
         out = engine.containers.run(built["tag"], remove=True, network_mode="none").decode().splitlines()

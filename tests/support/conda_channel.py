@@ -173,6 +173,21 @@ def fixture_packages() -> list[Package]:
     return packages
 
 
+def build_example_wheels(root: Path) -> Path:
+    """The PyPI packages that the `pip:` sections of the conda tests and envs/conda-demo ask for
+    (byte-identical on every build: the committed example lock holds their hashes). envmgr-alpha
+    carries a .pth that imports a module at start-up, which must leave no timestamped pyc."""
+    from tests.support.pypi import build_wheel
+
+    build_wheel(root, "envmgr-alpha", "1.0", requires=["envmgr-beta>=1.0"],
+                body='from envmgr_beta import NAME\nGREETING = "alpha+" + NAME\n',
+                extra={"envmgr_alpha_hook.pth": "import envmgr_alpha_hook\n",
+                       "envmgr_alpha_hook.py": "HOOKED = 1\n"})
+    build_wheel(root, "envmgr-beta", "1.0", body='NAME = "beta-1.0"\n')
+    build_wheel(root, "envmgr-beta", "1.1", body='NAME = "beta-1.1"\n')
+    return root
+
+
 def build_channel(root: Path) -> Path:
     """Build and index the test channel under root/<CHANNEL>/ (reused when already complete)."""
     from rattler.index import index_fs
