@@ -67,6 +67,15 @@ def uv_version(ctx: Context) -> str:
         return hashlib.sha256(ctx.uv_binary().read_bytes()).hexdigest()[:16]
 
 
+def _version_of(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "absent"
+
+
 def inputs(ctx: Context, spec: MethodSpec, base: BaseImage) -> dict[str, str]:
     """Everything the image depends on. Mirrors are deliberately absent: where is not what."""
     return {
@@ -75,7 +84,7 @@ def inputs(ctx: Context, spec: MethodSpec, base: BaseImage) -> dict[str, str]:
         "lock": lock_hash(ctx, spec),
         "spec": spec.spec_hash(),
         "method_files": tree_hash(spec.source_path, _excluded(spec)),
-        "installer": f"uv {uv_version(ctx)}",
+        "installer": f"uv {uv_version(ctx)}, py-rattler {_version_of('py-rattler')}",
         "shim": hashlib.sha256(_shim()).hexdigest(),
     }
 
