@@ -37,9 +37,32 @@ def envmgr(*args: str) -> tuple[float, dict]:
     return elapsed, done[-1] if done else {}
 
 
+def gzip_size(path: Path) -> int:
+    """Size of `gzip -6` of the file, counted from a pipe (nothing more on disk)."""
+    with open(path, "rb") as src:
+        proc = subprocess.Popen(["gzip", "-6", "-c"], stdin=src, stdout=subprocess.PIPE)
+        size = 0
+        while chunk := proc.stdout.read(1 << 20):
+            size += len(chunk)
+        if proc.wait() != 0:
+            raise SystemExit("gzip -6 failed")
+    return size
+
+
 def remove_image(client, image_id: str) -> None:
-    client.images.remove(image_id, force=True)
+    import docker.errors
+
+    try:
+        client.images.remove(image_id, force=True)
+    except docker.errors.ImageNotFound:
+        pass
     subprocess.run(["sync"], check=False)
+
+
+def restore(client, image_id: str, tags: list[str]) -> None:
+    for full in tags:
+        repo, short = full.rsplit(":", 1)
+        client.api.tag(image_id, repo, short)
 
 
 def main() -> None:
@@ -70,11 +93,8 @@ def main() -> None:
         figures["docker_save_bytes"] = saved.stat().st_size
 
         started = time.monotonic()
-        with open(saved, "rb") as src, open(work / "docker-save.tar.gz", "wb") as dst:
-            subprocess.run(["gzip", "-6", "-c"], stdin=src, stdout=dst, check=True)
+        figures["gzip6_bytes"] = gzip_size(saved)
         figures["gzip6_s"] = time.monotonic() - started
-        figures["gzip6_bytes"] = (work / "docker-save.tar.gz").stat().st_size
-        (work / "docker-save.tar.gz").unlink()
 
         remove_image(client, image_id)
         started = time.monotonic()
@@ -83,24 +103,20 @@ def main() -> None:
                 pass
         figures["docker_load_s"] = time.monotonic() - started
         saved.unlink()
-        for full in tags:
-            repo, short = full.rsplit(":", 1)
-            client.api.tag(image_id, repo, short)
+        restore(client, image_id, tags)
 
-        figures["export_s"], _ = envmgr("export", args.method, "-o", str(archive))
-        figures["archive_bytes"] = archive.stat().st_size
         if args.gzip:
             gz = work / "export.envmgr.tar.gz"
             figures["export_gzip_s"], _ = envmgr("export", args.method, "--compress", "gzip", "-o", str(gz))
             figures["archive_gzip_bytes"] = gz.stat().st_size
             gz.unlink()
+        figures["export_s"], _ = envmgr("export", args.method, "-o", str(archive))
+        figures["archive_bytes"] = archive.stat().st_size
 
         remove_image(client, image_id)
         figures["import_s"], imported = envmgr("import", str(archive))
         assert imported.get("image_id") == image_id, imported
-        for full in tags:
-            repo, short = full.rsplit(":", 1)
-            client.api.tag(image_id, repo, short)
+        restore(client, image_id, tags)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
