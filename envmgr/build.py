@@ -25,7 +25,7 @@ from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, writ
 from .spec import MethodSpec
 
 # Bump when the layout of the layers changes: it is part of every inputs hash.
-LAYOUT_VERSION = "2"
+LAYOUT_VERSION = "3"
 DEFAULT_EXCLUDES = [".git", ".git/*", "*/__pycache__", "*/__pycache__/*", "__pycache__", "*.pyc",
                     ".venv*", ".mypy_cache", ".pytest_cache", ".DS_Store", "*/.DS_Store"]
 

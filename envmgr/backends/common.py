@@ -86,19 +86,30 @@ def uv_step_env(ctx: Context, extra_indexes: list[str] | None = None) -> dict[st
     return env
 
 
-def install_requirements_script(base: BaseImage, prefix: str, requirements: str) -> str:
-    """Create the venv, install exact hashed pins without resolving, compile bytecode reproducibly.
+def compile_bytecode_script(python: str) -> list[str]:
+    """Compile site-packages to unchecked-hash pycs (no source mtimes inside), reproducibly and in parallel.
 
-    Bytecode uses unchecked-hash pycs (no source mtimes inside) compiled in one process with a
-    fixed hash seed, so two builds write the same bytes.
+    Each top-level entry is compiled by a fresh interpreter with a fixed hash seed: marshal's output
+    depends on what the process compiled before, so one process per entry gives the same bytes
+    whatever the scheduling. -B: a .pth import at start-up (setuptools' _distutils_hack) must not
+    leave a timestamped pyc; -f: rewrite every pyc. A deliberately broken file must not fail the build.
     """
+    return [
+        f"site=$({python} -B -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')",
+        f"cd \"$site\" && find . -mindepth 1 -maxdepth 1 -print0 | LC_ALL=C sort -z | xargs -0 -r -n 1 "
+        f"-P \"$(nproc)\" env PYTHONHASHSEED=0 {python} -B -m compileall -f -q --invalidation-mode unchecked-hash "
+        f">/dev/null || true",
+        "cd /",
+    ]
+
+
+def install_requirements_script(base: BaseImage, prefix: str, requirements: str) -> str:
+    """Create the venv, install exact hashed pins without resolving, compile bytecode reproducibly."""
     uv = paths.CONTAINER_UV
     return "\n".join([
         f"{uv} venv --quiet --allow-existing --python {base.python} {prefix}",
         f"{uv} pip install --python {prefix}/bin/python --require-hashes --no-deps --strict -r {requirements}",
-        # -S -B: no .pth import (setuptools' _distutils_hack) may write a timestamped pyc first; -f: rewrite all
-        f"PYTHONHASHSEED=0 {prefix}/bin/python -S -B -m compileall -f -q -j 1 --invalidation-mode unchecked-hash "
-        f"{prefix}/lib >/dev/null || true",  # a package's deliberately broken test file must not fail the build
+        *compile_bytecode_script(f"{prefix}/bin/python"),
     ])
 
 

@@ -39,7 +39,7 @@ from ..engine import BindMount
 from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from ..mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from ..spec import MethodSpec
-from .common import run_step, uv_mounts, uv_step_env
+from .common import compile_bytecode_script, run_step, uv_mounts, uv_step_env
 
 ENVIRONMENT = "environment.yml"
 LOCK = "conda-lock.yml"
@@ -482,12 +482,7 @@ class CondaBackend:
         script = "\n".join([
             f"{uv} pip install --python {python} --require-hashes --no-deps --strict "
             f"-r {paths.CONTAINER_WORK}/requirements.txt",
-            # unchecked-hash pycs compiled in one process with a fixed seed: the same bytes every build.
-            # -B: a .pth import at start-up must not leave a timestamped pyc; -f: rewrite every pyc.
-            # (Not -S: site.py is what makes the env's pyvenv.cfg, if any, set sys.prefix.)
-            f"site=$({python} -B -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')",
-            f"PYTHONHASHSEED=0 {python} -B -m compileall -f -q -j 1 --invalidation-mode unchecked-hash "
-            f"\"$site\" >/dev/null || true",
+            *compile_bytecode_script(python),
         ])
         with tempfile.TemporaryDirectory(dir=work_root, prefix=f"install-{spec.name}-") as work:
             (Path(work) / "requirements.txt").write_text(requirements)
