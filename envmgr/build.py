@@ -58,6 +58,11 @@ def lock_hash(ctx: Context, spec: MethodSpec) -> str:
     return sha.hexdigest()
 
 
+def installer_id(ctx: Context) -> str:
+    """The installers' versions: part of every inputs hash (and checked by `import`)."""
+    return f"uv {uv_version(ctx)}, py-rattler {_version_of('py-rattler')}"
+
+
 def uv_version(ctx: Context) -> str:
     try:
         from importlib.metadata import version
@@ -84,7 +89,7 @@ def inputs(ctx: Context, spec: MethodSpec, base: BaseImage) -> dict[str, str]:
         "lock": lock_hash(ctx, spec),
         "spec": spec.spec_hash(),
         "method_files": tree_hash(spec.source_path, _excluded(spec)),
-        "installer": f"uv {uv_version(ctx)}, py-rattler {_version_of('py-rattler')}",
+        "installer": installer_id(ctx),
         "shim": hashlib.sha256(_shim()).hexdigest(),
     }
 

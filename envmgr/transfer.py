@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from . import paths
 from .backends import get_backend
 from .base import BaseImage, _load as load_base_image, current_base
-from .build import _excluded, config_for, inputs, lock_hash, target, uv_version
+from .build import _excluded, config_for, inputs, installer_id, lock_hash, target
 from .context import Context
 from .errors import EnvmgrError, UsageError
 from .image import CHUNK, archive_parts, tarinfo, tree_hash
@@ -362,7 +362,7 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
         raise ArchiveError(f"{path}: {name} was built for {manifest.get('os')}/{manifest.get('architecture')}, "
                            f"this engine runs {here}; nothing was loaded")
     want = manifest["inputs"]
-    installer = f"uv {uv_version(ctx)}"
+    installer = installer_id(ctx)
     if want.get("installer") != installer:
         raise ArchiveError(f"{path}: exported by an envmgr whose installer is {want.get('installer')}, this one "
                            f"has {installer}: `envmgr build` here would not find the image",
