@@ -75,16 +75,42 @@ def resolve_dataset(base_dir: Path, name: str | None) -> Path | None:
     raise UsageError(f"dataset {name!r} not found under {base_dir / 'datasets'} (holds: {', '.join(present) or 'nothing'})")
 
 
-def content_hash(path: Path) -> str:
-    """sha256 over relative paths and bytes (a file, or a folder's files in sorted order)."""
-    sha = hashlib.sha256()
+def content_hash(path: Path, cache_dir: Path | None = None) -> str:
+    """sha256 over relative paths and bytes (a file, or a folder's files in sorted order).
+
+    A base model is many gigabytes: the hash is remembered in `cache_dir/content-hashes.json`,
+    keyed by the path and every file's size, mtime and inode, so a repeat run only stats files.
+    """
+    root = path if path.is_dir() else path.parent
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = hashlib.sha256()
     for file in files:
-        sha.update(str(file.relative_to(path if path.is_dir() else path.parent)).encode() + b"\0")
+        st = file.stat()
+        stamp.update(f"{file.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
+    memo_file = cache_dir / "content-hashes.json" if cache_dir else None
+    memo: dict = {}
+    if memo_file and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+    known = memo.get(str(path))
+    if known and known.get("stamp") == stamp.hexdigest():
+        return known["hash"]
+    sha = hashlib.sha256()
+    for file in files:
+        sha.update(str(file.relative_to(root)).encode() + b"\0")
         with open(file, "rb") as fh:
             while chunk := fh.read(1 << 20):
                 sha.update(chunk)
-    return "sha256:" + sha.hexdigest()
+    digest = "sha256:" + sha.hexdigest()
+    if memo_file:
+        memo[str(path)] = {"stamp": stamp.hexdigest(), "hash": digest}
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    return digest
 
 
 def new_run_id() -> str:
@@ -198,8 +224,9 @@ def run(ctx: Context, request: RunRequest) -> dict:
     record.update({
         "run_id": run_id, "method": spec.name, "image": {"id": result.image_id, "tag": result.tag},
         "lock_hash": result.lock_hash, "inputs_hash": result.inputs_hash,
-        "model": {"name": model.name, "path": str(model), "hash": content_hash(model)} if model else None,
-        "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset)} if dataset else None,
+        "model": {"name": model.name, "path": str(model), "hash": content_hash(model, ctx.cache_dir)} if model else None,
+        "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset, ctx.cache_dir)}
+        if dataset else None,
         "arguments": args, "command": command, "gpus": gpus, "network": request.network,
         "host": socket.gethostname(), "user": getpass.getuser(), "status": "running", "exit_code": None,
     })
