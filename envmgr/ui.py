@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
@@ -46,7 +47,7 @@ class Reporter:
         if self.mode == "json":
             self.event("step", message=message, **fields)
         elif self.mode == "rich":
-            self.console.print(f"[bold cyan]▸[/] {self.redact(message)}")
+            self.console.print(f"[bold cyan]▸[/] {escape(self.redact(message))}")
         else:
             print(f"envmgr: {self.redact(message)}", flush=True)
 
@@ -70,13 +71,13 @@ class Reporter:
         if self.mode == "json":
             self.event("warning", message=message)
         else:
-            self.err.print(f"[yellow]warning:[/] {self.redact(message)}")
+            self.err.print(f"[yellow]warning:[/] {escape(self.redact(message))}")
 
     def success(self, message: str, **fields: Any) -> None:
         if self.mode == "json":
             self.event("done", message=message, **fields)
         elif self.mode == "rich":
-            self.console.print(f"[bold green]✓[/] {self.redact(message)}")
+            self.console.print(f"[bold green]✓[/] {escape(self.redact(message))}")
         else:
             print(f"envmgr: {self.redact(message)}", flush=True)
 
@@ -84,9 +85,9 @@ class Reporter:
         if self.mode == "json":
             self.event("error", message=message, hint=hint)
         else:
-            self.err.print(f"[bold red]error:[/] {self.redact(message)}", markup=True)
+            self.err.print(f"[bold red]error:[/] {escape(self.redact(message))}")
             if hint:
-                self.err.print(f"  [dim]{self.redact(hint)}[/]")
+                self.err.print(f"  [dim]{escape(self.redact(hint))}[/]")
 
     # ------------------------------------------------------------------ progress
 
@@ -99,9 +100,9 @@ class Reporter:
             columns += [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
             columns += [TimeElapsedColumn(), TimeRemainingColumn()]
             with Progress(*columns, console=self.console, transient=False) as bar:
-                task_id = bar.add_task(self.redact(description), total=total)
+                task_id = bar.add_task(escape(self.redact(description)), total=total)
                 yield Task(lambda n: bar.advance(task_id, n), lambda t: bar.update(task_id, total=t),
-                           lambda d: bar.update(task_id, description=self.redact(d)))
+                           lambda d: bar.update(task_id, description=escape(self.redact(d))))
         else:
             self.step(description) if self.mode == "plain" else self.event("progress-start", task=description,
                                                                            total=total, unit=unit)

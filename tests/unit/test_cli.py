@@ -43,3 +43,15 @@ def test_gpu_flag_becomes_device_requests():
     assert gpu_device_requests("0,1")[0]["DeviceIDs"] == ["0", "1"]
     with pytest.raises(UsageError):
         gpu_device_requests("0,,1")
+
+
+def test_messages_with_brackets_are_printed_verbatim():
+    from rich.console import Console
+
+    from envmgr.ui import Reporter
+
+    ui = Reporter("rich")
+    ui.err = Console(record=True, width=200)
+    ui.error("fix it with [adapt] pin = { x = \"1\" } in [mirrors]", hint="see [env]")
+    text = ui.err.export_text()
+    assert "[adapt] pin" in text and "[mirrors]" in text and "[env]" in text
