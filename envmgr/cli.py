@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from . import __version__
 from .config import load_config, mask_url
@@ -190,7 +191,7 @@ def show(method: Annotated[str, typer.Argument(help="Method name.")]):
     for key, value in info.items():
         if key == "adaptations":
             value = "none" if not value else "\n" + "\n".join(f"{'':>15}{line}" for line in value)
-        ctx.ui.console.print(f"[bold]{key:>13}[/]  {value}", markup=True, highlight=False)
+        ctx.ui.console.print(f"[bold]{key:>13}[/]  {escape(str(value))}", markup=True, highlight=False)
     pins = summary.get("pins") or {}
     if pins and ctx.ui.verbose:
         for name, version in sorted(pins.items()):
