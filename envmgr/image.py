@@ -206,12 +206,14 @@ def write_archive(out, config: ImageConfig, repo_tags: list[str],
                 continue
             tar.addfile(tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
             with open(layer.path, "rb") as fh:
-                tar.addfile(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), _Counting(fh, progress))
+                tar.addfile(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), CountingReader(fh, progress))
         tar.addfile(tarinfo("manifest.json", tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
     return "sha256:" + image_hex
 
 
-class _Counting:
+class CountingReader:
+    """A file wrapper that reports how many bytes were read (for progress bars)."""
+
     def __init__(self, fh, progress):
         self.fh = fh
         self.progress = progress

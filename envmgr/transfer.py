@@ -39,7 +39,7 @@ from .base import BaseImage, _load as load_base_image, current_base
 from .build import _excluded, config_for, inputs, installer_id, lock_hash, target
 from .context import Context
 from .errors import EnvmgrError, UsageError
-from .image import CHUNK, archive_parts, tarinfo, tree_hash
+from .image import CHUNK, CountingReader, archive_parts, tarinfo, tree_hash
 from .spec import MethodSpec, find_method, load_spec
 
 FORMAT = "envmgr-export/1"
@@ -191,7 +191,7 @@ def _write_members(raw, manifest_bytes: bytes, members: list[Member], compress: 
                     assert member.path is not None
                     with open(member.path, "rb") as fh:
                         tar.addfile(tarinfo(member.name, tarfile.REGTYPE, member.mode, member.size),
-                                    _Reader(fh, task.advance))
+                                    CountingReader(fh, task.advance))
     if stream is not raw:
         stream.close()
 
@@ -202,17 +202,6 @@ def _chunks(fh, advance):
         advance(len(chunk))
         yield chunk
 
-
-class _Reader:
-    def __init__(self, fh, advance):
-        self.fh = fh
-        self.advance = advance
-
-    def read(self, size=-1):
-        data = self.fh.read(size)
-        if data:
-            self.advance(len(data))
-        return data
 
 
 def write_atomically(out: Path, write, ctx: Context) -> None:
