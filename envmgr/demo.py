@@ -46,7 +46,7 @@ def main() -> int:
         ui.step(f"demo base dir: {base_dir}")
         spec = find_method("sd-demo", base_dir)
         image = build(ctx, spec)
-        ui.success(f"sd-demo image {image.tag} ({'cached' if image.reused else 'built'} in {image.seconds:.0f} s)")
+        ui.success(f"sd-demo image {image.tag} ({'already built' if image.reused else 'built'})")
         if not (base_dir / "models" / MODEL / "model_index.json").is_file():
             ui.step(f"building the tiny random-weight SD3 model into models/{MODEL} (no download)")
             _tool(ctx, image.image_id, "make_tiny_model.py", base_dir / "models", [f"/envmgr/out/{MODEL}"])
