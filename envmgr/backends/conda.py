@@ -575,17 +575,10 @@ def _record(locked):
 
 
 def _pypi_file_url(name: str, file_name: str) -> str:
-    """The default index's canonical download URL for a file (PyPI's predictable path), never a mirror."""
-    try:
-        from pip._internal.models.index import PyPI  # pip knows its default index; envmgr names none
-
-        host = PyPI.file_storage_domain
-    except Exception:  # noqa: BLE001 - without pip, the file name alone identifies the file
-        return f"pypi:{name}/{file_name}"
-    if file_name.endswith(".whl"):
-        python_tag = file_name[:-4].split("-")[-3]
-        return f"https://{host}/packages/{python_tag}/{name[0]}/{name}/{file_name}"
-    return f"https://{host}/packages/source/{name[0]}/{name}/{file_name}"
+    """A host-free identifier of a pip file, `pypi:<name>/<file>`: the lock says which file (and
+    its hash), never where from. envmgr installs pip entries by name, version and hash through
+    whatever index the site configures."""
+    return f"pypi:{name}/{file_name}"
 
 
 def _locked_pip(package: dict, platform: str, python_version: str, spec: MethodSpec):
