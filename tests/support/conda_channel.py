@@ -13,7 +13,6 @@ the conda env is then a real interpreter prefix that uv installs `pip:` and poet
 from __future__ import annotations
 
 import asyncio
-import base64
 import bz2
 import hashlib
 import http.server
@@ -21,10 +20,11 @@ import io
 import json
 import shutil
 import tarfile
-import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.loopback import LoopbackServer
 
 CHANNEL = "envmgr-fixtures"
 PLACEHOLDER = "/opt/envmgr-build-placeholder-" + "x" * 40   # replaced by the env prefix at install time
@@ -206,7 +206,7 @@ def build_channel(root: Path) -> Path:
 
 
 @dataclass
-class Channel:
+class Channel(LoopbackServer):
     """Serves a channel folder at http://127.0.0.1:<port>/<CHANNEL>/ (optionally behind basic auth).
 
     `corrupt` names files served with flipped bytes (a mirror serving a different file)."""
@@ -229,14 +229,8 @@ class Channel:
 
             def do_GET(self, body: bool = True):  # noqa: N802
                 channel.requests.append(self.path)
-                if channel.username:
-                    expected = base64.b64encode(f"{channel.username}:{channel.password}".encode()).decode()
-                    if self.headers.get("Authorization") != f"Basic {expected}":
-                        self.send_response(401)
-                        self.send_header("WWW-Authenticate", 'Basic realm="test"')
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
+                if not channel.authorized(self):
+                    return
                 rel = self.path.split("?")[0].lstrip("/")
                 path = (channel.root / rel).resolve()
                 if not path.is_file() or channel.root.resolve() not in path.parents:
@@ -255,20 +249,9 @@ class Channel:
                 if body:
                     self.wfile.write(data)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self._serve(Handler)
         return self
 
     @property
-    def port(self) -> int:
-        return self.server.server_address[1]
-
-    @property
     def url(self) -> str:
-        auth = f"{self.username}:{self.password}@" if self.username else ""
-        return f"http://{auth}127.0.0.1:{self.port}/{CHANNEL}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return self.auth_url(CHANNEL)

@@ -6,10 +6,11 @@ import base64
 import hashlib
 import http.server
 
-import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.loopback import LoopbackServer
 
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 
@@ -44,7 +45,7 @@ def build_wheel(out_dir: Path, name: str, version: str, requires: list[str] = ()
 
 
 @dataclass
-class Index:
+class Index(LoopbackServer):
     """Serves every wheel in `root` as /simple/<project>/ with sha256 fragments."""
 
     root: Path
@@ -79,13 +80,8 @@ class Index:
 
             def do_GET(self):  # noqa: N802
                 index.requests.append(self.path)
-                if index.username:
-                    expected = base64.b64encode(f"{index.username}:{index.password}".encode()).decode()
-                    if self.headers.get("Authorization") != f"Basic {expected}":
-                        self.send_response(401)
-                        self.send_header("WWW-Authenticate", 'Basic realm="test"')
-                        self.end_headers()
-                        return
+                if not index.authorized(self):
+                    return
                 parts = [p for p in self.path.split("?")[0].split("/") if p]
                 if parts == ["simple"]:
                     names = sorted({_project(w.name) for w in index.files()})
@@ -119,23 +115,12 @@ class Index:
                 self.end_headers()
                 self._body(data)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self._serve(Handler)
         return self
 
     @property
-    def port(self) -> int:
-        return self.server.server_address[1]
-
-    @property
     def url(self) -> str:
-        auth = f"{self.username}:{self.password}@" if self.username else ""
-        return f"http://{auth}127.0.0.1:{self.port}/simple/"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return self.auth_url("simple/")
 
 
 def _normalize(name: str) -> str:
