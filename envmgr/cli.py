@@ -69,7 +69,7 @@ def _context() -> Context:
 
 def _fail(exc: EnvmgrError) -> None:
     ui = STATE.get("ui") or Reporter(STATE.get("mode"))
-    ui.error(str(exc.message), exc.hint)
+    ui.error(str(exc.message), exc.hint, label="interrupted" if isinstance(exc, Interrupted) else "error")
     raise typer.Exit(int(exc.exit_code))
 
 
@@ -92,7 +92,7 @@ def verb(function):
         except EnvmgrError as exc:
             _fail(exc)
         except KeyboardInterrupt:
-            _fail(Interrupted("interrupted: nothing was tagged; containers were removed"))
+            _fail(Interrupted("nothing was tagged; containers were removed"))
         except typer.Exit:
             raise
         except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback with -v

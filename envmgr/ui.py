@@ -81,11 +81,13 @@ class Reporter:
         else:
             print(f"envmgr: {self.redact(message)}", flush=True)
 
-    def error(self, message: str, hint: str | None = None) -> None:
+    def error(self, message: str, hint: str | None = None, label: str = "error") -> None:
+        """One line that says what failed (and a hint); `label` is "interrupted" for Ctrl-C / SIGTERM."""
         if self.mode == "json":
-            self.event("error", message=message, hint=hint)
+            self.event(label, message=message, hint=hint)
         else:
-            self.err.print(f"[bold red]error:[/] {escape(self.redact(message))}")
+            colour = "yellow" if label == "interrupted" else "red"
+            self.err.print(f"[bold {colour}]{label}:[/] {escape(self.redact(message))}")
             if hint:
                 self.err.print(f"  [dim]{escape(self.redact(hint))}[/]")
 
