@@ -466,8 +466,9 @@ def doctor():
         engine = ctx.engine
         version = engine.api.version()
         checks.append(("engine", f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')})", True))
-        checks.append(("gpu runtime", "NVIDIA runtime present" if engine.has_nvidia_runtime()
-                       else "no NVIDIA runtime (GPU runs need the NVIDIA Container Toolkit)", True))
+        checks.append(("gpu runtime", "NVIDIA runtime registered" if engine.has_nvidia_runtime()
+                       else "no nvidia runtime registered (a GPU run probes the engine first; GPUs need "
+                            "the NVIDIA Container Toolkit)", True))
     except EngineError as exc:
         checks.append(("engine", str(exc), False))
     missing = missing_tools()

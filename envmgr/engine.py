@@ -92,8 +92,34 @@ class Engine:
             self.api.remove_image(ref, force=force)
 
     def has_nvidia_runtime(self) -> bool:
-        info = self.api.info()
-        return "nvidia" in (info.get("Runtimes") or {}) or "nvidia" in str(info.get("CDISpecDirs", ""))
+        """A registered `nvidia` runtime (the quick answer; `gpus_work` is the sure one)."""
+        return "nvidia" in (self.api.info().get("Runtimes") or {})
+
+    def gpus_work(self, image: str, device_requests: list[DeviceRequest]) -> bool:
+        """Whether the engine can hand these GPUs to a container.
+
+        `--gpus` works through the NVIDIA Container Toolkit's hook even when no `nvidia` runtime is
+        registered, so when none is, a throw-away container of `image` running `true` asks.
+        """
+        if self.has_nvidia_runtime():
+            return True
+        container_id = None
+        try:
+            hc = self.api.create_host_config(device_requests=device_requests, network_mode="none")
+            container_id = self.api.create_container(image, ["true"], host_config=hc,
+                                                     labels={paths.LABEL_MANAGED: "true",
+                                                             paths.LABEL_KIND: "gpu-probe"})["Id"]
+            self.api.start(container_id)
+            self.api.wait(container_id, timeout=120)
+            return True
+        except docker.errors.APIError as exc:
+            if "could not select device driver" in str(exc):
+                return False
+            raise EngineError(f"engine refused a GPU probe container: {_short(exc)}") from None
+        finally:
+            if container_id:
+                with contextlib.suppress(Exception):
+                    self.api.remove_container(container_id, force=True)
 
     # ------------------------------------------------------------------ containers
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import paths
 from .backends import entry_command
+from .base import ensure_base
 from .build import build as build_image
 from .context import Context
 from .engine import NVIDIA_HINT, BindMount, ContainerSpec, gpu_device_requests
@@ -168,7 +169,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     else:
         gpus = "none"
     device_requests = gpu_device_requests(gpus)
-    if device_requests and not ctx.engine.has_nvidia_runtime():
+    if device_requests and not ctx.engine.gpus_work(ensure_base(ctx, spec.base_image).image_id, device_requests):
         raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
 
     previous: dict | None = None

@@ -107,6 +107,7 @@ def test_gpus_without_nvidia_runtime_fails_first_and_leaves_nothing(sd_base, eng
     assert proc.returncode == 2
     assert "NVIDIA Container Toolkit" in proc.stderr and "--gpus none" in proc.stderr
     assert not engine.containers.list(all=True, filters={"label": "org.envmgr.kind=run"})
+    assert not engine.containers.list(all=True, filters={"label": "org.envmgr.kind=gpu-probe"})
     assert len(list((sd_base[0] / "runs").glob("sd-demo/*"))) == before
 
 
