@@ -130,15 +130,21 @@ def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: 
     return Layer(path=out, diff_id="sha256:" + writer.sha.hexdigest(), size=writer.size)
 
 
-def file_layer(path: Path) -> Layer:
-    """A layer from an existing uncompressed tar (e.g. a debuerreotype rootfs)."""
+def file_sha256(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, read in chunks."""
     sha = hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             sha.update(chunk)
             size += len(chunk)
-    return Layer(path=path, diff_id="sha256:" + sha.hexdigest(), size=size)
+    return sha.hexdigest(), size
+
+
+def file_layer(path: Path) -> Layer:
+    """A layer from an existing uncompressed tar (e.g. a debuerreotype rootfs)."""
+    digest, size = file_sha256(path)
+    return Layer(path=path, diff_id="sha256:" + digest, size=size)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .base import BaseImage, _load as load_base_image, current_base
 from .build import _excluded, config_for, inputs, installer_id, lock_hash, target
 from .context import Context
 from .errors import EnvmgrError, UsageError
-from .image import CHUNK, CountingReader, archive_parts, tarinfo, tree_hash
+from .image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
 from .spec import MethodSpec, find_method, load_spec
 
 FORMAT = "envmgr-export/1"
@@ -75,16 +75,6 @@ class Member:
         return found
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
-    sha = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
-
-
 def _from_bytes(name: str, part: str, data: bytes) -> Member:
     return Member(name, part, len(data), hashlib.sha256(data).hexdigest(), data=data)
 
@@ -105,7 +95,7 @@ def method_members(spec: MethodSpec) -> list[Member]:
         if stat.S_ISLNK(st.st_mode):
             found[name] = Member(name, part, link=os.readlink(path))
         else:
-            sha, size = _file_sha256(path)
+            sha, size = file_sha256(path)
             found[name] = Member(name, part, size, sha, path=path, mode=0o755 if st.st_mode & 0o111 else 0o644)
 
     add(folder / paths.SPEC_FILE, "spec")

@@ -8,15 +8,15 @@ from envmgr.errors import UsageError
 
 def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
     system = tmp_path / "system.toml"
-    system.write_text('base_dir = "/srv/a"\n[mirrors]\npypi = "http://sys/simple"\napt = "http://apt-sys/debian"\n')
+    system.write_text('base_dir = "/srv/a"\n[mirrors]\npypi = "http://sys/simple"\napt = "http://apt-sys/deb"\n')
     user = tmp_path / "user.toml"
     user.write_text('[mirrors]\npypi = "http://user/simple"\n')
     monkeypatch.setenv("ENVMGR_BASE_DIR", "/srv/env")
-    config = load_config({"mirrors": {"apt": "http://flag/debian"}}, files=[system, user], inherit_host=False)
+    config = load_config({"mirrors": {"apt": "http://flag/deb"}}, files=[system, user], inherit_host=False)
     assert config.mirrors.pypi == "http://user/simple"
     assert config.origins["mirrors.pypi"] == f"config {user}"
     assert config.base_dir == Path("/srv/env") and config.origins["base_dir"] == "environment ENVMGR_BASE_DIR"
-    assert config.mirrors.apt == "http://flag/debian" and config.origins["mirrors.apt"] == "command-line flag"
+    assert config.mirrors.apt == "http://flag/deb" and config.origins["mirrors.apt"] == "command-line flag"
 
 
 def test_unknown_key_names_file_key_and_line(tmp_path):
@@ -71,8 +71,8 @@ def test_apt_mirror_from_deb822_and_one_line_sources(tmp_path, monkeypatch):
     import envmgr.config as config_module
 
     sources = tmp_path / "debian.sources"
-    sources.write_text("Types: deb\nURIs: http://apt.invalid/debian\nSuites: bookworm bookworm-updates\n"
-                       "Components: main\n\nTypes: deb\nURIs: http://apt.invalid/debian-security\n"
+    sources.write_text("Types: deb\nURIs: http://apt.invalid/deb\nSuites: bookworm bookworm-updates\n"
+                       "Components: main\n\nTypes: deb\nURIs: http://apt.invalid/deb-security\n"
                        "Suites: bookworm-security\n")
     real_is_file, real_is_dir = Path.is_file, Path.is_dir
 
@@ -81,5 +81,5 @@ def test_apt_mirror_from_deb822_and_one_line_sources(tmp_path, monkeypatch):
                         else real_is_dir(p))
     monkeypatch.setattr(Path, "iterdir", lambda p: iter([sources]))
     found = config_module.host_apt_mirror("bookworm")
-    assert found.value == "http://apt.invalid/debian"
+    assert found.value == "http://apt.invalid/deb"
     assert host_apt_mirror is config_module.host_apt_mirror
