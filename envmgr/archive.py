@@ -40,6 +40,9 @@ def _safe_target(dest: Path, name: str, archive: Path) -> Path | None:
 def kind(path: Path) -> str:
     if path.is_dir():
         return "dir"
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{path}: {_file_kind(mode)}, not a folder, a zip or a tar(.gz) archive")
     if zipfile.is_zipfile(path):
         return "zip"
     try:
@@ -73,14 +76,17 @@ def extract(source: Path, dest: Path) -> None:
                 rel = src.relative_to(source)
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if src.is_symlink():
+                st = src.lstat()
+                if stat.S_ISLNK(st.st_mode):
                     link = os.readlink(src)
                     if os.path.isabs(link) or ".." in PurePosixPath(link).parts:
                         continue  # a link out of the method is dropped
                     target.symlink_to(link)
+                elif stat.S_ISREG(st.st_mode):
+                    _copy_counted(src, target, account)
                 else:
-                    account(src.stat().st_size)
-                    shutil.copy2(src, target)
+                    raise UsageError(f"{src}: {_file_kind(st.st_mode)}, not a regular file; remove it from the "
+                                     "repository (envmgr copies only files, folders and links inside it)")
         return
     if what == "zip":
         try:
@@ -142,6 +148,27 @@ def extract(source: Path, dest: Path) -> None:
                         target.chmod(0o755)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UsageError(f"{source}: corrupt or truncated tar archive ({exc})") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _copy_counted(src: Path, target: Path, account) -> None:
+    """Copy a regular file, counting the bytes really read (a file may grow while it is copied)."""
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise UsageError(f"{src}: not a regular file any more; nothing was added")
+        with open(target, "wb") as out:
+            while chunk := fh.read(1 << 20):
+                account(len(chunk))
+                out.write(chunk)
+    shutil.copystat(src, target)
 
 
 def single_top_folder(root: Path) -> Path:

@@ -260,6 +260,12 @@ def run(
     network: Annotated[str, typer.Option(help="Container network: none (default), host, bridge.")] = "none",
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its run id).")] = None,
     shm_size: Annotated[Optional[str], typer.Option(help="/dev/shm size, e.g. 8g (default: 1/4 of RAM).")] = None,
+    memory: Annotated[Optional[str], typer.Option(help="Memory limit of the run's container, e.g. 64g "
+                                                       "(default: the site's [run] memory, else none).")] = None,
+    as_root: Annotated[bool, typer.Option("--as-root", help="Run the method as root inside its container "
+                                                            "(recorded in run.json). Default when envmgr is root: "
+                                                            "the sudo caller, else the site's [run] run_as "
+                                                            "(65534:65534).")] = False,
 ):
     """Run a method in its image. Arguments after `--` go to the method's entry
     (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
@@ -269,7 +275,8 @@ def run(
     ctx = _context()
     spec = find_method(method, ctx.config.base_dir)
     record = run_method(ctx, RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
-                                        args=list(typer_ctx.args), resume=resume, shm_size=shm_size))
+                                        args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
+                                        memory=memory, as_root=as_root))
     run_dir = ctx.config.base_dir / "runs" / spec.name / record["run_id"]
     found = record.get("artifacts", {})
     ctx.ui.success(f"run {record['run_id']} succeeded → {run_dir}", run_id=record["run_id"], run_dir=str(run_dir),
@@ -293,7 +300,7 @@ def runs_list(typer_ctx: typer.Context,
     from .run import list_runs
 
     ctx = _context()
-    records = list_runs(ctx.config.base_dir, method)
+    records = list_runs(ctx, method)
     if ctx.ui.mode == "json":
         ctx.ui.event("runs", runs=records)
         return
@@ -301,8 +308,9 @@ def runs_list(typer_ctx: typer.Context,
 
     table = Table("run", "method", "status", "started", "ended", "image", box=None)
     for r in records:
-        table.add_row(r["run_id"], r["method"], r["status"], r.get("started") or "", r.get("ended") or "",
-                      r["image"]["tag"])
+        image = r.get("image") if isinstance(r.get("image"), dict) else {}
+        table.add_row(r["run_id"], r["method"], r["status"], str(r.get("started") or ""), str(r.get("ended") or ""),
+                      str(image.get("tag") or ""))
     ctx.ui.console.print(table)
 
 
@@ -313,7 +321,7 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id (from `envmgr r
     from .run import find_run
 
     ctx = _context()
-    record = find_run(ctx.config.base_dir, run_id)
+    record = find_run(ctx, run_id)
     if ctx.ui.mode == "json":
         ctx.ui.event("run", **record)
     else:
@@ -420,8 +428,11 @@ def gc(
 ):
     """Remove superseded method images, stopped envmgr containers and stale cache entries (never what is in use)."""
     from .gc import apply, plan
+    from .run import list_runs
 
     ctx = _context()
+    if not dry_run:
+        list_runs(ctx)    # settle runs whose envmgr was killed, before their stopped containers go
     result = plan(ctx, keep=keep, methods=method)
     if not dry_run:
         result = apply(ctx, result)

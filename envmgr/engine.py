@@ -17,6 +17,8 @@ from docker.types import DeviceRequest, Mount
 
 from . import paths
 from .errors import EngineError, Interrupted, UsageError
+from .gpu import GpuRequest, parse_gpus
+from .logs import split_lines
 
 ENGINE_HINT = ("start it with `sudo systemctl start docker`, or `sudo dockerd &` where there is no systemd; "
                "`envmgr doctor` shows what envmgr sees")
@@ -136,6 +138,9 @@ class Engine:
                     for m in spec.mounts],
             network_mode=spec.network, auto_remove=False, init=True,
             shm_size=spec.shm_size, device_requests=spec.device_requests or None,
+            cap_drop=spec.cap_drop or None, cap_add=spec.cap_add or None, security_opt=spec.security_opt or None,
+            read_only=spec.read_only or None, tmpfs=spec.tmpfs or None, pids_limit=spec.pids_limit,
+            mem_limit=spec.mem_limit,
         )
         container_id = None
         try:
@@ -177,15 +182,25 @@ class Engine:
             self.api.stop(container_id, timeout=timeout)
 
     def _follow(self, container_id: str, on_line: Callable[[str], None] | None) -> None:
-        buffer = b""
-        for chunk in self.api.logs(container_id, stream=True, follow=True, stdout=True, stderr=True):
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                if on_line:
-                    on_line(line.decode("utf-8", errors="replace").rstrip("\r"))
-        if buffer and on_line:
-            on_line(buffer.decode("utf-8", errors="replace"))
+        for line in split_lines(self.api.logs(container_id, stream=True, follow=True, stdout=True, stderr=True)):
+            if on_line:
+                on_line(line)
+
+    def container_state(self, name: str) -> dict[str, Any] | None:
+        """`{"running": bool, "exit_code": int | None, "oom_killed": bool}` of a container, or None."""
+        try:
+            state = self.api.inspect_container(name)["State"]
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            raise EngineError(f"engine refused to inspect container {name}: {_short(exc)}") from None
+        running = bool(state.get("Running"))
+        return {"running": running, "exit_code": None if running else state.get("ExitCode"),
+                "oom_killed": bool(state.get("OOMKilled"))}
+
+    def remove_container(self, name: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self.api.remove_container(name, force=True)
 
     def containers_with_label(self, label: str, all_: bool = True) -> list[dict[str, Any]]:
         return self.api.containers(all=all_, filters={"label": label})
@@ -213,21 +228,40 @@ class ContainerSpec:
     name: str | None = None
     stop_timeout: int = 30
     oom_killed: bool = False
+    # least privilege (run and step containers): see `hardened()`
+    cap_drop: list[str] = field(default_factory=list)
+    cap_add: list[str] = field(default_factory=list)
+    security_opt: list[str] = field(default_factory=list)
+    read_only: bool = False
+    tmpfs: dict[str, str] = field(default_factory=dict)
+    pids_limit: int | None = None
+    mem_limit: str | None = None
+
+    def hardened(self, *, read_only: bool = True, pids_limit: int = 4096, mem_limit: str | None = None,
+                 cap_add: list[str] | None = None) -> "ContainerSpec":
+        """No capabilities (but those named), no privilege gain, a read-only root with tmpfs /tmp."""
+        self.cap_drop = ["ALL"]
+        self.cap_add = list(cap_add or [])
+        self.security_opt = ["no-new-privileges"]
+        self.read_only = read_only
+        if read_only:
+            self.tmpfs = {"/tmp": "rw,nosuid,nodev,exec,mode=1777", **self.tmpfs}
+        self.pids_limit = pids_limit
+        self.mem_limit = mem_limit
+        return self
 
 
-def gpu_device_requests(gpus: str) -> list[DeviceRequest]:
-    """`all`, `none`, a count (`2`) or a list of indices (`0,1`) -> Engine device requests."""
-    gpus = gpus.strip().lower()
-    if gpus in ("none", "0", ""):
+def gpu_device_requests(request: GpuRequest | str) -> list[DeviceRequest]:
+    """What `--gpus` asked for (see gpu.parse_gpus) -> Engine device requests."""
+    if isinstance(request, str):
+        request = parse_gpus(request)
+    if request.kind == "none":
         return []
-    if gpus == "all":
+    if request.kind == "all":
         return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
-    if gpus.isdigit():
-        return [DeviceRequest(count=int(gpus), capabilities=[["gpu"]])]
-    ids = [part.strip() for part in gpus.split(",")]
-    if all(ids):
-        return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-    raise UsageError(f"--gpus {gpus!r}: expected all, none, a count such as 2, or indices such as 0,1")
+    if request.kind == "count":
+        return [DeviceRequest(count=request.count, capabilities=[["gpu"]])]
+    return [DeviceRequest(device_ids=[str(i) for i in request.indices], capabilities=[["gpu"]])]
 
 
 def _json_lines(chunk: bytes | str | dict) -> Iterator[dict[str, Any]]:

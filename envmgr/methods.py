@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 
 from .archive import extract, single_top_folder
 from .errors import UsageError
-from .spec import NAME_RE, MethodSpec, find_method
+from .spec import MethodSpec, find_method, name_problem
 
 SOURCE_DIR = "source"
 LOCK_DIR = "lock"
@@ -107,8 +107,9 @@ def detect_entry(root: Path, entry: str | None) -> list[str]:
 
 def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None, backend: str | None = None,
                gpu: str = "optional") -> tuple[MethodSpec, Detected]:
-    if not NAME_RE.match(name):
-        raise UsageError(f"--name {name!r}: lower-case letters, digits, '.', '_' and '-'")
+    problem = name_problem(name)
+    if problem:
+        raise UsageError(f"--name {name!r}: {problem}")
     if not source.exists():
         raise UsageError(f"{source}: no such file or folder")
     try:

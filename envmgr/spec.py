@@ -14,7 +14,20 @@ from . import paths
 from .errors import UsageError
 from .tomlfile import load_model
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# A method name is an image repository path component (`envmgr/<name>`): lower-case alphanumerics
+# joined by one '.', one or two '_', or dashes; envmgr's own repositories (`envmgr/base-*`) are reserved.
+NAME_RE = re.compile(r"^(?=.{1,63}$)[a-z0-9]+(?:(?:\.|_{1,2}|-+)[a-z0-9]+)*$")
+RESERVED_PREFIXES = ("base-",)
+NAME_RULE = ("lower-case letters and digits, joined by single '.', '_' or '-' (no leading, trailing or "
+             "doubled dots), at most 63 characters, not starting with 'base-' (envmgr's base images)")
+
+
+def name_problem(name: str) -> str | None:
+    if not NAME_RE.match(name):
+        return NAME_RULE
+    if name.startswith(RESERVED_PREFIXES):
+        return f"{name!r} clashes with envmgr's own images (envmgr/base-*)"
+    return None
 
 
 class Adaptations(BaseModel):
@@ -71,8 +84,17 @@ class MethodSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError("lower-case letters, digits, '.', '_' and '-', starting with a letter or digit")
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("source_dir", "lock_dir")
+    @classmethod
+    def _inside_method_folder(cls, value: str) -> str:
+        parts = Path(value).parts
+        if Path(value).is_absolute() or ".." in parts:
+            raise ValueError("a path inside the method's folder (relative, without '..')")
         return value
 
     @field_validator("entry")
@@ -97,11 +119,20 @@ class MethodSpec(BaseModel):
 
     @property
     def source_path(self) -> Path:
-        return (self.folder / self.source_dir).resolve()
+        return self._inside(self.source_dir, "source_dir")
 
     @property
     def lock_path(self) -> Path:
-        return (self.folder / self.lock_dir).resolve()
+        return self._inside(self.lock_dir, "lock_dir")
+
+    def _inside(self, relative: str, key: str) -> Path:
+        """A folder of the method, after links: it must stay inside the method's folder."""
+        folder = self.folder.resolve()
+        path = (folder / relative).resolve()
+        if path != folder and folder not in path.parents:
+            raise UsageError(f"{folder / paths.SPEC_FILE}: key '{key}': {relative!r} leads outside the method's "
+                             f"folder (to {path})")
+        return path
 
     @property
     def env_prefix(self) -> str:
