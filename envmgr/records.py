@@ -75,7 +75,11 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 
 def open_log(run_dir: Path):
     """`log.txt` for appending, never through a link."""
-    fd = os.open(run_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+    try:
+        fd = os.open(run_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise UsageError(f"{run_dir / LOG}: envmgr will not append to it ({exc.strerror}: a link planted there?)",
+                         hint="remove it, then run again") from None
     return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
 

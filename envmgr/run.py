@@ -306,6 +306,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     })
     record.setdefault("attempts", []).append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
+    records.open_log(run_dir).close()     # a link planted over log.txt stops the run before it starts
     write_record(run_dir, record)
 
     container = ContainerSpec(
