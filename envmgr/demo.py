@@ -33,6 +33,14 @@ def _tool(ctx: Context, image: str, script: str, out_dir: Path, args: list[str])
     code = ctx.engine.run(spec, on_line=ctx.ui.log)
     if code != 0:
         raise EnvmgrError(f"demo: {script} failed (exit {code}); re-run with ENVMGR_VERBOSE=1 to see its output")
+    _readable_by_all(out_dir)
+
+
+def _readable_by_all(root: Path) -> None:
+    """What the tools made (safetensors are written 0600) must be readable by the user a method runs as."""
+    for item in [root, *root.rglob("*")]:
+        if not item.is_symlink():
+            item.chmod(item.stat().st_mode | (0o555 if item.is_dir() else 0o444))
 
 
 def main() -> int:

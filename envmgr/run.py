@@ -13,6 +13,7 @@ import re
 import secrets
 import signal
 import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -167,6 +168,35 @@ def _hand_to(path: Path, user: str) -> None:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
+def _unreadable(path: Path, user: str) -> Path | None:
+    """The first file or folder under `path` that `user` (uid:gid) could not read in the container."""
+    uid, gid = (int(x) for x in user.split(":"))
+    if uid == 0:
+        return None
+
+    def readable(item: Path) -> bool:
+        st = item.stat()
+        need = 0o5 if item.is_dir() else 0o4
+        bits = (st.st_mode >> 6) & 7 if st.st_uid == uid else (st.st_mode >> 3) & 7 if st.st_gid == gid else st.st_mode & 7
+        return bits & need == need
+
+    items = [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    return next((item for item in items if not readable(item)), None)
+
+
+def _check_inputs_readable(inputs: list[tuple[str, Path | None]], user: str) -> None:
+    for what, path in inputs:
+        if path is None:
+            continue
+        blocked = _unreadable(path, user)
+        if blocked is not None:
+            st = blocked.stat()
+            raise UsageError(f"the {what} is not readable by the user the method runs as ({user}): {blocked} "
+                             f"(mode {stat.filemode(st.st_mode)}, owner {st.st_uid}:{st.st_gid})",
+                             hint=f"make it readable (`chmod -R a+rX {path}`), set [run] run_as to a user that "
+                                  "can read it, or run with --as-root")
+
+
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.relative_to(root)
@@ -253,8 +283,9 @@ def run(ctx: Context, request: RunRequest) -> dict:
     if device_requests and not ctx.engine.gpus_work(ensure_base(ctx, spec.base_image).image_id, device_requests):
         raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
 
-    result = build_image(ctx, spec)
     user = _run_user(ctx, as_root)
+    _check_inputs_readable([("model", model), ("dataset", dataset)], user)
+    result = build_image(ctx, spec)
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
     output, work = run_dir / records.OUTPUT, run_dir / records.WORK
     for folder in (output, work):

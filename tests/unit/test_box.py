@@ -177,3 +177,18 @@ def test_non_utf8_config_is_a_usage_error(tmp_path):
     config.write_bytes(b'[mirrors]\npypi = "\xff\xfe"\n')
     with pytest.raises(UsageError, match="not UTF-8"):
         load_config(files=[config], inherit_host=False)
+
+
+def test_a_model_the_run_user_cannot_read_is_refused_before_start(tmp_path):
+    from envmgr.run import _check_inputs_readable
+
+    model = tmp_path / "model"
+    (model / "vae").mkdir(parents=True)
+    weights = model / "vae" / "weights.safetensors"
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)          # what an atomic save as root leaves
+    with pytest.raises(UsageError, match="not readable by the user the method runs as"):
+        _check_inputs_readable([("model", model)], "65534:65534")
+    _check_inputs_readable([("model", model)], "0:0")
+    weights.chmod(0o644)
+    _check_inputs_readable([("model", model)], "65534:65534")
