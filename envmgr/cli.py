@@ -464,7 +464,7 @@ def doctor():
     checks = []
     try:
         engine = ctx.engine
-        version = engine.api.version()
+        version = engine.version()
         checks.append(("engine", f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')})", True))
         checks.append(("gpu runtime", "NVIDIA runtime registered" if engine.has_nvidia_runtime()
                        else "no nvidia runtime registered (a GPU run probes the engine first; GPUs need "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import paths
 from .config import MirrorsConfig
-from .engine import BindMount
+from .containers import BindMount
 
 
 def ca_mounts(mirrors: MirrorsConfig) -> list[BindMount]:

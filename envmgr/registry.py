@@ -15,14 +15,12 @@ import json
 import os
 from pathlib import Path
 
-import docker.errors
-
 from . import paths
 from .backends import get_backend
 from .base import current_base
 from .build import target
 from .context import Context
-from .errors import EnvmgrError, Exit, UsageError
+from .errors import EngineError, EnvmgrError, Exit, UsageError
 from .spec import MethodSpec, find_method
 
 USER_VAR = "ENVMGR_REGISTRY_USER"
@@ -74,9 +72,9 @@ def _stream(ctx: Context, start, verb: str, registry: str, total: int) -> dict:
                     done[layer] = current
                 elif line.get("status"):
                     ctx.ui.log(f"{layer + ': ' if layer else ''}{line['status']}")
-    except docker.errors.APIError as exc:
+    except EngineError as exc:
         raise RegistryError(f"registry {registry}: the engine could not {verb}: "
-                            f"{ctx.ui.redact(str(exc.explanation or exc))}") from None
+                            f"{ctx.ui.redact(exc.message)}") from None
     return aux
 
 
@@ -98,8 +96,7 @@ def push(ctx: Context, method: str, registry: str) -> dict:
     ctx.engine.tag(image_id, remote, short)
     try:
         auth = credentials(ctx, registry)
-        aux = _stream(ctx, lambda: ctx.engine.api.push(remote, tag=short, stream=True, decode=True,
-                                                       auth_config=auth), "push", registry, size)
+        aux = _stream(ctx, lambda: ctx.engine.push(remote, short, auth), "push", registry, size)
     finally:
         ctx.engine.remove_image(f"{remote}:{short}")  # only the extra tag: the image keeps its own
     digest_pushed = aux.get("Digest")
@@ -134,7 +131,7 @@ def pull(ctx: Context, method: str, registry: str) -> dict:
     _, data, digest, tag = target(ctx, spec, base)
     remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
     auth = credentials(ctx, registry)
-    _stream(ctx, lambda: ctx.engine.api.pull(remote, tag=short, stream=True, decode=True, auth_config=auth),
+    _stream(ctx, lambda: ctx.engine.pull(remote, short, auth),
             "pull", registry, 0)
     pulled = ctx.engine.inspect_image(f"{remote}:{short}")
     if pulled is None:

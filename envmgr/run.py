@@ -20,8 +20,9 @@ from . import paths
 from .backends import entry_command
 from .base import ensure_base
 from .build import build as build_image
+from .containers import BindMount, ContainerSpec, gpu_requests
 from .context import Context
-from .engine import NVIDIA_HINT, BindMount, ContainerSpec, gpu_device_requests
+from .engine import NVIDIA_HINT
 from .errors import EnvmgrError, Interrupted, UsageError
 from .spec import MethodSpec
 
@@ -168,7 +169,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         gpus = "all"
     else:
         gpus = "none"
-    device_requests = gpu_device_requests(gpus)
+    device_requests = gpu_requests(gpus)
     if device_requests and not ctx.engine.gpus_work(ensure_base(ctx, spec.base_image).image_id, device_requests):
         raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
 
@@ -246,22 +247,22 @@ def run(ctx: Context, request: RunRequest) -> dict:
     )
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network})",
                 run_id=run_id, run_dir=str(run_dir))
-    status, code, tail = _follow(ctx, container, run_dir)
+    status, code, tail, oom_killed = _follow(ctx, container, run_dir)
     record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
-                  oom_killed=container.oom_killed)
+                  oom_killed=oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
     write_record(run_dir, record)
     if status == "interrupted":
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
     if status == "failed":
-        why = "the container was killed for lack of memory (OOM)" if container.oom_killed else f"exit {code}"
+        why = "the container was killed for lack of memory (OOM)" if oom_killed else f"exit {code}"
         last = "\n".join(f"    {line}" for line in tail)
         raise EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / 'log.txt'}\n  last lines:\n{last}")
     return record
 
 
-def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str, int | None, list[str]]:
+def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str, int | None, list[str], bool]:
     tail: deque[str] = deque(maxlen=12)
     log = open(run_dir / "log.txt", "a", encoding="utf-8")
     progress_cm = None
@@ -292,8 +293,10 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str,
                             f"{event.get('s_per_step', 0):.2f} s/step")
 
     code: int | None = None
+    oom_killed = False
     try:
-        code = ctx.engine.run(container, on_line=on_line)
+        ended = ctx.engine.run(container, on_line=on_line)
+        code, oom_killed = ended.exit_code, ended.oom_killed
         status = "succeeded" if code == 0 else "failed"
     except Interrupted:
         status = "interrupted"
@@ -308,7 +311,7 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str,
         log.close()
     if code == 130:
         status = "interrupted"
-    return status, code, list(tail)
+    return status, code, list(tail), oom_killed
 
 
 def _step_bar(ctx: Context, total):

@@ -247,7 +247,7 @@ def read_manifest(path: Path) -> dict:
 
 
 def engine_architecture(ctx: Context) -> str:
-    machine = ctx.engine.api.info().get("Architecture", "")
+    machine = ctx.engine.architecture()
     return ENGINE_ARCH.get(machine, machine)
 
 

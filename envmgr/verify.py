@@ -20,8 +20,8 @@ from pathlib import Path
 from . import paths
 from .backends import get_backend
 from .build import config_for, target
+from .containers import ContainerSpec
 from .context import Context
-from .engine import ContainerSpec
 from .errors import EnvmgrError, UsageError
 from .spec import MethodSpec, find_method
 
@@ -100,7 +100,7 @@ def check_records(ctx: Context, spec: MethodSpec, image_id: str) -> dict:
                               labels={paths.LABEL_METHOD: spec.name, paths.LABEL_KIND: "verify"})
     with ctx.ui.progress(f"checking {spec.name}'s installed files against their RECORDs", total=1,
                          unit="steps") as task:
-        code = ctx.engine.run(container, on_line=lines.append)
+        code = ctx.engine.run(container, on_line=lines.append).exit_code
         task.advance(1)
     found = [line for line in lines if line.startswith("ENVMGR-RECORDS ")]
     if code != 0 or not found:

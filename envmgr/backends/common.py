@@ -8,8 +8,8 @@ from pathlib import Path
 
 from .. import paths
 from ..base import BaseImage
+from ..containers import BindMount, ContainerSpec
 from ..context import Context
-from ..engine import BindMount, ContainerSpec
 from ..errors import EnvmgrError, MirrorError
 from ..mirrors import ca_mounts, uv_env
 
@@ -43,7 +43,7 @@ def run_step(ctx: Context, base: BaseImage, step: str, script: str, mounts: list
         mounts=mounts + ca_mounts(ctx.config.mirrors), workdir=workdir, user=f"{os.getuid()}:{os.getgid()}",
         network="host", labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method},
     )
-    code = ctx.engine.run(spec, on_line=collect)
+    code = ctx.engine.run(spec, on_line=collect).exit_code
     if code != 0:
         tail = [line for line in lines if line.strip()][-6:]
         detail = ctx.ui.redact(" | ".join(t.strip() for t in tail))[-900:]

@@ -34,8 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 from .. import paths
 from ..base import BaseImage
 from ..config import strip_credentials
+from ..containers import BindMount
 from ..context import Context
-from ..engine import BindMount
 from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from ..mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from ..spec import MethodSpec
@@ -513,7 +513,7 @@ def _conda_lock():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", PendingDeprecationWarning)
         from conda_lock.lockfile import parse_conda_lock_file, write_conda_lock_file
-        from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, LockMeta, Lockfile
+        from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, Lockfile, LockMeta
 
     return SimpleNamespace(parse_conda_lock_file=parse_conda_lock_file, write_conda_lock_file=write_conda_lock_file,
                            HashModel=HashModel, LockedDependency=LockedDependency, LockMeta=LockMeta,

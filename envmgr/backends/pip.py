@@ -17,8 +17,8 @@ from pathlib import Path
 from .. import paths
 from ..adapt import effective_requirements, raise_if_unreachable
 from ..base import BaseImage
+from ..containers import BindMount
 from ..context import Context
-from ..engine import BindMount
 from ..errors import EnvmgrError, StaleLockError, UsageError
 from ..mirrors import mirror_hosts
 from ..spec import MethodSpec

@@ -23,13 +23,13 @@ import tomli_w
 from .. import paths
 from ..adapt import adapt_pyproject, raise_if_unreachable, unreachable_in_pyproject
 from ..base import BaseImage
+from ..containers import BindMount
 from ..context import Context
-from ..engine import BindMount
 from ..errors import EnvmgrError, StaleLockError, UsageError
 from ..mirrors import mirror_hosts, poetry_env
 from ..spec import MethodSpec
-from .poetry_lock import select
 from .common import install_requirements_script, run_step, uv_mounts, uv_step_env
+from .poetry_lock import select
 
 POETRY_VERSION = "2.5.1"
 PYPI_MIRROR_PLUGIN_VERSION = "0.6.5"
