@@ -38,7 +38,8 @@ STATE: dict = {}
 @app.callback()
 def main(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable JSON events on stdout.")] = False,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Stream the output of containers and tools.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose",
+                                          help="Stream the output of containers and tools.")] = False,
     base_dir: Annotated[Optional[Path], typer.Option(help="Base directory (models/, datasets/, methods/, runs/, "
                                                           "cache/). Env: ENVMGR_BASE_DIR.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory. Env: ENVMGR_CACHE_DIR.")] = None,
@@ -490,7 +491,8 @@ def doctor():
         raise typer.Exit(int(Exit.ENGINE) if not checks[0][2] else int(Exit.FAILED))
 
 
-def run() -> None:
+def entry() -> None:
+    """The `envmgr` command: the typer app, with errors raised before any verb ran reported too."""
     try:
         app()
     except EnvmgrError as exc:  # raised while parsing the config, before a verb ran

@@ -144,7 +144,7 @@ def _layers(ctx: Context, image_id: str) -> list[tuple[str, int]] | None:
         return None
     chain = hashlib.sha256()
     found = []
-    for diff_id, entry in zip(diff_ids, history):
+    for diff_id, entry in zip(diff_ids, history, strict=True):
         chain.update(diff_id.encode())  # a layer is shared only with the same layers below it
         found.append((chain.hexdigest(), int(entry.get("Size") or 0)))
     return found

@@ -67,7 +67,7 @@ class Member:
     mode: int = 0o644
 
     def entry(self) -> dict:
-        found = {"name": self.name, "part": self.part}
+        found: dict[str, str | int] = {"name": self.name, "part": self.part}
         if self.link is not None:
             found["link"] = self.link
         else:
@@ -134,7 +134,7 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none") 
     members = method_members(spec)
     members.append(_from_bytes(f"{config.image_id().split(':')[1]}.json", "image config", config_bytes))
     layer_parts = ["base layer", "environment layer", "method layer"]
-    for name, layer, part in zip(layer_names, config.layers, layer_parts):
+    for name, layer, part in zip(layer_names, config.layers, layer_parts, strict=False):
         if not any(m.name == name for m in members):
             members.append(Member(name, part, layer.size, layer.diff_id.split(":", 1)[1], path=layer.path))
     members.append(_from_bytes("manifest.json", "docker-archive manifest", docker_manifest))
@@ -234,9 +234,10 @@ def read_manifest(path: Path) -> dict:
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             first = tar.next()
-            if first is None or first.name != MANIFEST:
+            contents = tar.extractfile(first) if first is not None and first.name == MANIFEST else None
+            if contents is None:
                 raise ArchiveError(f"{path}: not an envmgr export (its first member is not {MANIFEST})")
-            manifest = json.loads(tar.extractfile(first).read())
+            manifest = json.loads(contents.read())
     except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
         raise ArchiveError(f"{path}: not a readable envmgr export ({exc}); nothing was loaded") from None
     finally:
@@ -288,6 +289,7 @@ def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Conte
                                        f"{entry['size']}; nothing was loaded")
                 sha = hashlib.sha256()
                 source = tar.extractfile(info)
+                assert source is not None  # info.isfile() was checked above
                 sink = open(keep[info.name], "wb") if info.name in keep else None
                 buffer = None if info.name.endswith("/layer.tar") else bytearray()
                 try:
