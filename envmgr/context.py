@@ -1,4 +1,4 @@
-"""What every verb needs: the effective config, the output, and (lazily) the engine."""
+"""What every verb needs: the effective config, the output, (lazily) the engine, and the step runner."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import EffectiveConfig
 from .engine import Engine
 from .errors import EnvmgrError
+from .steps import StepRunner, run_in_container
 from .ui import Reporter
 
 
@@ -18,6 +19,7 @@ class Context:
     config: EffectiveConfig
     ui: Reporter
     _engine: Engine | None = field(default=None, repr=False)
+    step_runner: StepRunner = field(default=run_in_container, repr=False)  # runs the steps backends describe
 
     @property
     def engine(self) -> Engine:

@@ -86,7 +86,8 @@ def rebuild_id(ctx: Context, spec: MethodSpec, scratch_root: Path | None = None)
     scratch = Path(tempfile.mkdtemp(prefix="verify-", dir=root))
     try:
         config = dataclasses.replace(ctx.config, cache_dir=scratch)
-        scratch_ctx = ScratchContext(config=config, ui=ctx.ui, _engine=ctx._engine, shared_store=ctx.store_dir)
+        scratch_ctx = ScratchContext(config=config, ui=ctx.ui, _engine=ctx._engine, step_runner=ctx.step_runner,
+                                     shared_store=ctx.store_dir)
         ctx.ui.step(f"making {spec.name} again from its inputs in a scratch cache ({scratch})")
         return config_for(scratch_ctx, spec, base, data, digest).image_id()
     finally:

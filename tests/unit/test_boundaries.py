@@ -44,3 +44,10 @@ def test_backends_do_not_import_the_engine():
     offenders = [str(path.relative_to(PACKAGE)) for path in sorted((PACKAGE / "backends").glob("*.py"))
                  if any(name == "envmgr.engine" or name.startswith("envmgr.engine.") for name in _imports(path))]
     assert offenders == [], f"backends describe steps; the build layer runs them: {offenders}"
+
+
+def test_backends_do_not_reach_the_engine_through_the_context():
+    offenders = [f"{path.relative_to(PACKAGE)}:{node.lineno}" for path in sorted((PACKAGE / "backends").glob("*.py"))
+                 for node in ast.walk(ast.parse(path.read_text(), str(path)))
+                 if isinstance(node, ast.Attribute) and node.attr in ("engine", "_engine")]
+    assert offenders == [], f"backends hand their steps to ctx.step_runner instead: {offenders}"
