@@ -25,7 +25,7 @@ from .base import current_base
 from .build import target
 from .context import Context
 from .errors import EngineError, UsageError
-from .image import CHUNK
+from .image import file_sha256
 from .spec import list_methods
 
 LAYER_FILE = re.compile(r"^(env|method)-(.+)-([0-9a-f]{32})\.(tar|json)$")
@@ -218,11 +218,7 @@ def _diff_id(tar: Path) -> str:
                 return known["diff_id"]
         except (ValueError, KeyError):
             pass
-    sha = hashlib.sha256()
-    with open(tar, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            sha.update(chunk)
-    return "sha256:" + sha.hexdigest()
+    return "sha256:" + file_sha256(tar)[0]
 
 
 def _build_running(cache: Path) -> bool:

@@ -21,6 +21,7 @@ from .base import current_base
 from .build import target
 from .context import Context
 from .errors import EngineError, EnvmgrError, Exit, UsageError
+from .files import atomic_write
 from .spec import MethodSpec, find_method
 
 USER_VAR = "ENVMGR_REGISTRY_USER"
@@ -115,9 +116,7 @@ def _record_push(path: Path, record: dict) -> None:
         fcntl.flock(guard, fcntl.LOCK_EX)
         known = json.loads(path.read_text()) if path.is_file() else {}
         known[record["reference"]] = record
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(known, indent=1, sort_keys=True))
 
 
 def pull(ctx: Context, method: str, registry: str) -> dict:

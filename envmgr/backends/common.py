@@ -9,7 +9,9 @@ from .. import paths
 from ..base import BaseImage
 from ..containers import BindMount
 from ..context import Context
+from ..errors import StaleLockError
 from ..mirrors import ca_mounts, uv_env
+from ..spec import MethodSpec
 from ..steps import Step
 
 
@@ -25,6 +27,11 @@ def run_step(ctx: Context, base: BaseImage, step: str, script: str, mounts: list
              method: str = "") -> list[str]:
     """Describe the step and hand it to the context's step runner (the build layer's, or a test's)."""
     return ctx.step_runner(ctx, describe_step(ctx, base, step, script, mounts, env, workdir, method), on_line)
+
+
+def missing_lock(spec: MethodSpec, lock_name: str) -> StaleLockError:
+    """The error every backend gives when a method has no lock yet (exit 3, with the command to make one)."""
+    return StaleLockError(f"{spec.name}: no {lock_name} yet", hint=f"run `envmgr lock {spec.name}`")
 
 
 def uv_mounts(ctx: Context) -> list[BindMount]:

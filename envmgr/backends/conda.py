@@ -39,7 +39,7 @@ from ..context import Context
 from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from ..mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from ..spec import MethodSpec
-from .common import compile_bytecode_script, run_step, uv_mounts, uv_step_env
+from .common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env
 
 ENVIRONMENT = "environment.yml"
 LOCK = "conda-lock.yml"
@@ -246,7 +246,7 @@ class CondaBackend:
 
         path = spec.lock_path / LOCK
         if not path.is_file():
-            raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
+            raise missing_lock(spec, LOCK)
         try:
             return parse_conda_lock_file(path)
         except Exception as exc:  # noqa: BLE001 - yaml, pydantic and version errors alike
@@ -260,7 +260,7 @@ class CondaBackend:
 
         path = spec.lock_path / LOCK
         if not path.is_file():
-            raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
+            raise missing_lock(spec, LOCK)
         try:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             hashes = data["metadata"]["content_hash"]
