@@ -60,8 +60,7 @@ def _current_images(ctx: Context, only: set[str] | None) -> dict[str, str | None
         if base is None:
             current[spec.name] = None
             continue
-        _, _, _, tag = target(ctx, spec, base)
-        current[spec.name] = ctx.engine.image_id(tag) or ""
+        current[spec.name] = ctx.engine.image_id(target(ctx, spec, base).tag) or ""
     return current
 
 

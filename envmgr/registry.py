@@ -18,7 +18,7 @@ from pathlib import Path
 from . import paths
 from .backends import get_backend
 from .base import current_base
-from .build import target
+from .build import require_image, target
 from .context import Context
 from .errors import EngineError, EnvmgrError, Exit, UsageError
 from .files import atomic_write
@@ -85,13 +85,8 @@ def _remote(spec: MethodSpec, registry: str) -> str:
 
 def push(ctx: Context, method: str, registry: str) -> dict:
     registry = _check_registry(registry)
-    spec = find_method(method, ctx.config.base_dir)
-    get_backend(spec).check(spec)
-    _, data, digest, tag = target(ctx, spec)
-    image_id = ctx.engine.image_id(tag)
-    if image_id is None:
-        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
-                         hint=f"build it first: `envmgr build {spec.name}`")
+    wanted, image_id = require_image(ctx, method)
+    spec, data, digest, tag = wanted.spec, wanted.inputs, wanted.digest, wanted.tag
     remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
     size = (ctx.engine.inspect_image(image_id) or {}).get("Size", 0)
     ctx.engine.tag(image_id, remote, short)
@@ -127,7 +122,8 @@ def pull(ctx: Context, method: str, registry: str) -> dict:
     if base is None:
         raise UsageError(f"{spec.name}: no base image {spec.base_image!r} on this server: its ID is part of the "
                          "tag to pull", hint="`envmgr base build`, or `envmgr import` an archive of any method once")
-    _, data, digest, tag = target(ctx, spec, base)
+    wanted = target(ctx, spec, base)
+    data, digest, tag = wanted.inputs, wanted.digest, wanted.tag
     remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
     auth = credentials(ctx, registry)
     _stream(ctx, lambda: ctx.engine.pull(remote, short, auth),

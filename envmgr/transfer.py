@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from . import paths
 from .backends import get_backend
 from .base import BaseImage, _load as load_base_image, current_base
-from .build import _excluded, config_for, inputs, installer_id, lock_hash, target
+from .build import _excluded, inputs, installer_id, lock_hash, require_image
 from .context import Context
 from .errors import EnvmgrError, UsageError
 from .image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
@@ -115,14 +115,9 @@ def method_members(spec: MethodSpec) -> list[Member]:
 
 
 def export(ctx: Context, method: str, out: Path | None, compress: str = "none") -> dict:
-    spec = find_method(method, ctx.config.base_dir)
-    get_backend(spec).check(spec)
-    base, data, digest, tag = target(ctx, spec)
-    image_id = ctx.engine.image_id(tag)
-    if image_id is None:
-        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
-                         hint=f"build it first: `envmgr build {spec.name}`")
-    config = config_for(ctx, spec, base, data, digest)
+    wanted, image_id = require_image(ctx, method)
+    spec, base, data, digest, tag = wanted.spec, wanted.base, wanted.inputs, wanted.digest, wanted.tag
+    config = wanted.config(ctx)
     if config.image_id() != image_id:
         raise EnvmgrError(f"{spec.name}: the cached layers make {config.image_id()[:19]}, not the engine's "
                           f"{image_id[:19]} for {tag}", hint=f"rebuild with `envmgr build --force {spec.name}`")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import paths
 from .backends import get_backend
-from .build import config_for, target
+from .build import target
 from .containers import ContainerSpec
 from .context import Context
 from .errors import EnvmgrError, UsageError
@@ -80,7 +80,7 @@ def image_in_use(ctx: Context, spec: MethodSpec, tag: str) -> tuple[str, str]:
 
 def rebuild_id(ctx: Context, spec: MethodSpec, scratch_root: Path | None = None) -> str:
     """The image ID the inputs give when every layer is made again in a scratch cache."""
-    base, data, digest, _ = target(ctx, spec)
+    wanted = target(ctx, spec)
     root = scratch_root or ctx.cache_dir
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="verify-", dir=root))
@@ -89,7 +89,7 @@ def rebuild_id(ctx: Context, spec: MethodSpec, scratch_root: Path | None = None)
         scratch_ctx = ScratchContext(config=config, ui=ctx.ui, _engine=ctx._engine, step_runner=ctx.step_runner,
                                      shared_store=ctx.store_dir)
         ctx.ui.step(f"making {spec.name} again from its inputs in a scratch cache ({scratch})")
-        return config_for(scratch_ctx, spec, base, data, digest).image_id()
+        return wanted.config(scratch_ctx).image_id()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -113,7 +113,7 @@ def check_records(ctx: Context, spec: MethodSpec, image_id: str) -> dict:
 def verify(ctx: Context, method: str, rebuild: bool = True) -> dict:
     spec = find_method(method, ctx.config.base_dir)
     get_backend(spec).check(spec)
-    _, _, digest, tag = target(ctx, spec)
+    tag = target(ctx, spec).tag
     ref, in_use = image_in_use(ctx, spec, tag)
     result: dict = {"method": spec.name, "tag": tag, "in_use": in_use, "in_use_ref": ref}
     if rebuild:
