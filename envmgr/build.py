@@ -21,6 +21,7 @@ from .backends import entry_command, get_backend
 from .base import BaseImage, ensure_base
 from .context import Context
 from .errors import EngineError, EnvmgrError, UsageError
+from .files import atomic_write
 from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .spec import MethodSpec
 
@@ -218,7 +219,7 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
-    record.write_text(json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
+    atomic_write(record, json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
     return layer
 
 

@@ -113,10 +113,11 @@ class Engine:
     def tag(self, image_id: str, repository: str, tag: str) -> None:
         self._api.tag(image_id, repository, tag, force=True)
 
-    def remove_image(self, ref: str, force: bool = False) -> None:
-        """Remove an image or one of its tags; gone already is fine, a refusal raises EngineError."""
+    def remove_image(self, ref: str) -> None:
+        """Remove an image or one of its tags (never by force: an image in use stays); gone already is fine,
+        a refusal raises EngineError."""
         try:
-            self._api.remove_image(ref, force=force)
+            self._api.remove_image(ref)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
