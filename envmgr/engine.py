@@ -26,6 +26,10 @@ NVIDIA_HINT = ("this engine has no NVIDIA runtime: install the NVIDIA Container 
                "(and restart the engine), or run on the CPU with `--gpus none`")
 
 
+class PushPullRefused(EngineError):
+    """The engine refused a push or a pull (the registry's answer, usually), as opposed to not answering."""
+
+
 class Engine:
     """The Docker Engine, through the SDK; every method answers in plain values or envmgr errors."""
 
@@ -124,11 +128,11 @@ class Engine:
             raise EngineError(_short(exc)) from None
 
     def push(self, repository: str, tag: str, auth: dict[str, str] | None) -> Iterator[dict[str, Any]]:
-        """Push `repository:tag`; yields the engine's progress records. A refusal raises EngineError."""
+        """Push `repository:tag`; yields the engine's progress records. A refusal raises PushPullRefused."""
         return self._stream(lambda: self._api.push(repository, tag=tag, stream=True, decode=True, auth_config=auth))
 
     def pull(self, repository: str, tag: str, auth: dict[str, str] | None) -> Iterator[dict[str, Any]]:
-        """Pull `repository:tag`; yields the engine's progress records. A refusal raises EngineError."""
+        """Pull `repository:tag`; yields the engine's progress records. A refusal raises PushPullRefused."""
         return self._stream(lambda: self._api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth))
 
     @staticmethod
@@ -136,7 +140,7 @@ class Engine:
         try:
             yield from start()
         except docker.errors.APIError as exc:
-            raise EngineError(_short(exc)) from None
+            raise PushPullRefused(_short(exc)) from None
 
     def has_nvidia_runtime(self) -> bool:
         """A registered `nvidia` runtime (the quick answer; `gpus_work` is the sure one)."""

@@ -20,7 +20,8 @@ from .backends import get_backend
 from .base import current_base
 from .build import require_image, target
 from .context import Context
-from .errors import EngineError, EnvmgrError, Exit, UsageError
+from .engine import PushPullRefused
+from .errors import EnvmgrError, Exit, UsageError
 from .files import atomic_write
 from .spec import MethodSpec, find_method
 
@@ -73,7 +74,7 @@ def _stream(ctx: Context, start, verb: str, registry: str, total: int) -> dict:
                     done[layer] = current
                 elif line.get("status"):
                     ctx.ui.log(f"{layer + ': ' if layer else ''}{line['status']}")
-    except EngineError as exc:
+    except PushPullRefused as exc:
         raise RegistryError(f"registry {registry}: the engine could not {verb}: "
                             f"{ctx.ui.redact(exc.message)}") from None
     return aux
