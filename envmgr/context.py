@@ -20,6 +20,7 @@ class Context:
     ui: Reporter
     _engine: Engine | None = field(default=None, repr=False)
     step_runner: StepRunner = field(default=run_in_container, repr=False)  # runs the steps backends describe
+    store: Path | None = field(default=None, repr=False)  # a store shared with another cache (verify's scratch)
 
     @property
     def engine(self) -> Engine:
@@ -34,6 +35,8 @@ class Context:
     @property
     def store_dir(self) -> Path:
         """Base rootfs layers and lock tools: content-addressed, safe to share between cache dirs."""
+        if self.store is not None:
+            return self.store
         value = os.environ.get("ENVMGR_STORE_DIR")
         return Path(value) if value else self.config.cache_dir / "store"
 

@@ -58,17 +58,6 @@ print("ENVMGR-RECORDS " + json.dumps({"dists": dists, "files": files, "bad": bad
 """
 
 
-@dataclass
-class ScratchContext(Context):
-    """A context whose cache is a scratch folder but whose store (base rootfs, lock tools) is shared."""
-
-    shared_store: Path = Path(".")
-
-    @property
-    def store_dir(self) -> Path:
-        return self.shared_store
-
-
 def image_in_use(ctx: Context, spec: MethodSpec, tag: str) -> tuple[str, str]:
     for ref in (tag, f"{spec.image_repository}:latest"):
         found = ctx.engine.image_id(ref)
@@ -86,8 +75,8 @@ def rebuild_id(ctx: Context, spec: MethodSpec, scratch_root: Path | None = None)
     scratch = Path(tempfile.mkdtemp(prefix="verify-", dir=root))
     try:
         config = dataclasses.replace(ctx.config, cache_dir=scratch)
-        scratch_ctx = ScratchContext(config=config, ui=ctx.ui, _engine=ctx._engine, step_runner=ctx.step_runner,
-                                     shared_store=ctx.store_dir)
+        # a scratch cache, but the same engine, output and store (base rootfs, lock tools)
+        scratch_ctx = dataclasses.replace(ctx, config=config, store=ctx.store_dir)
         ctx.ui.step(f"making {spec.name} again from its inputs in a scratch cache ({scratch})")
         return wanted.config(scratch_ctx).image_id()
     finally:
