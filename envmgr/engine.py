@@ -177,10 +177,10 @@ class Engine:
     def run(self, spec: ContainerSpec, on_line: Callable[[str], None] | None = None,
             on_start: Callable[[str], None] | None = None) -> ContainerResult:
         """Create, start and follow a container; it is removed however this ends. Returns how it ended."""
+        name = spec.name or f"envmgr-{uuid.uuid4().hex[:12]}"
         kwargs: dict[str, Any] = dict(
             image=spec.image, command=spec.command, environment=spec.env, working_dir=spec.workdir,
-            user=spec.user, labels={paths.LABEL_MANAGED: "true", **spec.labels},
-            name=spec.name or f"envmgr-{uuid.uuid4().hex[:12]}",
+            user=spec.user, labels={paths.LABEL_MANAGED: "true", **spec.labels}, name=name,
         )
         host_config = dict(
             mounts=[Mount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
@@ -206,6 +206,9 @@ class Engine:
             oom_killed = bool(self._api.inspect_container(container_id)["State"].get("OOMKilled"))
             return ContainerResult(exit_code=int(result.get("StatusCode", 1)), oom_killed=oom_killed)
         except KeyboardInterrupt:
+            if container_id is None:  # interrupted while the engine created it: find it by its name
+                with contextlib.suppress(Exception):
+                    container_id = self._api.inspect_container(name)["Id"]
             if container_id:
                 with contextlib.suppress(Exception):
                     self._api.stop(container_id, timeout=spec.stop_timeout)
