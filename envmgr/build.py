@@ -20,7 +20,8 @@ from . import __version__, paths
 from .backends import entry_command, get_backend
 from .base import BaseImage, ensure_base
 from .context import Context
-from .errors import EngineError, EnvmgrError
+from .errors import EngineError, EnvmgrError, UsageError
+from .files import atomic_write
 from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .spec import MethodSpec
 
@@ -106,6 +107,57 @@ def image_tag(spec: MethodSpec, inputs_hash: str) -> str:
     return f"{spec.image_repository}:{inputs_hash[:16]}"
 
 
+@dataclass(frozen=True)
+class BuildTarget:
+    """What `build` makes from the method's current inputs: the base, the inputs, their hash, the tag."""
+
+    spec: MethodSpec
+    base: BaseImage
+    inputs: dict[str, str]
+    digest: str                # the inputs hash
+
+    @property
+    def tag(self) -> str:
+        return image_tag(self.spec, self.digest)
+
+    @property
+    def lock_hash(self) -> str:
+        return self.inputs["lock"]
+
+    def layers(self, ctx: Context) -> list[Layer]:
+        """Base + environment + method layer, from the cache (or made again when missing)."""
+        return [self.base.layer, env_layer(ctx, self.spec, self.base, self.inputs),
+                method_layer(ctx, self.spec, self.inputs, self.digest)]
+
+    def config(self, ctx: Context) -> ImageConfig:
+        """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
+        return image_config(self.spec, self.base, self.layers(ctx), self.inputs, self.digest)
+
+
+def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> BuildTarget:
+    """What `build` would make now, without building."""
+    base = base or ensure_base(ctx, spec.base_image)
+    data = inputs(ctx, spec, base)
+    return BuildTarget(spec, base, data, _digest(data))
+
+
+def require_image(ctx: Context, method: str) -> tuple[BuildTarget, str]:
+    """The method's current target and the ID of its image in the engine: the preamble of export and push.
+
+    Raises when the method is unknown, its lock is stale, or no image was built from the current inputs.
+    """
+    from .spec import find_method
+
+    spec = find_method(method, ctx.config.base_dir)
+    get_backend(spec).check(spec)
+    wanted = target(ctx, spec)
+    image_id = ctx.engine.image_id(wanted.tag)
+    if image_id is None:
+        raise UsageError(f"{spec.name}: no image for the current inputs ({wanted.tag})",
+                         hint=f"build it first: `envmgr build {spec.name}`")
+    return wanted, image_id
+
+
 def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult:
     started = time.monotonic()
     backend = get_backend(spec)
@@ -114,9 +166,8 @@ def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult
     if base.python_version and not base.python_version.startswith(spec.python + "."):
         raise EnvmgrError(f"{spec.name}: wants Python {spec.python} but base image {spec.base_image} has "
                           f"{base.python_version}")
-    data = inputs(ctx, spec, base)
-    digest = _digest(data)
-    tag = image_tag(spec, digest)
+    wanted = target(ctx, spec, base)
+    data, digest, tag = wanted.inputs, wanted.digest, wanted.tag
     existing = None if force else ctx.engine.image_id(tag)
     if existing:
         ctx.engine.tag(existing, spec.image_repository, "latest")
@@ -132,7 +183,7 @@ def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult
         if existing:
             ctx.engine.tag(existing, spec.image_repository, "latest")
             return BuildResult(spec.name, existing, tag, digest, data["lock"], True, time.monotonic() - started)
-        image_id = _assemble(ctx, spec, base, data, digest, tag)
+        image_id = _assemble(ctx, wanted)
     return BuildResult(spec.name, image_id, tag, digest, data["lock"], False, time.monotonic() - started)
 
 
@@ -168,7 +219,7 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
-    record.write_text(json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
+    atomic_write(record, json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
     return layer
 
 
@@ -223,10 +274,11 @@ def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: d
     )
 
 
-def _assemble(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str], digest: str, tag: str) -> str:
+def _assemble(ctx: Context, wanted: BuildTarget) -> str:
+    tag = wanted.tag
     ctx.ui.step(f"building {tag}")
-    layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
-    config = image_config(spec, base, layers, data, digest)
+    config = wanted.config(ctx)
+    layers = config.layers
     present = ctx.engine.present_layers([layer.diff_id for layer in layers])
     try:
         image_id = _stream_load(ctx, config, present)
@@ -280,22 +332,5 @@ def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> 
 
 def export_archive(ctx: Context, spec: MethodSpec, out) -> str:
     """Write the method's current image as a docker-archive (used by tests and `export`)."""
-    base = ensure_base(ctx, spec.base_image)
-    data = inputs(ctx, spec, base)
-    digest = _digest(data)
-    layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
-    return write_archive(out, image_config(spec, base, layers, data, digest), [image_tag(spec, digest)])
-
-
-def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> tuple[BaseImage, dict[str, str], str, str]:
-    """What `build` would make now, without building: the base, the inputs, their hash and the image tag."""
-    base = base or ensure_base(ctx, spec.base_image)
-    data = inputs(ctx, spec, base)
-    digest = _digest(data)
-    return base, data, digest, image_tag(spec, digest)
-
-
-def config_for(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str], digest: str) -> ImageConfig:
-    """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
-    layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
-    return image_config(spec, base, layers, data, digest)
+    wanted = target(ctx, spec)
+    return write_archive(out, wanted.config(ctx), [wanted.tag])

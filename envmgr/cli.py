@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from . import __version__
-from .config import load_config, mask_url
+from .config import load_config
 from .context import Context
 from .errors import EnvmgrError, Exit, Interrupted
 from .ui import Reporter
@@ -38,7 +38,8 @@ STATE: dict = {}
 @app.callback()
 def main(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable JSON events on stdout.")] = False,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Stream the output of containers and tools.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose",
+                                          help="Stream the output of containers and tools.")] = False,
     base_dir: Annotated[Optional[Path], typer.Option(help="Base directory (models/, datasets/, methods/, runs/, "
                                                           "cache/). Env: ENVMGR_BASE_DIR.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory. Env: ENVMGR_CACHE_DIR.")] = None,
@@ -208,22 +209,15 @@ def lock(
     = False,
 ):
     """Lock a method's environment for its target platform, through the site's mirrors."""
-    from .backends import get_backend
-    from .base import ensure_base
-    from .spec import find_method
+    from .lock import lock as lock_method
 
     ctx = _context()
-    spec = find_method(method, ctx.config.base_dir)
-    backend = get_backend(spec)
-    if check:
-        backend.check(spec)
-        ctx.ui.success(f"{spec.name}: lock is current", method=spec.name, current=True)
+    result = lock_method(ctx, method, check=check, regenerate=regenerate)
+    if result.current:
+        ctx.ui.success(f"{result.method}: lock is current", method=result.method, current=True)
         return
-    base = ensure_base(ctx, spec.base_image)
-    written = backend.lock(ctx, spec, base, regenerate=regenerate)
-    backend.check(spec)
-    ctx.ui.success(f"{spec.name}: locked → {', '.join(str(p) for p in written)}",
-                   method=spec.name, files=[str(p) for p in written])
+    ctx.ui.success(f"{result.method}: locked → {', '.join(str(p) for p in result.files)}",
+                   method=result.method, files=[str(p) for p in result.files])
 
 
 @app.command()
@@ -308,7 +302,7 @@ def runs_list(typer_ctx: typer.Context,
 
     table = Table("run", "method", "status", "started", "ended", "image", box=None)
     for r in records:
-        image = r.get("image") if isinstance(r.get("image"), dict) else {}
+        image = r["image"] if isinstance(r.get("image"), dict) else {}
         table.add_row(r["run_id"], r["method"], r["status"], str(r.get("started") or ""), str(r.get("ended") or ""),
                       str(image.get("tag") or ""))
     ctx.ui.console.print(table)
@@ -402,20 +396,12 @@ def verify(
 
     ctx = _context()
     result = verify_method(ctx, method, rebuild=rebuild)
-    if "image_matches" in result:
-        ctx.ui.info(f"image: {'same' if result['image_matches'] else 'DIFFERENT'} — in use "
-                    f"{result['in_use'][:19]}, rebuilt {result['rebuilt'][:19]}")
-    ctx.ui.info(f"files: {result['files']} files of {result['packages']} packages checked, "
-                f"{len(result['bad_files'])} differ from their RECORD")
-    for dist, path, state in result["bad_files"][:20]:
-        ctx.ui.info(f"  {state}: {path} ({dist})")
-    if not result["ok"]:
-        ctx.ui.event("verify", **result)
-        raise EnvmgrError(f"{result['method']}: verification failed: "
-                          + ", ".join(x for x in ("image ID differs" if not result.get("image_matches", True)
-                                                  else "", f"{len(result['bad_files'])} files differ"
-                                                  if result["bad_files"] else "") if x))
-    ctx.ui.success(f"{result['method']}: verified {result['in_use_ref']}", **result)
+    for line in result.report():
+        ctx.ui.info(line)
+    if not result.ok:
+        ctx.ui.event("verify", **result.fields())
+        raise EnvmgrError(result.failure())
+    ctx.ui.success(f"{result.method}: verified {result.in_use_ref}", **result.fields())
 
 
 @app.command()
@@ -453,55 +439,30 @@ def gc(
 @verb
 def doctor():
     """Show the effective configuration, where each value came from, and what is missing."""
-    from .base import missing_tools
-    from .errors import EngineError
+    from . import doctor as diagnose
 
     ctx = _context()
-    config = ctx.config
-    mirrors = config.mirrors
-    rows = [
-        ("base_dir", str(config.base_dir), config.origins.get("base_dir", "")),
-        ("cache_dir", str(config.cache_dir), config.origins.get("cache_dir", "")),
-        ("mirrors.pypi", mask_url(mirrors.pypi) or "(the installers' default index)",
-         config.origins.get("mirrors.pypi", "nothing configured on the host or for envmgr")),
-        ("mirrors.extra_indexes", ", ".join(mask_url(u) or "" for u in mirrors.extra_indexes) or "-",
-         config.origins.get("mirrors.extra_indexes", "")),
-        ("mirrors.find_links", ", ".join(mask_url(u) or "" for u in mirrors.find_links) or "-",
-         config.origins.get("mirrors.find_links", "")),
-        ("mirrors.apt", mask_url(mirrors.apt) or "-", config.origins.get("mirrors.apt", "")),
-        ("mirrors.ca_bundle", mirrors.ca_bundle or "-", config.origins.get("mirrors.ca_bundle", "")),
-        ("mirrors.https_proxy", mask_url(mirrors.https_proxy) or "-", config.origins.get("mirrors.https_proxy", "")),
-    ]
-    checks = []
-    try:
-        engine = ctx.engine
-        version = engine.api.version()
-        checks.append(("engine", f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')})", True))
-        checks.append(("gpu runtime", "NVIDIA runtime registered" if engine.has_nvidia_runtime()
-                       else "no nvidia runtime registered (a GPU run probes the engine first; GPUs need "
-                            "the NVIDIA Container Toolkit)", True))
-    except EngineError as exc:
-        checks.append(("engine", str(exc), False))
-    missing = missing_tools()
-    checks.append(("base image tools", "debuerreotype, debootstrap present" if not missing
-                   else f"missing: {', '.join(missing)} (apt-get install debuerreotype debootstrap)", not missing))
+    rows = diagnose.settings(ctx.config)
+    checks = diagnose.checks(ctx)
     if ctx.ui.mode == "json":
-        ctx.ui.event("doctor", settings=[{"key": k, "value": v, "origin": o} for k, v, o in rows],
-                     checks=[{"check": c, "status": s, "ok": ok} for c, s, ok in checks])
+        ctx.ui.event("doctor", settings=[vars(row) for row in rows], checks=[vars(check) for check in checks])
     else:
         from rich.table import Table
 
         table = Table("setting", "value", "from", box=None)
         for row in rows:
-            table.add_row(*[ctx.ui.redact(x) for x in row])
+            table.add_row(*[ctx.ui.redact(x) for x in (row.key, row.value, row.origin)])
         ctx.ui.console.print(table)
-        for check, status, ok in checks:
-            ctx.ui.console.print(f"{'[green]ok[/]' if ok else '[red]!![/]'}  {check}: {ctx.ui.redact(status)}")
-    if not all(ok for _, _, ok in checks):
-        raise typer.Exit(int(Exit.ENGINE) if not checks[0][2] else int(Exit.FAILED))
+        for check in checks:
+            ctx.ui.console.print(f"{'[green]ok[/]' if check.ok else '[red]!![/]'}  {check.check}: "
+                                 f"{ctx.ui.redact(check.status)}")
+    code = diagnose.exit_code(checks)
+    if code != Exit.OK:
+        raise typer.Exit(int(code))
 
 
-def run() -> None:
+def entry() -> None:
+    """The `envmgr` command: the typer app, with errors raised before any verb ran reported too."""
     try:
         app()
     except EnvmgrError as exc:  # raised while parsing the config, before a verb ran

@@ -204,7 +204,7 @@ def write_archive(out, config: ImageConfig, repo_tags: list[str],
     with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
         tar.addfile(tarinfo(f"{image_hex}.json", tarfile.REGTYPE, 0o644, len(config_bytes)), io.BytesIO(config_bytes))
         seen = set()
-        for name, layer in zip(layer_names, config.layers):
+        for name, layer in zip(layer_names, config.layers, strict=True):
             if name in seen:
                 continue
             seen.add(name)

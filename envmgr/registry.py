@@ -15,14 +15,14 @@ import json
 import os
 from pathlib import Path
 
-import docker.errors
-
 from . import paths
 from .backends import get_backend
 from .base import current_base
-from .build import target
+from .build import require_image, target
 from .context import Context
+from .engine import PushPullRefused
 from .errors import EnvmgrError, Exit, UsageError
+from .files import atomic_write
 from .spec import MethodSpec, find_method
 
 USER_VAR = "ENVMGR_REGISTRY_USER"
@@ -74,9 +74,9 @@ def _stream(ctx: Context, start, verb: str, registry: str, total: int) -> dict:
                     done[layer] = current
                 elif line.get("status"):
                     ctx.ui.log(f"{layer + ': ' if layer else ''}{line['status']}")
-    except docker.errors.APIError as exc:
+    except PushPullRefused as exc:
         raise RegistryError(f"registry {registry}: the engine could not {verb}: "
-                            f"{ctx.ui.redact(str(exc.explanation or exc))}") from None
+                            f"{ctx.ui.redact(exc.message)}") from None
     return aux
 
 
@@ -86,20 +86,14 @@ def _remote(spec: MethodSpec, registry: str) -> str:
 
 def push(ctx: Context, method: str, registry: str) -> dict:
     registry = _check_registry(registry)
-    spec = find_method(method, ctx.config.base_dir)
-    get_backend(spec).check(spec)
-    _, data, digest, tag = target(ctx, spec)
-    image_id = ctx.engine.image_id(tag)
-    if image_id is None:
-        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
-                         hint=f"build it first: `envmgr build {spec.name}`")
+    wanted, image_id = require_image(ctx, method)
+    spec, data, digest, tag = wanted.spec, wanted.inputs, wanted.digest, wanted.tag
     remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
     size = (ctx.engine.inspect_image(image_id) or {}).get("Size", 0)
     ctx.engine.tag(image_id, remote, short)
     try:
         auth = credentials(ctx, registry)
-        aux = _stream(ctx, lambda: ctx.engine.api.push(remote, tag=short, stream=True, decode=True,
-                                                       auth_config=auth), "push", registry, size)
+        aux = _stream(ctx, lambda: ctx.engine.push(remote, short, auth), "push", registry, size)
     finally:
         ctx.engine.remove_image(f"{remote}:{short}")  # only the extra tag: the image keeps its own
     digest_pushed = aux.get("Digest")
@@ -118,9 +112,7 @@ def _record_push(path: Path, record: dict) -> None:
         fcntl.flock(guard, fcntl.LOCK_EX)
         known = json.loads(path.read_text()) if path.is_file() else {}
         known[record["reference"]] = record
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(known, indent=1, sort_keys=True))
 
 
 def pull(ctx: Context, method: str, registry: str) -> dict:
@@ -131,10 +123,11 @@ def pull(ctx: Context, method: str, registry: str) -> dict:
     if base is None:
         raise UsageError(f"{spec.name}: no base image {spec.base_image!r} on this server: its ID is part of the "
                          "tag to pull", hint="`envmgr base build`, or `envmgr import` an archive of any method once")
-    _, data, digest, tag = target(ctx, spec, base)
+    wanted = target(ctx, spec, base)
+    data, digest, tag = wanted.inputs, wanted.digest, wanted.tag
     remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
     auth = credentials(ctx, registry)
-    _stream(ctx, lambda: ctx.engine.api.pull(remote, tag=short, stream=True, decode=True, auth_config=auth),
+    _stream(ctx, lambda: ctx.engine.pull(remote, short, auth),
             "pull", registry, 0)
     pulled = ctx.engine.inspect_image(f"{remote}:{short}")
     if pulled is None:

@@ -25,8 +25,9 @@ from . import paths, records
 from .backends import entry_command
 from .base import ensure_base
 from .build import build as build_image
+from .containers import BindMount, ContainerSpec, gpu_devices
 from .context import Context
-from .engine import NVIDIA_HINT, BindMount, ContainerSpec, gpu_device_requests
+from .engine import NVIDIA_HINT
 from .errors import EnvmgrError, Interrupted, UsageError
 from .gpu import GpuRequest, parse_gpus
 from .image import file_sha256
@@ -252,8 +253,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
     shm = parse_size(request.shm_size, "--shm-size") if request.shm_size else _default_shm()
-    memory = parse_size(request.memory or ctx.config.run.memory, "--memory") if (
-        request.memory or ctx.config.run.memory) else None
+    memory_text = request.memory or ctx.config.run.memory
+    memory = parse_size(memory_text, "--memory") if memory_text else None
 
     previous: dict | None = None
     if request.resume:
@@ -279,7 +280,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         as_root = request.as_root
 
     gpus = resolve_gpus(ctx, spec, gpu_text if isinstance(gpu_text, str) else None)
-    device_requests = gpu_device_requests(gpus)
+    device_requests = gpu_devices(gpus)
     if device_requests and not ctx.engine.gpus_work(ensure_base(ctx, spec.base_image).image_id, device_requests):
         raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
 
@@ -350,16 +351,16 @@ def run(ctx: Context, request: RunRequest) -> dict:
     ).hardened(pids_limit=ctx.config.run.pids_limit, mem_limit=memory)
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
-    status, code, tail = _follow(ctx, container, run_dir)
+    status, code, tail, oom_killed = _follow(ctx, container, run_dir)
     record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
-                  oom_killed=container.oom_killed)
+                  oom_killed=oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
     write_record(run_dir, record)
     if status == "interrupted":
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
     if status == "failed":
-        why = "the container was killed for lack of memory (OOM)" if container.oom_killed else f"exit {code}"
+        why = "the container was killed for lack of memory (OOM)" if oom_killed else f"exit {code}"
         last = "\n".join(f"    {line}" for line in tail)
         raise EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n  last lines:\n{last}")
     return record
@@ -394,7 +395,7 @@ class _SecondInterrupt:
             signal.signal(sig, handler)
 
 
-def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str, int | None, list[str]]:
+def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str, int | None, list[str], bool]:
     tail: deque[str] = deque(maxlen=12)
     log = records.open_log(run_dir)
     display = TrainingProgress(ctx.ui)
@@ -415,9 +416,11 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str,
 
     code: int | None = None
     status = "failed"
+    oom_killed = False
     with _SecondInterrupt(ctx):
         try:
-            code = ctx.engine.run(container, on_line=on_line)
+            ended = ctx.engine.run(container, on_line=on_line)
+            code, oom_killed = ended.exit_code, ended.oom_killed
             status = "succeeded" if code == 0 else "failed"
         except (Interrupted, KeyboardInterrupt):
             status = "interrupted"
@@ -429,7 +432,7 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str,
             log.close()
     if code == 130:
         status = "interrupted"
-    return status, code, list(tail)
+    return status, code, list(tail), oom_killed
 
 
 def _progress_event(line: str) -> dict | None:
@@ -486,12 +489,11 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
     """A record still `running` whose envmgr is gone (SIGKILL, a crash): stop its container, record why."""
     if record.get("status") != "running" or _owner_alive(record):
         return record
-    name = record.get("container")
-    state = None
-    if isinstance(name, str) and name.startswith("envmgr-run-"):
-        state = ctx.engine.container_state(name)
+    recorded = record.get("container")
+    name = recorded if isinstance(recorded, str) and recorded.startswith("envmgr-run-") else ""
+    state = ctx.engine.container_state(name) if name else None
     if state and state["running"]:
-        ctx.engine.stop(name, timeout=120)
+        ctx.engine.stop_container(name, timeout=120)
         state = ctx.engine.container_state(name) or state
         status, reason = "interrupted", "envmgr was killed; its container was stopped by the next envmgr command"
     elif state:
@@ -503,7 +505,7 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
     if state:
         with records.open_log(run_dir) as log:
             log.write(f"# envmgr: {reason}\n")
-        ctx.engine.remove_container(name)
+        ctx.engine.remove_container(name, force=True)
     code = state["exit_code"] if state else None
     record.update(status=status, reason=reason, exit_code=code, ended=_now(),
                   artifacts=artifacts(run_dir / records.OUTPUT))

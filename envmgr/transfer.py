@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from . import paths
 from .backends import get_backend
 from .base import BaseImage, _load as load_base_image, current_base
-from .build import _excluded, config_for, inputs, installer_id, lock_hash, target
+from .build import _excluded, inputs, installer_id, lock_hash, require_image
 from .context import Context
 from .errors import EnvmgrError, UsageError
 from .image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
@@ -67,7 +67,7 @@ class Member:
     mode: int = 0o644
 
     def entry(self) -> dict:
-        found = {"name": self.name, "part": self.part}
+        found: dict[str, str | int] = {"name": self.name, "part": self.part}
         if self.link is not None:
             found["link"] = self.link
         else:
@@ -115,14 +115,9 @@ def method_members(spec: MethodSpec) -> list[Member]:
 
 
 def export(ctx: Context, method: str, out: Path | None, compress: str = "none") -> dict:
-    spec = find_method(method, ctx.config.base_dir)
-    get_backend(spec).check(spec)
-    base, data, digest, tag = target(ctx, spec)
-    image_id = ctx.engine.image_id(tag)
-    if image_id is None:
-        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
-                         hint=f"build it first: `envmgr build {spec.name}`")
-    config = config_for(ctx, spec, base, data, digest)
+    wanted, image_id = require_image(ctx, method)
+    spec, base, data, digest, tag = wanted.spec, wanted.base, wanted.inputs, wanted.digest, wanted.tag
+    config = wanted.config(ctx)
     if config.image_id() != image_id:
         raise EnvmgrError(f"{spec.name}: the cached layers make {config.image_id()[:19]}, not the engine's "
                           f"{image_id[:19]} for {tag}", hint=f"rebuild with `envmgr build --force {spec.name}`")
@@ -134,7 +129,7 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none") 
     members = method_members(spec)
     members.append(_from_bytes(f"{config.image_id().split(':')[1]}.json", "image config", config_bytes))
     layer_parts = ["base layer", "environment layer", "method layer"]
-    for name, layer, part in zip(layer_names, config.layers, layer_parts):
+    for name, layer, part in zip(layer_names, config.layers, layer_parts, strict=False):
         if not any(m.name == name for m in members):
             members.append(Member(name, part, layer.size, layer.diff_id.split(":", 1)[1], path=layer.path))
     members.append(_from_bytes("manifest.json", "docker-archive manifest", docker_manifest))
@@ -234,9 +229,10 @@ def read_manifest(path: Path) -> dict:
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             first = tar.next()
-            if first is None or first.name != MANIFEST:
+            contents = tar.extractfile(first) if first is not None and first.name == MANIFEST else None
+            if contents is None:
                 raise ArchiveError(f"{path}: not an envmgr export (its first member is not {MANIFEST})")
-            manifest = json.loads(tar.extractfile(first).read())
+            manifest = json.loads(contents.read())
     except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
         raise ArchiveError(f"{path}: not a readable envmgr export ({exc}); nothing was loaded") from None
     finally:
@@ -247,7 +243,7 @@ def read_manifest(path: Path) -> dict:
 
 
 def engine_architecture(ctx: Context) -> str:
-    machine = ctx.engine.api.info().get("Architecture", "")
+    machine = ctx.engine.architecture()
     return ENGINE_ARCH.get(machine, machine)
 
 
@@ -288,6 +284,7 @@ def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Conte
                                        f"{entry['size']}; nothing was loaded")
                 sha = hashlib.sha256()
                 source = tar.extractfile(info)
+                assert source is not None  # info.isfile() was checked above
                 sink = open(keep[info.name], "wb") if info.name in keep else None
                 buffer = None if info.name.endswith("/layer.tar") else bytearray()
                 try:
