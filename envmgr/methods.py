@@ -27,6 +27,9 @@ SOURCE_DIR = "source"
 LOCK_DIR = "lock"
 
 
+_ENV_FILES = {"poetry": "pyproject.toml", "conda": "environment.yml", "pip": "requirements.txt"}
+
+
 @dataclass
 class Detected:
     backend: str
@@ -35,7 +38,7 @@ class Detected:
 
 
 def _names_in_requirements(path: Path) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         line = line.split("#", 1)[0].strip()
         if not line or line.startswith("-"):
@@ -73,7 +76,7 @@ def detect_backend(root: Path, choice: str | None) -> Detected:
     if choice:
         if choice not in found:
             raise UsageError(f"--backend {choice}: the repository has no "
-                             f"{ {'poetry': 'pyproject.toml', 'conda': 'environment.yml', 'pip': 'requirements.txt'}.get(choice, choice)}")
+                             f"{_ENV_FILES.get(choice, choice)}")
         return Detected(choice, found[choice])
     if not found:
         raise UsageError(f"{root}: no environment file found (pyproject.toml, environment.yml or requirements.txt)",

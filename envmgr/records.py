@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .files import atomic_write
 
 RECORD = "run.json"
 LOG = "log.txt"
@@ -36,21 +37,9 @@ def check_run_id(run_id: str) -> str:
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """Replace `run_dir/run.json` atomically, never through a link."""
-    data = json.dumps(record, indent=1, sort_keys=True).encode()
-    tmp = run_dir / f".{RECORD}.{os.getpid()}.tmp"
-    if tmp.is_symlink():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, run_dir / RECORD)   # rename replaces a link itself, never its target
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Replace `run_dir/run.json` atomically: a fresh temp file (O_EXCL) renamed over it, so a link
+    there is replaced itself, never followed."""
+    atomic_write(run_dir / RECORD, json.dumps(record, indent=1, sort_keys=True))
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:

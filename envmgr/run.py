@@ -29,6 +29,7 @@ from .containers import BindMount, ContainerSpec, gpu_devices
 from .context import Context
 from .engine import NVIDIA_HINT
 from .errors import EnvmgrError, Interrupted, UsageError
+from .files import atomic_write
 from .gpu import GpuRequest, parse_gpus
 from .image import file_sha256
 from .records import check_run_id, write_record
@@ -71,7 +72,8 @@ def resolve_model(base_dir: Path, name: str | None, spec: MethodSpec) -> Path | 
     candidate = Path(name).expanduser()
     path = candidate if candidate.is_absolute() else base_dir / "models" / name
     if not path.is_dir():
-        present = sorted(p.name for p in (base_dir / "models").iterdir() if p.is_dir()) if (base_dir / "models").is_dir() else []
+        models = base_dir / "models"
+        present = sorted(p.name for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
         raise UsageError(f"model {name!r} not found at {path} (models/ holds: {', '.join(present) or 'nothing'})",
                          hint="put a diffusers model folder there, or pass --model NAME or an absolute path")
     return path.resolve()
@@ -85,7 +87,8 @@ def resolve_dataset(base_dir: Path, name: str | None) -> Path | None:
         if path.exists():
             return path.resolve()
     present = sorted(p.name for p in (base_dir / "datasets").iterdir()) if (base_dir / "datasets").is_dir() else []
-    raise UsageError(f"dataset {name!r} not found under {base_dir / 'datasets'} (holds: {', '.join(present) or 'nothing'})")
+    raise UsageError(f"dataset {name!r} not found under {base_dir / 'datasets'} "
+                     f"(holds: {', '.join(present) or 'nothing'})")
 
 
 def content_hash(path: Path, cache_dir: Path | None = None) -> str:
@@ -116,10 +119,7 @@ def content_hash(path: Path, cache_dir: Path | None = None) -> str:
     digest = "sha256:" + sha.hexdigest()
     if memo_file:
         memo[str(path)] = {"stamp": stamp.hexdigest(), "hash": digest, "v": 2}
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_file)
+        atomic_write(memo_file, json.dumps(memo))
     return digest
 
 
@@ -136,7 +136,8 @@ def artifacts(output: Path) -> dict[str, list[str]]:
     return {
         "lora": rel(output.glob("*.safetensors")),
         "checkpoints": rel(p for p in output.glob("checkpoint-*") if p.is_dir()),
-        "validation_images": rel((output / "validation_images").glob("*")) if (output / "validation_images").is_dir() else [],
+        "validation_images": rel((output / "validation_images").glob("*"))
+        if (output / "validation_images").is_dir() else [],
         "loss_plot": rel(output.glob("loss.png")),
         "metrics": rel(output.glob("metrics.jsonl")),
     }
@@ -178,7 +179,8 @@ def _unreadable(path: Path, user: str) -> Path | None:
     def readable(item: Path) -> bool:
         st = item.stat()
         need = 0o5 if item.is_dir() else 0o4
-        bits = (st.st_mode >> 6) & 7 if st.st_uid == uid else (st.st_mode >> 3) & 7 if st.st_gid == gid else st.st_mode & 7
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+        bits = (st.st_mode >> shift) & 7
         return bits & need == need
 
     items = [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]
@@ -328,7 +330,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "layout": records.LAYOUT,
         "run_id": run_id, "method": spec.name, "image": {"id": result.image_id, "tag": result.tag},
         "lock_hash": result.lock_hash, "inputs_hash": result.inputs_hash,
-        "model": {"name": model.name, "path": str(model), "hash": content_hash(model, ctx.cache_dir)} if model else None,
+        "model": {"name": model.name, "path": str(model), "hash": content_hash(model, ctx.cache_dir)}
+        if model else None,
         "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset, ctx.cache_dir)}
         if dataset else None,
         "arguments": args, "command": command, "gpus": gpus.env_value(), "network": request.network,
