@@ -206,14 +206,17 @@ def lock(
     = False,
     regenerate: Annotated[bool, typer.Option("--regenerate", help="Re-solve every package, not only changes.")]
     = False,
+    variant: Annotated[Optional[str], typer.Option(help="Lock this variant of the method (see `envmgr show`).")]
+    = None,
 ):
     """Lock a method's environment for its target platform, through the site's mirrors."""
     from .backends import get_backend
     from .base import ensure_base
     from .spec import find_method
+    from .variants import variant_spec
 
     ctx = _context()
-    spec = find_method(method, ctx.config.base_dir)
+    spec = variant_spec(find_method(method, ctx.config.base_dir), variant)
     backend = get_backend(spec)
     if check:
         backend.check(spec)
