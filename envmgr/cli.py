@@ -185,13 +185,23 @@ def show(method: Annotated[str, typer.Argument(help="Method name.")]):
             "base_image": spec.base_image, "entry": spec.entry, "gpu": spec.gpu,
             "default_model": spec.default_model, "env": spec.env, "lock": lock_state,
             "packages": summary.get("packages"), "adaptations": spec.adapt.describe()}
+    from .gpu_plan import variant_rows
+
+    variants = variant_rows(ctx, spec) \
+        if spec.gpu != "none" or spec.variants else []
     if ctx.ui.mode == "json":
-        ctx.ui.event("method", **info, pins=summary.get("pins"))
+        ctx.ui.event("method", **info, pins=summary.get("pins"), variants=variants)
         return
     for key, value in info.items():
         if key == "adaptations":
             value = "none" if not value else "\n" + "\n".join(f"{'':>15}{line}" for line in value)
         ctx.ui.console.print(f"[bold]{key:>13}[/]  {escape(str(value))}", markup=True, highlight=False)
+    for row in variants:
+        pinned = ", ".join(f"{k} {v}" for k, v in row["pins"].items())
+        line = f"{row['variant']}: {row['requires']}" + (f" [{pinned}]" if pinned else "") + \
+            ("" if row["lock"] == "current" else f" (lock {row['lock']})")
+        ctx.ui.console.print(f"[bold]{'variant' if row is variants[0] else '':>13}[/]  {escape(line)}", markup=True,
+                             highlight=False)
     pins = summary.get("pins") or {}
     if pins and ctx.ui.verbose:
         for name, version in sorted(pins.items()):
@@ -213,13 +223,17 @@ def lock(
     from .backends import get_backend
     from .base import ensure_base
     from .spec import find_method
-    from .variants import variant_spec
+    from .errors import StaleLockError
+    from .variants import restate_stale, variant_spec
 
     ctx = _context()
     spec = variant_spec(find_method(method, ctx.config.base_dir), variant)
     backend = get_backend(spec)
     if check:
-        backend.check(spec)
+        try:
+            backend.check(spec)
+        except StaleLockError as exc:
+            raise restate_stale(spec, exc) from None
         ctx.ui.success(f"{spec.name}: lock is current", method=spec.name, current=True)
         return
     base = ensure_base(ctx, spec.base_image)
@@ -235,14 +249,21 @@ def build(
     method: Annotated[str, typer.Argument(help="Method name.")],
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the image for these inputs exists.")]
     = False,
+    variant: Annotated[Optional[str], typer.Option(help="Build this variant of the method (see `envmgr show`).")]
+    = None,
 ):
     """Build the method's image from its lock (a no-op when the image for these inputs exists)."""
     from .build import build as build_image
+    from .errors import StaleLockError
     from .spec import find_method
+    from .variants import restate_stale, variant_spec
 
     ctx = _context()
-    spec = find_method(method, ctx.config.base_dir)
-    result = build_image(ctx, spec, force=force)
+    spec = variant_spec(find_method(method, ctx.config.base_dir), variant)
+    try:
+        result = build_image(ctx, spec, force=force)
+    except StaleLockError as exc:
+        raise restate_stale(spec, exc) from None
     what = "up to date" if result.reused else "built"
     ctx.ui.success(f"{spec.name}: {what} {result.tag} ({result.image_id[:19]}, {result.seconds:.1f} s)",
                    method=spec.name, image=result.image_id, tag=result.tag, reused=result.reused,
@@ -263,6 +284,8 @@ def run(
     network: Annotated[str, typer.Option(help="Container network: none (default), host, bridge.")] = "none",
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its run id).")] = None,
     shm_size: Annotated[Optional[str], typer.Option(help="/dev/shm size, e.g. 8g (default: 1/4 of RAM).")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Run this variant (default: the newest one this host's "
+                                                        "driver and GPUs can use).")] = None,
 ):
     """Run a method in its image. Arguments after `--` go to the method's entry
     (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
@@ -272,7 +295,8 @@ def run(
     ctx = _context()
     spec = find_method(method, ctx.config.base_dir)
     record = run_method(ctx, RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
-                                        args=list(typer_ctx.args), resume=resume, shm_size=shm_size))
+                                        args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
+                                        variant=variant))
     run_dir = ctx.config.base_dir / "runs" / spec.name / record["run_id"]
     found = record.get("artifacts", {})
     ctx.ui.success(f"run {record['run_id']} succeeded → {run_dir}", run_id=record["run_id"], run_dir=str(run_dir),
@@ -474,6 +498,9 @@ def doctor():
                             "the NVIDIA Container Toolkit)", True))
     except EngineError as exc:
         checks.append(("engine", str(exc), False))
+    from .gpu_plan import doctor_row
+
+    checks.append(doctor_row(ctx))
     missing = missing_tools()
     checks.append(("base image tools", "debuerreotype, debootstrap present" if not missing
                    else f"missing: {', '.join(missing)} (apt-get install debuerreotype debootstrap)", not missing))

@@ -23,6 +23,8 @@ from .build import build as build_image
 from .context import Context
 from .engine import NVIDIA_HINT, BindMount, ContainerSpec, gpu_device_requests
 from .errors import EnvmgrError, Interrupted, UsageError
+from .gpu import parse_gpus
+from .gpu_plan import preflight as gpu_preflight
 from .spec import MethodSpec
 
 SUBDIRS = ("models", "datasets", "methods", "runs", "cache")
@@ -38,6 +40,7 @@ class RunRequest:
     args: list[str] = field(default_factory=list)
     resume: str | None = None
     shm_size: str | None = None
+    variant: str | None = None     # None: the newest variant this host's GPUs can use (envmgr/gpu_plan.py)
 
 
 def prepare_base_dir(base_dir: Path) -> None:
@@ -168,9 +171,14 @@ def run(ctx: Context, request: RunRequest) -> dict:
         gpus = "all"
     else:
         gpus = "none"
+    parse_gpus(gpus)   # one --gpus syntax and error for every verb (envmgr/gpu.py)
     device_requests = gpu_device_requests(gpus)
     if device_requests and not ctx.engine.gpus_work(ensure_base(ctx, spec.base_image).image_id, device_requests):
         raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
+    # --- GPU check (envmgr/gpu_plan.py): the variant and the host's driver/GPUs, before anything starts
+    gpu_plan = gpu_preflight(ctx, spec, gpus, request.variant)
+    spec = gpu_plan.spec
+    # ---
 
     previous: dict | None = None
     if request.resume:
@@ -190,6 +198,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         args = list(request.args)
 
     result = build_image(ctx, spec)
+    gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
     output = run_dir / "output"
     output.mkdir(exist_ok=True)
@@ -217,6 +226,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         env["TRAINING_NUM_PROCESSES"] = str(count)
     elif gpus == "all" and device_requests:
         env["TRAINING_NUM_PROCESSES"] = "auto"
+    env.update(gpu_plan.env())   # ENVMGR_GPUS, and one process per GPU when the host's GPUs are known
     if not device_requests:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -230,6 +240,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         if dataset else None,
         "arguments": args, "command": command, "gpus": gpus, "network": request.network,
         "host": socket.gethostname(), "user": getpass.getuser(), "status": "running", "exit_code": None,
+        "gpu": gpu_plan.record(),
     })
     record.setdefault("attempts", []).append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
