@@ -280,6 +280,12 @@ class GpuCheck:
         return self.problem is None
 
 
+def _by_index(gpus: list[HostGpu] | tuple[HostGpu, ...]) -> str:
+    """`--gpus` naming these GPUs (one index is written `3,`: `3` alone is a count)."""
+    text = ",".join(str(g.index) for g in gpus)
+    return text + "," if len(gpus) == 1 else text
+
+
 def select_gpus(request: GpuRequest, host: HostGpuFacts) -> tuple[tuple[HostGpu, ...], str | None]:
     """The host GPUs a request names, or why it cannot have them."""
     have = host.gpus
@@ -290,8 +296,7 @@ def select_gpus(request: GpuRequest, host: HostGpuFacts) -> tuple[tuple[HostGpu,
         assert request.count is not None
         if request.count > len(have):
             return (), (f"--gpus {request.count} asks for {request.count} GPUs but this host has {len(have)} "
-                        f"({listing}): ask for at most {len(have)}, or name them, e.g. --gpus "
-                        + ",".join(str(g.index) for g in have))
+                        f"({listing}): ask for at most {len(have)}, or name them, e.g. --gpus {_by_index(have)}")
         return have[: request.count], None
     by_index = {g.index: g for g in have}
     missing = [i for i in request.indices if i not in by_index]
@@ -302,12 +307,9 @@ def select_gpus(request: GpuRequest, host: HostGpuFacts) -> tuple[tuple[HostGpu,
 
 
 def check(request: GpuRequest, image: ImageGpuFacts, host: HostGpuFacts, *,
-          memory_gb: float | None = None, fix_driver: str | None = None) -> GpuCheck:
-    """Whether `image` can use the GPUs `request` names on `host`.
-
-    `fix_driver` is what to suggest besides a newer driver (e.g. "or use variant cu128 (--variant cu128)").
-    Nothing is checked for `--gpus none`: the CPU was chosen.
-    """
+          memory_gb: float | None = None) -> GpuCheck:
+    """Whether `image` can use the GPUs `request` names on `host`: the first problem, with its fix,
+    or the GPUs it will use. Nothing is checked for `--gpus none`: the CPU was chosen."""
     if not request.wants_gpus:
         return GpuCheck()
     if host.problem:
@@ -323,48 +325,62 @@ def check(request: GpuRequest, image: ImageGpuFacts, host: HostGpuFacts, *,
     if len(names) > 1:
         same = [g for g in gpus if g.name == gpus[0].name]
         return GpuCheck(problem=f"--gpus {request.env_value()} mixes GPU models ({', '.join(names)}): one "
-                                "training run needs one kind; choose them by index, e.g. --gpus "
-                                + ",".join(str(g.index) for g in same))
+                                f"training run needs one kind; choose them by index, e.g. --gpus {_by_index(same)}")
     notes: list[str] = []
-    if image.cuda and host.driver:
-        need = min_driver(image.cuda)
-        if need and _version_tuple(host.driver) < need:
-            also = f", {fix_driver}" if fix_driver else ""
-            return GpuCheck(problem=f"this image needs NVIDIA driver ≥ {_version_text(need)} (CUDA {image.cuda}) "
-                                    f"but this host has {host.driver} (CUDA {host.cuda or '?'}): upgrade the "
-                                    f"driver{also}")
-        full = full_driver(image.cuda)
-        if full and _version_tuple(host.driver) < full:
-            notes.append(f"driver {host.driver} runs CUDA {image.cuda} through minor-version compatibility "
-                         f"(no PTX JIT; driver ≥ {'.'.join(map(str, full))} runs everything)")
-    if image.cuda and image.archs:
-        for gpu in gpus:
-            how = arch_support(gpu.capability, image.archs)
-            sm = f"sm_{gpu.capability[0]}{gpu.capability[1]}"
-            built = ImageGpuFacts(cuda=image.cuda, archs=image.archs).describe().split("; GPUs ")[-1]
-            if how is None:
-                older = all(_arch_capability(a) > gpu.capability for a in image.archs if "_" in a)
-                fix = ("a variant with an older torch that still ships it" if older
-                       else "a variant with a newer torch/CUDA built for it")
-                return GpuCheck(problem=f"GPU {gpu.index} ({gpu.name}, {sm}) has no kernels in this image "
-                                        f"(torch {image.torch or '?'} is built for {built}): use {fix}")
-            if how == "ptx":
-                full = full_driver(image.cuda)
-                if full and host.driver and _version_tuple(host.driver) < full:
-                    return GpuCheck(problem=f"GPU {gpu.index} ({gpu.name}, {sm}) needs PTX JIT of this image's "
-                                            f"CUDA {image.cuda} kernels, which needs driver ≥ "
-                                            f"{'.'.join(map(str, full))} (this host has {host.driver}): "
-                                            "upgrade the driver")
-                notes.append(f"GPU {gpu.index} ({sm}) runs JIT-compiled PTX: the first steps are slow")
-    elif image.cuda:
+    problem = (_driver_problem(image, host, notes) or _arch_problem(image, host, gpus, notes)
+               or _memory_problem(host, gpus, memory_gb))
+    return GpuCheck(problem=problem) if problem else GpuCheck(gpus=gpus, notes=tuple(notes))
+
+
+def _driver_problem(image: ImageGpuFacts, host: HostGpuFacts, notes: list[str]) -> str | None:
+    if not (image.cuda and host.driver):
+        return None
+    need = min_driver(image.cuda)
+    if need and _version_tuple(host.driver) < need:
+        return (f"this image needs NVIDIA driver ≥ {_version_text(need)} (CUDA {image.cuda}) but this host has "
+                f"{host.driver} (CUDA {host.cuda or '?'}): upgrade the driver")
+    full = full_driver(image.cuda)
+    if full and _version_tuple(host.driver) < full:
+        notes.append(f"driver {host.driver} runs CUDA {image.cuda} through minor-version compatibility "
+                     f"(no PTX JIT; driver ≥ {'.'.join(map(str, full))} runs everything)")
+    return None
+
+
+def _arch_problem(image: ImageGpuFacts, host: HostGpuFacts, gpus: tuple[HostGpu, ...],
+                  notes: list[str]) -> str | None:
+    if not image.cuda:
+        return None
+    if not image.archs:
         notes.append("the image's GPU architectures are unknown: not checked")
-    if memory_gb:
-        small = [g for g in gpus if g.memory_bytes < memory_gb * 1e9]
-        if small:
-            gpu = small[0]
-            big = [g for g in host.gpus if g.memory_bytes >= memory_gb * 1e9]
-            fix = (f"choose larger GPUs, e.g. --gpus {','.join(str(g.index) for g in big)}" if big
-                   else "use a server with larger GPUs")
-            return GpuCheck(problem=f"GPU {gpu.index} ({gpu.name}) has {gpu.memory_bytes / 1e9:.1f} GB; this "
-                                    f"method needs {memory_gb:g} GB per GPU: {fix}")
-    return GpuCheck(gpus=gpus, notes=tuple(notes))
+        return None
+    built = image.describe().split("; GPUs ")[-1]
+    for gpu in gpus:
+        how = arch_support(gpu.capability, image.archs)
+        sm = f"sm_{gpu.capability[0]}{gpu.capability[1]}"
+        if how is None:
+            older = all(_arch_capability(a) > gpu.capability for a in image.archs if "_" in a)
+            fix = ("a variant with an older torch that still ships it" if older
+                   else "a variant with a newer torch/CUDA built for it")
+            return (f"GPU {gpu.index} ({gpu.name}, {sm}) has no kernels in this image (torch {image.torch or '?'} "
+                    f"is built for {built}): use {fix}")
+        if how == "ptx":
+            full = full_driver(image.cuda)
+            if full and host.driver and _version_tuple(host.driver) < full:
+                return (f"GPU {gpu.index} ({gpu.name}, {sm}) needs PTX JIT of this image's CUDA {image.cuda} "
+                        f"kernels, which needs driver ≥ {'.'.join(map(str, full))} (this host has {host.driver}): "
+                        "upgrade the driver")
+            notes.append(f"GPU {gpu.index} ({sm}) runs JIT-compiled PTX: the first steps are slow")
+    return None
+
+
+def _memory_problem(host: HostGpuFacts, gpus: tuple[HostGpu, ...], memory_gb: float | None) -> str | None:
+    if not memory_gb:
+        return None
+    small = [g for g in gpus if g.memory_bytes < memory_gb * 1e9]
+    if not small:
+        return None
+    big = [g for g in host.gpus if g.memory_bytes >= memory_gb * 1e9]
+    fix = (f"choose larger GPUs, e.g. --gpus {_by_index(big)}" if big
+           else "use a server with larger GPUs")
+    return (f"GPU {small[0].index} ({small[0].name}) has {small[0].memory_bytes / 1e9:.1f} GB; this method needs "
+            f"{memory_gb:g} GB per GPU: {fix}")

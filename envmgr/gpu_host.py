@@ -27,9 +27,10 @@ def read_nvml(nvml: Any = None) -> HostGpuFacts:
     """Facts through NVML; `problem` says why not (no library, no driver loaded, a failing call)."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             return HostGpuFacts(problem="the nvidia-ml-py package is missing from envmgr's environment")
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:

@@ -120,7 +120,7 @@ def preflight(ctx: Context, spec: MethodSpec, gpus: str, variant: str | None = N
         why = ""
     host = host or host_facts(ctx, spec)
     results = [(c, facts, check(request, facts, host, memory_gb=c.gpu_memory_gb)) for c, facts in candidates]
-    for position, (candidate, facts, result) in enumerate(results):
+    for position, (candidate, _facts, result) in enumerate(results):
         if result.ok:
             if not why:
                 skipped = [f"{label(c)} {f.describe()}" for c, f, _ in results[:position]]
