@@ -188,3 +188,15 @@ def test_probe_failure_keeps_both_reasons():
     facts = read(probe=refused, nvml=FakeNvml("init"))
     assert "init failed" in facts.problem and "no NVIDIA runtime" in facts.problem
     assert "no output" in parse_probe([]).problem
+
+
+def test_sd_demo_locks_are_current_and_name_their_cuda(sd_demo):
+    """Both shipped locks match their inputs, offline: the default CUDA 13.0, the cu128 variant CUDA 12.8."""
+    from envmgr.backends import get_backend
+    from envmgr.gpu_image import lock_facts
+
+    for name, torch, cuda in [(None, "2.13.0", "13.0"), ("cu128", "2.10.0", "12.8")]:
+        spec = variant_spec(sd_demo, name)
+        get_backend(spec).check(spec)
+        facts = lock_facts(spec)
+        assert (facts.torch, facts.cuda) == (torch, cuda) and facts.cudnn.startswith("9.")
