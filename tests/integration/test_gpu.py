@@ -51,6 +51,11 @@ def test_variant_locks_beside_the_default_builds_its_own_image_and_runs(workspac
     # the variant's lock is not in either image's method files: locking it again rebuilds neither
     assert _done(workspace.envmgr("--json", "build", "tiny", mirror=mirror_a.url))["reused"]
 
+    # each variant's current image is current, not a superseded image of the method
+    gc = _done(workspace.envmgr("--json", "gc", "--keep", "0", "--method", "tiny", "--dry-run"))
+    removed = {item["what"] for item in gc["removed"] if item["kind"] == "image"}
+    assert not {default["image"], old["image"]} & removed
+
     for variant, greeting in [("old", "alpha+beta-1.0"), ("default", "alpha+beta-1.1")]:
         ran = _done(workspace.envmgr("--json", "run", "tiny", "--variant", variant, "--gpus", "none",
                                      mirror=mirror_a.url))
