@@ -299,7 +299,8 @@ def export_archive(ctx: Context, spec: MethodSpec, out) -> str:
     data = inputs(ctx, spec, base)
     digest = _digest(data)
     layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
-    return write_archive(out, image_config(spec, base, layers, data, digest, _gpu_labels(ctx, spec, data)), [image_tag(spec, digest)])
+    config = image_config(spec, base, layers, data, digest, _gpu_labels(ctx, spec, data))
+    return write_archive(out, config, [image_tag(spec, digest)])
 
 
 def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> tuple[BaseImage, dict[str, str], str, str]:

@@ -187,8 +187,7 @@ def show(method: Annotated[str, typer.Argument(help="Method name.")]):
             "packages": summary.get("packages"), "adaptations": spec.adapt.describe()}
     from .gpu_plan import variant_rows
 
-    variants = variant_rows(ctx, spec) \
-        if spec.gpu != "none" or spec.variants else []
+    variants = variant_rows(ctx, spec) if spec.gpu != "none" or spec.variants else []
     if ctx.ui.mode == "json":
         ctx.ui.event("method", **info, pins=summary.get("pins"), variants=variants)
         return
@@ -222,8 +221,8 @@ def lock(
     """Lock a method's environment for its target platform, through the site's mirrors."""
     from .backends import get_backend
     from .base import ensure_base
-    from .spec import find_method
     from .errors import StaleLockError
+    from .spec import find_method
     from .variants import restate_stale, variant_spec
 
     ctx = _context()
