@@ -66,7 +66,21 @@ def host_facts(ctx: Context, spec: MethodSpec) -> HostGpuFacts:
             device_requests=gpu_device_requests("all"), labels={paths.LABEL_KIND: "gpu-probe"}), on_line=lines.append)
         return lines
 
+    engine_at = ctx.config.engine_url or os.environ.get("DOCKER_HOST", "")
+    if engine_at.startswith(("tcp://", "ssh://", "http://", "https://")):
+        return read_host(probe=probe, nvml=_NoNvml)   # the engine's GPUs, not this machine's
     return read_host(probe=probe)
+
+
+class _NoNvml:
+    """NVML of a machine that is not the engine's: not asked."""
+
+    class NVMLError(Exception):
+        pass
+
+    @classmethod
+    def nvmlInit(cls) -> None:
+        raise cls.NVMLError("the engine is on another machine")
 
 
 def _built_facts(ctx: Context, spec: MethodSpec, facts: ImageGpuFacts) -> ImageGpuFacts:

@@ -200,3 +200,24 @@ def test_sd_demo_locks_are_current_and_name_their_cuda(sd_demo):
         get_backend(spec).check(spec)
         facts = lock_facts(spec)
         assert (facts.torch, facts.cuda) == (torch, cuda) and facts.cudnn.startswith("9.")
+
+
+def test_remote_engine_is_asked_through_a_probe_not_this_machines_nvml(sd_demo, monkeypatch):
+    import envmgr.gpu_plan as gpu_plan
+
+    asked = []
+
+    def run(container, on_line):
+        asked.append(container)
+        for line in ["0, NVIDIA L40S, 8.9, 46068, 570.86.10", "CUDA Version: 12.8"]:
+            on_line(line)
+        return 0
+
+    ctx = NoEngine()
+    ctx.config = SimpleNamespace(engine_url="tcp://gpu-server.example:2376")
+    ctx.engine.run = run
+    monkeypatch.setattr(gpu_plan, "ensure_base", lambda ctx, name: SimpleNamespace(image_id="sha256:base"))
+    plan = preflight(ctx, sd_demo, "all")
+    assert plan.host.source == "probe container" and plan.host.gpus[0].name == "NVIDIA L40S"
+    assert plan.spec.variant == "cu128"                      # driver 570 on the engine's machine
+    assert asked[0].network == "none" and asked[0].device_requests
