@@ -23,8 +23,8 @@ from .gpu import ImageGpuFacts, facts_from_pins
 from .spec import MethodSpec
 
 _MARK = "ENVMGR-GPU-FACTS "
-# torch.cuda.get_arch_list() needs no GPU in a CUDA build; older torch returned [] without one,
-# so the compile-time flags are read directly where torch has them.
+# torch's compile-time arch flags, read directly: torch.cuda.get_arch_list() returns [] without a
+# GPU in torch 2.10.0 (measured: its cu128 wheel, no GPU) though not in 2.13.0.
 ARCH_SCRIPT = f"""
 import importlib.util, json
 archs = []
