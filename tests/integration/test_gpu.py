@@ -21,6 +21,12 @@ def _done(proc) -> dict:
     return [e for e in events if e.get("event") == "done"][-1]
 
 
+def _assert_no_container_left(engine) -> None:
+    """Nothing of this method's run and no GPU probe stays behind (the engine is shared: others' are not ours)."""
+    assert not engine.containers.list(all=True, filters={"label": ["org.envmgr.method=tiny", "org.envmgr.kind=run"]})
+    assert not engine.containers.list(all=True, filters={"label": "org.envmgr.kind=gpu-probe"})
+
+
 def _with_variant(workspace) -> None:
     pyproject = workspace.method_dir / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace('"envmgr-alpha>=1.0"', '"envmgr-alpha>=1.0", "envmgr-beta>=1.0"'))
@@ -84,18 +90,17 @@ def test_gpus_all_on_an_engine_without_nvidia_fails_with_the_toolkit_message_and
         workspace, engine, mirror_a):
     _with_variant(workspace)
     workspace.envmgr("lock", "tiny", mirror=mirror_a.url)
-    before = {c.id for c in engine.containers.list(all=True)}
     proc = workspace.envmgr("run", "tiny", "--gpus", "all", mirror=mirror_a.url, check=False)
     assert proc.returncode == 2
     assert "NVIDIA Container Toolkit" in proc.stderr and "--gpus none" in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) <= 2
-    assert {c.id for c in engine.containers.list(all=True)} == before
+    _assert_no_container_left(engine)
     assert not list((workspace.base_dir / "runs").glob("tiny/*"))
 
 
 @pytest.mark.parametrize("gpus, says", [("0", "--gpus none"), ("0,0", "twice"), ("-1", "expected all, none")])
 def test_bad_gpus_flag_fails_before_any_container(workspace, engine, gpus, says):
-    before = {c.id for c in engine.containers.list(all=True)}
     proc = workspace.envmgr("run", "tiny", "--gpus", gpus, check=False)
     assert proc.returncode == 2 and says in proc.stderr
-    assert {c.id for c in engine.containers.list(all=True)} == before
+    _assert_no_container_left(engine)
+    assert not list((workspace.base_dir / "runs").glob("tiny/*"))
