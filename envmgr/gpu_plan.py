@@ -17,7 +17,7 @@ from .gpu import GpuCheck, GpuRequest, HostGpuFacts, ImageGpuFacts, check, parse
 from .gpu_host import PROBE_SCRIPT
 from .gpu_host import read as read_host
 from .gpu_image import lock_facts
-from .spec import MethodSpec
+from .spec import MethodSpec, list_methods
 from .variants import all_variants, label, restate_stale, variant_spec
 
 
@@ -153,12 +153,25 @@ def preflight(ctx: Context, spec: MethodSpec, gpus: str, variant: str | None = N
     raise UsageError(f"{named}: {result.problem}{fix}")
 
 
-def doctor_row(ctx: Context) -> tuple[str, str, bool]:
-    """`envmgr doctor`'s GPU line: the host's driver and GPUs as NVML sees them (no container)."""
-    facts = read_host()
+def doctor_row(ctx: Context, host: HostGpuFacts | None = None,
+               methods: list[MethodSpec] | None = None) -> tuple[str, str, bool]:
+    """`envmgr doctor`'s GPU line: the host's driver and GPUs as NVML sees them (no container), and
+    which variant of each GPU method this host would run, or why none; not ok when a method that
+    requires GPUs cannot use this host's."""
+    facts = host or read_host()
     if facts.problem:
         return ("host GPUs", f"none readable: {facts.problem} (fine for `--gpus none`)", True)
-    return ("host GPUs", facts.describe(), True)
+    verdicts, ok = [], True
+    for spec in methods if methods is not None else list_methods(ctx.config.base_dir):
+        if spec.gpu == "none":
+            continue
+        try:
+            plan = preflight(ctx, spec, "all", host=facts)
+            verdicts.append(f"{spec.name} → {label(plan.spec)}")
+        except EnvmgrError as exc:
+            verdicts.append(f"{spec.name}: {exc.message}")
+            ok = ok and spec.gpu != "required"
+    return ("host GPUs", facts.describe() + "".join(f"\n    {v}" for v in verdicts), ok)
 
 
 def variant_rows(ctx: Context | None, spec: MethodSpec) -> list[dict]:

@@ -221,3 +221,15 @@ def test_remote_engine_is_asked_through_a_probe_not_this_machines_nvml(sd_demo, 
     assert plan.host.source == "probe container" and plan.host.gpus[0].name == "NVIDIA L40S"
     assert plan.spec.variant == "cu128"                      # driver 570 on the engine's machine
     assert asked[0].network == "none" and asked[0].device_requests
+
+
+def test_doctor_says_which_variant_this_host_runs_or_why_none(sd_demo):
+    from envmgr.gpu_plan import doctor_row
+
+    check, status, ok = doctor_row(NoEngine(), host=host("570.86.10", "12.8", A100), methods=[sd_demo])
+    assert ok and "driver 570.86.10 (CUDA 12.8)" in status and "sd-demo → cu128" in status
+    _, status, ok = doctor_row(NoEngine(), host=host("470.256.02", "11.4", A100), methods=[sd_demo])
+    assert not ok and "driver ≥ 525" in status
+    _, status, ok = doctor_row(NoEngine(), host=HostGpuFacts(problem="NVML is not usable on this host (x)"),
+                               methods=[sd_demo])
+    assert ok and "--gpus none" in status
