@@ -22,6 +22,7 @@ from .base import BaseImage, ensure_base
 from .context import Context
 from .errors import EngineError, EnvmgrError, UsageError
 from .files import atomic_write
+from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .spec import MethodSpec
 
@@ -131,7 +132,9 @@ class BuildTarget:
 
     def config(self, ctx: Context) -> ImageConfig:
         """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
-        return image_config(self.spec, self.base, self.layers(ctx), self.inputs, self.digest)
+        layers = self.layers(ctx)   # first: the env layer's record holds its GPU architectures
+        return image_config(self.spec, self.base, layers, self.inputs, self.digest,
+                            _gpu_labels(ctx, self.spec, self.inputs))
 
 
 def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> BuildTarget:
@@ -195,17 +198,22 @@ def _try_lock(guard) -> bool:
         return False
 
 
-def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> Layer:
-    """The installed environment as a layer, cached by what determines it (lock, base, installer)."""
+def _env_record(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> Path:
     env_key = _digest({"layout": data["layout"], "base": data["base"], "lock": data["lock"],
                        "installer": data["installer"], "prefix": spec.env_prefix})[:32]
     layers = ctx.cache_dir / "layers"
     layers.mkdir(parents=True, exist_ok=True)
-    record = layers / f"env-{spec.name}-{env_key}.json"
-    tar = layers / f"env-{spec.name}-{env_key}.tar"
+    return layers / f"env-{spec.name}-{env_key}.json"
+
+
+def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> Layer:
+    """The installed environment as a layer, cached by what determines it (lock, base, installer)."""
+    record = _env_record(ctx, spec, data)
+    tar = record.with_suffix(".tar")
     if record.is_file() and tar.is_file():
         known = json.loads(record.read_text())
-        if tar.stat().st_size == known["size"]:
+        # a layer made before GPU facts were recorded is made again when it has torch (once)
+        if tar.stat().st_size == known["size"] and ("gpu_archs" in known or not lock_facts(spec).torch):
             ctx.ui.step(f"environment layer for this lock is cached ({known['size'] / 1e6:.0f} MB)")
             return Layer(path=tar, diff_id=known["diff_id"], size=known["size"])
     prefix_root = ctx.cache_dir / "envs"
@@ -213,14 +221,22 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     prefix = Path(tempfile.mkdtemp(dir=prefix_root, prefix=f"{spec.name}-"))
     try:
         get_backend(spec).install(ctx, spec, base, prefix)
+        gpu_archs = read_archs(ctx, spec, base, prefix)
         total = sum(p.lstat().st_size for p in prefix.rglob("*") if p.is_file() and not p.is_symlink())
         with ctx.ui.progress("writing the environment layer", total=total, unit="bytes") as task:
             layer = write_layer(tar, trees=[(prefix, spec.env_prefix)], progress=task.advance)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
-    atomic_write(record, json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
+    atomic_write(record, json.dumps({"diff_id": layer.diff_id, "size": layer.size, "gpu_archs": gpu_archs}))
     return layer
+
+
+def _gpu_labels(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> dict[str, str]:
+    """The image's GPU labels: the lock's facts and the architectures its env layer recorded."""
+    record = _env_record(ctx, spec, data)
+    archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
+    return gpu_image_labels(spec, archs)
 
 
 def method_info(spec: MethodSpec, data: dict[str, str]) -> dict:
@@ -251,7 +267,7 @@ def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: s
 
 
 def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: dict[str, str],
-                 digest: str) -> ImageConfig:
+                 digest: str, gpu_labels: dict[str, str] | None = None) -> ImageConfig:
     env = {
         "PATH": f"{spec.env_prefix}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "VIRTUAL_ENV": spec.env_prefix,
@@ -265,7 +281,7 @@ def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: d
     labels = {
         paths.LABEL_MANAGED: "true", paths.LABEL_KIND: "method", paths.LABEL_METHOD: spec.name,
         paths.LABEL_INPUTS: digest, paths.LABEL_LOCK: data["lock"], paths.LABEL_SPEC: data["spec"],
-        paths.LABEL_BASE: base.image_id,
+        paths.LABEL_BASE: base.image_id, **(gpu_labels or {}),
     }
     return ImageConfig(
         layers=layers, env=env, cmd=entry_command(spec, spec.entry), workdir=paths.CONTAINER_METHOD_DIR, labels=labels,

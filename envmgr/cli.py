@@ -186,13 +186,22 @@ def show(method: Annotated[str, typer.Argument(help="Method name.")]):
             "base_image": spec.base_image, "entry": spec.entry, "gpu": spec.gpu,
             "default_model": spec.default_model, "env": spec.env, "lock": lock_state,
             "packages": summary.get("packages"), "adaptations": spec.adapt.describe()}
+    from .gpu_plan import variant_rows
+
+    variants = variant_rows(ctx, spec) if spec.gpu != "none" or spec.variants else []
     if ctx.ui.mode == "json":
-        ctx.ui.event("method", **info, pins=summary.get("pins"))
+        ctx.ui.event("method", **info, pins=summary.get("pins"), variants=variants)
         return
     for key, value in info.items():
         if key == "adaptations":
             value = "none" if not value else "\n" + "\n".join(f"{'':>15}{line}" for line in value)
         ctx.ui.console.print(f"[bold]{key:>13}[/]  {escape(str(value))}", markup=True, highlight=False)
+    for row in variants:
+        pinned = ", ".join(f"{k} {v}" for k, v in row["pins"].items())
+        line = f"{row['variant']}: {row['requires']}" + (f" [{pinned}]" if pinned else "") + \
+            ("" if row["lock"] == "current" else f" (lock {row['lock']})")
+        ctx.ui.console.print(f"[bold]{'variant' if row is variants[0] else '':>13}[/]  {escape(line)}", markup=True,
+                             highlight=False)
     pins = summary.get("pins") or {}
     if pins and ctx.ui.verbose:
         for name, version in sorted(pins.items()):
@@ -207,12 +216,14 @@ def lock(
     = False,
     regenerate: Annotated[bool, typer.Option("--regenerate", help="Re-solve every package, not only changes.")]
     = False,
+    variant: Annotated[Optional[str], typer.Option(help="Lock this variant of the method (see `envmgr show`).")]
+    = None,
 ):
     """Lock a method's environment for its target platform, through the site's mirrors."""
     from .lock import lock as lock_method
 
     ctx = _context()
-    result = lock_method(ctx, method, check=check, regenerate=regenerate)
+    result = lock_method(ctx, method, check=check, regenerate=regenerate, variant=variant)
     if result.current:
         ctx.ui.success(f"{result.method}: lock is current", method=result.method, current=True)
         return
@@ -226,14 +237,21 @@ def build(
     method: Annotated[str, typer.Argument(help="Method name.")],
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the image for these inputs exists.")]
     = False,
+    variant: Annotated[Optional[str], typer.Option(help="Build this variant of the method (see `envmgr show`).")]
+    = None,
 ):
     """Build the method's image from its lock (a no-op when the image for these inputs exists)."""
     from .build import build as build_image
+    from .errors import StaleLockError
     from .spec import find_method
+    from .variants import restate_stale, variant_spec
 
     ctx = _context()
-    spec = find_method(method, ctx.config.base_dir)
-    result = build_image(ctx, spec, force=force)
+    spec = variant_spec(find_method(method, ctx.config.base_dir), variant)
+    try:
+        result = build_image(ctx, spec, force=force)
+    except StaleLockError as exc:
+        raise restate_stale(spec, exc) from None
     what = "up to date" if result.reused else "built"
     ctx.ui.success(f"{spec.name}: {what} {result.tag} ({result.image_id[:19]}, {result.seconds:.1f} s)",
                    method=spec.name, image=result.image_id, tag=result.tag, reused=result.reused,
@@ -260,6 +278,8 @@ def run(
                                                             "(recorded in run.json). Default when envmgr is root: "
                                                             "the sudo caller, else the site's [run] run_as "
                                                             "(65534:65534).")] = False,
+    variant: Annotated[Optional[str], typer.Option(help="Run this variant (default: the newest one this host's "
+                                                        "driver and GPUs can use).")] = None,
 ):
     """Run a method in its image. Arguments after `--` go to the method's entry
     (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
@@ -270,7 +290,7 @@ def run(
     spec = find_method(method, ctx.config.base_dir)
     record = run_method(ctx, RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
                                         args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
-                                        memory=memory, as_root=as_root))
+                                        memory=memory, as_root=as_root, variant=variant))
     run_dir = ctx.config.base_dir / "runs" / spec.name / record["run_id"]
     found = record.get("artifacts", {})
     ctx.ui.success(f"run {record['run_id']} succeeded → {run_dir}", run_id=record["run_id"], run_dir=str(run_dir),

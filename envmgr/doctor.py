@@ -55,6 +55,9 @@ def checks(ctx: Context) -> list[Check]:
                                 "the NVIDIA Container Toolkit)", True))
     except EngineError as exc:
         found.append(Check("engine", str(exc), False))
+    from .gpu_plan import doctor_row  # gpu_plan reads specs and host GPUs: only when doctor runs
+
+    found.append(Check(*doctor_row(ctx)))
     missing = missing_tools()
     found.append(Check("base image tools", "debuerreotype, debootstrap present" if not missing
                        else f"missing: {', '.join(missing)} (apt-get install debuerreotype debootstrap)", not missing))

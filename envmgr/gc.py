@@ -27,6 +27,7 @@ from .context import Context
 from .errors import EngineError, UsageError
 from .image import file_sha256
 from .spec import list_methods
+from .variants import all_variants
 
 LAYER_FILE = re.compile(r"^(env|method)-(.+)-([0-9a-f]{32})\.(tar|json)$")
 STOPPED = ("created", "exited", "dead")
@@ -51,17 +52,25 @@ class Plan:
 
 
 def _current_images(ctx: Context, only: set[str] | None) -> dict[str, str | None]:
-    """method -> the image ID its current inputs give (None where this server cannot tell)."""
+    """method (`name` or `name/variant`) -> the image ID its current inputs give (None where this
+    server cannot tell)."""
     current: dict[str, str | None] = {}
-    for spec in list_methods(ctx.config.base_dir):
-        if only and spec.name not in only:
+    for method in list_methods(ctx.config.base_dir):
+        if only and method.name not in only:
             continue
-        base = current_base(ctx, spec.base_image)
-        if base is None:
-            current[spec.name] = None
-            continue
-        current[spec.name] = ctx.engine.image_id(target(ctx, spec, base).tag) or ""
+        for spec in all_variants(method):
+            key = _image_group(spec.name, spec.variant)
+            base = current_base(ctx, spec.base_image)
+            if base is None:
+                current[key] = None
+                continue
+            current[key] = ctx.engine.image_id(target(ctx, spec, base).tag) or ""
     return current
+
+
+def _image_group(method: str, variant: str | None) -> str:
+    """Images are kept per method and variant: a variant's current image is never another's old one."""
+    return f"{method}/{variant}" if variant else method
 
 
 def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
@@ -92,11 +101,12 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
 
     by_method: dict[str, list[dict]] = {}
     for image in ctx.engine.images(label=paths.LABEL_METHOD):
-        method = (image.get("Labels") or {}).get(paths.LABEL_METHOD, "")
-        by_method.setdefault(method, []).append(image)
+        labels = image.get("Labels") or {}
+        by_method.setdefault(_image_group(labels.get(paths.LABEL_METHOD, ""), labels.get(paths.LABEL_VARIANT)),
+                             []).append(image)
     kept_images: list[str] = []
     for method, images in sorted(by_method.items()):
-        if only and method not in only:
+        if only and method.split("/")[0] not in only:
             kept_images += [i["Id"] for i in images]
             continue
         ids = [i["Id"] for i in images]

@@ -8,7 +8,9 @@ from pathlib import Path
 from .backends import get_backend
 from .base import ensure_base
 from .context import Context
+from .errors import StaleLockError
 from .spec import find_method
+from .variants import restate_stale, variant_spec
 
 
 @dataclass
@@ -18,12 +20,17 @@ class LockResult:
     files: list[Path] = field(default_factory=list)  # the lock files written
 
 
-def lock(ctx: Context, method: str, *, check: bool = False, regenerate: bool = False) -> LockResult:
-    """Check the method's lock (StaleLockError when it is missing or stale), or write it and check it."""
-    spec = find_method(method, ctx.config.base_dir)
+def lock(ctx: Context, method: str, *, check: bool = False, regenerate: bool = False,
+         variant: str | None = None) -> LockResult:
+    """Check the method's (or a variant's) lock (StaleLockError when it is missing or stale), or write it and
+    check it."""
+    spec = variant_spec(find_method(method, ctx.config.base_dir), variant)
     backend = get_backend(spec)
     if check:
-        backend.check(spec)
+        try:
+            backend.check(spec)
+        except StaleLockError as exc:
+            raise restate_stale(spec, exc) from None
         return LockResult(spec.name, current=True)
     base = ensure_base(ctx, spec.base_image)
     written = backend.lock(ctx, spec, base, regenerate=regenerate)

@@ -31,6 +31,7 @@ from .engine import NVIDIA_HINT
 from .errors import EnvmgrError, Interrupted, UsageError
 from .files import atomic_write
 from .gpu import GpuRequest, parse_gpus
+from .gpu_plan import preflight as gpu_preflight
 from .image import file_sha256
 from .records import check_run_id, write_record
 from .spec import MethodSpec
@@ -51,6 +52,7 @@ class RunRequest:
     shm_size: str | None = None
     memory: str | None = None
     as_root: bool = False
+    variant: str | None = None     # None: the newest variant this host's GPUs can use (envmgr/gpu_plan.py)
 
 
 def prepare_base_dir(base_dir: Path) -> None:
@@ -285,10 +287,16 @@ def run(ctx: Context, request: RunRequest) -> dict:
     device_requests = gpu_devices(gpus)
     if device_requests and not ctx.engine.gpus_work(ensure_base(ctx, spec.base_image).image_id, device_requests):
         raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
+    # the variant and the host's driver/GPUs (envmgr/gpu_plan.py), before anything starts
+    recorded_variant = previous.get("variant") if previous else None
+    gpu_plan = gpu_preflight(ctx, spec, gpus.env_value(),
+                             request.variant or (recorded_variant if isinstance(recorded_variant, str) else None))
+    spec = gpu_plan.spec
 
     user = _run_user(ctx, as_root)
     _check_inputs_readable([("model", model), ("dataset", dataset)], user)
     result = build_image(ctx, spec)
+    gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
     output, work = run_dir / records.OUTPUT, run_dir / records.WORK
     for folder in (output, work):
@@ -312,7 +320,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
                                       if spec.platform_args else []) + args
 
     env = {"HOME": "/tmp", "HF_HUB_OFFLINE": "1", "ENVMGR_OUTPUT_DIR": f"{paths.CONTAINER_RUN}/output",
-           "ENVMGR_RUN_ID": run_id, "MPLCONFIGDIR": "/tmp/matplotlib", "ENVMGR_GPUS": gpus.env_value()}
+           "ENVMGR_RUN_ID": run_id, "MPLCONFIGDIR": "/tmp/matplotlib"}
     if model:
         env["ENVMGR_MODEL_PATH"] = f"{paths.CONTAINER_MODELS}/{model.name}"
     if dataset:
@@ -320,7 +328,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
     count = gpus.process_count(None)
     if gpus.wants_gpus:
         env["TRAINING_NUM_PROCESSES"] = str(count) if count else "auto"
-    else:
+    env.update(gpu_plan.env())   # ENVMGR_GPUS, and one process per GPU when the host's GPUs are known
+    if not gpus.wants_gpus:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
         env["CUDA_VISIBLE_DEVICES"] = ""
 
@@ -338,6 +347,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "host": socket.gethostname(), "user": getpass.getuser(), "run_as": user, "as_root": user == "0:0",
         "status": "running", "exit_code": None, "reason": None, "container": container_name,
         "envmgr": {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()},
+        "gpu": gpu_plan.record(), "variant": spec.variant,
     })
     record.setdefault("attempts", []).append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
