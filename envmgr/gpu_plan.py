@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from . import paths
 from .backends import get_backend
 from .base import ensure_base
-from .context import Context
 from .containers import ContainerSpec, gpu_devices
+from .context import Context
 from .errors import EnvmgrError, StaleLockError, UsageError
 from .gpu import GpuCheck, GpuRequest, HostGpuFacts, ImageGpuFacts, check, parse_gpus
 from .gpu_host import PROBE_SCRIPT, read as read_host
