@@ -153,10 +153,9 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     record = layers / f"env-{spec.name}-{env_key}.json"
     tar = layers / f"env-{spec.name}-{env_key}.tar"
     if record.is_file() and tar.is_file():
-        known = json.loads(record.read_text())
-        if tar.stat().st_size == known["size"]:
-            ctx.ui.step(f"environment layer for this lock is cached ({known['size'] / 1e6:.0f} MB)")
-            return Layer(path=tar, diff_id=known["diff_id"], size=known["size"])
+        cached = _cached_layer(ctx, record, tar)
+        if cached is not None:
+            return cached
     prefix_root = ctx.cache_dir / "envs"
     prefix_root.mkdir(parents=True, exist_ok=True)
     prefix = Path(tempfile.mkdtemp(dir=prefix_root, prefix=f"{spec.name}-"))
@@ -168,8 +167,28 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
-    record.write_text(json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
+    tmp_record = record.with_name(record.name + ".partial")
+    tmp_record.write_text(json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
+    os.replace(tmp_record, record)   # a build killed here leaves no half-written record
     return layer
+
+
+def _cached_layer(ctx: Context, record: Path, tar: Path) -> Layer | None:
+    """The cached layer if its bytes still hash to its recorded diff ID; else None (it is made again)."""
+    from .image import file_sha256
+
+    try:
+        known = json.loads(record.read_text())
+        diff_id, size = str(known["diff_id"]), int(known["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ctx.ui.warn(f"cached layer record {record.name} is unreadable: making the layer again")
+        return None
+    if tar.stat().st_size != size or "sha256:" + file_sha256(tar)[0] != diff_id:
+        ctx.ui.warn(f"cached layer {tar.name} is damaged (its bytes do not hash to {diff_id[:19]}): "
+                    "making it again")
+        return None
+    ctx.ui.step(f"environment layer for this lock is cached ({size / 1e6:.0f} MB, hash checked)")
+    return Layer(path=tar, diff_id=diff_id, size=size)
 
 
 def method_info(spec: MethodSpec, data: dict[str, str]) -> dict:
@@ -236,6 +255,9 @@ def _assemble(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
         image_id = _stream_load(ctx, config, frozenset())   # an engine that wants every layer's bytes
     if ctx.engine.image_id(image_id) != image_id:
         raise EnvmgrError(f"the engine did not report image {image_id} after loading it")
+    from .sbom import sbom_bytes
+
+    sbom_bytes(ctx, spec, base, config)   # beside the image in the cache, before the tag names it
     repository, short = tag.rsplit(":", 1)
     ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")

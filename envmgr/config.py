@@ -44,11 +44,17 @@ class EngineConfig(_Strict):
     url: str | None = None                    # default: DOCKER_HOST or the local socket
 
 
+class TrustConfig(_Strict):
+    keys: list[str] = []                      # public keys (paths) whose signatures import and pull accept
+    require_signature: bool = False           # refuse archives and images no trusted key signed
+
+
 class SiteConfig(_Strict):
     base_dir: Path | None = None
     cache_dir: Path | None = None
     mirrors: MirrorsConfig = MirrorsConfig()
     engine: EngineConfig = EngineConfig()
+    trust: TrustConfig = TrustConfig()
 
 
 @dataclass
@@ -66,6 +72,7 @@ class EffectiveConfig:
     engine_url: str | None
     mirrors: MirrorsConfig
     origins: dict[str, str] = field(default_factory=dict)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     def secrets(self) -> list[str]:
         """Every credential that appears in a configured URL: redacted from all output."""
@@ -205,7 +212,7 @@ def host_ca_bundle(pip: dict[str, Setting]) -> Setting | None:
 # ---------------------------------------------------------------- layering
 
 
-_LIST_KEYS = {"extra_indexes", "find_links"}
+_LIST_KEYS = {"extra_indexes", "find_links", "keys"}
 
 
 def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
@@ -217,7 +224,7 @@ def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
         if os.environ.get(env):
             data[key] = os.environ[env]
             names[key] = env
-    for section, model in (("mirrors", MirrorsConfig), ("engine", EngineConfig)):
+    for section, model in (("mirrors", MirrorsConfig), ("engine", EngineConfig), ("trust", TrustConfig)):
         for key, info in model.model_fields.items():
             if info.annotation in (dict[str, str],):
                 continue
@@ -234,7 +241,7 @@ def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
 def _merge(into: dict[str, Any], layer: dict[str, Any], origin: str, origins: dict[str, str], prefix=""):
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and key in ("mirrors", "engine"):
+        if isinstance(value, dict) and key in ("mirrors", "engine", "trust"):
             _merge(into.setdefault(key, {}), value, origin, origins, prefix=f"{dotted}.")
         else:
             into[key] = value
@@ -324,4 +331,4 @@ def load_config(flags: dict[str, Any] | None = None, *, inherit_host: bool = Tru
     if not site.engine.url and os.environ.get("DOCKER_HOST"):
         origins["engine.url"] = "inherited: environment DOCKER_HOST"
     return EffectiveConfig(base_dir=base_dir, cache_dir=cache_dir, engine_url=engine_url,
-                           mirrors=mirrors, origins=origins)
+                           mirrors=mirrors, origins=origins, trust=site.trust)

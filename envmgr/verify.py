@@ -5,6 +5,8 @@
    the image the method uses. Nothing is loaded into the engine: the ID is the sha256 of the config.
 2. In a container of the image in use (no network), every file that a package's RECORD lists is
    hashed and compared with the record.
+3. The signature recorded when the image was imported or pulled is checked again against the site's
+   [trust] keys, and the image ID and layer digests it signs are compared with the engine's.
 """
 
 from __future__ import annotations
@@ -121,5 +123,14 @@ def verify(ctx: Context, method: str, rebuild: bool = True) -> dict:
     records = check_records(ctx, spec, in_use)
     result.update(packages=records["dists"], files=records["files"], bad_files=records["bad"],
                   files_match=not records["bad"])
-    result["ok"] = result["files_match"] and result.get("image_matches", True)
+    result["signature"] = _signature(ctx, in_use)
+    result["ok"] = result["files_match"] and result.get("image_matches", True) and result["signature"]["ok"]
     return result
+
+
+def _signature(ctx: Context, image_id: str) -> dict:
+    """The signature recorded when the image was imported or pulled, checked again now."""
+    from .trust import signature_report
+
+    layers = ((ctx.engine.inspect_image(image_id) or {}).get("RootFS") or {}).get("Layers") or []
+    return signature_report(ctx, image_id, layers)
