@@ -3,6 +3,7 @@ through the Engine API, tagged by the content hash of its inputs."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -132,8 +133,25 @@ def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult
         if existing:
             ctx.engine.tag(existing, spec.image_repository, "latest")
             return BuildResult(spec.name, existing, tag, digest, data["lock"], True, time.monotonic() - started)
-        image_id = _assemble(ctx, spec, base, data, digest, tag)
+        image_id = _assemble_or_say_disk_full(ctx, spec, base, data, digest, tag)
     return BuildResult(spec.name, image_id, tag, digest, data["lock"], False, time.monotonic() - started)
+
+
+def _assemble_or_say_disk_full(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str], digest: str,
+                               tag: str) -> str:
+    """A full disk is one line that says so (in envmgr's own writes or an install container's)."""
+    try:
+        return _assemble(ctx, spec, base, data, digest, tag)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or ctx.cache_dir
+    except EnvmgrError as exc:
+        if "No space left on device" not in exc.message:
+            raise
+        where = ctx.cache_dir
+    raise EnvmgrError(f"{spec.name}: disk full while building {tag} (in {where}): nothing was tagged",
+                      hint="free space there, or set cache_dir (ENVMGR_CACHE_DIR) to a larger disk")
 
 
 def _try_lock(guard) -> bool:
