@@ -418,8 +418,11 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
     staging = Path(tempfile.mkdtemp(dir=methods_root, prefix=".import-"))
     base_tmp = base_dir / f".{base_hex}.tar.partial"
     try:
+        before = _stamp(path)
         folder, sbom_tmp = _verify_and_stage(ctx, path, manifest, staging, base_info,
                                              base_tmp if install_base else None)
+        if _stamp(path) != before:   # what is loaded must be what was checked
+            raise ArchiveError(f"{path} changed while it was being checked; nothing was loaded")
         if not loaded:
             with open(path, "rb") as fh, ctx.ui.progress(f"loading {tag} into the engine",
                                                          total=path.stat().st_size, unit="bytes") as task:
@@ -448,6 +451,11 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
         base_tmp.unlink(missing_ok=True)
     return {"method": name, "tag": tag, "image_id": image_id, "changed": True, "registered": register,
             "base_installed": install_base, "loaded": not loaded, "signature": signed.as_dict()}
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _verify_and_stage(ctx: Context, path: Path, manifest: dict, staging: Path, base_info: dict,

@@ -193,9 +193,12 @@ def record_signature(ctx: Context, image_id: str, kind: str, statement: bytes, s
     """Keep what an import or pull checked, so `verify` can check it again later."""
     folder = ctx.cache_dir / SIGNATURES_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{image_id.removeprefix('sha256:')}.json"
+    if target.is_file() and signature_report(ctx, image_id, [])["state"] == "trusted" \
+            and signing.check(statement, signature, ctx.config.trust).state != "trusted":
+        return   # an unsigned or otherwise signed copy never replaces the trusted signature it came with
     record = {"kind": kind, "statement": base64.b64encode(statement).decode(),
               "signature": signature.decode() if signature else None}
-    target = folder / f"{image_id.removeprefix('sha256:')}.json"
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     os.replace(tmp, target)

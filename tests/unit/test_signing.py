@@ -144,3 +144,24 @@ def test_method_files_come_from_the_method_layer_and_never_leave_the_folder(tmp_
     with pytest.raises(trust.TrustError, match="twice"):
         trust.extract_method_files(through, tmp_path / "o", lambda rel: False)
     assert not (tmp_path / "o" / "l").is_symlink()
+
+
+def test_a_trusted_signature_record_is_never_replaced_by_a_weaker_one(tmp_path, keys):
+    from types import SimpleNamespace
+
+    site, _ = keys
+    ctx = SimpleNamespace(cache_dir=tmp_path / "cache",
+                          config=SimpleNamespace(trust=TrustConfig(keys=[site["public_key"]])))
+    image = "sha256:" + "c" * 64
+    layer = "sha256:" + "a" * 64
+    statement = trust.image_statement("m", "envmgr/m:0123", image, "9" * 64, [layer])
+    assert trust.signature_report(ctx, image, [layer])["state"] == "unsigned"
+    trust.record_signature(ctx, image, "image", statement, signing.sign(statement, signing.load_private_key(
+        tmp_path / "site")))
+    report = trust.signature_report(ctx, image, [layer])
+    assert report["state"] == "trusted" and report["layers_match"] and report["ok"]
+    trust.record_signature(ctx, image, "image", statement, None)
+    trust.record_signature(ctx, image, "image", statement, signing.sign(statement, signing.load_private_key(
+        tmp_path / "other")))
+    assert trust.signature_report(ctx, image, [layer])["state"] == "trusted"
+    assert not trust.signature_report(ctx, image, ["sha256:" + "b" * 64])["layers_match"]
