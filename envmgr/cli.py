@@ -495,6 +495,9 @@ def doctor():
         ("mirrors.apt", mask_url(mirrors.apt) or "-", config.origins.get("mirrors.apt", "")),
         ("mirrors.ca_bundle", mirrors.ca_bundle or "-", config.origins.get("mirrors.ca_bundle", "")),
         ("mirrors.https_proxy", mask_url(mirrors.https_proxy) or "-", config.origins.get("mirrors.https_proxy", "")),
+        ("trust.keys", ", ".join(config.trust.keys) or "-", config.origins.get("trust.keys", "")),
+        ("trust.require_signature", str(config.trust.require_signature).lower(),
+         config.origins.get("trust.require_signature", "default")),
     ]
     checks = []
     try:
