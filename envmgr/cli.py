@@ -358,7 +358,9 @@ def import_cmd(
     ctx = _context()
     result = import_archive(ctx, archive, replace_base=replace_base, replace=replace)
     what = "imported" if result["changed"] else "already imported, nothing changed:"
-    ctx.ui.success(f"{result['method']}: {what} {result['tag']} ({result['image_id'][:19]})", **result)
+    signature = result.get("signature") or {}
+    signed = f", signed by {signature['key_id']} ({signature['state']})" if signature.get("key_id") else ", unsigned"
+    ctx.ui.success(f"{result['method']}: {what} {result['tag']} ({result['image_id'][:19]}{signed})", **result)
 
 
 @app.command()
