@@ -165,3 +165,26 @@ def test_a_trusted_signature_record_is_never_replaced_by_a_weaker_one(tmp_path, 
         tmp_path / "other")))
     assert trust.signature_report(ctx, image, [layer])["state"] == "trusted"
     assert not trust.signature_report(ctx, image, ["sha256:" + "b" * 64])["layers_match"]
+
+
+def test_the_signature_is_read_from_plain_and_gzip_archives(tmp_path, keys):
+    import gzip
+
+    manifest = b'{"format": "envmgr-export/2", "members": []}'
+    signature = signing.sign(manifest, signing.load_private_key(tmp_path / "site"))
+    plain = tmp_path / "a.tar"
+    with tarfile.open(plain, "w") as tar:
+        for name, body in (("envmgr/export.json", manifest), (trust.SIGNATURE_MEMBER, signature),
+                           ("manifest.json", b"[]")):
+            tar.addfile(tarinfo(name, tarfile.REGTYPE, 0o644, len(body)), io.BytesIO(body))
+    packed = tmp_path / "a.tar.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+    for path in (plain, packed):
+        got_manifest, got_signature = trust.read_head(path, "envmgr/export.json")
+        assert got_manifest == manifest and got_signature == signature
+    unsigned = tmp_path / "b.tar"
+    with tarfile.open(unsigned, "w") as tar:
+        tar.addfile(tarinfo("envmgr/export.json", tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
+    assert trust.read_head(unsigned, "envmgr/export.json") == (manifest, None)
+    with pytest.raises(trust.TrustError, match="not a readable envmgr export"):
+        trust.read_head(tmp_path / "site.pub", "envmgr/export.json")
