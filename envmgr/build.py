@@ -185,14 +185,21 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
-    tmp_record = record.with_name(record.name + ".partial")
-    tmp_record.write_text(json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
-    os.replace(tmp_record, record)   # a build killed here leaves no half-written record
+    _write_record(record, layer.diff_id, layer.size, tar)
     return layer
 
 
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def _cached_layer(ctx: Context, record: Path, tar: Path) -> Layer | None:
-    """The cached layer if its bytes still hash to its recorded diff ID; else None (it is made again)."""
+    """The cached layer if its bytes still hash to its recorded diff ID; else None (it is made again).
+
+    A layer untouched since it was written (same size, mtime and inode as recorded) is reused without
+    reading it, so a method-file rebuild of a multi-GB environment stays fast; any other is hashed.
+    """
     from .image import file_sha256
 
     try:
@@ -201,12 +208,20 @@ def _cached_layer(ctx: Context, record: Path, tar: Path) -> Layer | None:
     except (OSError, ValueError, KeyError, TypeError):
         ctx.ui.warn(f"cached layer record {record.name} is unreadable: making the layer again")
         return None
-    if tar.stat().st_size != size or "sha256:" + file_sha256(tar)[0] != diff_id:
-        ctx.ui.warn(f"cached layer {tar.name} is damaged (its bytes do not hash to {diff_id[:19]}): "
-                    "making it again")
-        return None
-    ctx.ui.step(f"environment layer for this lock is cached ({size / 1e6:.0f} MB, hash checked)")
+    if known.get("stamp") != _stamp(tar):
+        if tar.stat().st_size != size or "sha256:" + file_sha256(tar)[0] != diff_id:
+            ctx.ui.warn(f"cached layer {tar.name} is damaged (its bytes do not hash to {diff_id[:19]}): "
+                        "making it again")
+            return None
+        _write_record(record, diff_id, size, tar)
+    ctx.ui.step(f"environment layer for this lock is cached ({size / 1e6:.0f} MB)")
     return Layer(path=tar, diff_id=diff_id, size=size)
+
+
+def _write_record(record: Path, diff_id: str, size: int, tar: Path) -> None:
+    tmp_record = record.with_name(record.name + ".partial")
+    tmp_record.write_text(json.dumps({"diff_id": diff_id, "size": size, "stamp": _stamp(tar)}))
+    os.replace(tmp_record, record)   # a build killed here leaves no half-written record
 
 
 def method_info(spec: MethodSpec, data: dict[str, str]) -> dict:
