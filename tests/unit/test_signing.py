@@ -188,3 +188,16 @@ def test_the_signature_is_read_from_plain_and_gzip_archives(tmp_path, keys):
     assert trust.read_head(unsigned, "envmgr/export.json") == (manifest, None)
     with pytest.raises(trust.TrustError, match="not a readable envmgr export"):
         trust.read_head(tmp_path / "site.pub", "envmgr/export.json")
+
+
+def test_a_pulled_image_must_be_the_one_its_signature_names():
+    layers = ["sha256:" + "a" * 64, "sha256:" + "b" * 64]
+    statement = trust.image_statement("m", "envmgr/m:0123", "sha256:" + "c" * 64, "9" * 64, layers)
+    pulled = {"Id": "sha256:" + "c" * 64, "RootFS": {"Layers": list(reversed(layers))}}
+    trust.check_pulled(statement, pulled, "m", "envmgr/m:0123")
+    with pytest.raises(trust.TrustError, match="is not the signed"):
+        trust.check_pulled(statement, {**pulled, "Id": "sha256:" + "d" * 64}, "m", "envmgr/m:0123")
+    with pytest.raises(trust.TrustError, match="is not the signed"):
+        trust.check_pulled(statement, {**pulled, "RootFS": {"Layers": layers[:1]}}, "m", "envmgr/m:0123")
+    with pytest.raises(trust.TrustError, match="not m envmgr/m:4567"):
+        trust.check_pulled(statement, pulled, "m", "envmgr/m:4567")   # another method's signature, swapped in
