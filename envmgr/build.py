@@ -3,6 +3,7 @@ through the Engine API, tagged by the content hash of its inputs."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -186,8 +187,25 @@ def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult
         if existing:
             ctx.engine.tag(existing, spec.image_repository, "latest")
             return BuildResult(spec.name, existing, tag, digest, data["lock"], True, time.monotonic() - started)
-        image_id = _assemble(ctx, wanted)
+        image_id = _assemble_or_say_disk_full(ctx, wanted)
     return BuildResult(spec.name, image_id, tag, digest, data["lock"], False, time.monotonic() - started)
+
+
+def _assemble_or_say_disk_full(ctx: Context, wanted: BuildTarget) -> str:
+    """A full disk is one line that says so (in envmgr's own writes or an install container's)."""
+    spec, tag = wanted.spec, wanted.tag
+    try:
+        return _assemble(ctx, wanted)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or ctx.cache_dir
+    except EnvmgrError as exc:
+        if "No space left on device" not in exc.message:
+            raise
+        where = ctx.cache_dir
+    raise EnvmgrError(f"{spec.name}: disk full while building {tag} (in {where}): nothing was tagged",
+                      hint="free space there, or set cache_dir (ENVMGR_CACHE_DIR) to a larger disk")
 
 
 def _try_lock(guard) -> bool:
@@ -211,11 +229,10 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     record = _env_record(ctx, spec, data)
     tar = record.with_suffix(".tar")
     if record.is_file() and tar.is_file():
-        known = json.loads(record.read_text())
         # a layer made before GPU facts were recorded is made again when it has torch (once)
-        if tar.stat().st_size == known["size"] and ("gpu_archs" in known or not lock_facts(spec).torch):
-            ctx.ui.step(f"environment layer for this lock is cached ({known['size'] / 1e6:.0f} MB)")
-            return Layer(path=tar, diff_id=known["diff_id"], size=known["size"])
+        cached = _cached_layer(ctx, record, tar, needs_archs=bool(lock_facts(spec).torch))
+        if cached is not None:
+            return cached
     prefix_root = ctx.cache_dir / "envs"
     prefix_root.mkdir(parents=True, exist_ok=True)
     prefix = Path(tempfile.mkdtemp(dir=prefix_root, prefix=f"{spec.name}-"))
@@ -228,7 +245,7 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
-    atomic_write(record, json.dumps({"diff_id": layer.diff_id, "size": layer.size, "gpu_archs": gpu_archs}))
+    _write_record(record, layer.diff_id, layer.size, tar, gpu_archs)
     return layer
 
 
@@ -237,6 +254,44 @@ def _gpu_labels(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> dict[st
     record = _env_record(ctx, spec, data)
     archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
     return gpu_image_labels(spec, archs)
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _cached_layer(ctx: Context, record: Path, tar: Path, needs_archs: bool = False) -> Layer | None:
+    """The cached layer if its bytes still hash to its recorded diff ID; else None (it is made again).
+
+    A layer untouched since it was written (same size, mtime and inode as recorded) is reused without
+    reading it, so a method-file rebuild of a multi-GB environment stays fast; any other is hashed.
+    """
+    from .image import file_sha256
+
+    try:
+        known = json.loads(record.read_text())
+        diff_id, size = str(known["diff_id"]), int(known["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ctx.ui.warn(f"cached layer record {record.name} is unreadable: making the layer again")
+        return None
+    if needs_archs and "gpu_archs" not in known:
+        return None
+    if known.get("stamp") != _stamp(tar):
+        if tar.stat().st_size != size or "sha256:" + file_sha256(tar)[0] != diff_id:
+            ctx.ui.warn(f"cached layer {tar.name} is damaged (its bytes do not hash to {diff_id[:19]}): "
+                        "making it again")
+            return None
+        _write_record(record, diff_id, size, tar, known.get("gpu_archs"))
+    ctx.ui.step(f"environment layer for this lock is cached ({size / 1e6:.0f} MB)")
+    return Layer(path=tar, diff_id=diff_id, size=size)
+
+
+def _write_record(record: Path, diff_id: str, size: int, tar: Path, gpu_archs: list[str] | None = None) -> None:
+    data: dict[str, object] = {"diff_id": diff_id, "size": size, "stamp": _stamp(tar)}
+    if gpu_archs is not None:
+        data["gpu_archs"] = gpu_archs
+    atomic_write(record, json.dumps(data))   # a build killed here leaves no half-written record
 
 
 def method_info(spec: MethodSpec, data: dict[str, str]) -> dict:
@@ -304,6 +359,9 @@ def _assemble(ctx: Context, wanted: BuildTarget) -> str:
         image_id = _stream_load(ctx, config, frozenset())   # an engine that wants every layer's bytes
     if ctx.engine.image_id(image_id) != image_id:
         raise EnvmgrError(f"the engine did not report image {image_id} after loading it")
+    from .sbom import sbom_bytes
+
+    sbom_bytes(ctx, wanted.spec, wanted.base, config)   # beside the image in the cache, before the tag names it
     repository, short = tag.rsplit(":", 1)
     ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")

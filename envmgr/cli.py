@@ -31,6 +31,9 @@ base_app = typer.Typer(help="Base images (Debian + Python) built from the site's
 app.add_typer(base_app, name="base")
 method_app = typer.Typer(help="Third-party training repositories as methods.", no_args_is_help=True)
 app.add_typer(method_app, name="method")
+key_app = typer.Typer(help="Signing keys for exports and pushes.", no_args_is_help=True)
+app.add_typer(key_app, name="key")
+SIGN_HELP = "Sign with this ed25519 private key (`envmgr key generate`)."
 
 STATE: dict = {}
 
@@ -350,12 +353,13 @@ def export_cmd(
                                                    "<method>-<inputs hash>.envmgr.tar).")] = None,
     compress: Annotated[str, typer.Option(help="none (default: fastest, loads as is) or gzip (level 6, "
                                                "deterministic).")] = "none",
+    sign: Annotated[Optional[Path], typer.Option("--sign", help=SIGN_HELP)] = None,
 ):
     """Write the method's image, spec, lock and files into one archive for a server that reaches nothing."""
     from .transfer import export
 
     ctx = _context()
-    result = export(ctx, method, output, compress)
+    result = export(ctx, method, output, compress, sign=sign)
     ctx.ui.success(f"{result['method']}: {result['tag']} → {result['file']} ({result['bytes'] / 1e6:.1f} MB)",
                    **result)
 
@@ -376,18 +380,21 @@ def import_cmd(
     ctx = _context()
     result = import_archive(ctx, archive, replace_base=replace_base, replace=replace)
     what = "imported" if result["changed"] else "already imported, nothing changed:"
-    ctx.ui.success(f"{result['method']}: {what} {result['tag']} ({result['image_id'][:19]})", **result)
+    signature = result.get("signature") or {}
+    signed = f", signed by {signature['key_id']} ({signature['state']})" if signature.get("key_id") else ", unsigned"
+    ctx.ui.success(f"{result['method']}: {what} {result['tag']} ({result['image_id'][:19]}{signed})", **result)
 
 
 @app.command()
 @verb
 def push(method: Annotated[str, typer.Argument(help="Method name.")],
-         registry: Annotated[str, typer.Argument(help="Registry host[:port], e.g. 127.0.0.1:5000.")]):
+         registry: Annotated[str, typer.Argument(help="Registry host[:port], e.g. 127.0.0.1:5000.")],
+         sign: Annotated[Optional[Path], typer.Option("--sign", help=SIGN_HELP)] = None):
     """Push the method's current image to a registry as `REGISTRY/envmgr/METHOD:INPUTS-HASH`."""
     from .registry import push as push_image
 
     ctx = _context()
-    result = push_image(ctx, method, registry)
+    result = push_image(ctx, method, registry, sign=sign)
     ctx.ui.success(f"{result['method']}: pushed {result['reference']}@{result['digest']}", **result)
 
 
@@ -453,6 +460,33 @@ def gc(
     ctx.ui.success(f"{verb_word} {len(result.remove)} items, {result.freed() / 1e6:.1f} MB"
                    + (" freed" if not dry_run else ""), dry_run=dry_run, bytes_freed=result.freed(),
                    removed=[vars(i) for i in result.remove], kept=[vars(i) for i in result.keep])
+
+
+@key_app.command("generate")
+@verb
+def key_generate(path: Annotated[Path, typer.Argument(help="Private key file (mode 0600); the public key "
+                                                           "goes to PATH.pub.")]):
+    """Write a new ed25519 key pair for `export --sign` and `push --sign`."""
+    from .signing import generate_key
+
+    ctx = _context()
+    result = generate_key(path)
+    ctx.ui.success(f"key {result['key_id']}: private {result['private_key']}, public {result['public_key']} "
+                   "(list the public one in [trust] keys on the servers that import)", **result)
+
+
+@app.command()
+@verb
+def sbom(method: Annotated[str, typer.Argument(help="Method name.")],
+         fmt: Annotated[str, typer.Option("--format", help="cyclonedx-json (the only one so far).")]
+         = "cyclonedx-json"):
+    """Print the SBOM of the method's current image (Python, conda and Debian packages with versions)."""
+    from .sbom import for_method
+
+    ctx = _context()
+    _, data = for_method(ctx, method, fmt)
+    sys.stdout.write(data.decode())
+    sys.stdout.write("\n")
 
 
 @app.command()

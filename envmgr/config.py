@@ -66,12 +66,18 @@ class RunConfig(_Strict):
         return value
 
 
+class TrustConfig(_Strict):
+    keys: list[str] = []                      # public keys (paths) whose signatures import and pull accept
+    require_signature: bool = False           # refuse archives and images no trusted key signed
+
+
 class SiteConfig(_Strict):
     base_dir: Path | None = None
     cache_dir: Path | None = None
     mirrors: MirrorsConfig = MirrorsConfig()
     engine: EngineConfig = EngineConfig()
     run: RunConfig = RunConfig()
+    trust: TrustConfig = TrustConfig()
 
 
 @dataclass
@@ -90,6 +96,7 @@ class EffectiveConfig:
     mirrors: MirrorsConfig
     origins: dict[str, str] = field(default_factory=dict)
     run: RunConfig = field(default_factory=RunConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     def secrets(self) -> list[str]:
         """Every credential in any mirror value (whatever key it was typed under): redacted from all output."""
@@ -254,7 +261,7 @@ def host_ca_bundle(pip: dict[str, Setting]) -> Setting | None:
 # ---------------------------------------------------------------- layering
 
 
-_LIST_KEYS = {"extra_indexes", "find_links"}
+_LIST_KEYS = {"extra_indexes", "find_links", "keys"}
 
 
 def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
@@ -266,7 +273,8 @@ def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
         if os.environ.get(env):
             data[key] = os.environ[env]
             names[key] = env
-    for section, model in (("mirrors", MirrorsConfig), ("engine", EngineConfig), ("run", RunConfig)):
+    for section, model in (("mirrors", MirrorsConfig), ("engine", EngineConfig), ("run", RunConfig),
+                           ("trust", TrustConfig)):
         for key, info in model.model_fields.items():
             if info.annotation in (dict[str, str],):
                 continue
@@ -283,7 +291,7 @@ def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
 def _merge(into: dict[str, Any], layer: dict[str, Any], origin: str, origins: dict[str, str], prefix=""):
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and key in ("mirrors", "engine", "run"):
+        if isinstance(value, dict) and key in ("mirrors", "engine", "run", "trust"):
             _merge(into.setdefault(key, {}), value, origin, origins, prefix=f"{dotted}.")
         else:
             into[key] = value
@@ -373,4 +381,4 @@ def load_config(flags: dict[str, Any] | None = None, *, inherit_host: bool = Tru
     if not site.engine.url and os.environ.get("DOCKER_HOST"):
         origins["engine.url"] = "inherited: environment DOCKER_HOST"
     return EffectiveConfig(base_dir=base_dir, cache_dir=cache_dir, engine_url=engine_url,
-                           mirrors=mirrors, origins=origins, run=site.run)
+                           mirrors=mirrors, origins=origins, run=site.run, trust=site.trust)

@@ -39,6 +39,10 @@ def settings(config: EffectiveConfig) -> list[Setting]:
         ("mirrors.apt", mask_url(mirrors.apt) or "-", config.origins.get("mirrors.apt", "")),
         ("mirrors.ca_bundle", mirrors.ca_bundle or "-", config.origins.get("mirrors.ca_bundle", "")),
         ("mirrors.https_proxy", mask_url(mirrors.https_proxy) or "-", config.origins.get("mirrors.https_proxy", "")),
+        ("trust.keys", ", ".join(config.trust.keys) or "-", config.origins.get("trust.keys", "")),
+        ("trust.require_signature", str(config.trust.require_signature).lower(),
+         config.origins.get("trust.require_signature", "default")),
+        ("run.run_as", config.run.run_as, config.origins.get("run.run_as", "default")),
     ]
     return [Setting(key, str(value), origin) for key, value, origin in rows]
 

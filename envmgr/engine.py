@@ -104,6 +104,15 @@ class Engine:
             raise EngineError(f"engine refused the image archive: {_short(exc)}") from None
         return loaded
 
+    def save_image(self, ref: str) -> Iterator[bytes]:
+        """The image as a docker-archive, streamed (`docker save`)."""
+        try:
+            yield from self._api.get_image(ref)
+        except docker.errors.ImageNotFound:
+            raise EngineError(f"no image {ref} in the engine") from None
+        except docker.errors.APIError as exc:
+            raise EngineError(f"engine refused to save image {ref}: {_short(exc)}") from None
+
     def present_layers(self, diff_ids: list[str]) -> frozenset[str]:
         """The longest prefix of `diff_ids` whose layer chain some envmgr image in the engine has."""
         best: list[str] = []

@@ -84,7 +84,7 @@ def _remote(spec: MethodSpec, registry: str) -> str:
     return f"{registry}/{spec.image_repository}"
 
 
-def push(ctx: Context, method: str, registry: str) -> dict:
+def push(ctx: Context, method: str, registry: str, sign: Path | None = None) -> dict:
     registry = _check_registry(registry)
     wanted, image_id = require_image(ctx, method)
     spec, data, digest, tag = wanted.spec, wanted.inputs, wanted.digest, wanted.tag
@@ -102,8 +102,53 @@ def push(ctx: Context, method: str, registry: str) -> dict:
     record = {"method": spec.name, "registry": registry, "reference": f"{remote}:{short}",
               "digest": digest_pushed, "image_id": image_id, "inputs_hash": digest, "lock_hash": data["lock"],
               "pushed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if sign is not None:
+        record["signed_by"] = _push_signature(ctx, spec, registry, remote, short, image_id, tag, digest, sign)
     _record_push(ctx.cache_dir / PUSHED_FILE, record)
     return record
+
+
+def _push_signature(ctx: Context, spec: MethodSpec, registry: str, remote: str, short: str, image_id: str,
+                    tag: str, digest: str, key_path: Path) -> str:
+    """Sign what was pushed and push the signature beside it as `<remote>:<short>.sig`."""
+    import tempfile
+
+    from . import signing, trust
+
+    key = signing.load_private_key(key_path)
+    layers = ((ctx.engine.inspect_image(image_id) or {}).get("RootFS") or {}).get("Layers") or []
+    statement = trust.image_statement(spec.name, tag, image_id, digest, layers)
+    sig_tag = trust.signature_tag(short)
+    with tempfile.TemporaryDirectory(dir=ctx.cache_dir) as folder:
+        archive = trust.signature_image_archive(statement, signing.sign(statement, key), f"{remote}:{sig_tag}",
+                                                Path(folder))
+    ctx.engine.load_archive(iter([archive]))
+    try:
+        auth = credentials(ctx, registry)
+        _stream(ctx, lambda: ctx.engine.push(remote, sig_tag, auth),
+                "push", registry, len(archive))
+    finally:
+        ctx.engine.remove_image(f"{remote}:{sig_tag}")
+    return signing.key_id(key.public_key())
+
+
+def _pull_signature(ctx: Context, registry: str, remote: str, short: str, auth: dict | None
+                    ) -> tuple[bytes, bytes | None]:
+    """(statement, signature) pushed beside the image; (b"", None) when the registry has none."""
+    from . import trust
+
+    sig_tag = trust.signature_tag(short)
+    try:
+        _stream(ctx, lambda: ctx.engine.pull(remote, sig_tag, auth),
+                "pull", registry, 0)
+    except RegistryError as exc:
+        ctx.ui.log(f"no signature at {remote}:{sig_tag}: {exc.message}")
+        return b"", None
+    try:
+        saved = b"".join(ctx.engine.save_image(f"{remote}:{sig_tag}"))
+        return trust.read_signature_image(saved)
+    finally:
+        ctx.engine.remove_image(f"{remote}:{sig_tag}")
 
 
 def _record_push(path: Path, record: dict) -> None:
@@ -127,6 +172,10 @@ def pull(ctx: Context, method: str, registry: str) -> dict:
     data, digest, tag = wanted.inputs, wanted.digest, wanted.tag
     remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
     auth = credentials(ctx, registry)
+    from . import trust
+
+    statement, signature = _pull_signature(ctx, registry, remote, short, auth)
+    signed = trust.check_signature(ctx, f"{remote}:{short}", statement, signature)   # before the image comes
     _stream(ctx, lambda: ctx.engine.pull(remote, short, auth),
             "pull", registry, 0)
     pulled = ctx.engine.inspect_image(f"{remote}:{short}")
@@ -140,11 +189,15 @@ def pull(ctx: Context, method: str, registry: str) -> dict:
             raise EnvmgrError(f"{remote}:{short} does not match {spec.name}'s current lock and inputs "
                               f"(label {', '.join(wrong)} differs); it was not tagged {tag}",
                               hint="push it again from a server whose lock is this one")
+        if signature is not None:
+            trust.check_pulled(statement, pulled, spec.name, tag)
         ctx.engine.tag(pulled["Id"], spec.image_repository, short)
         ctx.engine.tag(pulled["Id"], spec.image_repository, "latest")
     finally:
         ctx.engine.remove_image(f"{remote}:{short}")  # the registry's name; envmgr's tag stays
+    if signature is not None:
+        trust.record_signature(ctx, pulled["Id"], "image", statement, signature)
     repo_digests = [d for d in pulled.get("RepoDigests", []) if d.startswith(remote + "@")]
     return {"method": spec.name, "registry": registry, "reference": f"{remote}:{short}", "tag": tag,
             "image_id": pulled["Id"], "digest": repo_digests[0].split("@", 1)[1] if repo_digests else None,
-            "inputs_hash": digest, "lock_hash": data["lock"]}
+            "inputs_hash": digest, "lock_hash": data["lock"], "signature": signed.as_dict()}

@@ -5,6 +5,8 @@
    the image the method uses. Nothing is loaded into the engine: the ID is the sha256 of the config.
 2. In a container of the image in use (no network), every file that a package's RECORD lists is
    hashed and compared with the record.
+3. The signature recorded when the image was imported or pulled is checked again against the site's
+   [trust] keys, and the image ID and layer digests it signs are compared with the engine's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .containers import ContainerSpec
 from .context import Context
 from .errors import EnvmgrError, UsageError
 from .spec import MethodSpec, find_method
+from .trust import signature_report
 
 RECORD_SCRIPT = r"""
 import base64, csv, hashlib, json, os, sysconfig
@@ -110,6 +113,7 @@ class VerifyResult:
     bad_files: list[list[str]]     # [distribution, path, "missing" | "changed"]
     rebuilt: str | None = None     # the ID its inputs make, when it was made again
     image_matches: bool | None = None
+    signature: dict = dataclasses.field(default_factory=dict)   # trust.signature_report: checked again now
 
     @property
     def files_match(self) -> bool:
@@ -117,7 +121,7 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        return self.files_match and self.image_matches is not False
+        return self.files_match and self.image_matches is not False and self.signature.get("ok", True)
 
     def fields(self) -> dict:
         """The result as the JSON event carries it (no rebuild keys when nothing was made again)."""
@@ -135,12 +139,16 @@ class VerifyResult:
         lines.append(f"files: {self.files} files of {self.packages} packages checked, "
                      f"{len(self.bad_files)} differ from their RECORD")
         lines += [f"  {state}: {path} ({dist})" for dist, path, state in self.bad_files[:20]]
+        if self.signature:
+            lines.append(f"signature: {self.signature['describe']}")
         return lines
 
     def failure(self) -> str:
         """The one line for a failed verification."""
         why = [x for x in ("image ID differs" if self.image_matches is False else "",
-                           f"{len(self.bad_files)} files differ" if self.bad_files else "") if x]
+                           f"{len(self.bad_files)} files differ" if self.bad_files else "",
+                           "signature: " + self.signature["describe"] if not self.signature.get("ok", True)
+                           else "") if x]
         return f"{self.method}: verification failed: " + ", ".join(why)
 
 
@@ -151,6 +159,8 @@ def verify(ctx: Context, method: str, rebuild: bool = True) -> VerifyResult:
     ref, in_use = image_in_use(ctx, spec, tag)
     rebuilt = rebuild_id(ctx, spec) if rebuild else None
     records = check_records(ctx, spec, in_use)
+    layers = ((ctx.engine.inspect_image(in_use) or {}).get("RootFS") or {}).get("Layers") or []
     return VerifyResult(method=spec.name, tag=tag, in_use=in_use, in_use_ref=ref, packages=records["dists"],
                         files=records["files"], bad_files=records["bad"], rebuilt=rebuilt,
-                        image_matches=None if rebuilt is None else rebuilt == in_use)
+                        image_matches=None if rebuilt is None else rebuilt == in_use,
+                        signature=signature_report(ctx, in_use, layers))

@@ -200,7 +200,9 @@ class PoetryBackend:
                 previous = spec.source_path / LOCK   # the method's own lock seeds the solve
             if previous.is_file() and not regenerate:
                 shutil.copy2(previous, Path(work) / LOCK)
-            poetry_cache = ctx.cache_dir / "poetry"
+            # poetry's cache records file URLs as the mirror gave them, credentials included: with a
+            # mirror URL that carries a password, the cache lives only as long as this lock
+            poetry_cache = Path(work) / "poetry-cache" if ctx.config.secrets() else ctx.cache_dir / "poetry"
             poetry_cache.mkdir(parents=True, exist_ok=True)
             env = {**poetry_env(ctx.config.mirrors), "POETRY_CACHE_DIR": f"{paths.CONTAINER_CACHE}/poetry"}
             command = f"{paths.CONTAINER_TOOLS_DIR}/poetry/bin/poetry lock" + (" --regenerate" if regenerate else "")
