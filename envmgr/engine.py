@@ -28,6 +28,10 @@ NVIDIA_HINT = ("this engine has no NVIDIA runtime: install the NVIDIA Container 
                "(and restart the engine), or run on the CPU with `--gpus none`")
 
 
+class ImageGone(EngineError):
+    """The image is not in the engine (another process removed it between two calls)."""
+
+
 class PushPullRefused(EngineError):
     """The engine refused a push or a pull (the registry's answer, usually), as opposed to not answering."""
 
@@ -126,7 +130,13 @@ class Engine:
         return frozenset(best)
 
     def tag(self, image_id: str, repository: str, tag: str) -> None:
-        self._api.tag(image_id, repository, tag, force=True)
+        """Name an image; ImageGone when it is not (or no longer) in the engine."""
+        try:
+            self._api.tag(image_id, repository, tag, force=True)
+        except docker.errors.ImageNotFound:
+            raise ImageGone(f"image {image_id[:19]} is not in the engine (removed meanwhile?)") from None
+        except docker.errors.APIError as exc:
+            raise EngineError(f"engine refused to tag {image_id[:19]} as {repository}:{tag}: {_short(exc)}") from None
 
     def remove_image(self, ref: str) -> None:
         """Remove an image or one of its tags (never by force: an image in use stays); gone already is fine,
