@@ -30,8 +30,12 @@ def load_text_pipeline(path: Path, dtype: torch.dtype, device: torch.device):
 
 
 @torch.no_grad()
-def encode_prompts(pipeline, prompts: list[str], max_length: int, device: torch.device, batch_size: int = 8):
-    """(prompt_embeds [N, L, D], pooled [N, P]) on CPU for every prompt, via the pipeline's own encoder."""
+def encode_prompts(pipeline, prompts: list[str], max_length: int, device: torch.device, t5_padding: str = "unmodified",
+                   batch_size: int = 8):
+    """(prompt_embeds [N, L, D], pooled [N, P]) on CPU for every prompt, via the pipeline's own encoder.
+
+    `t5_padding=zero` zeroes the T5 positions past each prompt's tokens (SimpleTuner's option).
+    """
     embeds, pooled = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -39,6 +43,11 @@ def encode_prompts(pipeline, prompts: list[str], max_length: int, device: torch.
             prompt=chunk, prompt_2=None, prompt_3=None, device=device,
             do_classifier_free_guidance=False, max_sequence_length=max_length,
         )
+        if t5_padding == "zero" and pipeline.tokenizer_3 is not None:
+            mask = pipeline.tokenizer_3(chunk, padding="max_length", max_length=max_length, truncation=True,
+                                        return_tensors="pt").attention_mask
+            t5_start = prompt_embeds.shape[1] - max_length  # CLIP tokens come first
+            prompt_embeds[:, t5_start:] *= mask.unsqueeze(-1).to(prompt_embeds.device, prompt_embeds.dtype)
         embeds.append(prompt_embeds.cpu())
         pooled.append(pooled_embeds.cpu())
     return torch.cat(embeds), torch.cat(pooled)
@@ -85,7 +94,8 @@ def add_lora(transformer, rank: int, alpha: float | None, dropout: float, target
     present = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()} | {
         name.split(".")[-2] + "." + name.split(".")[-1] for name, _ in transformer.named_modules() if name.count(".") >= 1
     }
-    targets = [t for t in target_modules if t in present]
+    names = [name for name, _ in transformer.named_modules()]
+    targets = [t for t in target_modules if t in present or any(name.endswith("." + t) for name in names)]
     if not targets:
         raise ModelError(f"transformer has none of the LoRA target modules {', '.join(target_modules)}")
     config = LoraConfig(
