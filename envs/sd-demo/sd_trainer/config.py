@@ -232,6 +232,8 @@ def expand_placeholders(value, model_family: str):
 def _convert(name: str, value, kind: str, where: Path):
     try:
         if "bool" in kind:
+            if isinstance(value, str):
+                return value.strip().lower() not in ("", "0", "no", "off", "false")
             return bool(value)
         if kind.startswith("int"):
             number = float(value)
@@ -298,7 +300,8 @@ def _resolution_in_pixels(value, resolution_type: str, where: Path) -> int:
 
 def load_config(path: Path) -> TrainConfig:
     path = Path(path)
-    options = normalise_keys(_read_json(path, "config file"), path)
+    raw = _read_json(path, "config file")
+    options = normalise_keys(raw, path)
     _check_critical(options, path)
     named = _Named()
     family = str(options.get("model_family", "sd3"))
@@ -330,6 +333,8 @@ def load_config(path: Path) -> TrainConfig:
             named.ignored(name, value, path)
         elif name not in CRITICAL_FLAGS:
             named.unknown(name, value, path)
+    if any(str(key).lstrip("-") == "gradient_checkpointing" for key in raw) and "gradient_checkpointing" not in options:
+        config.gradient_checkpointing = False  # an explicit false means off, not "decide by resolution"
     if config.tracker_run_name is None and options.get("train_id"):
         config.tracker_run_name = str(options["train_id"])
     if config.validation_prompt:
