@@ -236,11 +236,12 @@ def build_training_set(config: TrainConfig, accelerator, dtype: torch.dtype, sto
 
     latent_cache = cache.LatentCache(_cache_root(config, "vae"), cache.fingerprint(
         cache.CACHE_FORMAT, cache.weights_signature(model_path / "vae"), str(dtype)))
-    pending = {s.key: s for s in samples
-               if not latent_cache.path(s.bucket, s.key).is_file() and not latent_cache.unreadable_marker(s.key).exists()}
-    work = cache.my_share(list(pending.values()), rank, processes)
-    log.info("latent cache %s: %d of %d images to encode (%d here), buckets %s", latent_cache.folder, len(pending),
-             len(samples), len(work), ", ".join(f"{w}x{h}" for w, h in sorted({s.bucket for s in samples})))
+    # shares are cut from the full list, not from what is missing: ranks look at the cache at different moments
+    unique = list({s.key: s for s in samples}.values())
+    work = [s for s in cache.my_share(unique, rank, processes)
+            if not latent_cache.path(s.bucket, s.key).is_file() and not latent_cache.unreadable_marker(s.key).exists()]
+    log.info("latent cache %s: %d images, %d to encode here, buckets %s", latent_cache.folder, len(unique),
+             len(work), ", ".join(f"{w}x{h}" for w, h in sorted({s.bucket for s in samples})))
     if work and not _encode_latents(config, work, latent_cache, device, dtype, stop):
         return None
     accelerator.wait_for_everyone()
@@ -249,8 +250,9 @@ def build_training_set(config: TrainConfig, accelerator, dtype: torch.dtype, sto
     for sample in samples:
         if latent_cache.path(sample.bucket, sample.key).is_file():
             kept.append(sample)
-        else:
-            _skip(report, "unreadable", sample.path.name)
+        else:  # another rank's share that never arrived (it stopped or failed) counts apart from broken files
+            reason = "unreadable" if latent_cache.unreadable_marker(sample.key).exists() else "not_encoded"
+            _skip(report, reason, sample.path.name)
     if not kept:
         raise DataError(_zero_usable_message(config, samples, report))
 
@@ -260,10 +262,8 @@ def build_training_set(config: TrainConfig, accelerator, dtype: torch.dtype, sto
     text_cache = cache.TextCache(_cache_root(config, "text"), cache.fingerprint(
         cache.CACHE_FORMAT, [cache.weights_signature(model_path / part) for part in TEXT_ENCODER_PARTS],
         config.tokenizer_max_length, config.t5_padding, str(dtype)))
-    missing = [text for text in prompts if not text_cache.path(text).is_file()]
-    work_text = cache.my_share(missing, rank, processes)
-    log.info("text cache %s: %d of %d distinct prompts to encode (%d here)", text_cache.folder, len(missing),
-             len(prompts), len(work_text))
+    work_text = [text for text in cache.my_share(list(prompts), rank, processes) if not text_cache.path(text).is_file()]
+    log.info("text cache %s: %d distinct prompts, %d to encode here", text_cache.folder, len(prompts), len(work_text))
     if work_text and not _encode_prompts(config, work_text, text_cache, device, dtype, stop):
         return None
     accelerator.wait_for_everyone()
