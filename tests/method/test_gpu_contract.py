@@ -156,3 +156,24 @@ def test_repeated_non_finite_losses_stop_the_run_without_a_lora(tmp_path, tiny_m
 
     saved = load_file(str(output / "checkpoint-4" / "lora_peft.safetensors"))  # taken during the NaN streak
     assert all(torch.isfinite(value).all() for value in saved.values())
+
+
+# ---------------------------------------------------------------- the GPU benchmark script
+
+
+def test_gpu_bench_smoke_runs_on_the_cpu_with_tiny():
+    result = subprocess.run([os.sys.executable, str(METHOD_DIR / "bench" / "gpu_bench.py"), "--tiny", "--json",
+                             "--batches", "1", "2", "--steps", "1", "--warmup", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert [(row["batch"], row["checkpointing"]) for row in summary["rows"]] == [(1, False), (2, False), (1, True), (2, True)]
+    assert all(row["s_per_step"] > 0 for row in summary["rows"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_bench_without_cuda_says_so_and_measures_nothing():
+    result = subprocess.run([os.sys.executable, str(METHOD_DIR / "bench" / "gpu_bench.py")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.startswith("gpu_bench: no usable CUDA device (") and "nothing measured" in result.stdout
