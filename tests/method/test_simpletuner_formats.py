@@ -134,3 +134,18 @@ def test_area_resolution_is_megapixels(tmp_path):
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     config = load_config(path)
     assert config.resolution == 1024 and config.image_backends[0].resolution_type == "pixel_area"
+
+
+def test_t5_padding_zero_zeroes_only_the_t5_padding(tiny_model):
+    import torch
+
+    from sd_trainer import model
+
+    pipeline = model.load_text_pipeline(tiny_model, torch.float32, torch.device("cpu"))
+    plain, _ = model.encode_prompts(pipeline, ["a red circle"], 32, torch.device("cpu"), "unmodified")
+    zeroed, pooled = model.encode_prompts(pipeline, ["a red circle"], 32, torch.device("cpu"), "zero")
+    tokens = int(pipeline.tokenizer_3(["a red circle"], max_length=32, truncation=True,
+                                      padding="max_length", return_tensors="pt").attention_mask.sum())
+    t5_start = plain.shape[1] - 32
+    assert torch.equal(zeroed[:, :t5_start + tokens], plain[:, :t5_start + tokens])
+    assert plain[:, t5_start + tokens:].abs().sum() > 0 and zeroed[:, t5_start + tokens:].abs().sum() == 0
