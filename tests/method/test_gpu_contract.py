@@ -3,11 +3,10 @@ and a run that stops on repeated non-finite losses instead of saving a NaN LoRA.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ def test_trainer_refuses_when_gpus_were_asked_for_and_cuda_is_unusable(tmp_path,
     images = textfile_dataset(tmp_path / "images", count=1)
     config = write_trainer_config(tmp_path, tiny_model, images)
     env = {**os.environ, "ENVMGR_GPUS": "all", "SD_DEMO_STATUS_FILE": str(tmp_path / "status")}
-    result = subprocess.run([os.sys.executable, str(METHOD_DIR / "train.py"), "--config", str(config)],
+    result = subprocess.run([sys.executable, str(METHOD_DIR / "train.py"), "--config", str(config)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
@@ -162,7 +161,7 @@ def test_repeated_non_finite_losses_stop_the_run_without_a_lora(tmp_path, tiny_m
 
 
 def test_gpu_bench_smoke_runs_on_the_cpu_with_tiny():
-    result = subprocess.run([os.sys.executable, str(METHOD_DIR / "bench" / "gpu_bench.py"), "--tiny", "--json",
+    result = subprocess.run([sys.executable, str(METHOD_DIR / "bench" / "gpu_bench.py"), "--tiny", "--json",
                              "--batches", "1", "2", "--steps", "1", "--warmup", "0"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -173,7 +172,7 @@ def test_gpu_bench_smoke_runs_on_the_cpu_with_tiny():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_gpu_bench_without_cuda_says_so_and_measures_nothing():
-    result = subprocess.run([os.sys.executable, str(METHOD_DIR / "bench" / "gpu_bench.py")],
+    result = subprocess.run([sys.executable, str(METHOD_DIR / "bench" / "gpu_bench.py")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert result.stdout.startswith("gpu_bench: no usable CUDA device (") and "nothing measured" in result.stdout
