@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import textfile_dataset, write_trainer_config
@@ -85,3 +86,26 @@ def test_encoding_is_split_across_ranks(tmp_path, tiny_model):
     complete = build(config, FakeAccelerator(process_index=0, num_processes=2))
     assert len(list((tmp_path / "run" / "cache" / "vae").rglob("*.safetensors"))) == 4
     assert complete.report["images"] == 4
+
+
+def test_ranks_wait_for_each_other_with_the_configured_timeout(tmp_path, monkeypatch):
+    import accelerate
+
+    from sd_trainer.loop import StopFlag, train
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capturing_accelerator(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(accelerate, "Accelerator", capturing_accelerator)
+    images = textfile_dataset(tmp_path / "images", count=1)
+    config = load_config(write_trainer_config(tmp_path, tmp_path / "m", images, process_group_timeout=5400))
+    with pytest.raises(Stop):
+        train(config, StopFlag())
+    (handler,) = seen["kwargs_handlers"]
+    assert handler.timeout.total_seconds() == 5400
