@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     first_caption, _ = cap_caption(next(iter(sorted(dataset_dir.glob("*.txt")))).read_text(encoding="utf-8").strip())
     if args.trigger_word and not first_caption.startswith(args.trigger_word):
         first_caption = f"{args.trigger_word}, {first_caption}"
-    write_configs(args, output_dir, work_dir, dataset_dir, args.validation_prompt or [first_caption])
+    prompts = [cap_caption(prompt)[0] for prompt in args.validation_prompt or [first_caption]]
+    write_configs(args, output_dir, work_dir, dataset_dir, prompts)
     return run_training(work_dir)
 
 

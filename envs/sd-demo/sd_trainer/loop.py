@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, device, events, metrics, model, validation
+from . import checkpoint, data, events, metrics, model, validation
 from .config import LORA_TARGETS, TrainConfig
+from .device import check_gpu_request, gradient_checkpointing_wanted
 
 log = logging.getLogger("sd_trainer")
 EXIT_INTERRUPTED = 130
@@ -172,7 +173,7 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
     from diffusers.optimization import get_scheduler
 
     # ---- set-up
-    device.check_gpu_request()  # GPUs asked for but unusable: stop now, not hours later on the CPU
+    check_gpu_request()  # GPUs asked for but unusable: stop now, not hours later on the CPU
     precision = resolve_precision(config)
     accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[
         InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout))])
@@ -196,7 +197,7 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
 
     # ---- transformer + LoRA, optimizer, schedule
     transformer = model.load_transformer(config.pretrained_model_name_or_path, dtype)
-    checkpointing = device.gradient_checkpointing_wanted(config.gradient_checkpointing, config.resolution)
+    checkpointing = gradient_checkpointing_wanted(config.gradient_checkpointing, config.resolution)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     log.info("gradient checkpointing %s", "on" if checkpointing else "off")
