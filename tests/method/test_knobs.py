@@ -13,28 +13,39 @@ from safetensors.torch import load_file
 from conftest import events_of, run_entry, textfile_dataset, write_trainer_config
 from sd_trainer import data
 from sd_trainer.config import load_config
+from sd_trainer.dataset_prep import MAX_CAPTION_CHARS
 
+HUGE_CAPTION = "tag " * (5 * 1024 * 1024 // 4)
 FAST = ["--resolution=64", "--lora_rank=4", "--validation_num_inference_steps=2", "--learning_rate=1e-3"]
 
 
 @pytest.fixture(scope="module")
 def knob_run(tmp_path_factory, tiny_model):
-    import make_sample_dataset
-
+    """One end-to-end run with every knob set, on a folder dataset where one caption is 5 MB."""
     root = tmp_path_factory.mktemp("knobs")
-    dataset = make_sample_dataset.write_dataset(root / "d.zip", "zip", count=4, size=64)
+    images = textfile_dataset(root / "dataset", count=4)
+    (images / "img0.txt").write_text(HUGE_CAPTION)
     (root / "run").mkdir()
-    result = run_entry([f"--model_path={tiny_model}", f"--pic_relative_path={dataset}", "--train_id=knobs",
+    result = run_entry([f"--model_path={tiny_model}", f"--pic_relative_path={images}", "--train_id=knobs",
                         "--max_steps=3", "--validation_steps=0", "--trigger_word=sks", "--caption_dropout=0.25",
                         "--lora_alpha=2", "--lora_target=attention+context+ff", "--validation_prompt=a red circle",
                         "--validation_prompt=a blue square", "--validation_seed=100", "--export_comfyui",
                         f"--cache_dir={root / 'shared-cache'}", *FAST], cwd=root / "run")
     assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run", events_of(result.stdout)
+    return root / "run", events_of(result.stdout), result
+
+
+def test_a_5mb_caption_is_cut_and_never_printed(knob_run):
+    run_dir, _events, result = knob_run
+    longest = max((result.stdout + result.stderr).splitlines(), key=len)
+    assert len(longest) < 2000, longest[:300]
+    assert "caption(s) longer than" in result.stderr
+    written = (run_dir / "sd-demo-work" / "dataset" / "img0.txt").read_text()
+    assert len(written) <= MAX_CAPTION_CHARS + 1
 
 
 def test_knobs_reach_the_config(knob_run):
-    run_dir, _events = knob_run
+    run_dir, _events, _result = knob_run
     config = json.loads((run_dir / "sd-demo-work" / "config" / "config.json").read_text())
     assert config["--caption_dropout_probability"] == 0.25 and config["--lora_alpha"] == 2
     assert config["--lora_target"] == "attention+context+ff" and "--checkpoint_step_interval" in config
@@ -45,7 +56,7 @@ def test_knobs_reach_the_config(knob_run):
 
 
 def test_validation_prompts_have_fixed_seeds(knob_run):
-    run_dir, events = knob_run
+    run_dir, events, _result = knob_run
     validation = [e for e in events if e["event"] == "validation"]
     assert [(e["prompt"], e["seed"]) for e in validation] == [(0, 100), (1, 101)]
     assert sorted(p.name for p in (run_dir / "output" / "validation_images").iterdir()) == \
@@ -53,7 +64,7 @@ def test_validation_prompts_have_fixed_seeds(knob_run):
 
 
 def test_lora_alpha_and_targets_are_in_the_saved_lora(knob_run):
-    run_dir, _events = knob_run
+    run_dir, _events, _result = knob_run
     lora = run_dir / "output" / "pytorch_lora_weights.safetensors"
     keys = set(load_file(str(lora)))
     for module in ("attn.to_q", "attn.add_q_proj", "ff.net.2", "ff_context.net.0.proj"):
@@ -64,7 +75,7 @@ def test_lora_alpha_and_targets_are_in_the_saved_lora(knob_run):
 
 
 def test_comfyui_export_matches_the_diffusers_lora(knob_run):
-    run_dir, _events = knob_run
+    run_dir, _events, _result = knob_run
     diffusers_file = load_file(str(run_dir / "output" / "pytorch_lora_weights.safetensors"))
     comfy = load_file(str(run_dir / "output" / "pytorch_lora_weights_comfyui.safetensors"))
     down_keys = [key for key in comfy if key.endswith(".lora_down.weight")]
