@@ -67,6 +67,8 @@ bench: engine method-venv
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
+	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_cache.py
+	$(METHOD_VENV)/bin/python envs/sd-demo/bench/gpu_bench.py
 
 clean:
 	rm -rf $(VENV) $(METHOD_VENV) .demo
