@@ -386,6 +386,7 @@ class _SecondInterrupt:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.previous: dict[int, Any] = {}
+        self.interrupted = False
 
     def __enter__(self) -> "_SecondInterrupt":
         if threading.current_thread() is threading.main_thread():
@@ -395,6 +396,7 @@ class _SecondInterrupt:
         return self
 
     def _first(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+        self.interrupted = True
         for sig in self.previous:
             signal.signal(sig, self._again)
         raise KeyboardInterrupt
@@ -404,6 +406,8 @@ class _SecondInterrupt:
                          "the run record is written when it has stopped")
 
     def __exit__(self, *exc: Any) -> None:
+        if self.interrupted:
+            return   # stay shielded: the record is written and the interruption reported after this block
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
