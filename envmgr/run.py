@@ -35,7 +35,7 @@ from .gpu_plan import preflight as gpu_preflight
 from .image import file_sha256
 from .records import check_run_id, write_record
 from .run_inputs import RunInput, copy_method, parse_env, parse_inputs, recorded_env, recorded_inputs
-from .spec import MethodSpec
+from .spec import MethodSpec, find_method
 from .ui import TrainingProgress
 from .verdict import missing_outputs
 
@@ -564,6 +564,10 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
             log.write(f"# envmgr: {reason}\n")
         ctx.engine.remove_container(name, force=True)
     code = state["exit_code"] if state else None
+    missing = _missing_after_kill(ctx, run_dir, record) if status == "succeeded" else []
+    if missing:
+        status, reason = "failed", "no outputs"
+        record["missing_outputs"] = missing
     record.update(status=status, reason=reason, exit_code=code, ended=_now(),
                   artifacts=artifacts(run_dir / records.OUTPUT))
     if record.get("attempts"):
@@ -571,6 +575,19 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
     write_record(run_dir, record)
     ctx.ui.warn(f"run {record.get('run_id')}: {reason} → {status}")
     return record
+
+
+def _missing_after_kill(ctx: Context, run_dir: Path, record: dict) -> list[str]:
+    """The spec's success globs against what the last attempt wrote, for a run settled after envmgr died."""
+    attempts = record.get("attempts")
+    started = attempts[-1].get("started") if isinstance(attempts, list) and attempts and isinstance(
+        attempts[-1], dict) else None
+    try:
+        spec = find_method(str(record.get("method")), ctx.config.base_dir)
+        started_ns = int(dt.datetime.fromisoformat(str(started)).timestamp()) * 1_000_000_000
+    except (UsageError, ValueError):
+        return []        # the method is gone or the record has no start: the exit code alone decides
+    return missing_outputs(spec, run_dir, started_ns)
 
 
 def list_runs(ctx: Context, method: str | None = None) -> list[dict]:

@@ -266,3 +266,31 @@ def test_plain_mode_is_unchanged_by_method_lines(capsys):
     display.line("\r 10%|#| 1/10")
     display.close()
     assert capsys.readouterr().out == ""
+
+
+def test_a_run_settled_after_envmgr_died_gets_the_same_verdict(tmp_path):
+    import socket
+
+    from envmgr import records
+    from envmgr.run import settle
+
+    base = tmp_path / "base"
+    method = base / "methods" / "m"
+    method.mkdir(parents=True)
+    (method / "envmgr.toml").write_text('name = "m"\nentry = ["bash", "train.sh"]\nsuccess = ["output/*"]\n')
+    run_dir = base / "runs" / "m" / "20261129-100000-abcd"
+    (run_dir / "output").mkdir(parents=True)
+    warned: list[str] = []
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(base_dir=base), ui=SimpleNamespace(warn=warned.append),
+        engine=SimpleNamespace(container_state=lambda name: {"running": False, "exit_code": 0, "oom_killed": False},
+                               remove_container=lambda name, force=False: None))
+    record = {"run_id": run_dir.name, "method": "m", "status": "running", "container": "envmgr-run-m-x",
+              "envmgr": {"pid": 2**22 + 7, "pid_start": "1", "host": socket.gethostname()},
+              "attempts": [{"started": "2026-11-29T10:00:00+00:00", "ended": None, "status": "running"}]}
+    settled = settle(ctx, run_dir, dict(record))
+    assert (settled["status"], settled["reason"]) == ("failed", "no outputs")
+    (run_dir / "output" / "lora.safetensors").write_text("w")
+    settled = settle(ctx, run_dir, dict(record, attempts=[dict(record["attempts"][0])]))
+    assert settled["status"] == "succeeded"
+    assert records.read_record(run_dir)["status"] == "succeeded"
