@@ -210,6 +210,10 @@ class Engine:
             hc = self._api.create_host_config(**{k: v for k, v in host_config.items() if v is not None})
             created = self._api.create_container(host_config=hc, **kwargs)
             container_id = created["Id"]
+            # The log stream holds a line back until its newline; attached before start, the container's
+            # output arrives as written, so a tqdm bar redrawn with carriage returns can be shown live.
+            attached = (self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=False)
+                        if on_partial else None)
             try:
                 self._api.start(container_id)
             except docker.errors.APIError as exc:
@@ -218,7 +222,7 @@ class Engine:
                 raise EngineError(f"engine could not start the container: {_short(exc)}") from None
             if on_start:
                 on_start(container_id)
-            self._follow(container_id, on_line, on_partial)
+            self._follow(container_id, on_line, on_partial, attached)
             result = self._api.wait(container_id)
             oom_killed = bool(self._api.inspect_container(container_id)["State"].get("OOMKilled"))
             return ContainerResult(exit_code=int(result.get("StatusCode", 1)), oom_killed=oom_killed)
@@ -243,9 +247,11 @@ class Engine:
                     self._api.remove_container(container_id, force=True)
 
     def _follow(self, container_id: str, on_line: Callable[[str], None] | None,
-                on_partial: Callable[[str], None] | None = None) -> None:
+                on_partial: Callable[[str], None] | None = None, attached: Iterator[bytes] | None = None) -> None:
         splitter = LineSplitter()
-        for chunk in self._api.logs(container_id, stream=True, follow=True, stdout=True, stderr=True):
+        chunks = attached if attached is not None else self._api.logs(container_id, stream=True, follow=True,
+                                                                       stdout=True, stderr=True)
+        for chunk in chunks:
             for line in splitter.feed(chunk):
                 if on_line:
                     on_line(line)

@@ -261,3 +261,29 @@ def test_launcher_gets_inputs_env_a_writable_folder_and_an_honest_verdict(worksp
         assert unreadable.returncode == 2 and "not readable by the user the method runs as" in unreadable.stderr
     gone = workspace.envmgr("run", "launcher", "--gpus", "none", "--input", str(tmp_path / "nope"), check=False)
     assert gone.returncode == 2 and "does not exist" in gone.stderr
+
+
+def test_a_bar_redrawn_with_carriage_returns_reaches_the_display_before_its_newline(store, engine):
+    """The engine's log stream holds a line back until its newline; the attached stream does not."""
+    import time
+
+    from envmgr.base import ensure_base
+    from envmgr.config import load_config
+    from envmgr.containers import ContainerSpec
+    from envmgr.context import Context
+    from envmgr.engine import Engine
+    from envmgr.ui import Reporter
+
+    ctx = Context(config=load_config({"cache_dir": str(store / "cache")}, files=[]), ui=Reporter("plain"))
+    image = ensure_base(ctx, "bookworm-py311").image_id
+    script = ("import sys, time\nfor i in range(3):\n    sys.stdout.write(f'\\r{i + 1}/3'); sys.stdout.flush(); "
+              "time.sleep(1)\nprint()\nprint('after')\n")
+    partial: list[tuple[str, float]] = []
+    lines: list[str] = []
+    spec = ContainerSpec(image=image, command=["/usr/bin/python3.11", "-c", script], user="65534:65534").hardened()
+    ended = Engine().run(spec, on_line=lines.append, on_partial=lambda s: partial.append((s, time.monotonic())))
+    done = time.monotonic()
+    assert ended.exit_code == 0
+    assert [text for text, _ in partial] == ["1/3", "2/3", "3/3"]
+    assert partial[0][1] < done - 1.5, "the first segment came while the container still ran"
+    assert lines == ["\r1/3\r2/3\r3/3", "after"]
