@@ -32,6 +32,8 @@ CONTAINER_CACHE = "/opt/envmgr/cache"
 CONTAINER_MODELS = "/envmgr/models"
 CONTAINER_DATA = "/envmgr/data"
 CONTAINER_RUN = "/envmgr/run"
+CONTAINER_RUN_METHOD = CONTAINER_RUN + "/method"   # workdir = "method": the run's writable copy of the method
+CONTAINER_INPUTS = "/envmgr/inputs"               # `--input PATH[:NAME]`: read-only at /envmgr/inputs/NAME
 CONTAINER_METHOD_INFO = "/etc/envmgr/method.json"
 
 # Image labels (never a mirror URL).
