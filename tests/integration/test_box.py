@@ -225,7 +225,8 @@ def test_two_quick_ctrl_c_still_end_in_a_consistent_record(hostile, engine):
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)      # the second one only says the container is still stopping
     proc.wait(timeout=180)
-    assert proc.returncode == 130, proc.stderr.read()
+    out = proc.stdout.read() + proc.stderr.read()
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "interrupted" and record["attempts"][-1]["status"] == "interrupted"
+    assert record["status"] == "interrupted" and record["attempts"][-1]["status"] == "interrupted", out
+    assert proc.returncode == 130, f"exit {proc.returncode}: {out}"
     assert not engine.containers.list(all=True, filters={"label": f"org.envmgr.run-id={run_dir.name}"})

@@ -87,6 +87,10 @@ def test_sigkill_during_build_leaves_no_partial_tag_and_the_next_build_completes
     tried = survived = orphaned = 0
     tagged: dict[str, str] = {}
     for point, delay in KILL_POINTS:
+        # each kill point from a cold environment layer: an attempt whose kill landed after the layer was
+        # written (a fast machine, `installing` + 1 s) must not let the next one skip past its point
+        for made in (faults.cache_dir / "layers").glob(f"env-{NAME}-*"):
+            made.unlink()
         killed, seen = _build_until(faults, mirror_a.url, point, delay)
         assert killed, f"never reached {point!r}: {seen}"
         tried += 1
