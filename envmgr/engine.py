@@ -91,6 +91,14 @@ class Engine:
         with contextlib.suppress(docker.errors.ImageNotFound):
             self.api.remove_image(ref, force=force)
 
+    def registry_has(self, reference: str) -> bool:
+        """Whether the registry of `reference` (host[:port]/repo:tag) answers for it (asked through the engine)."""
+        try:
+            self.api.inspect_distribution(reference)
+            return True
+        except docker.errors.APIError:
+            return False
+
     def has_nvidia_runtime(self) -> bool:
         """A registered `nvidia` runtime (the quick answer; `gpus_work` is the sure one)."""
         return "nvidia" in (self.api.info().get("Runtimes") or {})

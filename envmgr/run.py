@@ -13,6 +13,7 @@ import secrets
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,30 @@ class RunRequest:
     args: list[str] = field(default_factory=list)
     resume: str | None = None
     shm_size: str | None = None
+    node: NodeStep | None = None   # set only by a scheduler's job step (envmgr/slurm.py)
+
+
+# ---------------------------------------------------------------------- node-local hook (job steps)
+@dataclass
+class NodeStep:
+    """A job step of a run a scheduler started (envmgr/slurm.py): the run dir and its record exist already
+    (the inputs come from it), and several machines of one run may share the run dir: rank 0 owns
+    run.json and log.txt, every other rank writes run-rank<N>.json and log-rank<N>.txt."""
+
+    run_id: str
+    run_dir: Path
+    rank: int = 0
+    env: dict[str, str] = field(default_factory=dict)       # rank / machine / rendezvous variables
+    on_start: Callable[[str], None] | None = None
+
+    @property
+    def record_file(self) -> str:
+        return "run.json" if self.rank == 0 else f"run-rank{self.rank}.json"
+
+    @property
+    def log_file(self) -> str:
+        return "log.txt" if self.rank == 0 else f"log-rank{self.rank}.txt"
+# ----------------------------------------------------------------------
 
 
 def prepare_base_dir(base_dir: Path) -> None:
@@ -152,10 +177,10 @@ def _gpu_count(gpus: str) -> int | None:
     return None
 
 
-def write_record(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / "run.json.tmp"
+def write_record(run_dir: Path, record: dict, name: str = "run.json") -> None:
+    tmp = run_dir / f"{name}.tmp"
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(run_dir / "run.json")
+    tmp.replace(run_dir / name)
 
 
 def run(ctx: Context, request: RunRequest) -> dict:
@@ -173,15 +198,16 @@ def run(ctx: Context, request: RunRequest) -> dict:
         raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
 
     previous: dict | None = None
-    if request.resume:
-        run_dir = base_dir / "runs" / spec.name / request.resume
+    node = request.node
+    if request.resume or node:
+        run_id = node.run_id if node else str(request.resume)
+        run_dir = node.run_dir if node else base_dir / "runs" / spec.name / run_id
         if not (run_dir / "run.json").is_file():
-            raise UsageError(f"no run {request.resume!r} of {spec.name} under {run_dir.parent}")
+            raise UsageError(f"no run {run_id!r} of {spec.name} under {run_dir.parent}")
         previous = json.loads((run_dir / "run.json").read_text())
         model = Path(previous["model"]["path"]) if previous.get("model") else None
         dataset = Path(previous["dataset"]["path"]) if previous.get("dataset") else None
-        args = previous["arguments"] + (["--resume"] if "--resume" not in previous["arguments"] else [])
-        run_id = request.resume
+        args = previous["arguments"] + (["--resume"] if "--resume" not in previous["arguments"] and not node else [])
     else:
         model = resolve_model(base_dir, request.model, spec)
         dataset = resolve_dataset(base_dir, request.dataset)
@@ -190,7 +216,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         args = list(request.args)
 
     result = build_image(ctx, spec)
-    run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
+    run_dir.mkdir(parents=True, exist_ok=request.resume is not None or node is not None)
     output = run_dir / "output"
     output.mkdir(exist_ok=True)
 
@@ -220,6 +246,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
     if not device_requests:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if node:
+        env.update(node.env)
 
     record = previous or {}
     record.update({
@@ -231,9 +259,14 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "arguments": args, "command": command, "gpus": gpus, "network": request.network,
         "host": socket.gethostname(), "user": getpass.getuser(), "status": "running", "exit_code": None,
     })
-    record.setdefault("attempts", []).append({"started": _now(), "ended": None, "status": "running"})
+    attempts = record.setdefault("attempts", [])
+    if node and attempts and attempts[-1].get("status") == "pending":   # the scheduler's attempt starts now
+        attempts[-1].update(started=_now(), status="running")
+    else:
+        attempts.append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
-    write_record(run_dir, record)
+    record_file = node.record_file if node else "run.json"
+    write_record(run_dir, record, record_file)
 
     shm = request.shm_size or _default_shm()
     container = ContainerSpec(
@@ -246,11 +279,12 @@ def run(ctx: Context, request: RunRequest) -> dict:
     )
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network})",
                 run_id=run_id, run_dir=str(run_dir))
-    status, code, tail = _follow(ctx, container, run_dir)
+    status, code, tail = _follow(ctx, container, run_dir, node.log_file if node else "log.txt",
+                                 node.on_start if node else None)
     record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
                   oom_killed=container.oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
-    write_record(run_dir, record)
+    write_record(run_dir, record, record_file)
     if status == "interrupted":
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
@@ -261,9 +295,10 @@ def run(ctx: Context, request: RunRequest) -> dict:
     return record
 
 
-def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str, int | None, list[str]]:
+def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str = "log.txt",
+            on_start: Callable[[str], None] | None = None) -> tuple[str, int | None, list[str]]:
     tail: deque[str] = deque(maxlen=12)
-    log = open(run_dir / "log.txt", "a", encoding="utf-8")
+    log = open(run_dir / log_file, "a", encoding="utf-8")
     progress_cm = None
     task = None
     started = time.monotonic()
@@ -293,7 +328,7 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str,
 
     code: int | None = None
     try:
-        code = ctx.engine.run(container, on_line=on_line)
+        code = ctx.engine.run(container, on_line=on_line, on_start=on_start)
         status = "succeeded" if code == 0 else "failed"
     except Interrupted:
         status = "interrupted"

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "srun")
 KEY = Path("/etc/munge/munge.key")
@@ -140,3 +143,13 @@ PartitionName=held Nodes={self.node} Default=NO MaxTime=INFINITE State=DOWN
                     proc.kill()
                     proc.wait()
         self.procs.clear()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """One cluster for the whole test session; stopped at its end. Fails (never skips) without Slurm."""
+    root = Path(tempfile.mkdtemp(prefix="envmgr-slurm-"))
+    cluster = LoopbackCluster(root).start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
