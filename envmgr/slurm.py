@@ -112,12 +112,16 @@ def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def hostnames(nodelist: str) -> list[str]:
+    if shutil.which("scontrol") is None:
+        return [nodelist]
     proc = _slurm(["scontrol", "show", "hostnames", nodelist], check=False)
     return proc.stdout.split() if proc.returncode == 0 else [nodelist]
 
 
 def node_address(node: str) -> str:
     """A node's NodeAddr (what its peers reach it by), else its name."""
+    if shutil.which("scontrol") is None:
+        return node
     proc = _slurm(["scontrol", "show", "node", "-o", node], check=False)
     fields = dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
     return fields.get("NodeAddr") or node
