@@ -132,28 +132,19 @@ def node_address(node: str) -> str:
 
 def submit(ctx: Context, request, slurm: SlurmRequest) -> dict:
     """Check, write run.json + job.sbatch into a run dir, sbatch it; with --wait follow it to the end."""
-    from .build import build as build_image, target
-    from .run import content_hash, new_run_id, prepare_base_dir, resolve_dataset, resolve_model, write_record
+    from .build import build as build_image
+    from .build import target
+    from .run import (
+        content_hash,
+        new_run_id,
+        prepare_base_dir,
+        resolve_dataset,
+        resolve_model,
+        write_record,
+    )
 
     spec: MethodSpec = request.method
-    if slurm.nodes < 1:
-        raise UsageError(f"--nodes {slurm.nodes}: a Slurm run needs at least 1 node")
-    if slurm.tasks_per_node < 1:
-        raise UsageError(f"--tasks-per-node {slurm.tasks_per_node}: needs at least 1")
-    if slurm.gpus_per_node is not None and slurm.gpus_per_node < 0:
-        raise UsageError(f"--gpus-per-node {slurm.gpus_per_node}: expected 0 or more")
-    if request.gpus:
-        raise UsageError("--gpus is for local runs; with --on slurm GPUs come from the allocation: "
-                         "--gpus-per-node G")
-    if slurm.runtime not in ("docker", "pyxis"):
-        raise UsageError(f"--node-runtime {slurm.runtime!r}: expected docker or pyxis")
-    known = partitions()
-    if slurm.partition and slurm.partition not in known:
-        raise UsageError(f"partition {slurm.partition!r} is not known to Slurm (partitions: {', '.join(known)})")
-    gpus_per_node = slurm.gpus_per_node if slurm.gpus_per_node is not None else (1 if spec.gpu == "required" else 0)
-    if gpus_per_node and gpus_per_node % slurm.tasks_per_node:
-        raise UsageError(f"--gpus-per-node {gpus_per_node} does not split into {slurm.tasks_per_node} tasks per node")
-
+    gpus_per_node = _check_request(request, spec, slurm)
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
     _, inputs, inputs_hash, tag = target(ctx, spec)
@@ -226,6 +217,28 @@ def submit(ctx: Context, request, slurm: SlurmRequest) -> dict:
     if not slurm.wait:
         return _read(run_dir)
     return follow(ctx, run_dir, job_id, slurm.wait_timeout)
+
+
+def _check_request(request, spec: MethodSpec, slurm: SlurmRequest) -> int:
+    """Bad input in one line, before anything is written; returns the GPUs per node."""
+    if slurm.nodes < 1:
+        raise UsageError(f"--nodes {slurm.nodes}: a Slurm run needs at least 1 node")
+    if slurm.tasks_per_node < 1:
+        raise UsageError(f"--tasks-per-node {slurm.tasks_per_node}: needs at least 1")
+    if slurm.gpus_per_node is not None and slurm.gpus_per_node < 0:
+        raise UsageError(f"--gpus-per-node {slurm.gpus_per_node}: expected 0 or more")
+    if request.gpus:
+        raise UsageError("--gpus is for local runs; with --on slurm GPUs come from the allocation: "
+                         "--gpus-per-node G")
+    if slurm.runtime not in ("docker", "pyxis"):
+        raise UsageError(f"--node-runtime {slurm.runtime!r}: expected docker or pyxis")
+    known = partitions()
+    if slurm.partition and slurm.partition not in known:
+        raise UsageError(f"partition {slurm.partition!r} is not known to Slurm (partitions: {', '.join(known)})")
+    gpus_per_node = slurm.gpus_per_node if slurm.gpus_per_node is not None else (1 if spec.gpu == "required" else 0)
+    if gpus_per_node and gpus_per_node % slurm.tasks_per_node:
+        raise UsageError(f"--gpus-per-node {gpus_per_node} does not split into {slurm.tasks_per_node} tasks per node")
+    return gpus_per_node
 
 
 def _image_source(ctx: Context, spec: MethodSpec, tag: str, inputs_hash: str, slurm: SlurmRequest) -> dict:
@@ -322,8 +335,6 @@ def _quote(text: str) -> str:
 
 def follow(ctx: Context, run_dir: Path, job_id: str, wait_timeout: float | None = None) -> dict:
     """Follow a submitted job like a local run: its log and progress, then the record's verdict."""
-    from .run import _progress_event
-
     log = run_dir / "log.txt"
     offset = log.stat().st_size if log.is_file() else 0
     submitted = time.monotonic()
@@ -340,14 +351,7 @@ def follow(ctx: Context, run_dir: Path, job_id: str, wait_timeout: float | None 
             if state == "RUNNING" and not said_running:
                 ctx.ui.info(f"job {job_id} running on {', '.join(_read(run_dir)['scheduler'].get('nodes') or []) or 'its node(s)'}")
                 said_running = True
-            if log.is_file():
-                with open(log, encoding="utf-8", errors="replace") as fh:
-                    fh.seek(offset)
-                    chunk = fh.read()
-                complete = chunk[:chunk.rfind("\n") + 1]
-                offset += len(complete.encode("utf-8"))
-                for line in complete.splitlines():
-                    _show(ctx, line, _progress_event(line))
+            offset = _show_new_lines(ctx, log, offset)
             record = _read(run_dir)
             if state not in SLURM_ACTIVE and record.get("status") in TERMINAL:
                 break
@@ -367,6 +371,21 @@ def follow(ctx: Context, run_dir: Path, job_id: str, wait_timeout: float | None 
         raise Interrupted(f"stopped following job {job_id}; it goes on in Slurm",
                           hint=f"`envmgr runs cancel {run_dir.name}` stops it") from None
     return verdict(run_dir)
+
+
+def _show_new_lines(ctx: Context, log: Path, offset: int) -> int:
+    """Show the complete lines the log gained since `offset`; returns the new offset."""
+    from .run import _progress_event
+
+    if not log.is_file():
+        return offset
+    with open(log, "rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        _show(ctx, line, _progress_event(line))
+    return offset + len(complete)
 
 
 def _show(ctx: Context, line: str, event: dict | None) -> None:
