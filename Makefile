@@ -11,6 +11,7 @@ DEMO_BASE ?= $(CURDIR)/.demo
 help:
 	@echo "make demo   - engine up, base + sd-demo images, tiny SD3 model + sample dataset, a short CPU run"
 	@echo "make test   - unit, trainer and integration tests (starts the Docker Engine if none answers)"
+	@echo "make lint   - ruff and mypy (make test runs it first)"
 	@echo "make bench  - benchmarks (figures for the closing notes)"
 
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +48,11 @@ engine: host-tools install
 demo: engine
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m envmgr.demo
 
+# ruff (pyflakes, bugbear, isort, complexity, style) and mypy on envmgr/, configured in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check envmgr
+	$(VENV)/bin/mypy
+
 test-unit: install
 	$(VENV)/bin/python -m pytest tests/unit -q
 
@@ -56,7 +62,7 @@ test-method: method-venv
 test-integration: engine
 	$(VENV)/bin/python -m pytest tests/integration -q
 
-test: test-unit test-method test-integration
+test: lint test-unit test-method test-integration
 
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench

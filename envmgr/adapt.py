@@ -228,8 +228,9 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
         if key in dropped:
             continue
         if key in pins:
-            lines.append(_set_pep508_version(f"{req.name}{'[' + ','.join(sorted(req.extras)) + ']' if req.extras else ''}"
-                                             f"{'; ' + str(req.marker) if req.marker else ''}", pins[key]))
+            extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+            lines.append(_set_pep508_version(f"{req.name}{extras}{'; ' + str(req.marker) if req.marker else ''}",
+                                             pins[key]))
             continue
         if req.url:
             problems.append(f"{req.name} comes from {req.url} → [adapt] pin = {{ {req.name} = \"<version>\" }}")

@@ -40,6 +40,9 @@ def _safe_target(dest: Path, name: str, archive: Path) -> Path | None:
 def kind(path: Path) -> str:
     if path.is_dir():
         return "dir"
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{path}: {_file_kind(mode)}, not a folder, a zip or a tar(.gz) archive")
     if zipfile.is_zipfile(path):
         return "zip"
     try:
@@ -53,65 +56,104 @@ def kind(path: Path) -> str:
 def extract(source: Path, dest: Path) -> None:
     """Extract (or copy, for a folder) `source` into the empty folder `dest`."""
     what = kind(source)
-    packed = source.stat().st_size if what != "dir" else 0
-    total = 0
+    account = _Budget(source, source.stat().st_size if what != "dir" else 0)
+    if what == "dir":
+        _copy_folder(source, dest, account)
+    elif what == "zip":
+        _extract_zip(source, dest, account)
+    else:
+        _extract_tar(source, dest, account)
 
-    def account(size: int) -> None:
-        nonlocal total
-        total += size
-        if total > MAX_TOTAL_BYTES or (packed and total > max(packed * MAX_RATIO, 64 << 20)):
-            raise UsageError(f"{source}: unpacks to more than allowed ({total >> 20} MiB so far): "
+
+class _Budget:
+    """Counts the bytes unpacked so far; refuses a possible archive bomb."""
+
+    def __init__(self, source: Path, packed: int):
+        self.source, self.packed, self.total = source, packed, 0
+
+    def __call__(self, size: int) -> None:
+        self.total += size
+        if self.total > MAX_TOTAL_BYTES or (self.packed and self.total > max(self.packed * MAX_RATIO, 64 << 20)):
+            raise UsageError(f"{self.source}: unpacks to more than allowed ({self.total >> 20} MiB so far): "
                              "refusing a possible archive bomb")
 
-    if what == "dir":
-        for root, dirs, files in os.walk(source):
-            dirs[:] = [d for d in dirs if not is_junk(d)]
-            for name in files:
-                if is_junk(name):
+
+def _copy_folder(source: Path, dest: Path, account: _Budget) -> None:
+    for root, dirs, files in os.walk(source):
+        dirs[:] = [d for d in dirs if not is_junk(d)]
+        for name in files:
+            if is_junk(name):
+                continue
+            src = Path(root) / name
+            rel = src.relative_to(source)
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            st = src.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                link = os.readlink(src)
+                if os.path.isabs(link) or ".." in PurePosixPath(link).parts:
+                    continue  # a link out of the method is dropped
+                target.symlink_to(link)
+            elif stat.S_ISREG(st.st_mode):
+                _copy_counted(src, target, account)
+            else:
+                raise UsageError(f"{src}: {_file_kind(st.st_mode)}, not a regular file; remove it from the "
+                                 "repository (envmgr copies only files, folders and links inside it)")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _copy_counted(src: Path, target: Path, account: _Budget) -> None:
+    """Copy a regular file, counting the bytes really read (a file may grow while it is copied)."""
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise UsageError(f"{src}: not a regular file any more; nothing was added")
+        with open(target, "wb") as out:
+            while chunk := fh.read(1 << 20):
+                account(len(chunk))
+                out.write(chunk)
+    shutil.copystat(src, target)
+
+
+def _extract_zip(source: Path, dest: Path, account: _Budget) -> None:
+    try:
+        with zipfile.ZipFile(source) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_ENTRIES:
+                raise UsageError(f"{source}: too many entries ({len(infos)})")
+            plan = []
+            for info in infos:
+                if is_junk(info.filename):
                     continue
-                src = Path(root) / name
-                rel = src.relative_to(source)
-                target = dest / rel
+                target = _safe_target(dest, info.filename, source)
+                mode = (info.external_attr >> 16) & 0o170000
+                if target is None:
+                    continue
+                if mode == stat.S_IFLNK:
+                    raise UsageError(f"{source}: entry {info.filename!r} is a symbolic link; refusing it")
+                plan.append((info, target))
+            for info, target in plan:
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                account(info.file_size)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if src.is_symlink():
-                    link = os.readlink(src)
-                    if os.path.isabs(link) or ".." in PurePosixPath(link).parts:
-                        continue  # a link out of the method is dropped
-                    target.symlink_to(link)
-                else:
-                    account(src.stat().st_size)
-                    shutil.copy2(src, target)
-        return
-    if what == "zip":
-        try:
-            with zipfile.ZipFile(source) as zf:
-                infos = zf.infolist()
-                if len(infos) > MAX_ENTRIES:
-                    raise UsageError(f"{source}: too many entries ({len(infos)})")
-                plan = []
-                for info in infos:
-                    if is_junk(info.filename):
-                        continue
-                    target = _safe_target(dest, info.filename, source)
-                    mode = (info.external_attr >> 16) & 0o170000
-                    if target is None:
-                        continue
-                    if mode == stat.S_IFLNK:
-                        raise UsageError(f"{source}: entry {info.filename!r} is a symbolic link; refusing it")
-                    plan.append((info, target))
-                for info, target in plan:
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    account(info.file_size)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
-                    if (info.external_attr >> 16) & 0o111:
-                        target.chmod(0o755)
-        except zipfile.BadZipFile as exc:
-            raise UsageError(f"{source}: corrupt zip archive ({exc})") from None
-        return
+                with zf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                if (info.external_attr >> 16) & 0o111:
+                    target.chmod(0o755)
+    except zipfile.BadZipFile as exc:
+        raise UsageError(f"{source}: corrupt zip archive ({exc})") from None
+
+
+def _extract_tar(source: Path, dest: Path, account: _Budget) -> None:
     try:
         with tarfile.open(source) as tf:
             members = tf.getmembers()
@@ -136,7 +178,10 @@ def extract(source: Path, dest: Path) -> None:
                 elif member.isfile():
                     account(member.size)
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    with tf.extractfile(member) as src, open(target, "wb") as out:
+                    src = tf.extractfile(member)
+                    if src is None:  # a regular file always has contents; nothing to copy otherwise
+                        continue
+                    with src, open(target, "wb") as out:
                         shutil.copyfileobj(src, out)
                     if member.mode & 0o111:
                         target.chmod(0o755)

@@ -3,6 +3,7 @@ through the Engine API, tagged by the content hash of its inputs."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -20,7 +21,9 @@ from . import __version__, paths
 from .backends import entry_command, get_backend
 from .base import BaseImage, ensure_base
 from .context import Context
-from .errors import EngineError, EnvmgrError
+from .errors import EngineError, EnvmgrError, UsageError
+from .files import atomic_write
+from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .spec import MethodSpec
 
@@ -106,6 +109,59 @@ def image_tag(spec: MethodSpec, inputs_hash: str) -> str:
     return f"{spec.image_repository}:{inputs_hash[:16]}"
 
 
+@dataclass(frozen=True)
+class BuildTarget:
+    """What `build` makes from the method's current inputs: the base, the inputs, their hash, the tag."""
+
+    spec: MethodSpec
+    base: BaseImage
+    inputs: dict[str, str]
+    digest: str                # the inputs hash
+
+    @property
+    def tag(self) -> str:
+        return image_tag(self.spec, self.digest)
+
+    @property
+    def lock_hash(self) -> str:
+        return self.inputs["lock"]
+
+    def layers(self, ctx: Context) -> list[Layer]:
+        """Base + environment + method layer, from the cache (or made again when missing)."""
+        return [self.base.layer, env_layer(ctx, self.spec, self.base, self.inputs),
+                method_layer(ctx, self.spec, self.inputs, self.digest)]
+
+    def config(self, ctx: Context) -> ImageConfig:
+        """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
+        layers = self.layers(ctx)   # first: the env layer's record holds its GPU architectures
+        return image_config(self.spec, self.base, layers, self.inputs, self.digest,
+                            _gpu_labels(ctx, self.spec, self.inputs))
+
+
+def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> BuildTarget:
+    """What `build` would make now, without building."""
+    base = base or ensure_base(ctx, spec.base_image)
+    data = inputs(ctx, spec, base)
+    return BuildTarget(spec, base, data, _digest(data))
+
+
+def require_image(ctx: Context, method: str) -> tuple[BuildTarget, str]:
+    """The method's current target and the ID of its image in the engine: the preamble of export and push.
+
+    Raises when the method is unknown, its lock is stale, or no image was built from the current inputs.
+    """
+    from .spec import find_method
+
+    spec = find_method(method, ctx.config.base_dir)
+    get_backend(spec).check(spec)
+    wanted = target(ctx, spec)
+    image_id = ctx.engine.image_id(wanted.tag)
+    if image_id is None:
+        raise UsageError(f"{spec.name}: no image for the current inputs ({wanted.tag})",
+                         hint=f"build it first: `envmgr build {spec.name}`")
+    return wanted, image_id
+
+
 def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult:
     started = time.monotonic()
     backend = get_backend(spec)
@@ -114,9 +170,8 @@ def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult
     if base.python_version and not base.python_version.startswith(spec.python + "."):
         raise EnvmgrError(f"{spec.name}: wants Python {spec.python} but base image {spec.base_image} has "
                           f"{base.python_version}")
-    data = inputs(ctx, spec, base)
-    digest = _digest(data)
-    tag = image_tag(spec, digest)
+    wanted = target(ctx, spec, base)
+    data, digest, tag = wanted.inputs, wanted.digest, wanted.tag
     existing = None if force else ctx.engine.image_id(tag)
     if existing:
         ctx.engine.tag(existing, spec.image_repository, "latest")
@@ -132,8 +187,25 @@ def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult
         if existing:
             ctx.engine.tag(existing, spec.image_repository, "latest")
             return BuildResult(spec.name, existing, tag, digest, data["lock"], True, time.monotonic() - started)
-        image_id = _assemble(ctx, spec, base, data, digest, tag)
+        image_id = _assemble_or_say_disk_full(ctx, wanted)
     return BuildResult(spec.name, image_id, tag, digest, data["lock"], False, time.monotonic() - started)
+
+
+def _assemble_or_say_disk_full(ctx: Context, wanted: BuildTarget) -> str:
+    """A full disk is one line that says so (in envmgr's own writes or an install container's)."""
+    spec, tag = wanted.spec, wanted.tag
+    try:
+        return _assemble(ctx, wanted)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or ctx.cache_dir
+    except EnvmgrError as exc:
+        if "No space left on device" not in exc.message:
+            raise
+        where = ctx.cache_dir
+    raise EnvmgrError(f"{spec.name}: disk full while building {tag} (in {where}): nothing was tagged",
+                      hint="free space there, or set cache_dir (ENVMGR_CACHE_DIR) to a larger disk")
 
 
 def _try_lock(guard) -> bool:
@@ -144,32 +216,82 @@ def _try_lock(guard) -> bool:
         return False
 
 
-def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> Layer:
-    """The installed environment as a layer, cached by what determines it (lock, base, installer)."""
+def _env_record(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> Path:
     env_key = _digest({"layout": data["layout"], "base": data["base"], "lock": data["lock"],
                        "installer": data["installer"], "prefix": spec.env_prefix})[:32]
     layers = ctx.cache_dir / "layers"
     layers.mkdir(parents=True, exist_ok=True)
-    record = layers / f"env-{spec.name}-{env_key}.json"
-    tar = layers / f"env-{spec.name}-{env_key}.tar"
+    return layers / f"env-{spec.name}-{env_key}.json"
+
+
+def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> Layer:
+    """The installed environment as a layer, cached by what determines it (lock, base, installer)."""
+    record = _env_record(ctx, spec, data)
+    tar = record.with_suffix(".tar")
     if record.is_file() and tar.is_file():
-        known = json.loads(record.read_text())
-        if tar.stat().st_size == known["size"]:
-            ctx.ui.step(f"environment layer for this lock is cached ({known['size'] / 1e6:.0f} MB)")
-            return Layer(path=tar, diff_id=known["diff_id"], size=known["size"])
+        # a layer made before GPU facts were recorded is made again when it has torch (once)
+        cached = _cached_layer(ctx, record, tar, needs_archs=bool(lock_facts(spec).torch))
+        if cached is not None:
+            return cached
     prefix_root = ctx.cache_dir / "envs"
     prefix_root.mkdir(parents=True, exist_ok=True)
     prefix = Path(tempfile.mkdtemp(dir=prefix_root, prefix=f"{spec.name}-"))
     try:
         get_backend(spec).install(ctx, spec, base, prefix)
+        gpu_archs = read_archs(ctx, spec, base, prefix)
         total = sum(p.lstat().st_size for p in prefix.rglob("*") if p.is_file() and not p.is_symlink())
         with ctx.ui.progress("writing the environment layer", total=total, unit="bytes") as task:
             layer = write_layer(tar, trees=[(prefix, spec.env_prefix)], progress=task.advance)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
-    record.write_text(json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
+    _write_record(record, layer.diff_id, layer.size, tar, gpu_archs)
     return layer
+
+
+def _gpu_labels(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> dict[str, str]:
+    """The image's GPU labels: the lock's facts and the architectures its env layer recorded."""
+    record = _env_record(ctx, spec, data)
+    archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
+    return gpu_image_labels(spec, archs)
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _cached_layer(ctx: Context, record: Path, tar: Path, needs_archs: bool = False) -> Layer | None:
+    """The cached layer if its bytes still hash to its recorded diff ID; else None (it is made again).
+
+    A layer untouched since it was written (same size, mtime and inode as recorded) is reused without
+    reading it, so a method-file rebuild of a multi-GB environment stays fast; any other is hashed.
+    """
+    from .image import file_sha256
+
+    try:
+        known = json.loads(record.read_text())
+        diff_id, size = str(known["diff_id"]), int(known["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ctx.ui.warn(f"cached layer record {record.name} is unreadable: making the layer again")
+        return None
+    if needs_archs and "gpu_archs" not in known:
+        return None
+    if known.get("stamp") != _stamp(tar):
+        if tar.stat().st_size != size or "sha256:" + file_sha256(tar)[0] != diff_id:
+            ctx.ui.warn(f"cached layer {tar.name} is damaged (its bytes do not hash to {diff_id[:19]}): "
+                        "making it again")
+            return None
+        _write_record(record, diff_id, size, tar, known.get("gpu_archs"))
+    ctx.ui.step(f"environment layer for this lock is cached ({size / 1e6:.0f} MB)")
+    return Layer(path=tar, diff_id=diff_id, size=size)
+
+
+def _write_record(record: Path, diff_id: str, size: int, tar: Path, gpu_archs: list[str] | None = None) -> None:
+    data: dict[str, object] = {"diff_id": diff_id, "size": size, "stamp": _stamp(tar)}
+    if gpu_archs is not None:
+        data["gpu_archs"] = gpu_archs
+    atomic_write(record, json.dumps(data))   # a build killed here leaves no half-written record
 
 
 def method_info(spec: MethodSpec, data: dict[str, str]) -> dict:
@@ -200,7 +322,7 @@ def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: s
 
 
 def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: dict[str, str],
-                 digest: str) -> ImageConfig:
+                 digest: str, gpu_labels: dict[str, str] | None = None) -> ImageConfig:
     env = {
         "PATH": f"{spec.env_prefix}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "VIRTUAL_ENV": spec.env_prefix,
@@ -214,7 +336,7 @@ def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: d
     labels = {
         paths.LABEL_MANAGED: "true", paths.LABEL_KIND: "method", paths.LABEL_METHOD: spec.name,
         paths.LABEL_INPUTS: digest, paths.LABEL_LOCK: data["lock"], paths.LABEL_SPEC: data["spec"],
-        paths.LABEL_BASE: base.image_id,
+        paths.LABEL_BASE: base.image_id, **(gpu_labels or {}),
     }
     return ImageConfig(
         layers=layers, env=env, cmd=entry_command(spec, spec.entry), workdir=paths.CONTAINER_METHOD_DIR, labels=labels,
@@ -223,10 +345,11 @@ def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: d
     )
 
 
-def _assemble(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str], digest: str, tag: str) -> str:
+def _assemble(ctx: Context, wanted: BuildTarget) -> str:
+    tag = wanted.tag
     ctx.ui.step(f"building {tag}")
-    layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
-    config = image_config(spec, base, layers, data, digest)
+    config = wanted.config(ctx)
+    layers = config.layers
     present = ctx.engine.present_layers([layer.diff_id for layer in layers])
     try:
         image_id = _stream_load(ctx, config, present)
@@ -236,6 +359,9 @@ def _assemble(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
         image_id = _stream_load(ctx, config, frozenset())   # an engine that wants every layer's bytes
     if ctx.engine.image_id(image_id) != image_id:
         raise EnvmgrError(f"the engine did not report image {image_id} after loading it")
+    from .sbom import sbom_bytes
+
+    sbom_bytes(ctx, wanted.spec, wanted.base, config)   # beside the image in the cache, before the tag names it
     repository, short = tag.rsplit(":", 1)
     ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")
@@ -280,22 +406,5 @@ def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> 
 
 def export_archive(ctx: Context, spec: MethodSpec, out) -> str:
     """Write the method's current image as a docker-archive (used by tests and `export`)."""
-    base = ensure_base(ctx, spec.base_image)
-    data = inputs(ctx, spec, base)
-    digest = _digest(data)
-    layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
-    return write_archive(out, image_config(spec, base, layers, data, digest), [image_tag(spec, digest)])
-
-
-def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> tuple[BaseImage, dict[str, str], str, str]:
-    """What `build` would make now, without building: the base, the inputs, their hash and the image tag."""
-    base = base or ensure_base(ctx, spec.base_image)
-    data = inputs(ctx, spec, base)
-    digest = _digest(data)
-    return base, data, digest, image_tag(spec, digest)
-
-
-def config_for(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str], digest: str) -> ImageConfig:
-    """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
-    layers = [base.layer, env_layer(ctx, spec, base, data), method_layer(ctx, spec, data, digest)]
-    return image_config(spec, base, layers, data, digest)
+    wanted = target(ctx, spec)
+    return write_archive(out, wanted.config(ctx), [wanted.tag])

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from . import __version__
-from .config import load_config, mask_url
+from .config import load_config
 from .context import Context
 from .errors import EnvmgrError, Exit, Interrupted
 from .ui import Reporter
@@ -31,6 +31,9 @@ base_app = typer.Typer(help="Base images (Debian + Python) built from the site's
 app.add_typer(base_app, name="base")
 method_app = typer.Typer(help="Third-party training repositories as methods.", no_args_is_help=True)
 app.add_typer(method_app, name="method")
+key_app = typer.Typer(help="Signing keys for exports and pushes.", no_args_is_help=True)
+app.add_typer(key_app, name="key")
+SIGN_HELP = "Sign with this ed25519 private key (`envmgr key generate`)."
 
 STATE: dict = {}
 
@@ -38,7 +41,8 @@ STATE: dict = {}
 @app.callback()
 def main(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable JSON events on stdout.")] = False,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Stream the output of containers and tools.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose",
+                                          help="Stream the output of containers and tools.")] = False,
     base_dir: Annotated[Optional[Path], typer.Option(help="Base directory (models/, datasets/, methods/, runs/, "
                                                           "cache/). Env: ENVMGR_BASE_DIR.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory. Env: ENVMGR_CACHE_DIR.")] = None,
@@ -185,13 +189,22 @@ def show(method: Annotated[str, typer.Argument(help="Method name.")]):
             "base_image": spec.base_image, "entry": spec.entry, "gpu": spec.gpu,
             "default_model": spec.default_model, "env": spec.env, "lock": lock_state,
             "packages": summary.get("packages"), "adaptations": spec.adapt.describe()}
+    from .gpu_plan import variant_rows
+
+    variants = variant_rows(ctx, spec) if spec.gpu != "none" or spec.variants else []
     if ctx.ui.mode == "json":
-        ctx.ui.event("method", **info, pins=summary.get("pins"))
+        ctx.ui.event("method", **info, pins=summary.get("pins"), variants=variants)
         return
     for key, value in info.items():
         if key == "adaptations":
             value = "none" if not value else "\n" + "\n".join(f"{'':>15}{line}" for line in value)
         ctx.ui.console.print(f"[bold]{key:>13}[/]  {escape(str(value))}", markup=True, highlight=False)
+    for row in variants:
+        pinned = ", ".join(f"{k} {v}" for k, v in row["pins"].items())
+        line = f"{row['variant']}: {row['requires']}" + (f" [{pinned}]" if pinned else "") + \
+            ("" if row["lock"] == "current" else f" (lock {row['lock']})")
+        ctx.ui.console.print(f"[bold]{'variant' if row is variants[0] else '':>13}[/]  {escape(line)}", markup=True,
+                             highlight=False)
     pins = summary.get("pins") or {}
     if pins and ctx.ui.verbose:
         for name, version in sorted(pins.items()):
@@ -206,24 +219,19 @@ def lock(
     = False,
     regenerate: Annotated[bool, typer.Option("--regenerate", help="Re-solve every package, not only changes.")]
     = False,
+    variant: Annotated[Optional[str], typer.Option(help="Lock this variant of the method (see `envmgr show`).")]
+    = None,
 ):
     """Lock a method's environment for its target platform, through the site's mirrors."""
-    from .backends import get_backend
-    from .base import ensure_base
-    from .spec import find_method
+    from .lock import lock as lock_method
 
     ctx = _context()
-    spec = find_method(method, ctx.config.base_dir)
-    backend = get_backend(spec)
-    if check:
-        backend.check(spec)
-        ctx.ui.success(f"{spec.name}: lock is current", method=spec.name, current=True)
+    result = lock_method(ctx, method, check=check, regenerate=regenerate, variant=variant)
+    if result.current:
+        ctx.ui.success(f"{result.method}: lock is current", method=result.method, current=True)
         return
-    base = ensure_base(ctx, spec.base_image)
-    written = backend.lock(ctx, spec, base, regenerate=regenerate)
-    backend.check(spec)
-    ctx.ui.success(f"{spec.name}: locked → {', '.join(str(p) for p in written)}",
-                   method=spec.name, files=[str(p) for p in written])
+    ctx.ui.success(f"{result.method}: locked → {', '.join(str(p) for p in result.files)}",
+                   method=result.method, files=[str(p) for p in result.files])
 
 
 @app.command()
@@ -232,14 +240,21 @@ def build(
     method: Annotated[str, typer.Argument(help="Method name.")],
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the image for these inputs exists.")]
     = False,
+    variant: Annotated[Optional[str], typer.Option(help="Build this variant of the method (see `envmgr show`).")]
+    = None,
 ):
     """Build the method's image from its lock (a no-op when the image for these inputs exists)."""
     from .build import build as build_image
+    from .errors import StaleLockError
     from .spec import find_method
+    from .variants import restate_stale, variant_spec
 
     ctx = _context()
-    spec = find_method(method, ctx.config.base_dir)
-    result = build_image(ctx, spec, force=force)
+    spec = variant_spec(find_method(method, ctx.config.base_dir), variant)
+    try:
+        result = build_image(ctx, spec, force=force)
+    except StaleLockError as exc:
+        raise restate_stale(spec, exc) from None
     what = "up to date" if result.reused else "built"
     ctx.ui.success(f"{spec.name}: {what} {result.tag} ({result.image_id[:19]}, {result.seconds:.1f} s)",
                    method=spec.name, image=result.image_id, tag=result.tag, reused=result.reused,
@@ -277,6 +292,14 @@ def run(
     wait: Annotated[bool, typer.Option("--wait", help="[slurm] Follow the job to its end like a local run.")] = False,
     wait_timeout: Annotated[Optional[float], typer.Option(help="[slurm] With --wait: seconds the job may stay "
                                                                "pending; then it is cancelled.")] = None,
+    memory: Annotated[Optional[str], typer.Option(help="Memory limit of the run's container, e.g. 64g "
+                                                       "(default: the site's [run] memory, else none).")] = None,
+    as_root: Annotated[bool, typer.Option("--as-root", help="Run the method as root inside its container "
+                                                            "(recorded in run.json). Default when envmgr is root: "
+                                                            "the sudo caller, else the site's [run] run_as "
+                                                            "(65534:65534).")] = False,
+    variant: Annotated[Optional[str], typer.Option(help="Run this variant (default: the newest one this host's "
+                                                        "driver and GPUs can use).")] = None,
 ):
     """Run a method in its image. Arguments after `--` go to the method's entry
     (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
@@ -286,7 +309,8 @@ def run(
     ctx = _context()
     spec = find_method(method, ctx.config.base_dir)
     request = RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
-                         args=list(typer_ctx.args), resume=resume, shm_size=shm_size)
+                         args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
+                         memory=memory, as_root=as_root, variant=variant)
     if on == "slurm":
         from .slurm import SlurmRequest, submit
 
@@ -329,7 +353,7 @@ def runs_list(typer_ctx: typer.Context,
     from .slurm import refresh
 
     ctx = _context()
-    records = refresh(list_runs(ctx.config.base_dir, method))
+    records = refresh(list_runs(ctx, method))
     if ctx.ui.mode == "json":
         ctx.ui.event("runs", runs=records)
         return
@@ -337,10 +361,11 @@ def runs_list(typer_ctx: typer.Context,
 
     table = Table("run", "method", "status", "where", "started", "ended", "image", box=None)
     for r in records:
-        sched = r.get("scheduler") or {}
+        image = r["image"] if isinstance(r.get("image"), dict) else {}
+        sched = r["scheduler"] if isinstance(r.get("scheduler"), dict) else {}
         where = f"slurm job {sched.get('job_id')}" if sched.get("kind") == "slurm" else "local"
-        table.add_row(r["run_id"], r["method"], r["status"], where, r.get("started") or "", r.get("ended") or "",
-                      r["image"]["tag"])
+        table.add_row(r["run_id"], r["method"], r["status"], where, str(r.get("started") or ""),
+                      str(r.get("ended") or ""), str(image.get("tag") or ""))
     ctx.ui.console.print(table)
 
 
@@ -352,7 +377,7 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id (from `envmgr r
     from .slurm import refresh
 
     ctx = _context()
-    record = refresh([find_run(ctx.config.base_dir, run_id)])[0]
+    record = refresh([find_run(ctx, run_id)])[0]
     if ctx.ui.mode == "json":
         ctx.ui.event("run", **record)
     else:
@@ -399,6 +424,7 @@ def export_cmd(
     format_: Annotated[str, typer.Option("--format", help="envmgr (default: an archive `envmgr import` and "
                                                          "`docker load` take) or squashfs (an enroot image for "
                                                          "pyxis/enroot sites).")] = "envmgr",
+    sign: Annotated[Optional[Path], typer.Option("--sign", help=SIGN_HELP)] = None,
 ):
     """Write the method's image, spec, lock and files into one archive for a server that reaches nothing."""
     from .transfer import export
@@ -415,7 +441,7 @@ def export_cmd(
         from .errors import UsageError
 
         raise UsageError(f"--format {format_!r}: expected envmgr or squashfs")
-    result = export(ctx, method, output, compress)
+    result = export(ctx, method, output, compress, sign=sign)
     ctx.ui.success(f"{result['method']}: {result['tag']} → {result['file']} ({result['bytes'] / 1e6:.1f} MB)",
                    **result)
 
@@ -436,18 +462,21 @@ def import_cmd(
     ctx = _context()
     result = import_archive(ctx, archive, replace_base=replace_base, replace=replace)
     what = "imported" if result["changed"] else "already imported, nothing changed:"
-    ctx.ui.success(f"{result['method']}: {what} {result['tag']} ({result['image_id'][:19]})", **result)
+    signature = result.get("signature") or {}
+    signed = f", signed by {signature['key_id']} ({signature['state']})" if signature.get("key_id") else ", unsigned"
+    ctx.ui.success(f"{result['method']}: {what} {result['tag']} ({result['image_id'][:19]}{signed})", **result)
 
 
 @app.command()
 @verb
 def push(method: Annotated[str, typer.Argument(help="Method name.")],
-         registry: Annotated[str, typer.Argument(help="Registry host[:port], e.g. 127.0.0.1:5000.")]):
+         registry: Annotated[str, typer.Argument(help="Registry host[:port], e.g. 127.0.0.1:5000.")],
+         sign: Annotated[Optional[Path], typer.Option("--sign", help=SIGN_HELP)] = None):
     """Push the method's current image to a registry as `REGISTRY/envmgr/METHOD:INPUTS-HASH`."""
     from .registry import push as push_image
 
     ctx = _context()
-    result = push_image(ctx, method, registry)
+    result = push_image(ctx, method, registry, sign=sign)
     ctx.ui.success(f"{result['method']}: pushed {result['reference']}@{result['digest']}", **result)
 
 
@@ -476,20 +505,12 @@ def verify(
 
     ctx = _context()
     result = verify_method(ctx, method, rebuild=rebuild)
-    if "image_matches" in result:
-        ctx.ui.info(f"image: {'same' if result['image_matches'] else 'DIFFERENT'} — in use "
-                    f"{result['in_use'][:19]}, rebuilt {result['rebuilt'][:19]}")
-    ctx.ui.info(f"files: {result['files']} files of {result['packages']} packages checked, "
-                f"{len(result['bad_files'])} differ from their RECORD")
-    for dist, path, state in result["bad_files"][:20]:
-        ctx.ui.info(f"  {state}: {path} ({dist})")
-    if not result["ok"]:
-        ctx.ui.event("verify", **result)
-        raise EnvmgrError(f"{result['method']}: verification failed: "
-                          + ", ".join(x for x in ("image ID differs" if not result.get("image_matches", True)
-                                                  else "", f"{len(result['bad_files'])} files differ"
-                                                  if result["bad_files"] else "") if x))
-    ctx.ui.success(f"{result['method']}: verified {result['in_use_ref']}", **result)
+    for line in result.report():
+        ctx.ui.info(line)
+    if not result.ok:
+        ctx.ui.event("verify", **result.fields())
+        raise EnvmgrError(result.failure())
+    ctx.ui.success(f"{result.method}: verified {result.in_use_ref}", **result.fields())
 
 
 @app.command()
@@ -502,8 +523,11 @@ def gc(
 ):
     """Remove superseded method images, stopped envmgr containers and stale cache entries (never what is in use)."""
     from .gc import apply, plan
+    from .run import list_runs
 
     ctx = _context()
+    if not dry_run:
+        list_runs(ctx)    # settle runs whose envmgr was killed, before their stopped containers go
     result = plan(ctx, keep=keep, methods=method)
     if not dry_run:
         result = apply(ctx, result)
@@ -520,62 +544,61 @@ def gc(
                    removed=[vars(i) for i in result.remove], kept=[vars(i) for i in result.keep])
 
 
+@key_app.command("generate")
+@verb
+def key_generate(path: Annotated[Path, typer.Argument(help="Private key file (mode 0600); the public key "
+                                                           "goes to PATH.pub.")]):
+    """Write a new ed25519 key pair for `export --sign` and `push --sign`."""
+    from .signing import generate_key
+
+    ctx = _context()
+    result = generate_key(path)
+    ctx.ui.success(f"key {result['key_id']}: private {result['private_key']}, public {result['public_key']} "
+                   "(list the public one in [trust] keys on the servers that import)", **result)
+
+
+@app.command()
+@verb
+def sbom(method: Annotated[str, typer.Argument(help="Method name.")],
+         fmt: Annotated[str, typer.Option("--format", help="cyclonedx-json (the only one so far).")]
+         = "cyclonedx-json"):
+    """Print the SBOM of the method's current image (Python, conda and Debian packages with versions)."""
+    from .sbom import for_method
+
+    ctx = _context()
+    _, data = for_method(ctx, method, fmt)
+    sys.stdout.write(data.decode())
+    sys.stdout.write("\n")
+
+
 @app.command()
 @verb
 def doctor():
     """Show the effective configuration, where each value came from, and what is missing."""
-    from .base import missing_tools
-    from .errors import EngineError
+    from . import doctor as diagnose
 
     ctx = _context()
-    config = ctx.config
-    mirrors = config.mirrors
-    rows = [
-        ("base_dir", str(config.base_dir), config.origins.get("base_dir", "")),
-        ("cache_dir", str(config.cache_dir), config.origins.get("cache_dir", "")),
-        ("mirrors.pypi", mask_url(mirrors.pypi) or "(the installers' default index)",
-         config.origins.get("mirrors.pypi", "nothing configured on the host or for envmgr")),
-        ("mirrors.extra_indexes", ", ".join(mask_url(u) or "" for u in mirrors.extra_indexes) or "-",
-         config.origins.get("mirrors.extra_indexes", "")),
-        ("mirrors.find_links", ", ".join(mask_url(u) or "" for u in mirrors.find_links) or "-",
-         config.origins.get("mirrors.find_links", "")),
-        ("mirrors.apt", mask_url(mirrors.apt) or "-", config.origins.get("mirrors.apt", "")),
-        ("mirrors.ca_bundle", mirrors.ca_bundle or "-", config.origins.get("mirrors.ca_bundle", "")),
-        ("mirrors.https_proxy", mask_url(mirrors.https_proxy) or "-", config.origins.get("mirrors.https_proxy", "")),
-    ]
-    checks = []
-    try:
-        engine = ctx.engine
-        version = engine.api.version()
-        checks.append(("engine", f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')})", True))
-        checks.append(("gpu runtime", "NVIDIA runtime registered" if engine.has_nvidia_runtime()
-                       else "no nvidia runtime registered (a GPU run probes the engine first; GPUs need "
-                            "the NVIDIA Container Toolkit)", True))
-    except EngineError as exc:
-        checks.append(("engine", str(exc), False))
-    from .slurm import doctor_checks
-
-    checks.extend(doctor_checks(config.base_dir))
-    missing = missing_tools()
-    checks.append(("base image tools", "debuerreotype, debootstrap present" if not missing
-                   else f"missing: {', '.join(missing)} (apt-get install debuerreotype debootstrap)", not missing))
+    rows = diagnose.settings(ctx.config)
+    checks = diagnose.checks(ctx)
     if ctx.ui.mode == "json":
-        ctx.ui.event("doctor", settings=[{"key": k, "value": v, "origin": o} for k, v, o in rows],
-                     checks=[{"check": c, "status": s, "ok": ok} for c, s, ok in checks])
+        ctx.ui.event("doctor", settings=[vars(row) for row in rows], checks=[vars(check) for check in checks])
     else:
         from rich.table import Table
 
         table = Table("setting", "value", "from", box=None)
         for row in rows:
-            table.add_row(*[ctx.ui.redact(x) for x in row])
+            table.add_row(*[ctx.ui.redact(x) for x in (row.key, row.value, row.origin)])
         ctx.ui.console.print(table)
-        for check, status, ok in checks:
-            ctx.ui.console.print(f"{'[green]ok[/]' if ok else '[red]!![/]'}  {check}: {ctx.ui.redact(status)}")
-    if not all(ok for _, _, ok in checks):
-        raise typer.Exit(int(Exit.ENGINE) if not checks[0][2] else int(Exit.FAILED))
+        for check in checks:
+            ctx.ui.console.print(f"{'[green]ok[/]' if check.ok else '[red]!![/]'}  {check.check}: "
+                                 f"{ctx.ui.redact(check.status)}")
+    code = diagnose.exit_code(checks)
+    if code != Exit.OK:
+        raise typer.Exit(int(code))
 
 
-def run() -> None:
+def entry() -> None:
+    """The `envmgr` command: the typer app, with errors raised before any verb ran reported too."""
     try:
         app()
     except EnvmgrError as exc:  # raised while parsing the config, before a verb ran

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from . import paths
 from .errors import UsageError
@@ -44,11 +44,40 @@ class EngineConfig(_Strict):
     url: str | None = None                    # default: DOCKER_HOST or the local socket
 
 
+class RunConfig(_Strict):
+    """How method containers run: least privilege unless the site says otherwise."""
+
+    run_as: str = "65534:65534"               # uid:gid a method runs as when envmgr is invoked as root
+    pids_limit: int = 4096                    # processes a run container may have (data loader workers included)
+    memory: str | None = None                 # memory limit of a run container, e.g. "64g" (default: none)
+
+    @field_validator("run_as")
+    @classmethod
+    def _run_as(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+:\d+", value.strip()):
+            raise ValueError("expected numeric uid:gid, e.g. 65534:65534")
+        return value.strip()
+
+    @field_validator("pids_limit")
+    @classmethod
+    def _pids_limit(cls, value: int) -> int:
+        if value < 64:
+            raise ValueError("at least 64 (data loaders start many processes)")
+        return value
+
+
+class TrustConfig(_Strict):
+    keys: list[str] = []                      # public keys (paths) whose signatures import and pull accept
+    require_signature: bool = False           # refuse archives and images no trusted key signed
+
+
 class SiteConfig(_Strict):
     base_dir: Path | None = None
     cache_dir: Path | None = None
     mirrors: MirrorsConfig = MirrorsConfig()
     engine: EngineConfig = EngineConfig()
+    run: RunConfig = RunConfig()
+    trust: TrustConfig = TrustConfig()
 
 
 @dataclass
@@ -66,20 +95,47 @@ class EffectiveConfig:
     engine_url: str | None
     mirrors: MirrorsConfig
     origins: dict[str, str] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     def secrets(self) -> list[str]:
-        """Every credential that appears in a configured URL: redacted from all output."""
-        found = []
-        values = [self.mirrors.pypi, self.mirrors.apt, self.mirrors.http_proxy, self.mirrors.https_proxy,
-                  *self.mirrors.extra_indexes, *self.mirrors.find_links,
-                  *self.mirrors.channels.values(), *self.mirrors.sources.values()]
-        for value in values:
-            if value:
-                parts = urlsplit(value)
-                if parts.password:
-                    found.append(parts.password)
-                    found.append(f"{parts.username}:{parts.password}")
+        """Every credential in any mirror value (whatever key it was typed under): redacted from all output."""
+        found: list[str] = []
+        for value in _strings(self.mirrors.model_dump()):
+            found += credentials_in(value)
         return found
+
+
+_USERINFO = re.compile(r"(?:[a-zA-Z][a-zA-Z0-9+.-]*://|^)([^\s/@'\"]+)@[^\s/@]")
+
+
+def credentials_in(text: str) -> list[str]:
+    """The credentials in a URL-like text: `user:password` (both forms), or a token given as the user alone."""
+    found = []
+    for match in _USERINFO.finditer(text):
+        userinfo = match.group(1)
+        user, _, password = userinfo.partition(":")
+        if password:
+            found += [userinfo, password]
+        elif len(user) >= 12:
+            found.append(user)     # `https://TOKEN@host/simple`: a long user name alone is an access token
+    return found
+
+
+def mask_credentials(text: str) -> str:
+    for secret in sorted(set(credentials_in(text)), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def mask_url(url: str | None) -> str | None:
@@ -93,7 +149,7 @@ def mask_url(url: str | None) -> str | None:
     if parts.port:
         netloc += f":{parts.port}"
     user = parts.username or ""
-    netloc = f"{user}:***@{netloc}" if parts.password is not None else f"{user}@{netloc}"
+    netloc = f"{user}:***@{netloc}" if parts.password is not None else f"***@{netloc}"   # a user alone: a token
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -205,7 +261,7 @@ def host_ca_bundle(pip: dict[str, Setting]) -> Setting | None:
 # ---------------------------------------------------------------- layering
 
 
-_LIST_KEYS = {"extra_indexes", "find_links"}
+_LIST_KEYS = {"extra_indexes", "find_links", "keys"}
 
 
 def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
@@ -217,7 +273,8 @@ def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
         if os.environ.get(env):
             data[key] = os.environ[env]
             names[key] = env
-    for section, model in (("mirrors", MirrorsConfig), ("engine", EngineConfig)):
+    for section, model in (("mirrors", MirrorsConfig), ("engine", EngineConfig), ("run", RunConfig),
+                           ("trust", TrustConfig)):
         for key, info in model.model_fields.items():
             if info.annotation in (dict[str, str],):
                 continue
@@ -234,7 +291,7 @@ def _env_layer() -> tuple[dict[str, Any], dict[str, str]]:
 def _merge(into: dict[str, Any], layer: dict[str, Any], origin: str, origins: dict[str, str], prefix=""):
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and key in ("mirrors", "engine"):
+        if isinstance(value, dict) and key in ("mirrors", "engine", "run", "trust"):
             _merge(into.setdefault(key, {}), value, origin, origins, prefix=f"{dotted}.")
         else:
             into[key] = value
@@ -324,4 +381,4 @@ def load_config(flags: dict[str, Any] | None = None, *, inherit_host: bool = Tru
     if not site.engine.url and os.environ.get("DOCKER_HOST"):
         origins["engine.url"] = "inherited: environment DOCKER_HOST"
     return EffectiveConfig(base_dir=base_dir, cache_dir=cache_dir, engine_url=engine_url,
-                           mirrors=mirrors, origins=origins)
+                           mirrors=mirrors, origins=origins, run=site.run, trust=site.trust)

@@ -1,4 +1,4 @@
-"""What every verb needs: the effective config, the output, and (lazily) the engine."""
+"""What every verb needs: the effective config, the output, (lazily) the engine, and the step runner."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import EffectiveConfig
 from .engine import Engine
 from .errors import EnvmgrError
+from .steps import StepRunner, run_in_container
 from .ui import Reporter
 
 
@@ -18,6 +19,8 @@ class Context:
     config: EffectiveConfig
     ui: Reporter
     _engine: Engine | None = field(default=None, repr=False)
+    step_runner: StepRunner = field(default=run_in_container, repr=False)  # runs the steps backends describe
+    store: Path | None = field(default=None, repr=False)  # a store shared with another cache (verify's scratch)
 
     @property
     def engine(self) -> Engine:
@@ -32,6 +35,8 @@ class Context:
     @property
     def store_dir(self) -> Path:
         """Base rootfs layers and lock tools: content-addressed, safe to share between cache dirs."""
+        if self.store is not None:
+            return self.store
         value = os.environ.get("ENVMGR_STORE_DIR")
         return Path(value) if value else self.config.cache_dir / "store"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from . import paths
 from .build import build
 from .config import load_config
+from .containers import BindMount, ContainerSpec
 from .context import Context
-from .engine import BindMount, ContainerSpec
 from .errors import EnvmgrError
 from .run import RunRequest, prepare_base_dir, run
 from .spec import find_method
@@ -30,9 +30,17 @@ def _tool(ctx: Context, image: str, script: str, out_dir: Path, args: list[str])
     spec = ContainerSpec(image=image, command=["python", f"{paths.CONTAINER_METHOD_DIR}/tools/{script}", *args],
                          mounts=[BindMount(out_dir, "/envmgr/out", read_only=False)],
                          env={"HOME": "/tmp", "HF_HUB_OFFLINE": "1"}, user=f"{os.getuid()}:{os.getgid()}")
-    code = ctx.engine.run(spec, on_line=ctx.ui.log)
+    code = ctx.engine.run(spec, on_line=ctx.ui.log).exit_code
     if code != 0:
         raise EnvmgrError(f"demo: {script} failed (exit {code}); re-run with ENVMGR_VERBOSE=1 to see its output")
+    _readable_by_all(out_dir)
+
+
+def _readable_by_all(root: Path) -> None:
+    """What the tools made (safetensors are written 0600) must be readable by the user a method runs as."""
+    for item in [root, *root.rglob("*")]:
+        if not item.is_symlink():
+            item.chmod(item.stat().st_mode | (0o555 if item.is_dir() else 0o444))
 
 
 def main() -> int:

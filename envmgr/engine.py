@@ -1,13 +1,14 @@
-"""The only module that talks to the Docker Engine (through the docker SDK, never a CLI)."""
+"""The only module that talks to the Docker Engine (through the docker SDK, never a CLI).
+
+What to run comes in as the plain values of `containers.py`; what comes back is plain values too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 import docker
@@ -16,7 +17,10 @@ import requests
 from docker.types import DeviceRequest, Mount
 
 from . import paths
+from .containers import ContainerResult, ContainerSpec, GpuDevices, gpu_devices
 from .errors import EngineError, Interrupted, UsageError
+from .gpu import GpuRequest
+from .logs import split_lines
 
 ENGINE_HINT = ("start it with `sudo systemctl start docker`, or `sudo dockerd &` where there is no systemd; "
                "`envmgr doctor` shows what envmgr sees")
@@ -24,25 +28,41 @@ NVIDIA_HINT = ("this engine has no NVIDIA runtime: install the NVIDIA Container 
                "(and restart the engine), or run on the CPU with `--gpus none`")
 
 
+class PushPullRefused(EngineError):
+    """The engine refused a push or a pull (the registry's answer, usually), as opposed to not answering."""
+
+
 class Engine:
+    """The Docker Engine, through the SDK; every method answers in plain values or envmgr errors."""
+
     def __init__(self, url: str | None = None, timeout: int = 600):
         self.url = url
         try:
             if url:
-                self.client = docker.DockerClient(base_url=url, timeout=timeout)
+                self._client = docker.DockerClient(base_url=url, timeout=timeout)
             else:
-                self.client = docker.from_env(timeout=timeout)
-            self.client.ping()
+                self._client = docker.from_env(timeout=timeout)
+            self._client.ping()
         except docker.errors.DockerException as exc:
             where = url or "the default socket (DOCKER_HOST or /var/run/docker.sock)"
             raise EngineError(f"Docker Engine not reachable at {where}: {_short(exc)}", hint=ENGINE_HINT) from None
-        self.api = self.client.api
+        self._api = self._client.api
+
+    # ------------------------------------------------------------------ the engine itself
+
+    def version(self) -> dict[str, Any]:
+        """The engine's version record (`Version`, `ApiVersion`, ...)."""
+        return self._api.version()
+
+    def architecture(self) -> str:
+        """The engine's machine architecture as it names it (`x86_64`, `aarch64`)."""
+        return self._api.info().get("Architecture", "")
 
     # ------------------------------------------------------------------ images
 
     def image_id(self, ref: str) -> str | None:
         try:
-            return self.api.inspect_image(ref)["Id"]
+            return self._api.inspect_image(ref)["Id"]
         except docker.errors.ImageNotFound:
             return None
         except docker.errors.APIError as exc:
@@ -50,15 +70,30 @@ class Engine:
 
     def inspect_image(self, ref: str) -> dict[str, Any] | None:
         try:
-            return self.api.inspect_image(ref)
+            return self._api.inspect_image(ref)
         except docker.errors.ImageNotFound:
             return None
 
-    def load_archive(self, archive: BinaryIO) -> list[str]:
+    def images(self, label: str | None = None, all_: bool = False) -> list[dict[str, Any]]:
+        """Image summaries; with `label`, only images that carry it; with `all_`, intermediate ones too."""
+        return self._api.images(all=all_, filters={"label": label} if label else None)
+
+    def image_history(self, image_id: str) -> list[dict[str, Any]] | None:
+        """The image's history, newest first; None when the engine cannot tell."""
+        try:
+            return self._api.history(image_id)
+        except docker.errors.APIError:
+            return None
+
+    def image_disk_usage(self) -> list[dict[str, Any]]:
+        """The engine's own size figures per image (`Size`, `SharedSize`)."""
+        return self._api.df().get("Images") or []
+
+    def load_archive(self, archive: Iterable[bytes] | BinaryIO) -> list[str]:
         """Load a docker-archive; returns the image IDs / tags the engine reports."""
         loaded = []
         try:
-            for chunk in self.api.load_image(archive):
+            for chunk in self._api.load_image(archive):
                 for line in _json_lines(chunk):
                     if "error" in line:
                         raise EngineError(f"engine refused the image archive: {line['error']}")
@@ -69,11 +104,20 @@ class Engine:
             raise EngineError(f"engine refused the image archive: {_short(exc)}") from None
         return loaded
 
+    def save_image(self, ref: str) -> Iterator[bytes]:
+        """The image as a docker-archive, streamed (`docker save`)."""
+        try:
+            yield from self._api.get_image(ref)
+        except docker.errors.ImageNotFound:
+            raise EngineError(f"no image {ref} in the engine") from None
+        except docker.errors.APIError as exc:
+            raise EngineError(f"engine refused to save image {ref}: {_short(exc)}") from None
+
     def present_layers(self, diff_ids: list[str]) -> frozenset[str]:
         """The longest prefix of `diff_ids` whose layer chain some envmgr image in the engine has."""
         best: list[str] = []
-        for summary in self.api.images(filters={"label": paths.LABEL_MANAGED}):
-            layers = (self.api.inspect_image(summary["Id"]).get("RootFS") or {}).get("Layers") or []
+        for summary in self._api.images(filters={"label": paths.LABEL_MANAGED}):
+            layers = (self._api.inspect_image(summary["Id"]).get("RootFS") or {}).get("Layers") or []
             common = 0
             while common < min(len(layers), len(diff_ids)) and layers[common] == diff_ids[common]:
                 common += 1
@@ -82,28 +126,46 @@ class Engine:
         return frozenset(best)
 
     def tag(self, image_id: str, repository: str, tag: str) -> None:
-        self.api.tag(image_id, repository, tag, force=True)
+        self._api.tag(image_id, repository, tag, force=True)
 
-    def images_with_label(self, label: str) -> list[dict[str, Any]]:
-        return self.api.images(filters={"label": label})
+    def remove_image(self, ref: str) -> None:
+        """Remove an image or one of its tags (never by force: an image in use stays); gone already is fine,
+        a refusal raises EngineError."""
+        try:
+            self._api.remove_image(ref)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            raise EngineError(_short(exc)) from None
 
-    def remove_image(self, ref: str, force: bool = False) -> None:
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            self.api.remove_image(ref, force=force)
+    def push(self, repository: str, tag: str, auth: dict[str, str] | None) -> Iterator[dict[str, Any]]:
+        """Push `repository:tag`; yields the engine's progress records. A refusal raises PushPullRefused."""
+        return self._stream(lambda: self._api.push(repository, tag=tag, stream=True, decode=True, auth_config=auth))
+
+    def pull(self, repository: str, tag: str, auth: dict[str, str] | None) -> Iterator[dict[str, Any]]:
+        """Pull `repository:tag`; yields the engine's progress records. A refusal raises PushPullRefused."""
+        return self._stream(lambda: self._api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth))
+
+    @staticmethod
+    def _stream(start: Callable[[], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        try:
+            yield from start()
+        except docker.errors.APIError as exc:
+            raise PushPullRefused(_short(exc)) from None
 
     def registry_has(self, reference: str) -> bool:
         """Whether the registry of `reference` (host[:port]/repo:tag) answers for it (asked through the engine)."""
         try:
-            self.api.inspect_distribution(reference)
+            self._api.inspect_distribution(reference)
             return True
         except docker.errors.APIError:
             return False
 
     def has_nvidia_runtime(self) -> bool:
         """A registered `nvidia` runtime (the quick answer; `gpus_work` is the sure one)."""
-        return "nvidia" in (self.api.info().get("Runtimes") or {})
+        return "nvidia" in (self._api.info().get("Runtimes") or {})
 
-    def gpus_work(self, image: str, device_requests: list[DeviceRequest]) -> bool:
+    def gpus_work(self, image: str, requests: list[GpuDevices]) -> bool:
         """Whether the engine can hand these GPUs to a container.
 
         `--gpus` works through the NVIDIA Container Toolkit's hook even when no `nvidia` runtime is
@@ -113,12 +175,12 @@ class Engine:
             return True
         container_id = None
         try:
-            hc = self.api.create_host_config(device_requests=device_requests, network_mode="none")
-            container_id = self.api.create_container(image, ["true"], host_config=hc,
-                                                     labels={paths.LABEL_MANAGED: "true",
-                                                             paths.LABEL_KIND: "gpu-probe"})["Id"]
-            self.api.start(container_id)
-            self.api.wait(container_id, timeout=120)
+            hc = self._api.create_host_config(device_requests=_device_requests(requests), network_mode="none")
+            container_id = self._api.create_container(image, ["true"], host_config=hc,
+                                                      labels={paths.LABEL_MANAGED: "true",
+                                                              paths.LABEL_KIND: "gpu-probe"})["Id"]
+            self._api.start(container_id)
+            self._api.wait(container_id, timeout=120)
             return True
         except docker.errors.APIError as exc:
             if "could not select device driver" in str(exc):
@@ -127,32 +189,34 @@ class Engine:
         finally:
             if container_id:
                 with contextlib.suppress(Exception):
-                    self.api.remove_container(container_id, force=True)
+                    self._api.remove_container(container_id, force=True)
 
     # ------------------------------------------------------------------ containers
 
-    def run(self, spec: "ContainerSpec", on_line: Callable[[str], None] | None = None,
-            on_start: Callable[[str], None] | None = None) -> int:
-        """Create, start and follow a container; it is removed however this ends. Returns the exit code."""
+    def run(self, spec: ContainerSpec, on_line: Callable[[str], None] | None = None,
+            on_start: Callable[[str], None] | None = None) -> ContainerResult:
+        """Create, start and follow a container; it is removed however this ends. Returns how it ended."""
+        name = spec.name or f"envmgr-{uuid.uuid4().hex[:12]}"
         kwargs: dict[str, Any] = dict(
             image=spec.image, command=spec.command, environment=spec.env, working_dir=spec.workdir,
-            user=spec.user, labels={paths.LABEL_MANAGED: "true", **spec.labels}, detach=True,
-            name=spec.name or f"envmgr-{uuid.uuid4().hex[:12]}",
+            user=spec.user, labels={paths.LABEL_MANAGED: "true", **spec.labels}, name=name,
         )
         host_config = dict(
             mounts=[Mount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
                     for m in spec.mounts],
             network_mode=spec.network, auto_remove=False, init=True,
-            shm_size=spec.shm_size, device_requests=spec.device_requests or None,
+            shm_size=spec.shm_size, device_requests=_device_requests(spec.device_requests) or None,
+            cap_drop=spec.cap_drop or None, cap_add=spec.cap_add or None, security_opt=spec.security_opt or None,
+            read_only=spec.read_only or None, tmpfs=spec.tmpfs or None, pids_limit=spec.pids_limit,
+            mem_limit=spec.mem_limit,
         )
         container_id = None
         try:
-            hc = self.api.create_host_config(**{k: v for k, v in host_config.items() if v is not None})
-            created = self.api.create_container(host_config=hc, **{k: v for k, v in kwargs.items()
-                                                                     if k != "detach"})
+            hc = self._api.create_host_config(**{k: v for k, v in host_config.items() if v is not None})
+            created = self._api.create_container(host_config=hc, **kwargs)
             container_id = created["Id"]
             try:
-                self.api.start(container_id)
+                self._api.start(container_id)
             except docker.errors.APIError as exc:
                 if "could not select device driver" in str(exc) and "gpu" in str(exc):
                     raise UsageError(f"cannot give the container GPUs: {NVIDIA_HINT}") from None
@@ -160,13 +224,16 @@ class Engine:
             if on_start:
                 on_start(container_id)
             self._follow(container_id, on_line)
-            result = self.api.wait(container_id)
-            spec.oom_killed = bool(self.api.inspect_container(container_id)["State"].get("OOMKilled"))
-            return int(result.get("StatusCode", 1))
+            result = self._api.wait(container_id)
+            oom_killed = bool(self._api.inspect_container(container_id)["State"].get("OOMKilled"))
+            return ContainerResult(exit_code=int(result.get("StatusCode", 1)), oom_killed=oom_killed)
         except KeyboardInterrupt:
+            if container_id is None:  # interrupted while the engine created it: find it by its name
+                with contextlib.suppress(Exception):
+                    container_id = self._api.inspect_container(name)["Id"]
             if container_id:
                 with contextlib.suppress(Exception):
-                    self.api.stop(container_id, timeout=spec.stop_timeout)
+                    self._api.stop(container_id, timeout=spec.stop_timeout)
             raise Interrupted("interrupted") from None
         except docker.errors.ImageNotFound as exc:
             raise EngineError(f"image not found in the engine: {_short(exc)}") from None
@@ -178,64 +245,55 @@ class Engine:
         finally:
             if container_id:
                 with contextlib.suppress(Exception):
-                    self.api.remove_container(container_id, force=True)
-
-    def stop(self, container_id: str, timeout: int = 30) -> None:
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            self.api.stop(container_id, timeout=timeout)
+                    self._api.remove_container(container_id, force=True)
 
     def _follow(self, container_id: str, on_line: Callable[[str], None] | None) -> None:
-        buffer = b""
-        for chunk in self.api.logs(container_id, stream=True, follow=True, stdout=True, stderr=True):
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                if on_line:
-                    on_line(line.decode("utf-8", errors="replace").rstrip("\r"))
-        if buffer and on_line:
-            on_line(buffer.decode("utf-8", errors="replace"))
+        for line in split_lines(self._api.logs(container_id, stream=True, follow=True, stdout=True, stderr=True)):
+            if on_line:
+                on_line(line)
 
-    def containers_with_label(self, label: str, all_: bool = True) -> list[dict[str, Any]]:
-        return self.api.containers(all=all_, filters={"label": label})
+    def container_state(self, name: str) -> dict[str, Any] | None:
+        """`{"running": bool, "exit_code": int | None, "oom_killed": bool}` of a container, or None."""
+        try:
+            state = self._api.inspect_container(name)["State"]
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            raise EngineError(f"engine refused to inspect container {name}: {_short(exc)}") from None
+        running = bool(state.get("Running"))
+        return {"running": running, "exit_code": None if running else state.get("ExitCode"),
+                "oom_killed": bool(state.get("OOMKilled"))}
+
+    def stop_container(self, name: str, timeout: int = 30) -> None:
+        """Stop a container (SIGTERM, then SIGKILL after `timeout` s); gone already is fine."""
+        with contextlib.suppress(docker.errors.NotFound):
+            try:
+                self._api.stop(name, timeout=timeout)
+            except docker.errors.APIError as exc:
+                raise EngineError(f"engine refused to stop container {name}: {_short(exc)}") from None
+
+    def containers(self, label: str | None = None) -> list[dict[str, Any]]:
+        """Container summaries, stopped ones too; with `label`, only those that carry it."""
+        return self._api.containers(all=True, filters={"label": label} if label else None)
+
+    def remove_container(self, container_id: str, force: bool = False) -> None:
+        """Remove a stopped container (any, with `force`); gone already is fine, a refusal raises EngineError."""
+        try:
+            self._api.remove_container(container_id, force=force)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            raise EngineError(_short(exc)) from None
 
 
-@dataclass
-class BindMount:
-    source: Path
-    target: str
-    read_only: bool = True
+def gpu_device_requests(gpus: GpuRequest | str) -> list[DeviceRequest]:
+    """What `--gpus` asked for (gpu.parse_gpus) -> Engine device requests."""
+    return _device_requests(gpu_devices(gpus))
 
 
-@dataclass
-class ContainerSpec:
-    image: str
-    command: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    mounts: list[BindMount] = field(default_factory=list)
-    workdir: str | None = None
-    user: str | None = None
-    network: str | None = "none"
-    labels: dict[str, str] = field(default_factory=dict)
-    shm_size: str | None = None
-    device_requests: list[DeviceRequest] = field(default_factory=list)
-    name: str | None = None
-    stop_timeout: int = 30
-    oom_killed: bool = False
-
-
-def gpu_device_requests(gpus: str) -> list[DeviceRequest]:
-    """`all`, `none`, a count (`2`) or a list of indices (`0,1`) -> Engine device requests."""
-    gpus = gpus.strip().lower()
-    if gpus in ("none", "0", ""):
-        return []
-    if gpus == "all":
-        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
-    if gpus.isdigit():
-        return [DeviceRequest(count=int(gpus), capabilities=[["gpu"]])]
-    ids = [part.strip() for part in gpus.split(",")]
-    if all(ids):
-        return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-    raise UsageError(f"--gpus {gpus!r}: expected all, none, a count such as 2, or indices such as 0,1")
+def _device_requests(requests: list[GpuDevices]) -> list[DeviceRequest]:
+    return [DeviceRequest(count=r.count, capabilities=[["gpu"]]) if r.count is not None
+            else DeviceRequest(device_ids=list(r.device_ids), capabilities=[["gpu"]]) for r in requests]
 
 
 def _json_lines(chunk: bytes | str | dict) -> Iterator[dict[str, Any]]:

@@ -20,15 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import docker.errors
-
 from . import paths
 from .base import current_base
 from .build import target
 from .context import Context
-from .errors import UsageError
-from .image import CHUNK
+from .errors import EngineError, UsageError
+from .image import file_sha256
 from .spec import list_methods
+from .variants import all_variants
 
 LAYER_FILE = re.compile(r"^(env|method)-(.+)-([0-9a-f]{32})\.(tar|json)$")
 STOPPED = ("created", "exited", "dead")
@@ -53,32 +52,38 @@ class Plan:
 
 
 def _current_images(ctx: Context, only: set[str] | None) -> dict[str, str | None]:
-    """method -> the image ID its current inputs give (None where this server cannot tell)."""
+    """method (`name` or `name/variant`) -> the image ID its current inputs give (None where this
+    server cannot tell)."""
     current: dict[str, str | None] = {}
-    for spec in list_methods(ctx.config.base_dir):
-        if only and spec.name not in only:
+    for method in list_methods(ctx.config.base_dir):
+        if only and method.name not in only:
             continue
-        base = current_base(ctx, spec.base_image)
-        if base is None:
-            current[spec.name] = None
-            continue
-        _, _, _, tag = target(ctx, spec, base)
-        current[spec.name] = ctx.engine.image_id(tag) or ""
+        for spec in all_variants(method):
+            key = _image_group(spec.name, spec.variant)
+            base = current_base(ctx, spec.base_image)
+            if base is None:
+                current[key] = None
+                continue
+            current[key] = ctx.engine.image_id(target(ctx, spec, base).tag) or ""
     return current
+
+
+def _image_group(method: str, variant: str | None) -> str:
+    """Images are kept per method and variant: a variant's current image is never another's old one."""
+    return f"{method}/{variant}" if variant else method
 
 
 def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
     if keep < 0:
         raise UsageError("--keep must be 0 or more")
     only = set(methods or [])
-    api = ctx.engine.api
     result = Plan()
     current = _current_images(ctx, only or None)
     unknown = only - set(current)
     if unknown:
         raise UsageError(f"unknown method {', '.join(sorted(unknown))}", hint="`envmgr list` shows every method")
 
-    containers = api.containers(all=True)
+    containers = ctx.engine.containers()
     doomed: set[str] = set()
     for container in containers:
         labels = container.get("Labels") or {}
@@ -95,12 +100,13 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
     in_use = {c.get("ImageID") for c in containers if c["Id"] not in doomed}
 
     by_method: dict[str, list[dict]] = {}
-    for image in api.images(filters={"label": paths.LABEL_METHOD}):
-        method = (image.get("Labels") or {}).get(paths.LABEL_METHOD, "")
-        by_method.setdefault(method, []).append(image)
+    for image in ctx.engine.images(label=paths.LABEL_METHOD):
+        labels = image.get("Labels") or {}
+        by_method.setdefault(_image_group(labels.get(paths.LABEL_METHOD, ""), labels.get(paths.LABEL_VARIANT)),
+                             []).append(image)
     kept_images: list[str] = []
     for method, images in sorted(by_method.items()):
-        if only and method not in only:
+        if only and method.split("/")[0] not in only:
             kept_images += [i["Id"] for i in images]
             continue
         ids = [i["Id"] for i in images]
@@ -139,15 +145,15 @@ def _layers(ctx: Context, image_id: str) -> list[tuple[str, int]] | None:
     """(chain, size) of each layer, oldest first; None when the history does not map onto the layers."""
     info = ctx.engine.inspect_image(image_id) or {}
     diff_ids = (info.get("RootFS") or {}).get("Layers") or []
-    try:
-        history = list(reversed(ctx.engine.api.history(image_id)))
-    except docker.errors.APIError:
+    newest_first = ctx.engine.image_history(image_id)
+    if newest_first is None:
         return None
+    history = list(reversed(newest_first))
     if len(history) != len(diff_ids):
         return None
     chain = hashlib.sha256()
     found = []
-    for diff_id, entry in zip(diff_ids, history):
+    for diff_id, entry in zip(diff_ids, history, strict=True):
         chain.update(diff_id.encode())  # a layer is shared only with the same layers below it
         found.append((chain.hexdigest(), int(entry.get("Size") or 0)))
     return found
@@ -160,14 +166,14 @@ def _count_image_bytes(ctx: Context, result: Plan) -> None:
         return
     doomed = {item.what for item in removed}
     kept_chains: set[str] = set()
-    for image in ctx.engine.api.images(all=True):
+    for image in ctx.engine.images(all_=True):
         if image["Id"] not in doomed:
             kept_chains.update(chain for chain, _ in (_layers(ctx, image["Id"]) or []))
     counted: set[str] = set()
     for item in removed:
         layers = _layers(ctx, item.what)
         if layers is None:  # fall back to the engine's own figure for this image alone
-            image = next((i for i in ctx.engine.api.df().get("Images") or [] if i["Id"] == item.what), {})
+            image = next((i for i in ctx.engine.image_disk_usage() if i["Id"] == item.what), {})
             item.bytes = max(0, int(image.get("Size", 0)) - max(0, int(image.get("SharedSize", 0))))
             continue
         for chain, size in layers:
@@ -179,7 +185,7 @@ def _count_image_bytes(ctx: Context, result: Plan) -> None:
 def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[str]) -> None:
     cache = ctx.cache_dir
     used: set[str] = set()
-    for image_id in set(kept_images) | {i["Id"] for i in ctx.engine.api.images(filters={"label": paths.LABEL_KIND})
+    for image_id in set(kept_images) | {i["Id"] for i in ctx.engine.images(label=paths.LABEL_KIND)
                                         if i["Id"] not in {r.what for r in result.remove if r.kind == "image"}}:
         info = ctx.engine.inspect_image(image_id) or {}
         used.update((info.get("RootFS") or {}).get("Layers") or [])
@@ -221,11 +227,7 @@ def _diff_id(tar: Path) -> str:
                 return known["diff_id"]
         except (ValueError, KeyError):
             pass
-    sha = hashlib.sha256()
-    with open(tar, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            sha.update(chunk)
-    return "sha256:" + sha.hexdigest()
+    return "sha256:" + file_sha256(tar)[0]
 
 
 def _build_running(cache: Path) -> bool:
@@ -247,28 +249,25 @@ def _size(path: Path) -> int:
 
 def apply(ctx: Context, result: Plan) -> Plan:
     """Remove what the plan says; what the engine refuses (in use meanwhile) moves to `keep`."""
-    api = ctx.engine.api
     done = Plan(keep=list(result.keep))
     for item in result.remove:
         try:
             if item.kind == "container":
-                api.remove_container(item.what)
+                ctx.engine.remove_container(item.what)
             elif item.kind == "image":
                 tags = (ctx.engine.inspect_image(item.what) or {}).get("RepoTags") or []
                 for tag in tags:
-                    api.remove_image(tag)
+                    ctx.engine.remove_image(tag)
                 if ctx.engine.image_id(item.what):
-                    api.remove_image(item.what)
+                    ctx.engine.remove_image(item.what)
             else:
                 path = Path(item.what)
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink(missing_ok=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            done.keep.append(Item(item.kind, item.what, 0, f"the engine refused: {exc.explanation or exc}"))
+        except EngineError as exc:
+            done.keep.append(Item(item.kind, item.what, 0, f"the engine refused: {exc.message}"))
             continue
         done.remove.append(item)
     return done

@@ -102,6 +102,17 @@ def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: 
 
     tmp = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = _write_entries(tmp, entries, progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # a failed or interrupted write leaves no partial layer behind
+        raise
+    os.replace(tmp, out)
+    return Layer(path=out, diff_id="sha256:" + writer.sha.hexdigest(), size=writer.size)
+
+
+def _write_entries(tmp: Path, entries: dict[str, tuple[str, Path | ExtraFile | None]],
+                   progress: Callable[[int], None] | None) -> HashingWriter:
     with open(tmp, "wb") as raw:
         writer = HashingWriter(raw)
         with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT) as tar:
@@ -126,8 +137,7 @@ def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: 
                             tar.addfile(tarinfo(name, tarfile.REGTYPE, st.st_mode, st.st_size), fh)
                         if progress:
                             progress(st.st_size)
-    os.replace(tmp, out)
-    return Layer(path=out, diff_id="sha256:" + writer.sha.hexdigest(), size=writer.size)
+    return writer
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -204,7 +214,7 @@ def write_archive(out, config: ImageConfig, repo_tags: list[str],
     with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
         tar.addfile(tarinfo(f"{image_hex}.json", tarfile.REGTYPE, 0o644, len(config_bytes)), io.BytesIO(config_bytes))
         seen = set()
-        for name, layer in zip(layer_names, config.layers):
+        for name, layer in zip(layer_names, config.layers, strict=True):
             if name in seen:
                 continue
             seen.add(name)

@@ -21,10 +21,13 @@ from packaging.utils import canonicalize_name
 
 from .archive import extract, single_top_folder
 from .errors import UsageError
-from .spec import NAME_RE, MethodSpec, find_method
+from .spec import MethodSpec, find_method, name_problem
 
 SOURCE_DIR = "source"
 LOCK_DIR = "lock"
+
+
+_ENV_FILES = {"poetry": "pyproject.toml", "conda": "environment.yml", "pip": "requirements.txt"}
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Detected:
 
 
 def _names_in_requirements(path: Path) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         line = line.split("#", 1)[0].strip()
         if not line or line.startswith("-"):
@@ -73,7 +76,7 @@ def detect_backend(root: Path, choice: str | None) -> Detected:
     if choice:
         if choice not in found:
             raise UsageError(f"--backend {choice}: the repository has no "
-                             f"{ {'poetry': 'pyproject.toml', 'conda': 'environment.yml', 'pip': 'requirements.txt'}.get(choice, choice)}")
+                             f"{_ENV_FILES.get(choice, choice)}")
         return Detected(choice, found[choice])
     if not found:
         raise UsageError(f"{root}: no environment file found (pyproject.toml, environment.yml or requirements.txt)",
@@ -107,8 +110,9 @@ def detect_entry(root: Path, entry: str | None) -> list[str]:
 
 def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None, backend: str | None = None,
                gpu: str = "optional") -> tuple[MethodSpec, Detected]:
-    if not NAME_RE.match(name):
-        raise UsageError(f"--name {name!r}: lower-case letters, digits, '.', '_' and '-'")
+    problem = name_problem(name)
+    if problem:
+        raise UsageError(f"--name {name!r}: {problem}")
     if not source.exists():
         raise UsageError(f"{source}: no such file or folder")
     try:

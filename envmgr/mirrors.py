@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import paths
 from .config import MirrorsConfig
-from .engine import BindMount
+from .containers import BindMount
 
 
 def ca_mounts(mirrors: MirrorsConfig) -> list[BindMount]:
@@ -56,7 +56,8 @@ def poetry_env(mirrors: MirrorsConfig) -> dict[str, str]:
 
 def on_host(env: dict[str, str], mirrors: MirrorsConfig) -> dict[str, str]:
     """The same settings for a tool that runs on the host: the CA bundle at its host path."""
-    return {key: (str(mirrors.ca_bundle) if value == paths.CONTAINER_CA_BUNDLE else value) for key, value in env.items()}
+    return {key: (str(mirrors.ca_bundle) if value == paths.CONTAINER_CA_BUNDLE else value)
+            for key, value in env.items()}
 
 
 def conda_channel_mirrors(mirrors: MirrorsConfig) -> dict[str, str]:

@@ -13,6 +13,7 @@ BUILTIN_METHODS_DIR = REPO_ROOT / "envs"
 BASE_IMAGES_DIR = REPO_ROOT / "images"
 
 SPEC_FILE = "envmgr.toml"
+VARIANTS_DIR = "variants"      # <lock_dir>/variants/<name>/: each variant's lock, beside the default one
 
 # Site config layers, lowest priority first.
 SYSTEM_CONFIG = Path("/etc/envmgr/config.toml")
@@ -41,5 +42,14 @@ LABEL_SPEC = LABEL_PREFIX + "spec-hash"
 LABEL_BASE = LABEL_PREFIX + "base"
 LABEL_KIND = LABEL_PREFIX + "kind"   # "base" or "method"
 LABEL_MANAGED = LABEL_PREFIX + "managed"
+LABEL_VARIANT = LABEL_PREFIX + "variant"
+# GPU facts of a method image (envmgr/gpu_image.py): read from the lock, and from torch in the build
+LABEL_TORCH = LABEL_PREFIX + "torch"                # torch version, e.g. 2.13.0
+LABEL_CUDA = LABEL_PREFIX + "cuda"                  # CUDA runtime the environment ships, e.g. 13.0
+LABEL_CUDNN = LABEL_PREFIX + "cudnn"                # cuDNN version, e.g. 9.20.0.48
+LABEL_GPU_ARCHS = LABEL_PREFIX + "gpu-archs"        # torch.cuda.get_arch_list(), comma-separated
+
+# What envmgr tells a container about the GPUs it asked for (`all`, `2`, `0,1`, or `none`).
+ENV_GPUS = "ENVMGR_GPUS"
 
 IMAGE_REPO_PREFIX = "envmgr/"

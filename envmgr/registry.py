@@ -15,14 +15,14 @@ import json
 import os
 from pathlib import Path
 
-import docker.errors
-
 from . import paths
 from .backends import get_backend
 from .base import current_base
-from .build import target
+from .build import require_image, target
 from .context import Context
+from .engine import PushPullRefused
 from .errors import EnvmgrError, Exit, UsageError
+from .files import atomic_write
 from .spec import MethodSpec, find_method
 
 USER_VAR = "ENVMGR_REGISTRY_USER"
@@ -74,9 +74,9 @@ def _stream(ctx: Context, start, verb: str, registry: str, total: int) -> dict:
                     done[layer] = current
                 elif line.get("status"):
                     ctx.ui.log(f"{layer + ': ' if layer else ''}{line['status']}")
-    except docker.errors.APIError as exc:
+    except PushPullRefused as exc:
         raise RegistryError(f"registry {registry}: the engine could not {verb}: "
-                            f"{ctx.ui.redact(str(exc.explanation or exc))}") from None
+                            f"{ctx.ui.redact(exc.message)}") from None
     return aux
 
 
@@ -84,22 +84,16 @@ def _remote(spec: MethodSpec, registry: str) -> str:
     return f"{registry}/{spec.image_repository}"
 
 
-def push(ctx: Context, method: str, registry: str) -> dict:
+def push(ctx: Context, method: str, registry: str, sign: Path | None = None) -> dict:
     registry = _check_registry(registry)
-    spec = find_method(method, ctx.config.base_dir)
-    get_backend(spec).check(spec)
-    _, data, digest, tag = target(ctx, spec)
-    image_id = ctx.engine.image_id(tag)
-    if image_id is None:
-        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
-                         hint=f"build it first: `envmgr build {spec.name}`")
+    wanted, image_id = require_image(ctx, method)
+    spec, data, digest, tag = wanted.spec, wanted.inputs, wanted.digest, wanted.tag
     remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
     size = (ctx.engine.inspect_image(image_id) or {}).get("Size", 0)
     ctx.engine.tag(image_id, remote, short)
     try:
         auth = credentials(ctx, registry)
-        aux = _stream(ctx, lambda: ctx.engine.api.push(remote, tag=short, stream=True, decode=True,
-                                                       auth_config=auth), "push", registry, size)
+        aux = _stream(ctx, lambda: ctx.engine.push(remote, short, auth), "push", registry, size)
     finally:
         ctx.engine.remove_image(f"{remote}:{short}")  # only the extra tag: the image keeps its own
     digest_pushed = aux.get("Digest")
@@ -108,8 +102,53 @@ def push(ctx: Context, method: str, registry: str) -> dict:
     record = {"method": spec.name, "registry": registry, "reference": f"{remote}:{short}",
               "digest": digest_pushed, "image_id": image_id, "inputs_hash": digest, "lock_hash": data["lock"],
               "pushed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if sign is not None:
+        record["signed_by"] = _push_signature(ctx, spec, registry, remote, short, image_id, tag, digest, sign)
     _record_push(ctx.cache_dir / PUSHED_FILE, record)
     return record
+
+
+def _push_signature(ctx: Context, spec: MethodSpec, registry: str, remote: str, short: str, image_id: str,
+                    tag: str, digest: str, key_path: Path) -> str:
+    """Sign what was pushed and push the signature beside it as `<remote>:<short>.sig`."""
+    import tempfile
+
+    from . import signing, trust
+
+    key = signing.load_private_key(key_path)
+    layers = ((ctx.engine.inspect_image(image_id) or {}).get("RootFS") or {}).get("Layers") or []
+    statement = trust.image_statement(spec.name, tag, image_id, digest, layers)
+    sig_tag = trust.signature_tag(short)
+    with tempfile.TemporaryDirectory(dir=ctx.cache_dir) as folder:
+        archive = trust.signature_image_archive(statement, signing.sign(statement, key), f"{remote}:{sig_tag}",
+                                                Path(folder))
+    ctx.engine.load_archive(iter([archive]))
+    try:
+        auth = credentials(ctx, registry)
+        _stream(ctx, lambda: ctx.engine.push(remote, sig_tag, auth),
+                "push", registry, len(archive))
+    finally:
+        ctx.engine.remove_image(f"{remote}:{sig_tag}")
+    return signing.key_id(key.public_key())
+
+
+def _pull_signature(ctx: Context, registry: str, remote: str, short: str, auth: dict | None
+                    ) -> tuple[bytes, bytes | None]:
+    """(statement, signature) pushed beside the image; (b"", None) when the registry has none."""
+    from . import trust
+
+    sig_tag = trust.signature_tag(short)
+    try:
+        _stream(ctx, lambda: ctx.engine.pull(remote, sig_tag, auth),
+                "pull", registry, 0)
+    except RegistryError as exc:
+        ctx.ui.log(f"no signature at {remote}:{sig_tag}: {exc.message}")
+        return b"", None
+    try:
+        saved = b"".join(ctx.engine.save_image(f"{remote}:{sig_tag}"))
+        return trust.read_signature_image(saved)
+    finally:
+        ctx.engine.remove_image(f"{remote}:{sig_tag}")
 
 
 def _record_push(path: Path, record: dict) -> None:
@@ -118,9 +157,7 @@ def _record_push(path: Path, record: dict) -> None:
         fcntl.flock(guard, fcntl.LOCK_EX)
         known = json.loads(path.read_text()) if path.is_file() else {}
         known[record["reference"]] = record
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(known, indent=1, sort_keys=True))
 
 
 def pull(ctx: Context, method: str, registry: str) -> dict:
@@ -131,10 +168,15 @@ def pull(ctx: Context, method: str, registry: str) -> dict:
     if base is None:
         raise UsageError(f"{spec.name}: no base image {spec.base_image!r} on this server: its ID is part of the "
                          "tag to pull", hint="`envmgr base build`, or `envmgr import` an archive of any method once")
-    _, data, digest, tag = target(ctx, spec, base)
+    wanted = target(ctx, spec, base)
+    data, digest, tag = wanted.inputs, wanted.digest, wanted.tag
     remote, short = _remote(spec, registry), tag.rsplit(":", 1)[1]
     auth = credentials(ctx, registry)
-    _stream(ctx, lambda: ctx.engine.api.pull(remote, tag=short, stream=True, decode=True, auth_config=auth),
+    from . import trust
+
+    statement, signature = _pull_signature(ctx, registry, remote, short, auth)
+    signed = trust.check_signature(ctx, f"{remote}:{short}", statement, signature)   # before the image comes
+    _stream(ctx, lambda: ctx.engine.pull(remote, short, auth),
             "pull", registry, 0)
     pulled = ctx.engine.inspect_image(f"{remote}:{short}")
     if pulled is None:
@@ -147,11 +189,15 @@ def pull(ctx: Context, method: str, registry: str) -> dict:
             raise EnvmgrError(f"{remote}:{short} does not match {spec.name}'s current lock and inputs "
                               f"(label {', '.join(wrong)} differs); it was not tagged {tag}",
                               hint="push it again from a server whose lock is this one")
+        if signature is not None:
+            trust.check_pulled(statement, pulled, spec.name, tag)
         ctx.engine.tag(pulled["Id"], spec.image_repository, short)
         ctx.engine.tag(pulled["Id"], spec.image_repository, "latest")
     finally:
         ctx.engine.remove_image(f"{remote}:{short}")  # the registry's name; envmgr's tag stays
+    if signature is not None:
+        trust.record_signature(ctx, pulled["Id"], "image", statement, signature)
     repo_digests = [d for d in pulled.get("RepoDigests", []) if d.startswith(remote + "@")]
     return {"method": spec.name, "registry": registry, "reference": f"{remote}:{short}", "tag": tag,
             "image_id": pulled["Id"], "digest": repo_digests[0].split("@", 1)[1] if repo_digests else None,
-            "inputs_hash": digest, "lock_hash": data["lock"]}
+            "inputs_hash": digest, "lock_hash": data["lock"], "signature": signed.as_dict()}

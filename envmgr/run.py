@@ -9,22 +9,34 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import secrets
+import signal
 import socket
+import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import paths
+from . import paths, records
 from .backends import entry_command
 from .base import ensure_base
 from .build import build as build_image
+from .containers import BindMount, ContainerSpec, gpu_devices
 from .context import Context
-from .engine import NVIDIA_HINT, BindMount, ContainerSpec, gpu_device_requests
+from .engine import NVIDIA_HINT
 from .errors import EnvmgrError, Interrupted, UsageError
+from .files import atomic_write
+from .gpu import GpuRequest, parse_gpus
+from .gpu_plan import preflight as gpu_preflight
+from .image import file_sha256
+from .records import check_run_id, write_record
 from .spec import MethodSpec
+from .ui import TrainingProgress
 
 SUBDIRS = ("models", "datasets", "methods", "runs", "cache")
 
@@ -39,15 +51,18 @@ class RunRequest:
     args: list[str] = field(default_factory=list)
     resume: str | None = None
     shm_size: str | None = None
+    memory: str | None = None
+    as_root: bool = False
+    variant: str | None = None     # None: the newest variant this host's GPUs can use (envmgr/gpu_plan.py)
     node: NodeStep | None = None   # set only by a scheduler's job step (envmgr/slurm.py)
 
 
-# ---------------------------------------------------------------------- node-local hook (job steps)
 @dataclass
 class NodeStep:
     """A job step of a run a scheduler started (envmgr/slurm.py): the run dir and its record exist already
-    (the inputs come from it), and several machines of one run may share the run dir: rank 0 owns
-    run.json and log.txt, every other rank writes run-rank<N>.json and log-rank<N>.txt."""
+    (the inputs come from it, validated as on --resume), and several machines of one run may share the run
+    dir: rank 0 owns run.json, log.txt and work/; every other rank has run-rank<N>.json, log-rank<N>.txt and
+    its own scratch work-rank<N>/ (two ranks on one node never share a work dir)."""
 
     run_id: str
     run_dir: Path
@@ -55,14 +70,20 @@ class NodeStep:
     env: dict[str, str] = field(default_factory=dict)       # rank / machine / rendezvous variables
     on_start: Callable[[str], None] | None = None
 
+    def _suffix(self, name: str, ext: str = "") -> str:
+        return f"{name}{ext}" if self.rank == 0 else f"{name}-rank{self.rank}{ext}"
+
     @property
     def record_file(self) -> str:
-        return "run.json" if self.rank == 0 else f"run-rank{self.rank}.json"
+        return self._suffix("run", ".json")
 
     @property
     def log_file(self) -> str:
-        return "log.txt" if self.rank == 0 else f"log-rank{self.rank}.txt"
-# ----------------------------------------------------------------------
+        return self._suffix("log", ".txt")
+
+    @property
+    def work_dir(self) -> str:
+        return self._suffix(records.WORK)
 
 
 def prepare_base_dir(base_dir: Path) -> None:
@@ -84,7 +105,8 @@ def resolve_model(base_dir: Path, name: str | None, spec: MethodSpec) -> Path | 
     candidate = Path(name).expanduser()
     path = candidate if candidate.is_absolute() else base_dir / "models" / name
     if not path.is_dir():
-        present = sorted(p.name for p in (base_dir / "models").iterdir() if p.is_dir()) if (base_dir / "models").is_dir() else []
+        models = base_dir / "models"
+        present = sorted(p.name for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
         raise UsageError(f"model {name!r} not found at {path} (models/ holds: {', '.join(present) or 'nothing'})",
                          hint="put a diffusers model folder there, or pass --model NAME or an absolute path")
     return path.resolve()
@@ -98,7 +120,8 @@ def resolve_dataset(base_dir: Path, name: str | None) -> Path | None:
         if path.exists():
             return path.resolve()
     present = sorted(p.name for p in (base_dir / "datasets").iterdir()) if (base_dir / "datasets").is_dir() else []
-    raise UsageError(f"dataset {name!r} not found under {base_dir / 'datasets'} (holds: {', '.join(present) or 'nothing'})")
+    raise UsageError(f"dataset {name!r} not found under {base_dir / 'datasets'} "
+                     f"(holds: {', '.join(present) or 'nothing'})")
 
 
 def content_hash(path: Path, cache_dir: Path | None = None) -> str:
@@ -121,21 +144,15 @@ def content_hash(path: Path, cache_dir: Path | None = None) -> str:
         except (OSError, json.JSONDecodeError):
             memo = {}
     known = memo.get(str(path))
-    if known and known.get("stamp") == stamp.hexdigest():
+    if known and known.get("stamp") == stamp.hexdigest() and known.get("v") == 2:
         return known["hash"]
     sha = hashlib.sha256()
     for file in files:
-        sha.update(str(file.relative_to(root)).encode() + b"\0")
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                sha.update(chunk)
+        sha.update(f"{file.relative_to(root)}\0{file_sha256(file)[0]}\n".encode())
     digest = "sha256:" + sha.hexdigest()
     if memo_file:
-        memo[str(path)] = {"stamp": stamp.hexdigest(), "hash": digest}
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_file)
+        memo[str(path)] = {"stamp": stamp.hexdigest(), "hash": digest, "v": 2}
+        atomic_write(memo_file, json.dumps(memo))
     return digest
 
 
@@ -152,7 +169,8 @@ def artifacts(output: Path) -> dict[str, list[str]]:
     return {
         "lora": rel(output.glob("*.safetensors")),
         "checkpoints": rel(p for p in output.glob("checkpoint-*") if p.is_dir()),
-        "validation_images": rel((output / "validation_images").glob("*")) if (output / "validation_images").is_dir() else [],
+        "validation_images": rel((output / "validation_images").glob("*"))
+        if (output / "validation_images").is_dir() else [],
         "loss_plot": rel(output.glob("loss.png")),
         "metrics": rel(output.glob("metrics.jsonl")),
     }
@@ -168,59 +186,174 @@ def _entry_command(spec: MethodSpec) -> list[str]:
     return entry_command(spec, command)   # e.g. through `conda run -n <m>` for a conda env
 
 
-def _gpu_count(gpus: str) -> int | None:
-    gpus = gpus.strip().lower()
-    if gpus.isdigit():
-        return int(gpus)
-    if "," in gpus or (gpus not in ("all", "none") and gpus):
-        return len([g for g in gpus.split(",") if g.strip()])
-    return None
+def _run_user(ctx: Context, as_root: bool) -> str:
+    """Who the method runs as: the invoking user; for root, the sudo caller or the site's `run_as`."""
+    if os.getuid() != 0:
+        return f"{os.getuid()}:{os.getgid()}"
+    if as_root:
+        return "0:0"
+    if os.environ.get("SUDO_UID", "").isdigit() and os.environ["SUDO_UID"] != "0":
+        return f"{os.environ['SUDO_UID']}:{os.environ.get('SUDO_GID', os.environ['SUDO_UID'])}"
+    return ctx.config.run.run_as
 
 
-def write_record(run_dir: Path, record: dict, name: str = "run.json") -> None:
-    tmp = run_dir / f"{name}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(run_dir / name)
+def _hand_to(path: Path, user: str) -> None:
+    uid, gid = (int(x) for x in user.split(":"))
+    if os.getuid() == 0 and (uid, gid) != (0, 0):
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def _unreadable(path: Path, user: str) -> Path | None:
+    """The first file or folder under `path` that `user` (uid:gid) could not read in the container."""
+    uid, gid = (int(x) for x in user.split(":"))
+    if uid == 0:
+        return None
+
+    def readable(item: Path) -> bool:
+        st = item.stat()
+        need = 0o5 if item.is_dir() else 0o4
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+        bits = (st.st_mode >> shift) & 7
+        return bits & need == need
+
+    items = [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    return next((item for item in items if not readable(item)), None)
+
+
+def _check_inputs_readable(inputs: list[tuple[str, Path | None]], user: str) -> None:
+    for what, path in inputs:
+        if path is None:
+            continue
+        blocked = _unreadable(path, user)
+        if blocked is not None:
+            st = blocked.stat()
+            raise UsageError(f"the {what} is not readable by the user the method runs as ({user}): {blocked} "
+                             f"(mode {stat.filemode(st.st_mode)}, owner {st.st_uid}:{st.st_gid})",
+                             hint=f"make it readable (`chmod -R a+rX {path}`), set [run] run_as to a user that "
+                                  "can read it, or run with --as-root")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _recorded_input(base_dir: Path, record: dict, key: str, folder: str) -> Path | None:
+    """A model or dataset path from envmgr's record, accepted only inside the base dir's folder for it."""
+    entry = record.get(key)
+    if not entry:
+        return None
+    raw = entry.get("path") if isinstance(entry, dict) else None
+    root = (base_dir / folder).resolve()
+    if not isinstance(raw, str) or not Path(raw).is_absolute() or not _inside(Path(raw).resolve(), root):
+        raise UsageError(f"the run record's {key} ({raw!r}) is not under {root}; envmgr will not mount it on resume",
+                         hint=f"name it again: `--{key} PATH` with --resume")
+    path = Path(raw).resolve()
+    if not path.exists():
+        raise UsageError(f"the {key} this run used is gone: {path}", hint=f"name another with `--{key}` and --resume")
+    return path
+
+
+def _resume(ctx: Context, request: RunRequest, base_dir: Path) -> tuple[Path, dict]:
+    spec = request.method
+    run_id = check_run_id(request.resume or "")
+    run_dir = base_dir / "runs" / spec.name / run_id
+    if run_dir.is_symlink() or not (run_dir / records.RECORD).is_file():
+        raise UsageError(f"no run {run_id!r} of {spec.name} under {run_dir.parent}", hint="`envmgr runs` lists them")
+    previous = settle(ctx, run_dir, records.read_record(run_dir))
+    if previous.get("method") != spec.name or previous.get("run_id") != run_id:
+        raise UsageError(f"{run_dir / records.RECORD} does not describe run {run_id} of {spec.name}")
+    if previous["status"] == "running":
+        raise UsageError(f"run {run_id} is still running (envmgr pid {previous.get('envmgr', {}).get('pid')})",
+                         hint="wait for it, or stop it with Ctrl-C first")
+    return run_dir, previous
+
+
+def _node_record(base_dir: Path, spec: MethodSpec, node: NodeStep) -> tuple[Path, dict]:
+    """A job step's run dir and the record its submission wrote: the same checks as --resume."""
+    run_id = check_run_id(node.run_id)
+    run_dir = base_dir / "runs" / spec.name / run_id
+    if run_dir.is_symlink() or node.run_dir.absolute() != run_dir.absolute():
+        raise UsageError(f"{node.run_dir} is not run {run_id} of {spec.name} under {run_dir.parent}")
+    previous = records.read_record(run_dir)
+    if previous.get("method") != spec.name or previous.get("run_id") != run_id:
+        raise UsageError(f"{run_dir / records.RECORD} does not describe run {run_id} of {spec.name}")
+    if previous["status"] not in ("pending", "running"):
+        raise UsageError(f"run {run_id} is {previous['status']}, not waiting for its job steps")
+    return run_dir, previous
+
+
+def resolve_gpus(ctx: Context, spec: MethodSpec, given: str | None) -> GpuRequest:
+    if given is not None:
+        request = parse_gpus(given)
+        if spec.gpu == "none" and request.wants_gpus:
+            raise UsageError(f"{spec.name} declares gpu = \"none\"; it cannot use --gpus {given}")
+        return request
+    if spec.gpu == "required" or (spec.gpu == "optional" and ctx.engine.has_nvidia_runtime()):
+        return parse_gpus("all")
+    return parse_gpus("none")
 
 
 def run(ctx: Context, request: RunRequest) -> dict:
     spec = request.method
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
-    if request.gpus:
-        gpus = request.gpus
-    elif spec.gpu == "required" or (spec.gpu == "optional" and ctx.engine.has_nvidia_runtime()):
-        gpus = "all"
-    else:
-        gpus = "none"
-    device_requests = gpu_device_requests(gpus)
-    if device_requests and not ctx.engine.gpus_work(ensure_base(ctx, spec.base_image).image_id, device_requests):
-        raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
+    shm = parse_size(request.shm_size, "--shm-size") if request.shm_size else _default_shm()
+    memory_text = request.memory or ctx.config.run.memory
+    memory = parse_size(memory_text, "--memory") if memory_text else None
 
     previous: dict | None = None
     node = request.node
     if request.resume or node:
-        run_id = node.run_id if node else str(request.resume)
-        run_dir = node.run_dir if node else base_dir / "runs" / spec.name / run_id
-        if not (run_dir / "run.json").is_file():
-            raise UsageError(f"no run {run_id!r} of {spec.name} under {run_dir.parent}")
-        previous = json.loads((run_dir / "run.json").read_text())
-        model = Path(previous["model"]["path"]) if previous.get("model") else None
-        dataset = Path(previous["dataset"]["path"]) if previous.get("dataset") else None
-        args = previous["arguments"] + (["--resume"] if "--resume" not in previous["arguments"] and not node else [])
+        run_dir, previous = _node_record(base_dir, spec, node) if node else _resume(ctx, request, base_dir)
+        run_id = previous["run_id"]
+        model = (resolve_model(base_dir, request.model, spec) if request.model
+                 else _recorded_input(base_dir, previous, "model", "models"))
+        dataset = (resolve_dataset(base_dir, request.dataset) if request.dataset
+                   else _recorded_input(base_dir, previous, "dataset", "datasets"))
+        recorded_args = previous.get("arguments")
+        if not isinstance(recorded_args, list) or not all(isinstance(a, str) for a in recorded_args):
+            raise UsageError(f"{run_dir / records.RECORD}: its arguments are not a list of strings")
+        args = recorded_args + (["--resume"] if "--resume" not in recorded_args and not node else [])
+        gpu_text = request.gpus if request.gpus is not None else previous.get("gpus")
+        as_root = request.as_root or bool(previous.get("as_root"))
     else:
         model = resolve_model(base_dir, request.model, spec)
         dataset = resolve_dataset(base_dir, request.dataset)
         run_id = new_run_id()
         run_dir = base_dir / "runs" / spec.name / run_id
         args = list(request.args)
+        gpu_text = request.gpus
+        as_root = request.as_root
 
+    gpus = resolve_gpus(ctx, spec, gpu_text if isinstance(gpu_text, str) else None)
+    device_requests = gpu_devices(gpus)
+    if device_requests and not ctx.engine.gpus_work(ensure_base(ctx, spec.base_image).image_id, device_requests):
+        raise UsageError(f"{spec.name} asks for GPUs (--gpus {gpus}) but {NVIDIA_HINT}")
+    # the variant and the host's driver/GPUs (envmgr/gpu_plan.py), before anything starts
+    recorded_variant = previous.get("variant") if previous else None
+    gpu_plan = gpu_preflight(ctx, spec, gpus.env_value(),
+                             request.variant or (recorded_variant if isinstance(recorded_variant, str) else None))
+    spec = gpu_plan.spec
+
+    user = _run_user(ctx, as_root)
+    _check_inputs_readable([("model", model), ("dataset", dataset)], user)
     result = build_image(ctx, spec)
+    gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None or node is not None)
-    output = run_dir / "output"
-    output.mkdir(exist_ok=True)
+    output, work = run_dir / records.OUTPUT, run_dir / (node.work_dir if node else records.WORK)
+    for folder in (output, work):
+        if folder.is_symlink():
+            raise UsageError(f"{folder} is a symbolic link; envmgr will not mount it")
+        folder.mkdir(exist_ok=True)
+        _hand_to(folder, user)
 
-    mounts = [BindMount(run_dir, paths.CONTAINER_RUN, read_only=False)]
+    # Only output/ and the scratch work/ are writable by the method; run.json and log.txt are not mounted.
+    mounts = [BindMount(work, paths.CONTAINER_RUN, read_only=False),
+              BindMount(output, f"{paths.CONTAINER_RUN}/output", read_only=False)]
     platform_args = [f"--train_id={run_id}", f"--output_dir={paths.CONTAINER_RUN}/output"]
     if model:
         mounts.append(BindMount(model, f"{paths.CONTAINER_MODELS}/{model.name}", read_only=True))
@@ -238,73 +371,104 @@ def run(ctx: Context, request: RunRequest) -> dict:
         env["ENVMGR_MODEL_PATH"] = f"{paths.CONTAINER_MODELS}/{model.name}"
     if dataset:
         env["ENVMGR_DATASET_PATH"] = f"{paths.CONTAINER_DATA}/{dataset.name}"
-    count = _gpu_count(gpus)
-    if count:
-        env["TRAINING_NUM_PROCESSES"] = str(count)
-    elif gpus == "all" and device_requests:
-        env["TRAINING_NUM_PROCESSES"] = "auto"
-    if not device_requests:
+    count = gpus.process_count(None)
+    if gpus.wants_gpus:
+        env["TRAINING_NUM_PROCESSES"] = str(count) if count else "auto"
+    env.update(gpu_plan.env())   # ENVMGR_GPUS, and one process per GPU when the host's GPUs are known
+    if not gpus.wants_gpus:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
         env["CUDA_VISIBLE_DEVICES"] = ""
     if node:
         env.update(node.env)
 
+    container_name = f"envmgr-run-{spec.name}-{run_id}" + (f"-rank{node.rank}" if node and node.rank else "")
     record = previous or {}
     record.update({
+        "layout": records.LAYOUT,
         "run_id": run_id, "method": spec.name, "image": {"id": result.image_id, "tag": result.tag},
         "lock_hash": result.lock_hash, "inputs_hash": result.inputs_hash,
-        "model": {"name": model.name, "path": str(model), "hash": content_hash(model, ctx.cache_dir)} if model else None,
+        "model": {"name": model.name, "path": str(model), "hash": content_hash(model, ctx.cache_dir)}
+        if model else None,
         "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset, ctx.cache_dir)}
         if dataset else None,
-        "arguments": args, "command": command, "gpus": gpus, "network": request.network,
-        "host": socket.gethostname(), "user": getpass.getuser(), "status": "running", "exit_code": None,
+        "arguments": args, "command": command, "gpus": gpus.env_value(), "network": request.network,
+        "host": socket.gethostname(), "user": getpass.getuser(), "run_as": user, "as_root": user == "0:0",
+        "status": "running", "exit_code": None, "reason": None, "container": container_name,
+        "envmgr": {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()},
+        "gpu": gpu_plan.record(), "variant": spec.variant,
     })
     attempts = record.setdefault("attempts", [])
-    if node and attempts and attempts[-1].get("status") == "pending":   # the scheduler's attempt starts now
-        attempts[-1].update(started=_now(), status="running")
+    if node and attempts and attempts[-1].get("status") in ("pending", "running"):   # the job's attempt
+        attempts[-1].update(started=attempts[-1].get("started") or _now(), status="running")
     else:
         attempts.append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
-    record_file = node.record_file if node else "run.json"
+    record_file, log_file = (node.record_file, node.log_file) if node else (records.RECORD, records.LOG)
+    records.open_log(run_dir, log_file).close()     # a link planted over log.txt stops the run before it starts
     write_record(run_dir, record, record_file)
 
-    shm = request.shm_size or _default_shm()
     container = ContainerSpec(
         image=result.image_id, command=command, env=env, mounts=mounts,
         workdir=paths.CONTAINER_RUN if spec.workdir == "run" else paths.CONTAINER_METHOD_DIR,
-        user=f"{os.getuid()}:{os.getgid()}", network=request.network, shm_size=shm,
+        user=user, network=request.network, shm_size=shm, name=container_name,
         device_requests=device_requests, labels={paths.LABEL_METHOD: spec.name, paths.LABEL_KIND: "run",
                                                  paths.LABEL_PREFIX + "run-id": run_id},
         stop_timeout=120,
-    )
-    ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network})",
-                run_id=run_id, run_dir=str(run_dir))
-    status, code, tail = _follow(ctx, container, run_dir, node.log_file if node else "log.txt",
-                                 node.on_start if node else None)
+    ).hardened(pids_limit=ctx.config.run.pids_limit, mem_limit=memory)
+    ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
+                f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
+    status, code, tail, oom_killed = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
     record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
-                  oom_killed=container.oom_killed)
+                  oom_killed=oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
     write_record(run_dir, record, record_file)
     if status == "interrupted":
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
     if status == "failed":
-        why = "the container was killed for lack of memory (OOM)" if container.oom_killed else f"exit {code}"
+        why = "the container was killed for lack of memory (OOM)" if oom_killed else f"exit {code}"
         last = "\n".join(f"    {line}" for line in tail)
-        raise EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / 'log.txt'}\n  last lines:\n{last}")
+        raise EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n  last lines:\n{last}")
     return record
 
 
-def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str = "log.txt",
-            on_start: Callable[[str], None] | None = None) -> tuple[str, int | None, list[str]]:
+class _SecondInterrupt:
+    """After the first Ctrl-C the container is being stopped (the method saves a checkpoint): a second
+    one only says so, so the run record is always written."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SecondInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._first)
+        return self
+
+    def _first(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+        for sig in self.previous:
+            signal.signal(sig, self._again)
+        raise KeyboardInterrupt
+
+    def _again(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+        self.ctx.ui.warn("still stopping the container (the method is saving its checkpoint); "
+                         "the run record is written when it has stopped")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str = records.LOG,
+            on_start: Callable[[str], None] | None = None) -> tuple[str, int | None, list[str], bool]:
     tail: deque[str] = deque(maxlen=12)
-    log = open(run_dir / log_file, "a", encoding="utf-8")
-    progress_cm = None
-    task = None
+    log = records.open_log(run_dir, log_file)
+    display = TrainingProgress(ctx.ui)
     started = time.monotonic()
 
     def on_line(line: str) -> None:
-        nonlocal progress_cm, task
         line = ctx.ui.redact(line)
         log.write(line + "\n")
         log.flush()
@@ -314,58 +478,28 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str
             ctx.ui.log(line)
             return
         ctx.ui.event("method." + str(event.get("event")), **{k: v for k, v in event.items() if k != "event"})
-        if event.get("event") == "progress" and ctx.ui.mode == "rich":
-            if task is None:
-                progress_cm = _step_bar(ctx, event.get("max_steps"))
-                task = progress_cm.__enter__()
-            task.update(task.task_ids[0], completed=event.get("step", 0),
-                        loss=f"{event.get('loss', float('nan')):.4f}", sps=f"{event.get('s_per_step', 0):.2f}")
-        elif event.get("event") == "progress" and ctx.ui.mode == "plain":
-            step, total = event.get("step"), event.get("max_steps")
-            if step == 1 or step == total or (total and step % max(1, total // 10) == 0):
-                ctx.ui.info(f"step {step}/{total} loss {event.get('loss', 0):.4f} "
-                            f"{event.get('s_per_step', 0):.2f} s/step")
+        if event.get("event") == "progress":
+            display.update(event)
 
     code: int | None = None
-    try:
-        code = ctx.engine.run(container, on_line=on_line, on_start=on_start)
-        status = "succeeded" if code == 0 else "failed"
-    except Interrupted:
-        status = "interrupted"
-    except EnvmgrError as exc:  # the engine went away mid-run: record it, then report it
-        status = "failed"
-        tail.append(f"envmgr: {exc.message}")
-        code = None
-    finally:
-        if progress_cm is not None:
-            progress_cm.__exit__(None, None, None)
-        log.write(f"# envmgr: container ended after {time.monotonic() - started:.1f} s\n")
-        log.close()
+    status = "failed"
+    oom_killed = False
+    with _SecondInterrupt(ctx):
+        try:
+            ended = ctx.engine.run(container, on_line=on_line, on_start=on_start)
+            code, oom_killed = ended.exit_code, ended.oom_killed
+            status = "succeeded" if code == 0 else "failed"
+        except (Interrupted, KeyboardInterrupt):
+            status = "interrupted"
+        except EnvmgrError as exc:  # the engine went away mid-run: record it, then report it
+            tail.append(f"envmgr: {exc.message}")
+        finally:
+            display.close()
+            log.write(f"# envmgr: container ended after {time.monotonic() - started:.1f} s\n")
+            log.close()
     if code == 130:
         status = "interrupted"
-    return status, code, list(tail)
-
-
-def _step_bar(ctx: Context, total):
-    return _ProgressWrapper(ctx, total)
-
-
-class _ProgressWrapper:
-    def __init__(self, ctx: Context, total):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} s/step"),
-                                 TextColumn("ETA"), TimeRemainingColumn(), console=ctx.ui.console)
-        self.total = total
-
-    def __enter__(self):
-        self.progress.__enter__()
-        self.progress.add_task("training", total=self.total, loss="-", sps="-")
-        return self.progress
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+    return status, code, list(tail), oom_killed
 
 
 def _progress_event(line: str) -> dict | None:
@@ -377,6 +511,13 @@ def _progress_event(line: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return event if isinstance(event, dict) and "event" in event else None
+
+
+def parse_size(text: str, flag: str) -> str:
+    """`8g`, `512m`, `1024` (bytes) -> the same text, checked; anything else is a usage error."""
+    if not re.fullmatch(r"[1-9][0-9]*[bkmg]?", text.strip().lower()):
+        raise UsageError(f"{flag} {text!r}: expected a size such as 512m or 8g")
+    return text.strip().lower()
 
 
 def _default_shm() -> str:
@@ -392,18 +533,83 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def list_runs(base_dir: Path, method: str | None = None) -> list[dict]:
-    root = base_dir / "runs"
-    records = []
-    for path in sorted(root.glob(f"{method or '*'}/*/run.json")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
+def _process_start(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot): with the pid it names one process, not a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(record: dict) -> bool:
+    scheduler = record.get("scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("kind") == "slurm":
+        from .slurm import job_alive
+
+        if job_alive(scheduler) is not False:
+            return True         # Slurm still has the job (or does not answer): its steps own the record
+    owner = record.get("envmgr")
+    if not isinstance(owner, dict):
+        return False            # a record without its envmgr (an older one): settle it
+    if owner.get("host") != socket.gethostname():
+        return True             # another machine's run in a shared base dir: not ours to settle
+    pid = owner.get("pid")
+    return isinstance(pid, int) and pid > 0 and _process_start(pid) is not None and (
+        _process_start(pid) == owner.get("pid_start"))
+
+
+def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
+    """A record still `running` whose envmgr is gone (SIGKILL, a crash): stop its container, record why."""
+    if record.get("status") != "running" or _owner_alive(record):
+        return record
+    recorded = record.get("container")
+    name = recorded if isinstance(recorded, str) and recorded.startswith("envmgr-run-") else ""
+    state = ctx.engine.container_state(name) if name else None
+    if state and state["running"]:
+        ctx.engine.stop_container(name, timeout=120)
+        state = ctx.engine.container_state(name) or state
+        status, reason = "interrupted", "envmgr was killed; its container was stopped by the next envmgr command"
+    elif state:
+        code = state["exit_code"]
+        status = "succeeded" if code == 0 else "interrupted" if code in (130, 143) else "failed"
+        reason = "envmgr was killed while the container ran; the container's exit status was read afterwards"
+    else:
+        status, reason = "failed", "envmgr was killed (no container of the run was left)"
+    if state:
+        with records.open_log(run_dir) as log:
+            log.write(f"# envmgr: {reason}\n")
+        ctx.engine.remove_container(name, force=True)
+    code = state["exit_code"] if state else None
+    record.update(status=status, reason=reason, exit_code=code, ended=_now(),
+                  artifacts=artifacts(run_dir / records.OUTPUT))
+    if record.get("attempts"):
+        record["attempts"][-1].update(ended=record["ended"], status=status)
+    write_record(run_dir, record)
+    ctx.ui.warn(f"run {record.get('run_id')}: {reason} → {status}")
+    return record
+
+
+def list_runs(ctx: Context, method: str | None = None) -> list[dict]:
+    """Every readable run record (stale `running` ones settled); a malformed one is named and skipped."""
+    found = []
+    for run_dir, record in records.iter_records(ctx.config.base_dir / "runs", method):
+        if isinstance(record, records.Malformed):
+            ctx.ui.warn(f"skipping {record.path}: {record.reason}")
             continue
-    return records
+        try:
+            record = settle(ctx, run_dir, record)
+        except EnvmgrError as exc:
+            ctx.ui.warn(f"run {record['run_id']}: could not settle its state ({exc.message})")
+        found.append(record)
+    return found
 
 
-def find_run(base_dir: Path, run_id: str) -> dict:
-    for path in (base_dir / "runs").glob(f"*/{run_id}/run.json"):
-        return {**json.loads(path.read_text()), "run_dir": str(path.parent)}
-    raise UsageError(f"no run {run_id!r} under {base_dir / 'runs'}", hint="`envmgr runs` lists them")
+def find_run(ctx: Context, run_id: str) -> dict:
+    check_run_id(run_id)
+    for run_dir, record in records.iter_records(ctx.config.base_dir / "runs"):
+        if run_dir.name != run_id:
+            continue
+        if isinstance(record, records.Malformed):
+            raise UsageError(f"{record.path}: {record.reason}")
+        return {**settle(ctx, run_dir, record), "run_dir": str(run_dir)}
+    raise UsageError(f"no run {run_id!r} under {ctx.config.base_dir / 'runs'}", hint="`envmgr runs` lists them")

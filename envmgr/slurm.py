@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from . import paths
+from . import paths, records
 from .context import Context
 from .errors import EnvmgrError, Exit, Interrupted, UsageError
 from .spec import MethodSpec
+
+if TYPE_CHECKING:
+    from .run import RunRequest
 
 SCRIPT = "job.sbatch"
 EXPORTS = "exports"
@@ -93,12 +97,15 @@ def partitions() -> list[str]:
     return sorted({p.strip().rstrip("*") for p in proc.stdout.split() if p.strip()})
 
 
-def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """job id -> (Slurm state, reason) for the jobs Slurm still knows."""
+def job_states(job_ids: list[str], strict: bool = False) -> dict[str, tuple[str, str]]:
+    """job id -> (Slurm state, reason) for the jobs Slurm still knows. `strict`: a Slurm that does not
+    answer raises SlurmError (else its jobs are merely missing from the answer)."""
     states: dict[str, tuple[str, str]] = {}
     if not job_ids:
         return states
     proc = _slurm(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], check=False)
+    if strict and proc.returncode != 0 and "invalid job id" not in proc.stderr.lower():
+        raise SlurmError(f"Slurm does not answer: {_first_error(proc.stderr) or 'squeue failed'}")
     for line in proc.stdout.splitlines():
         parts = line.split("|")
         if len(parts) == 3:
@@ -130,24 +137,17 @@ def node_address(node: str) -> str:
 # ---------------------------------------------------------------------- submission
 
 
-def submit(ctx: Context, request, slurm: SlurmRequest) -> dict:
+def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     """Check, write run.json + job.sbatch into a run dir, sbatch it; with --wait follow it to the end."""
-    from .build import build as build_image
-    from .build import target
-    from .run import (
-        content_hash,
-        new_run_id,
-        prepare_base_dir,
-        resolve_dataset,
-        resolve_model,
-        write_record,
-    )
+    from .build import build as build_image, target
+    from .run import content_hash, new_run_id, prepare_base_dir, resolve_dataset, resolve_model
 
     spec: MethodSpec = request.method
     gpus_per_node = _check_request(request, spec, slurm)
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
-    _, inputs, inputs_hash, tag = target(ctx, spec)
+    wanted = target(ctx, spec)
+    inputs_hash, tag = wanted.digest, wanted.tag
     image_id = ctx.engine.image_id(tag)
     if image_id is None and not slurm.registry:   # the nodes get it from an archive this host writes
         image_id = build_image(ctx, spec).image_id
@@ -155,19 +155,8 @@ def submit(ctx: Context, request, slurm: SlurmRequest) -> dict:
 
     previous: dict | None = None
     if request.resume:
-        run_id = request.resume
-        run_dir = base_dir / "runs" / spec.name / run_id
-        if not (run_dir / "run.json").is_file():
-            raise UsageError(f"no run {run_id!r} of {spec.name} under {run_dir.parent}")
-        previous = json.loads((run_dir / "run.json").read_text())
-        if previous.get("status") in ACTIVE and (previous.get("scheduler") or {}).get("job_id"):
-            state = job_states([previous["scheduler"]["job_id"]]).get(previous["scheduler"]["job_id"])
-            if state and state[0] in SLURM_ACTIVE:
-                raise UsageError(f"run {run_id} is still {state[0].lower()} as Slurm job "
-                                 f"{previous['scheduler']['job_id']}", hint=f"`envmgr runs cancel {run_id}` first")
-        args = previous["arguments"] + ([] if "--resume" in previous["arguments"] else ["--resume"])
-        model = previous.get("model")
-        dataset = previous.get("dataset")
+        run_id, run_dir, previous, args = _resubmit(ctx, spec, request.resume)
+        model, dataset = previous.get("model"), previous.get("dataset")
     else:
         model_path = resolve_model(base_dir, request.model, spec)
         dataset_path = resolve_dataset(base_dir, request.dataset)
@@ -179,7 +168,9 @@ def submit(ctx: Context, request, slurm: SlurmRequest) -> dict:
         dataset = ({"name": dataset_path.name, "path": str(dataset_path),
                     "hash": content_hash(dataset_path, ctx.cache_dir)} if dataset_path else None)
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
-    (run_dir / "output").mkdir(exist_ok=True)
+    if slurm.runtime == "pyxis":      # a docker step makes them itself, owned by the user its container runs as
+        for sub in (records.OUTPUT, records.WORK):
+            (run_dir / sub).mkdir(exist_ok=True)
 
     network = "host" if slurm.machines > 1 else request.network
     record = previous or {}
@@ -191,13 +182,16 @@ def submit(ctx: Context, request, slurm: SlurmRequest) -> dict:
                  "script": SCRIPT, "submitted": _now()}
     record.update({
         "run_id": run_id, "method": spec.name, "image": {"id": image_id, "tag": tag},
-        "lock_hash": inputs["lock"], "inputs_hash": inputs_hash, "model": model, "dataset": dataset,
-        "arguments": args, "gpus": f"{gpus_per_node} per node", "network": network, "shm_size": request.shm_size,
-        "status": "pending", "exit_code": None, "ended": None, "scheduler": scheduler,
+        "layout": records.LAYOUT, "lock_hash": wanted.lock_hash, "inputs_hash": inputs_hash, "model": model,
+        "dataset": dataset, "arguments": args, "gpus": f"{gpus_per_node} per node", "network": network,
+        "shm_size": request.shm_size, "memory": request.memory,
+        "as_root": request.as_root or bool(previous and previous.get("as_root")),
+        "variant": request.variant or (previous or {}).get("variant"),
+        "status": "pending", "exit_code": None, "reason": None, "ended": None, "scheduler": scheduler,
     })
     record.setdefault("attempts", []).append({"started": None, "ended": None, "status": "pending"})
     record.setdefault("started", None)
-    write_record(run_dir, record)
+    records.write_record(run_dir, record)
     script = batch_script(ctx, spec, record, run_dir, slurm)
     (run_dir / SCRIPT).write_text(script)
 
@@ -206,7 +200,7 @@ def submit(ctx: Context, request, slurm: SlurmRequest) -> dict:
     if proc.returncode != 0:
         record.update(status="failed", ended=_now(), reason=f"sbatch: {_first_error(proc.stderr)}")
         record["attempts"][-1].update(status="failed", ended=record["ended"])
-        write_record(run_dir, record)
+        records.write_record(run_dir, record)
         raise SlurmError(f"Slurm refused the job: {_first_error(proc.stderr) or 'sbatch failed'}")
     job_id = proc.stdout.strip().split(";")[0]
     _update(run_dir, lambda r: (r["scheduler"].update(job_id=job_id, jobs=jobs + [job_id]),
@@ -219,7 +213,32 @@ def submit(ctx: Context, request, slurm: SlurmRequest) -> dict:
     return follow(ctx, run_dir, job_id, slurm.wait_timeout)
 
 
-def _check_request(request, spec: MethodSpec, slurm: SlurmRequest) -> int:
+def _resubmit(ctx: Context, spec: MethodSpec, resume: str) -> tuple[str, Path, dict, list[str]]:
+    """`--resume RUN --on slurm`: the run's record (read as on a local --resume), not active in Slurm."""
+    from .run import _recorded_input
+
+    run_id = records.check_run_id(resume)
+    run_dir = ctx.config.base_dir / "runs" / spec.name / run_id
+    if run_dir.is_symlink() or not (run_dir / records.RECORD).is_file():
+        raise UsageError(f"no run {run_id!r} of {spec.name} under {run_dir.parent}", hint="`envmgr runs` lists them")
+    previous = records.read_record(run_dir)
+    if previous.get("method") != spec.name or previous.get("run_id") != run_id:
+        raise UsageError(f"{run_dir / records.RECORD} does not describe run {run_id} of {spec.name}")
+    job_id = (previous.get("scheduler") or {}).get("job_id")
+    if previous.get("status") in ACTIVE and job_id:
+        state = job_states([str(job_id)]).get(str(job_id))
+        if state and state[0] in SLURM_ACTIVE:
+            raise UsageError(f"run {run_id} is still {state[0].lower()} as Slurm job {job_id}",
+                             hint=f"`envmgr runs cancel {run_id}` first")
+    for key, folder in (("model", "models"), ("dataset", "datasets")):
+        _recorded_input(ctx.config.base_dir, previous, key, folder)   # refused here, not on the nodes
+    recorded = previous.get("arguments")
+    if not isinstance(recorded, list) or not all(isinstance(a, str) for a in recorded):
+        raise UsageError(f"{run_dir / records.RECORD}: its arguments are not a list of strings")
+    return run_id, run_dir, previous, recorded + ([] if "--resume" in recorded else ["--resume"])
+
+
+def _check_request(request: RunRequest, spec: MethodSpec, slurm: SlurmRequest) -> int:
     """Bad input in one line, before anything is written; returns the GPUs per node."""
     if slurm.nodes < 1:
         raise UsageError(f"--nodes {slurm.nodes}: a Slurm run needs at least 1 node")
@@ -310,7 +329,9 @@ def pyxis_step(spec: MethodSpec, record: dict, run_dir: Path) -> list[str]:
     from .run import _entry_command
 
     image = record["scheduler"]["image_source"]["file"]
-    mounts = [f"{run_dir}:{paths.CONTAINER_RUN}"]
+    # as a local run: only output/ and the scratch work/ are writable; run.json and log.txt are not mounted
+    mounts = [f"{run_dir / records.WORK}:{paths.CONTAINER_RUN}",
+              f"{run_dir / records.OUTPUT}:{paths.CONTAINER_RUN}/output"]
     if record.get("model"):
         mounts.append(f"{record['model']['path']}:{paths.CONTAINER_MODELS}/{record['model']['name']}:ro")
     if record.get("dataset"):
@@ -349,7 +370,8 @@ def follow(ctx: Context, run_dir: Path, job_id: str, wait_timeout: float | None 
                 raise SlurmError(f"job {job_id} still pending after {wait_timeout:g} s (reason: {reason or 'none'}); "
                                  "cancelled it", hint="try another --partition, or a longer --wait-timeout")
             if state == "RUNNING" and not said_running:
-                ctx.ui.info(f"job {job_id} running on {', '.join(_read(run_dir)['scheduler'].get('nodes') or []) or 'its node(s)'}")
+                nodes = ", ".join(_read(run_dir)["scheduler"].get("nodes") or []) or "its node(s)"
+                ctx.ui.info(f"job {job_id} running on {nodes}")
                 said_running = True
             offset = _show_new_lines(ctx, log, offset)
             record = _read(run_dir)
@@ -410,7 +432,8 @@ def verdict(run_dir: Path) -> dict:
     why = record.get("reason") or f"exit {record.get('exit_code')}"
     tail = _tail(run_dir / "log.txt", 8) or _tail(run_dir / f"slurm-{record['scheduler'].get('job_id')}.out", 8)
     last = "".join(f"\n    {line}" for line in tail)
-    raise EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / 'log.txt'}" + (f"\n  last lines:{last}" if last else ""))
+    raise EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}"
+                      + (f"\n  last lines:{last}" if last else ""))
 
 
 def _tail(path: Path, count: int) -> list[str]:
@@ -447,10 +470,25 @@ def refresh(records: list[dict]) -> list[dict]:
     return records
 
 
+def job_alive(scheduler: dict) -> bool | None:
+    """Whether Slurm still has the job of a run (pending, running, completing); None when it cannot say.
+
+    `envmgr runs`/`--resume`/`gc` settle a `running` record whose envmgr is gone: a Slurm run's record is
+    left alone while its job lives (its steps, on whatever node, own it)."""
+    job_id = scheduler.get("job_id")
+    if not job_id or shutil.which("squeue") is None:
+        return None
+    try:
+        state = job_states([str(job_id)], strict=True).get(str(job_id))
+    except (SlurmError, subprocess.SubprocessError):
+        return None
+    return state is not None and state[0] in SLURM_ACTIVE
+
+
 def cancel(ctx: Context, run_id: str, wait_s: float = 300.0) -> dict:
     from .run import find_run
 
-    record = find_run(ctx.config.base_dir, run_id)
+    record = find_run(ctx, run_id)
     run_dir = Path(record["run_dir"])
     job_id = (record.get("scheduler") or {}).get("job_id")
     if (record.get("scheduler") or {}).get("kind") != "slurm" or not job_id:
@@ -491,7 +529,8 @@ def step(ctx: Context, run_dir: Path) -> dict:
     sched = record["scheduler"]
     if rank == 0:
         nodes = hostnames(os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURMD_NODENAME", "")))
-        _update(run_dir, lambda r: r["scheduler"].update(nodes=nodes, state="RUNNING"))
+        _update(run_dir, lambda r: r["scheduler"].update(nodes=nodes, state="RUNNING",
+                                                         job_id=r["scheduler"].get("job_id") or job_id or None))
     spec = find_method(record["method"], ctx.config.base_dir)
     ensure_image(ctx, spec, record)
 
@@ -500,10 +539,18 @@ def step(ctx: Context, run_dir: Path) -> dict:
     if machines > 1:
         env.update(rendezvous_env(rank, machines, job_id, max(1, len(gpus)),
                                   os.environ.get("SLURM_JOB_NODELIST", "")))
-    request = RunRequest(method=spec, gpus=",".join(gpus) if gpus else "none", network=record.get("network") or "none",
-                         shm_size=record.get("shm_size"), node=NodeStep(run_id=record["run_id"], run_dir=run_dir,
-                                                                         rank=rank, env=env))
+    request = RunRequest(method=spec, gpus=gpu_indices(gpus), network=record.get("network") or "none",
+                         shm_size=record.get("shm_size"), memory=record.get("memory"),
+                         as_root=bool(record.get("as_root")), variant=record.get("variant"),
+                         node=NodeStep(run_id=record["run_id"], run_dir=run_dir, rank=rank, env=env))
     return run(ctx, request)
+
+
+def gpu_indices(ids: list[str]) -> str:
+    """Slurm's device ids as `--gpus` text: `none`, or indices (`3,` for the single index 3: `3` is a count)."""
+    if not ids:
+        return "none"
+    return ",".join(ids) + ("," if len(ids) == 1 else "")
 
 
 def step_gpus(gpus_per_node: int, local: int, per_node: int) -> list[str]:
@@ -591,17 +638,17 @@ def finish(run_dir: Path, status: int) -> None:
 
 
 def _read(run_dir: Path) -> dict:
-    return json.loads((run_dir / "run.json").read_text())
+    return records.read_record(run_dir)     # never through a link
 
 
-def _update(run_dir: Path, change) -> dict:
-    from .run import write_record
-
-    with open(run_dir / ".run.json.lock", "w") as guard:
+def _update(run_dir: Path, change: Callable[[dict], Any]) -> dict:
+    """Read, change and write run.json under a lock the submitter, the steps and `runs cancel` share."""
+    fd = os.open(run_dir / ".run.json.lock", os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         record = _read(run_dir)
         change(record)
-        write_record(run_dir, record)
+        records.write_record(run_dir, record)
     return record
 
 

@@ -8,13 +8,26 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import paths
 from .errors import UsageError
 from .tomlfile import load_model
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# A method name is an image repository path component (`envmgr/<name>`): lower-case alphanumerics
+# joined by one '.', one or two '_', or dashes; envmgr's own repositories (`envmgr/base-*`) are reserved.
+NAME_RE = re.compile(r"^(?=.{1,63}$)[a-z0-9]+(?:(?:\.|_{1,2}|-+)[a-z0-9]+)*$")
+RESERVED_PREFIXES = ("base-",)
+NAME_RULE = ("lower-case letters and digits, joined by single '.', '_' or '-' (no leading, trailing or "
+             "doubled dots), at most 63 characters, not starting with 'base-' (envmgr's base images)")
+
+
+def name_problem(name: str) -> str | None:
+    if not NAME_RE.match(name):
+        return NAME_RULE
+    if name.startswith(RESERVED_PREFIXES):
+        return f"{name!r} clashes with envmgr's own images (envmgr/base-*)"
+    return None
 
 
 class Adaptations(BaseModel):
@@ -40,6 +53,17 @@ class Adaptations(BaseModel):
         return lines
 
 
+class Variant(BaseModel):
+    """A build of the method that changes pins only, e.g. an older torch for an older CUDA driver:
+    `[variants.cu128] pin = { torch = "2.10.0" }`. Applied through the `[adapt]` machinery, locked
+    beside the default lock (`variants/<name>/`), built under its own image tag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pin: dict[str, str]
+    description: str = ""
+
+
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +87,11 @@ class MethodSpec(BaseModel):
     platform_args: bool = True    # pass the platform's --model_path/--pic_relative_path/... to the entry
     workdir: Literal["run", "method"] = "run"   # the entry's working directory: the run dir or its own files
     adapt: Adaptations = Field(default_factory=Adaptations)
+    gpu_memory_gb: float | None = Field(default=None, gt=0)   # the least memory (GB, 10^9 bytes) a GPU needs
+    variants: dict[str, Variant] = Field(default_factory=dict)
+
+    # Which variant this spec was derived for (envmgr/variants.py), not part of the file.
+    variant: str | None = Field(default=None, exclude=True)
 
     # Where the spec was read from (not part of the file).
     folder: Path = Field(default=Path("."), exclude=True)
@@ -71,8 +100,17 @@ class MethodSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError("lower-case letters, digits, '.', '_' and '-', starting with a letter or digit")
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("source_dir", "lock_dir")
+    @classmethod
+    def _inside_method_folder(cls, value: str) -> str:
+        parts = Path(value).parts
+        if Path(value).is_absolute() or ".." in parts:
+            raise ValueError("a path inside the method's folder (relative, without '..')")
         return value
 
     @field_validator("entry")
@@ -90,6 +128,23 @@ class MethodSpec(BaseModel):
                 raise ValueError(f"{name!r}: virtual package names start with '__' (e.g. __cuda, __glibc)")
         return value
 
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: dict[str, Variant]) -> dict[str, Variant]:
+        for name, variant in value.items():
+            if not NAME_RE.match(name):
+                raise ValueError(f"{name!r}: lower-case letters, digits, '.', '_' and '-'")
+            if not variant.pin:
+                raise ValueError(f"{name!r}: a variant changes pins: pin = {{ torch = \"<version>\" }}")
+        return value
+
+    @model_validator(mode="after")
+    def _variant_locks_stay_out_of_images(self) -> "MethodSpec":
+        # variant locks live under the method's folder; no image needs another variant's lock
+        if self.variants and paths.VARIANTS_DIR not in self.exclude:
+            self.exclude = [*self.exclude, paths.VARIANTS_DIR, f"{paths.VARIANTS_DIR}/*"]
+        return self
+
     @property
     def lock_platforms(self) -> list[str]:
         """The platforms a lock covers: the declared ones, always including the one images are built for."""
@@ -97,11 +152,20 @@ class MethodSpec(BaseModel):
 
     @property
     def source_path(self) -> Path:
-        return (self.folder / self.source_dir).resolve()
+        return self._inside(self.source_dir, "source_dir")
 
     @property
     def lock_path(self) -> Path:
-        return (self.folder / self.lock_dir).resolve()
+        return self._inside(self.lock_dir, "lock_dir")
+
+    def _inside(self, relative: str, key: str) -> Path:
+        """A folder of the method, after links: it must stay inside the method's folder."""
+        folder = self.folder.resolve()
+        path = (folder / relative).resolve()
+        if path != folder and folder not in path.parents:
+            raise UsageError(f"{folder / paths.SPEC_FILE}: key '{key}': {relative!r} leads outside the method's "
+                             f"folder (to {path})")
+        return path
 
     @property
     def env_prefix(self) -> str:
@@ -109,10 +173,13 @@ class MethodSpec(BaseModel):
 
     @property
     def image_repository(self) -> str:
-        return f"{paths.IMAGE_REPO_PREFIX}{self.name}"
+        return f"{paths.IMAGE_REPO_PREFIX}{self.name}" + (f"-{self.variant}" if self.variant else "")
 
     def spec_hash(self) -> str:
         data = self.model_dump(mode="json")
+        # neither changes what an image holds (a variant's pins reach its own spec through `adapt`)
+        data.pop("variants", None)
+        data.pop("gpu_memory_gb", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -17,11 +17,9 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from .backends import get_backend
-from .build import config_for, target
+from .build import require_image
 from .context import Context
 from .errors import EnvmgrError, UsageError
-from .spec import find_method
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -30,14 +28,9 @@ OPAQUE = ".wh..wh..opq"
 def export_squashfs(ctx: Context, method: str, out: Path | None = None) -> dict:
     if shutil.which("mksquashfs") is None:
         raise UsageError("mksquashfs not found", hint="apt-get install squashfs-tools")
-    spec = find_method(method, ctx.config.base_dir)
-    get_backend(spec).check(spec)
-    base, data, digest, tag = target(ctx, spec)
-    image_id = ctx.engine.image_id(tag)
-    if image_id is None:
-        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
-                         hint=f"build it first: `envmgr build {spec.name}`")
-    config = config_for(ctx, spec, base, data, digest)
+    wanted, image_id = require_image(ctx, method)
+    spec, digest, tag = wanted.spec, wanted.digest, wanted.tag
+    config = wanted.config(ctx)
     if config.image_id() != image_id:
         raise EnvmgrError(f"{spec.name}: the cached layers make {config.image_id()[:19]}, not the engine's "
                           f"{image_id[:19]} for {tag}", hint=f"rebuild with `envmgr build --force {spec.name}`")

@@ -21,6 +21,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: file not found") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -59,7 +61,9 @@ def describe_validation_error(path: Path | str, exc: ValidationError, prefix: st
         else:
             what = error["msg"]
             if "input" in error and not isinstance(error["input"], (dict, list)):
-                what += f" (got {error['input']!r})"
+                from .config import mask_credentials  # a mistyped value may hold a credential
+
+                what += f" (got {mask_credentials(repr(error['input']))})"
         messages.append(f"{where}: key '{full_key}': {what}")
     return "; ".join(messages)
 

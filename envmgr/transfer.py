@@ -5,8 +5,10 @@ The file is a tar that is also a docker-archive (`docker load` takes it as is an
 
     envmgr/export.json          what the archive is, the method's inputs, and the sha256 + size of
                                 every other member (written first, so an import can refuse early)
-    envmgr/method/...           the spec, the lock files and the method's files, laid out as in the
-                                method's folder
+    envmgr/signature.json       (with --sign) a detached ed25519 signature over export.json's bytes
+    envmgr/method/...           the spec, the lock files and the method's files that lie outside its
+                                source folder; the source folder's files travel once, in the method layer
+    envmgr/sbom.cdx.json        the image's CycloneDX SBOM (covered by the member list, so by the signature)
     <config sha256>.json        the image config
     <diff id>/layer.tar         base, environment and method layers (their diff IDs are their sha256)
     manifest.json               the docker-archive manifest, tagged envmgr/<m>:<inputs hash>
@@ -20,6 +22,7 @@ without a decompression pass. `--compress gzip` writes a gzip stream with mtime 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -36,13 +39,14 @@ from pathlib import Path, PurePosixPath
 from . import paths
 from .backends import get_backend
 from .base import BaseImage, _load as load_base_image, current_base
-from .build import _excluded, config_for, inputs, installer_id, lock_hash, target
+from .build import _excluded, inputs, installer_id, lock_hash, require_image
 from .context import Context
 from .errors import EnvmgrError, UsageError
 from .image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
 from .spec import MethodSpec, find_method, load_spec
+from .trust import SBOM_MEMBER, SIGNATURE_MEMBER
 
-FORMAT = "envmgr-export/1"
+FORMAT = "envmgr-export/2"   # 2: method files once (in the method layer), SBOM, signature
 MANIFEST = "envmgr/export.json"
 METHOD_PREFIX = "envmgr/method/"
 ENGINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -67,7 +71,7 @@ class Member:
     mode: int = 0o644
 
     def entry(self) -> dict:
-        found = {"name": self.name, "part": self.part}
+        found: dict[str, str | int] = {"name": self.name, "part": self.part}
         if self.link is not None:
             found["link"] = self.link
         else:
@@ -79,8 +83,12 @@ def _from_bytes(name: str, part: str, data: bytes) -> Member:
     return Member(name, part, len(data), hashlib.sha256(data).hexdigest(), data=data)
 
 
-def method_members(spec: MethodSpec) -> list[Member]:
-    """The spec, the lock files and the method's files (exactly those the inputs hash covers)."""
+def method_members(spec: MethodSpec, in_layer: bool = False) -> list[Member]:
+    """The spec, the lock files and the method's files (exactly those the inputs hash covers).
+
+    `in_layer`: leave out the source folder's files (not the spec and lock files): the method layer
+    carries them, and an import takes them from there.
+    """
     folder = spec.folder.resolve()
     found: dict[str, Member] = {}
 
@@ -104,6 +112,8 @@ def method_members(spec: MethodSpec) -> list[Member]:
             add(lock_file, f"lock file {lock_file.name}")
     excluded = _excluded(spec)
     source = spec.source_path
+    if in_layer:
+        return [found[name] for name in sorted(found)]
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames[:] = sorted(d for d in dirnames if not excluded(os.path.relpath(Path(dirpath) / d, source)))
         for name in sorted(filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]):
@@ -114,15 +124,10 @@ def method_members(spec: MethodSpec) -> list[Member]:
     return [found[name] for name in sorted(found)]
 
 
-def export(ctx: Context, method: str, out: Path | None, compress: str = "none") -> dict:
-    spec = find_method(method, ctx.config.base_dir)
-    get_backend(spec).check(spec)
-    base, data, digest, tag = target(ctx, spec)
-    image_id = ctx.engine.image_id(tag)
-    if image_id is None:
-        raise UsageError(f"{spec.name}: no image for the current inputs ({tag})",
-                         hint=f"build it first: `envmgr build {spec.name}`")
-    config = config_for(ctx, spec, base, data, digest)
+def export(ctx: Context, method: str, out: Path | None, compress: str = "none", sign: Path | None = None) -> dict:
+    wanted, image_id = require_image(ctx, method)
+    spec, base, data, digest, tag = wanted.spec, wanted.base, wanted.inputs, wanted.digest, wanted.tag
+    config = wanted.config(ctx)
     if config.image_id() != image_id:
         raise EnvmgrError(f"{spec.name}: the cached layers make {config.image_id()[:19]}, not the engine's "
                           f"{image_id[:19]} for {tag}", hint=f"rebuild with `envmgr build --force {spec.name}`")
@@ -130,11 +135,15 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none") 
         raise UsageError(f"--compress {compress!r}: expected none or gzip")
     out = out or Path(f"{spec.name}-{digest[:16]}.envmgr.tar" + (".gz" if compress == "gzip" else ""))
 
+    from . import sbom, signing
+
+    key = signing.load_private_key(sign) if sign else None
     config_bytes, layer_names, docker_manifest = archive_parts(config, [tag])
-    members = method_members(spec)
+    members = method_members(spec, in_layer=True)
+    members.append(_from_bytes(SBOM_MEMBER, "SBOM", sbom.sbom_bytes(ctx, spec, base, config)))
     members.append(_from_bytes(f"{config.image_id().split(':')[1]}.json", "image config", config_bytes))
     layer_parts = ["base layer", "environment layer", "method layer"]
-    for name, layer, part in zip(layer_names, config.layers, layer_parts):
+    for name, layer, part in zip(layer_names, config.layers, layer_parts, strict=False):
         if not any(m.name == name for m in members):
             members.append(Member(name, part, layer.size, layer.diff_id.split(":", 1)[1], path=layer.path))
     members.append(_from_bytes("manifest.json", "docker-archive manifest", docker_manifest))
@@ -145,6 +154,8 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none") 
         "members": [m.entry() for m in members],
     }
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    if key is not None:
+        members.insert(0, _from_bytes(SIGNATURE_MEMBER, "signature", signing.sign(manifest_bytes, key)))
     total = sum(m.size for m in members)
     if compress == "none":
         free = shutil.disk_usage(out.resolve().parent).free
@@ -154,7 +165,7 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none") 
     write_atomically(out, lambda fh: _write_members(fh, manifest_bytes, members, compress, ctx, out), ctx)
     size = out.stat().st_size
     return {"method": spec.name, "file": str(out), "tag": tag, "image_id": image_id, "bytes": size,
-            "compress": compress}
+            "compress": compress, "signed_by": signing.key_id(key.public_key()) if key else None}
 
 
 def _write_members(raw, manifest_bytes: bytes, members: list[Member], compress: str, ctx: Context,
@@ -230,32 +241,40 @@ def _open(path: Path):
 
 
 def read_manifest(path: Path) -> dict:
-    raw, stream = _open(path)
+    return read_signed_manifest(path)[0]
+
+
+def read_signed_manifest(path: Path) -> tuple[dict, bytes, bytes | None]:
+    """The manifest, its exact bytes (what a signature covers) and the signature document, if any."""
+    from .trust import read_head
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    manifest_bytes, signature = read_head(path, MANIFEST)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            first = tar.next()
-            if first is None or first.name != MANIFEST:
-                raise ArchiveError(f"{path}: not an envmgr export (its first member is not {MANIFEST})")
-            manifest = json.loads(tar.extractfile(first).read())
-    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(manifest_bytes)
+    except json.JSONDecodeError as exc:
         raise ArchiveError(f"{path}: not a readable envmgr export ({exc}); nothing was loaded") from None
-    finally:
-        raw.close()
-    if manifest.get("format") != FORMAT:
-        raise ArchiveError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; nothing was loaded")
-    return manifest
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArchiveError(f"{path}: format {found!r} is not {FORMAT!r}; nothing was loaded")
+    return manifest, manifest_bytes, signature
 
 
 def engine_architecture(ctx: Context) -> str:
-    machine = ctx.engine.api.info().get("Architecture", "")
+    machine = ctx.engine.architecture()
     return ENGINE_ARCH.get(machine, machine)
 
 
-def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Context) -> dict[str, bytes]:
-    """Read the whole archive once: every member's size and sha256 against the manifest.
+SMALL_MAX = 16 << 20   # a member held in memory (config, manifest.json, a lock) is at most this big
 
-    Small members (the config, manifest.json, method files) are returned; members named in `keep`
-    are also written to those files. Raises ArchiveError naming the part that failed.
+
+def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Context) -> dict[str, bytes]:
+    """Read the whole archive once, streamed: every member's size and sha256 against the manifest.
+
+    Members named in `keep` are written to those files, never held in memory; other small members
+    (the config, manifest.json) are returned. Layers are only hashed. Raises ArchiveError naming the
+    part that failed.
     """
     expected = {m["name"]: m for m in manifest["members"]}
     seen: set[str] = set()
@@ -268,7 +287,7 @@ def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Conte
                 tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
                 current = f"member {info.name}"
-                if info.name == MANIFEST:
+                if info.name in (MANIFEST, SIGNATURE_MEMBER):
                     continue
                 if info.isdir() and f"{info.name}/layer.tar" in expected:
                     continue
@@ -288,8 +307,12 @@ def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Conte
                                        f"{entry['size']}; nothing was loaded")
                 sha = hashlib.sha256()
                 source = tar.extractfile(info)
+                assert source is not None  # info.isfile() was checked above
+                if info.name not in keep and not info.name.endswith("/layer.tar") and info.size > SMALL_MAX:
+                    raise ArchiveError(f"{path}: {entry['part']} is too large to be what it says "
+                                       f"({info.size} bytes); nothing was loaded")
                 sink = open(keep[info.name], "wb") if info.name in keep else None
-                buffer = None if info.name.endswith("/layer.tar") else bytearray()
+                buffer = None if info.name.endswith("/layer.tar") or sink else bytearray()
                 try:
                     while chunk := source.read(CHUNK):
                         sha.update(chunk)
@@ -334,7 +357,11 @@ def _differences(have: dict[str, str], want: dict[str, str]) -> list[str]:
 
 
 def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace: bool = False) -> dict:
-    manifest = read_manifest(path)
+    from . import sbom, trust
+
+    manifest, manifest_bytes, signature = read_signed_manifest(path)
+    signed = trust.check_signature(ctx, str(path), manifest_bytes, signature)   # before anything else
+    trust.check_structure(path, manifest)
     name, tag, image_id = manifest["method"], manifest["tag"], manifest["image_id"]
     here = engine_architecture(ctx)
     if manifest.get("architecture") != here:
@@ -376,31 +403,22 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
     loaded = ctx.engine.image_id(tag) == image_id
     if loaded and not register and not install_base:
         ctx.engine.tag(image_id, tag.rsplit(":", 1)[0], "latest")
-        return {"method": name, "tag": tag, "image_id": image_id, "changed": False}
+        trust.record_signature(ctx, image_id, "export", manifest_bytes, signature)
+        return {"method": name, "tag": tag, "image_id": image_id, "changed": False, "signature": signed.as_dict()}
 
     # Verify every member, then stage the method files and check they give the archive's inputs.
     base_dir = base_info_dir(ctx, base_info["name"])
     base_hex = base_info["diff_id"].split(":", 1)[1]
-    base_member = f"{base_hex}/layer.tar"
     methods_root = ctx.config.base_dir / "methods"
     methods_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=methods_root, prefix=".import-"))
     base_tmp = base_dir / f".{base_hex}.tar.partial"
     try:
-        small = verify_members(path, manifest, {base_member: base_tmp} if install_base else {}, ctx)
-        config = json.loads(small[f"{image_id.split(':', 1)[1]}.json"])
-        if config.get("architecture") != here:
-            raise ArchiveError(f"{path}: the image config says {config.get('architecture')}, this engine runs "
-                               f"{here}; nothing was loaded")
-        folder = staging / name
-        _stage_method(manifest, small, folder)
-        staged = load_spec(folder / paths.SPEC_FILE, builtin=False)
-        probe = BaseImage(**{**base_info, "layer_path": str(base_tmp)})
-        got = inputs(ctx, staged, probe)
-        if got != want:
-            raise ArchiveError(f"{path}: its method files give other inputs than its manifest "
-                               f"({', '.join(_differences(got, want))}); nothing was loaded")
-
+        before = _stamp(path)
+        folder, sbom_tmp = _verify_and_stage(ctx, path, manifest, staging, base_info,
+                                             base_tmp if install_base else None)
+        if _stamp(path) != before:   # what is loaded must be what was checked
+            raise ArchiveError(f"{path} changed while it was being checked; nothing was loaded")
         if not loaded:
             with open(path, "rb") as fh, ctx.ui.progress(f"loading {tag} into the engine",
                                                          total=path.stat().st_size, unit="bytes") as task:
@@ -408,6 +426,9 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
             if ctx.engine.image_id(tag) != image_id:
                 raise EnvmgrError(f"the engine did not report {image_id[:19]} as {tag} after loading {path}")
         ctx.engine.tag(image_id, tag.rsplit(":", 1)[0], "latest")
+        trust.record_signature(ctx, image_id, "export", manifest_bytes, signature)
+        if sbom_tmp.is_file():
+            sbom.store(ctx, image_id, sbom_tmp.read_bytes())
         if install_base:
             layer_path = base_dir / f"{base_hex}.tar"
             os.replace(base_tmp, layer_path)
@@ -425,7 +446,72 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
         shutil.rmtree(staging, ignore_errors=True)
         base_tmp.unlink(missing_ok=True)
     return {"method": name, "tag": tag, "image_id": image_id, "changed": True, "registered": register,
-            "base_installed": install_base, "loaded": not loaded}
+            "base_installed": install_base, "loaded": not loaded, "signature": signed.as_dict()}
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _verify_and_stage(ctx: Context, path: Path, manifest: dict, staging: Path, base_info: dict,
+                      base_tmp: Path | None) -> tuple[Path, Path]:
+    """Check every member while streaming it once, stage the method's files (from `envmgr/method/` and
+    the method layer), and check the chain: manifest.json, inputs, tag, method layer. Returns the staged
+    method folder and the SBOM file."""
+    from . import trust
+    from .build import _digest, image_tag, method_layer
+
+    name, tag, image_id, want = manifest["method"], manifest["tag"], manifest["image_id"], manifest["inputs"]
+    folder = staging / name
+    keep, links = _stage_targets(manifest, folder)
+    layer_names = {m["part"]: m["name"] for m in manifest["members"] if m["name"].endswith("/layer.tar")}
+    method_tar, sbom_tmp = staging / "method-layer.tar", staging / "sbom.cdx.json"
+    keep[layer_names.get("method layer", "")] = method_tar
+    keep[SBOM_MEMBER] = sbom_tmp
+    if base_tmp is not None:
+        keep[f"{base_info['diff_id'].split(':', 1)[1]}/layer.tar"] = base_tmp
+    small = verify_members(path, manifest, keep, ctx)
+    config = json.loads(small[f"{image_id.split(':', 1)[1]}.json"])
+    here = engine_architecture(ctx)
+    if config.get("architecture") != here:
+        raise ArchiveError(f"{path}: the image config says {config.get('architecture')}, this engine runs "
+                           f"{here}; nothing was loaded")
+    trust.check_docker_manifest(path, small["manifest.json"], config, image_id, tag)
+    last_layer = config["rootfs"]["diff_ids"][-1]
+    if layer_names.get("method layer") != f"{last_layer.split(':', 1)[1]}/layer.tar" or not method_tar.is_file():
+        raise ArchiveError(f"{path}: the member listed as the method layer is not the image's last layer; "
+                           "nothing was loaded")
+    _finish_staging(manifest, keep, links)
+    staged = load_spec(folder / paths.SPEC_FILE, builtin=False)
+    trust.extract_method_files(method_tar, staged.source_path, lambda rel: os.path.lexists(staged.source_path / rel))
+    layer_path = base_tmp or Path(base_info.get("layer_path") or "")
+    got = inputs(ctx, staged, BaseImage(**{**base_info, "layer_path": str(layer_path)}))
+    if got != want:
+        raise ArchiveError(f"{path}: its method files give other inputs than its manifest "
+                           f"({', '.join(_differences(got, want))}); nothing was loaded")
+    if tag != image_tag(staged, _digest(want)):
+        raise ArchiveError(f"{path}: its tag {tag} is not the one its inputs give "
+                           f"({image_tag(staged, _digest(want))}); nothing was loaded")
+    # the method layer made here from the staged files, in a scratch cache: refused input leaves no cache entry
+    scratch = Context(config=dataclasses.replace(ctx.config, cache_dir=staging / "cache"), ui=ctx.ui,
+                      _engine=ctx._engine)
+    remade = method_layer(scratch, staged, want, _digest(want))
+    if remade.diff_id != last_layer:
+        raise ArchiveError(f"{path}: its method layer is not the one its method files make ({last_layer[:19]}, "
+                           f"made here {remade.diff_id[:19]}); nothing was loaded",
+                           hint="was it exported by another envmgr version?")
+    return folder, sbom_tmp
+
+
+def _finish_staging(manifest: dict, targets: dict[str, Path], links: list[tuple[Path, str]]) -> None:
+    """Give the staged method files their modes, then make the links (after every file is written)."""
+    modes = {m["name"]: m.get("mode", 0o644) for m in manifest["members"]}
+    for member_name, member_path in targets.items():
+        if member_name.startswith(METHOD_PREFIX):
+            member_path.chmod(modes[member_name] & 0o755)
+    for link_path, link in links:
+        link_path.symlink_to(link)
 
 
 def base_info_dir(ctx: Context, name: str) -> Path:
@@ -434,10 +520,13 @@ def base_info_dir(ctx: Context, name: str) -> Path:
     return folder
 
 
-def _stage_method(manifest: dict, small: dict[str, bytes], folder: Path) -> None:
-    """Write the method's members under `folder`; no member may leave it."""
+def _stage_targets(manifest: dict, folder: Path) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
+    """Where each method member goes under `folder` (files), and the links to make once they are
+    written; no member may leave the folder, and no file is written through a link."""
     folder.mkdir(parents=True)
     root = folder.resolve()
+    targets: dict[str, Path] = {}
+    links: list[tuple[Path, str]] = []
     for entry in manifest["members"]:
         name = entry["name"]
         if not name.startswith(METHOD_PREFIX):
@@ -450,7 +539,11 @@ def _stage_method(manifest: dict, small: dict[str, bytes], folder: Path) -> None
         if not target.parent.resolve().is_relative_to(root):
             raise ArchiveError(f"member {name!r} would leave the method's folder; nothing was loaded")
         if "link" in entry:
-            target.symlink_to(entry["link"])
+            links.append((target, entry["link"]))
         else:
-            target.write_bytes(small[name])
-            target.chmod(entry.get("mode", 0o644))
+            targets[name] = target
+    linked = {t for t, _ in links}
+    for target in targets.values():
+        if any(parent in linked for parent in target.parents):
+            raise ArchiveError(f"method file {target.relative_to(folder)} lies under a link; nothing was loaded")
+    return targets, links

@@ -12,8 +12,17 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 
 class Reporter:
@@ -127,3 +136,32 @@ class Task:
         self.advance = advance
         self.set_total = set_total
         self.describe = describe
+
+
+class TrainingProgress:
+    """A method's `{"event": "progress", ...}` lines as a bar on a terminal, every tenth step in plain mode."""
+
+    def __init__(self, ui: Reporter):
+        self.ui = ui
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def update(self, event: dict[str, Any]) -> None:
+        step, total = event.get("step", 0), event.get("max_steps")
+        loss, sps = event.get("loss", float("nan")), event.get("s_per_step", 0)
+        if self.ui.mode == "rich":
+            if self._bar is None:
+                self._bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} s/step"),
+                                     TextColumn("ETA"), TimeRemainingColumn(), console=self.ui.console)
+                self._bar.__enter__()
+                self._task = self._bar.add_task("training", total=total, loss="-", sps="-")
+            self._bar.update(self._task, completed=step, loss=f"{loss:.4f}", sps=f"{sps:.2f}")
+        elif self.ui.mode == "plain":
+            if step == 1 or step == total or (total and step % max(1, total // 10) == 0):
+                self.ui.info(f"step {step}/{total} loss {loss:.4f} {sps:.2f} s/step")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None

@@ -5,6 +5,8 @@
    the image the method uses. Nothing is loaded into the engine: the ID is the sha256 of the config.
 2. In a container of the image in use (no network), every file that a package's RECORD lists is
    hashed and compared with the record.
+3. The signature recorded when the image was imported or pulled is checked again against the site's
+   [trust] keys, and the image ID and layer digests it signs are compared with the engine's.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 
 from . import paths
 from .backends import get_backend
-from .build import config_for, target
+from .build import target
+from .containers import ContainerSpec
 from .context import Context
-from .engine import ContainerSpec
 from .errors import EnvmgrError, UsageError
 from .spec import MethodSpec, find_method
+from .trust import signature_report
 
 RECORD_SCRIPT = r"""
 import base64, csv, hashlib, json, os, sysconfig
@@ -58,17 +61,6 @@ print("ENVMGR-RECORDS " + json.dumps({"dists": dists, "files": files, "bad": bad
 """
 
 
-@dataclass
-class ScratchContext(Context):
-    """A context whose cache is a scratch folder but whose store (base rootfs, lock tools) is shared."""
-
-    shared_store: Path = Path(".")
-
-    @property
-    def store_dir(self) -> Path:
-        return self.shared_store
-
-
 def image_in_use(ctx: Context, spec: MethodSpec, tag: str) -> tuple[str, str]:
     for ref in (tag, f"{spec.image_repository}:latest"):
         found = ctx.engine.image_id(ref)
@@ -80,15 +72,16 @@ def image_in_use(ctx: Context, spec: MethodSpec, tag: str) -> tuple[str, str]:
 
 def rebuild_id(ctx: Context, spec: MethodSpec, scratch_root: Path | None = None) -> str:
     """The image ID the inputs give when every layer is made again in a scratch cache."""
-    base, data, digest, _ = target(ctx, spec)
+    wanted = target(ctx, spec)
     root = scratch_root or ctx.cache_dir
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="verify-", dir=root))
     try:
         config = dataclasses.replace(ctx.config, cache_dir=scratch)
-        scratch_ctx = ScratchContext(config=config, ui=ctx.ui, _engine=ctx._engine, shared_store=ctx.store_dir)
+        # a scratch cache, but the same engine, output and store (base rootfs, lock tools)
+        scratch_ctx = dataclasses.replace(ctx, config=config, store=ctx.store_dir)
         ctx.ui.step(f"making {spec.name} again from its inputs in a scratch cache ({scratch})")
-        return config_for(scratch_ctx, spec, base, data, digest).image_id()
+        return wanted.config(scratch_ctx).image_id()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -100,7 +93,7 @@ def check_records(ctx: Context, spec: MethodSpec, image_id: str) -> dict:
                               labels={paths.LABEL_METHOD: spec.name, paths.LABEL_KIND: "verify"})
     with ctx.ui.progress(f"checking {spec.name}'s installed files against their RECORDs", total=1,
                          unit="steps") as task:
-        code = ctx.engine.run(container, on_line=lines.append)
+        code = ctx.engine.run(container, on_line=lines.append).exit_code
         task.advance(1)
     found = [line for line in lines if line.startswith("ENVMGR-RECORDS ")]
     if code != 0 or not found:
@@ -109,17 +102,65 @@ def check_records(ctx: Context, spec: MethodSpec, image_id: str) -> dict:
     return json.loads(found[-1].split(" ", 1)[1])
 
 
-def verify(ctx: Context, method: str, rebuild: bool = True) -> dict:
+@dataclass
+class VerifyResult:
+    method: str
+    tag: str
+    in_use: str                    # the ID of the image the method uses
+    in_use_ref: str                # the name it was found under
+    packages: int
+    files: int
+    bad_files: list[list[str]]     # [distribution, path, "missing" | "changed"]
+    rebuilt: str | None = None     # the ID its inputs make, when it was made again
+    image_matches: bool | None = None
+    signature: dict = dataclasses.field(default_factory=dict)   # trust.signature_report: checked again now
+
+    @property
+    def files_match(self) -> bool:
+        return not self.bad_files
+
+    @property
+    def ok(self) -> bool:
+        return self.files_match and self.image_matches is not False and self.signature.get("ok", True)
+
+    def fields(self) -> dict:
+        """The result as the JSON event carries it (no rebuild keys when nothing was made again)."""
+        found = dataclasses.asdict(self)
+        if self.rebuilt is None:
+            del found["rebuilt"], found["image_matches"]
+        return {**found, "files_match": self.files_match, "ok": self.ok}
+
+    def report(self) -> list[str]:
+        """What a person reads: the image comparison, the file count, the first files that differ."""
+        lines = []
+        if self.rebuilt is not None:
+            lines.append(f"image: {'same' if self.image_matches else 'DIFFERENT'} — in use {self.in_use[:19]}, "
+                         f"rebuilt {self.rebuilt[:19]}")
+        lines.append(f"files: {self.files} files of {self.packages} packages checked, "
+                     f"{len(self.bad_files)} differ from their RECORD")
+        lines += [f"  {state}: {path} ({dist})" for dist, path, state in self.bad_files[:20]]
+        if self.signature:
+            lines.append(f"signature: {self.signature['describe']}")
+        return lines
+
+    def failure(self) -> str:
+        """The one line for a failed verification."""
+        why = [x for x in ("image ID differs" if self.image_matches is False else "",
+                           f"{len(self.bad_files)} files differ" if self.bad_files else "",
+                           "signature: " + self.signature["describe"] if not self.signature.get("ok", True)
+                           else "") if x]
+        return f"{self.method}: verification failed: " + ", ".join(why)
+
+
+def verify(ctx: Context, method: str, rebuild: bool = True) -> VerifyResult:
     spec = find_method(method, ctx.config.base_dir)
     get_backend(spec).check(spec)
-    _, _, digest, tag = target(ctx, spec)
+    tag = target(ctx, spec).tag
     ref, in_use = image_in_use(ctx, spec, tag)
-    result: dict = {"method": spec.name, "tag": tag, "in_use": in_use, "in_use_ref": ref}
-    if rebuild:
-        result["rebuilt"] = rebuild_id(ctx, spec)
-        result["image_matches"] = result["rebuilt"] == in_use
+    rebuilt = rebuild_id(ctx, spec) if rebuild else None
     records = check_records(ctx, spec, in_use)
-    result.update(packages=records["dists"], files=records["files"], bad_files=records["bad"],
-                  files_match=not records["bad"])
-    result["ok"] = result["files_match"] and result.get("image_matches", True)
-    return result
+    layers = ((ctx.engine.inspect_image(in_use) or {}).get("RootFS") or {}).get("Layers") or []
+    return VerifyResult(method=spec.name, tag=tag, in_use=in_use, in_use_ref=ref, packages=records["dists"],
+                        files=records["files"], bad_files=records["bad"], rebuilt=rebuilt,
+                        image_matches=None if rebuilt is None else rebuilt == in_use,
+                        signature=signature_report(ctx, in_use, layers))

@@ -1,73 +1,37 @@
-"""What the backends share: running a step in a container of the method's base image, and uv."""
+"""What the backends share: describing a step in a container of the method's base image, and uv."""
 
 from __future__ import annotations
 
-import os
-import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import paths
 from ..base import BaseImage
+from ..containers import BindMount
 from ..context import Context
-from ..engine import BindMount, ContainerSpec
-from ..errors import EnvmgrError, MirrorError
+from ..errors import StaleLockError
 from ..mirrors import ca_mounts, uv_env
+from ..spec import MethodSpec
+from ..steps import Step
 
-_MIRROR_FAILURES = re.compile(r"(Connection refused|connection error|Failed to fetch|failed to connect|"
-                              r"dns error|Could not connect|ConnectError|Max retries exceeded|"
-                              r"401 Unauthorized|403 Forbidden|timed out|tcp connect error)", re.I)
-_BUILD_FAILURE = re.compile(r"Failed to (?:build|download and build|prepare distributions).*?`([^`]+)`")
-_BUILD_CALL = re.compile(r"Call to `([^`]+)` failed")
-_NO_WHEEL = re.compile(r"Distribution `([^`@ ]+)[^`]*` can't be installed because it doesn't have a source "
-                       r"distribution or wheel for the current platform")
-_HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hashes|THESE PACKAGES DO NOT MATCH)", re.I)
+
+def describe_step(ctx: Context, base: BaseImage, title: str, script: str, mounts: list[BindMount],
+                  env: dict[str, str], workdir: str | None = None, method: str = "") -> Step:
+    """A step in a container of `base`: HOME in /tmp, the site's CA bundle mounted when it has one."""
+    return Step(title=title, image=base.image_id, script=script, mounts=mounts + ca_mounts(ctx.config.mirrors),
+                env={"HOME": "/tmp", **env}, workdir=workdir, method=method, target=base.tag)
 
 
 def run_step(ctx: Context, base: BaseImage, step: str, script: str, mounts: list[BindMount],
-             env: dict[str, str], workdir: str | None = None, on_line=None, method: str = "") -> list[str]:
-    """Run `script` (sh) in a container of the base image with host networking, as the invoking user.
+             env: dict[str, str], workdir: str | None = None, on_line: Callable[[str], None] | None = None,
+             method: str = "") -> list[str]:
+    """Describe the step and hand it to the context's step runner (the build layer's, or a test's)."""
+    return ctx.step_runner(ctx, describe_step(ctx, base, step, script, mounts, env, workdir, method), on_line)
 
-    Host networking lets a mirror on the host's loopback answer, as `docker build --network=host`
-    does. Returns the output lines; raises with the last lines (redacted) when the step fails.
-    """
-    lines: list[str] = []
 
-    def collect(line: str) -> None:
-        lines.append(line)
-        ctx.ui.log(line)
-        if on_line:
-            on_line(line)
-
-    spec = ContainerSpec(
-        image=base.image_id, command=["/bin/sh", "-ec", script], env={"HOME": "/tmp", **env},
-        mounts=mounts + ca_mounts(ctx.config.mirrors), workdir=workdir, user=f"{os.getuid()}:{os.getgid()}",
-        network="host", labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method},
-    )
-    code = ctx.engine.run(spec, on_line=collect)
-    if code != 0:
-        tail = [line for line in lines if line.strip()][-6:]
-        detail = ctx.ui.redact(" | ".join(t.strip() for t in tail))[-900:]
-        text = "\n".join(lines)
-        no_wheel = _NO_WHEEL.search(text)
-        if no_wheel:
-            raise EnvmgrError(f"{step}: {no_wheel.group(1)} has no wheel (and no sdist) for the target "
-                              f"(linux, Python of {base.tag})",
-                              hint="pin a version that ships one, or drop it in the method's [adapt]")
-        build_failed = _BUILD_FAILURE.search(text)
-        if build_failed:
-            call = _BUILD_CALL.search(text)
-            what = f"`{call.group(1)}`" if call else "building it from its sdist"
-            raise EnvmgrError(f"{step}: {build_failed.group(1)} failed while {what}: {detail}",
-                              hint="it has no wheel for the target and needs build-time dependencies (torch, a "
-                                   "compiler): pin a version with a wheel, or drop it in the method's [adapt]")
-        if _HASH_FAILURES.search(text):
-            raise MirrorError(f"{step}: a downloaded file does not match the hash in the lock: {detail}",
-                              hint="the mirror serves a different file than the one locked; nothing was tagged")
-        if _MIRROR_FAILURES.search(text):
-            raise MirrorError(f"{step}: a mirror did not answer: {detail}",
-                              hint="check the mirrors `envmgr doctor` shows")
-        raise EnvmgrError(f"{step} failed (exit {code}): {detail}")
-    return lines
+def missing_lock(spec: MethodSpec, lock_name: str) -> StaleLockError:
+    """The error every backend gives when a method has no lock yet (exit 3, with the command to make one)."""
+    return StaleLockError(f"{spec.name}: no {lock_name} yet", hint=f"run `envmgr lock {spec.name}`")
 
 
 def uv_mounts(ctx: Context) -> list[BindMount]:

@@ -34,12 +34,12 @@ from urllib.parse import urlsplit, urlunsplit
 from .. import paths
 from ..base import BaseImage
 from ..config import strip_credentials
+from ..containers import BindMount
 from ..context import Context
-from ..engine import BindMount
 from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from ..mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from ..spec import MethodSpec
-from .common import compile_bytecode_script, run_step, uv_mounts, uv_step_env
+from .common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env
 
 ENVIRONMENT = "environment.yml"
 LOCK = "conda-lock.yml"
@@ -87,7 +87,7 @@ def read_environment(path: Path) -> Environment:
     if root is None or not isinstance(root, yaml.MappingNode):
         raise _fail_at(path, root, "expected a mapping with `channels` and `dependencies`")
     keys = {key.value: value for key, value in root.value}
-    for key, value in root.value:
+    for key, _ in root.value:
         if key.value not in _ENV_KEYS:
             raise _fail_at(path, key, f"key {key.value!r} is not supported (known: {', '.join(sorted(_ENV_KEYS))})")
 
@@ -159,12 +159,12 @@ class _Network:
                 self._auth.append((parts.hostname or "", parts.path.rstrip("/"), f"Basic {token}"))
                 ctx.ui.add_secrets([token])
             self.mirrors[canonical] = strip_credentials(mirror)
-        middlewares = [RetryMiddleware(2)]
+        middlewares: list[RetryMiddleware | MirrorMiddleware | AddHeadersMiddleware] = [RetryMiddleware(2)]
         if self.mirrors:
             middlewares.append(MirrorMiddleware({k: [v] for k, v in self.mirrors.items()}))
         if self._auth:
             middlewares.append(AddHeadersMiddleware(self._headers))
-        self.client = Client(middlewares, timeout=120)
+        self.client = Client(list(middlewares), timeout=120)
 
     def _headers(self, host: str, path: str) -> dict[str, str] | None:
         for auth_host, prefix, header in self._auth:
@@ -246,7 +246,7 @@ class CondaBackend:
 
         path = spec.lock_path / LOCK
         if not path.is_file():
-            raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
+            raise missing_lock(spec, LOCK)
         try:
             return parse_conda_lock_file(path)
         except Exception as exc:  # noqa: BLE001 - yaml, pydantic and version errors alike
@@ -260,7 +260,7 @@ class CondaBackend:
 
         path = spec.lock_path / LOCK
         if not path.is_file():
-            raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
+            raise missing_lock(spec, LOCK)
         try:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             hashes = data["metadata"]["content_hash"]
@@ -326,7 +326,9 @@ class CondaBackend:
             for platform in spec.lock_platforms:
                 records = self._solve(ctx, spec, env, network, platform, previous.get(platform, []))
                 packages += [_locked_conda(record, platform) for record in records]
-                pythons.update({platform: str(r.version) for r in records if r.name.normalized == "python"})
+                for record in records:
+                    if record.name.normalized == "python":
+                        pythons[platform] = str(record.version)
                 task.advance(1)
         if env.pip:
             from concurrent.futures import ThreadPoolExecutor
@@ -366,7 +368,7 @@ class CondaBackend:
 
     def _solve(self, ctx: Context, spec: MethodSpec, env: Environment, network: _Network, platform: str,
                locked: list) -> list:
-        from rattler import BuildString, Channel, Gateway, GenericVirtualPackage, PackageName, Version, solve
+        from rattler import BuildString, Channel, Gateway, GenericVirtualPackage, PackageName, Platform, Version, solve
         from rattler.exceptions import GatewayError, SolverError
 
         virtual = []
@@ -377,9 +379,9 @@ class CondaBackend:
         cache.mkdir(parents=True, exist_ok=True)
         gateway = Gateway(cache_dir=cache, client=network.client)
         try:
-            return asyncio.run(solve(env.channels, env.conda, gateway=gateway, platforms=[platform, "noarch"],
-                                     virtual_packages=virtual, locked_packages=[_record(p) for p in locked],
-                                     channel_relations="disabled"))
+            return asyncio.run(solve(env.channels, env.conda, gateway=gateway,
+                                     platforms=[Platform(platform), Platform("noarch")], virtual_packages=virtual,
+                                     locked_packages=[_record(p) for p in locked], channel_relations="disabled"))
         except SolverError as exc:
             raise EnvmgrError(f"{spec.name}: {ENVIRONMENT} cannot be solved for {platform}: {_shorten(str(exc))}",
                               hint="relax the conflicting specs, or check that each package exists for "
@@ -447,7 +449,8 @@ class CondaBackend:
             try:
                 asyncio.run(install(records, prefix, cache_dir=cache, client=network.client,
                                     platform=Platform(spec.platform), alternative_target_prefix=spec.env_prefix,
-                                    execute_link_scripts=False, show_progress=False, reporter=reporter))
+                                    execute_link_scripts=False, show_progress=False,
+                                    reporter=reporter))  # type: ignore[arg-type]  # rattler calls only the callbacks it finds
             except Exception as exc:  # noqa: BLE001 - rattler raises several error types here
                 raise self._install_error(ctx, spec, network, conda, exc, reporter) from None
         _normalize_prefix(prefix)
@@ -513,7 +516,7 @@ def _conda_lock():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", PendingDeprecationWarning)
         from conda_lock.lockfile import parse_conda_lock_file, write_conda_lock_file
-        from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, LockMeta, Lockfile
+        from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, Lockfile, LockMeta
 
     return SimpleNamespace(parse_conda_lock_file=parse_conda_lock_file, write_conda_lock_file=write_conda_lock_file,
                            HashModel=HashModel, LockedDependency=LockedDependency, LockMeta=LockMeta,

@@ -17,12 +17,13 @@ from pathlib import Path
 from .. import paths
 from ..adapt import effective_requirements, raise_if_unreachable
 from ..base import BaseImage
+from ..containers import BindMount
 from ..context import Context
-from ..engine import BindMount
 from ..errors import EnvmgrError, StaleLockError, UsageError
+from ..files import atomic_write
 from ..mirrors import mirror_hosts
 from ..spec import MethodSpec
-from .common import install_requirements_script, run_step, uv_mounts, uv_step_env
+from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
 
 MANIFEST = "requirements.txt"
 EFFECTIVE = "requirements.in"
@@ -49,7 +50,7 @@ class PipBackend:
     def check(self, spec: MethodSpec, site_sources: dict[str, str] | None = None) -> None:
         lock = spec.lock_path / LOCK
         if not lock.is_file():
-            raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
+            raise missing_lock(spec, LOCK)
         effective, _, _ = self._effective(site_sources or {}, spec)
         first = lock.read_text(encoding="utf-8").splitlines()[:1]
         if not first or first[0] != HEADER + self._inputs_hash(effective, spec):
@@ -90,9 +91,7 @@ class PipBackend:
                 raise EnvmgrError(f"{spec.name}: the resolver recorded an index in the lock; it was not written")
             text = HEADER + self._inputs_hash(effective, spec) + "\n" + body
             for name, content in ((EFFECTIVE, effective), (LOCK, text)):
-                tmp = spec.lock_path / (name + ".envmgr-tmp")
-                tmp.write_text(content, encoding="utf-8")
-                tmp.replace(spec.lock_path / name)
+                atomic_write(spec.lock_path / name, content)
         return [spec.lock_path / LOCK, spec.lock_path / EFFECTIVE]
 
     def install(self, ctx: Context, spec: MethodSpec, base: BaseImage, prefix: Path) -> None:

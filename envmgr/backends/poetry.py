@@ -23,13 +23,14 @@ import tomli_w
 from .. import paths
 from ..adapt import adapt_pyproject, raise_if_unreachable, unreachable_in_pyproject
 from ..base import BaseImage
+from ..containers import BindMount
 from ..context import Context
-from ..engine import BindMount
 from ..errors import EnvmgrError, StaleLockError, UsageError
+from ..files import atomic_write
 from ..mirrors import mirror_hosts, poetry_env
 from ..spec import MethodSpec
+from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
 from .poetry_lock import select
-from .common import install_requirements_script, run_step, uv_mounts, uv_step_env
 
 POETRY_VERSION = "2.5.1"
 PYPI_MIRROR_PLUGIN_VERSION = "0.6.5"
@@ -105,7 +106,7 @@ class PoetryBackend:
     def _lock_data(self, spec: MethodSpec) -> dict:
         path = spec.lock_path / LOCK
         if not path.is_file():
-            raise StaleLockError(f"{spec.name}: no {LOCK} yet", hint=f"run `envmgr lock {spec.name}`")
+            raise missing_lock(spec, LOCK)
         try:
             return tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
@@ -199,7 +200,9 @@ class PoetryBackend:
                 previous = spec.source_path / LOCK   # the method's own lock seeds the solve
             if previous.is_file() and not regenerate:
                 shutil.copy2(previous, Path(work) / LOCK)
-            poetry_cache = ctx.cache_dir / "poetry"
+            # poetry's cache records file URLs as the mirror gave them, credentials included: with a
+            # mirror URL that carries a password, the cache lives only as long as this lock
+            poetry_cache = Path(work) / "poetry-cache" if ctx.config.secrets() else ctx.cache_dir / "poetry"
             poetry_cache.mkdir(parents=True, exist_ok=True)
             env = {**poetry_env(ctx.config.mirrors), "POETRY_CACHE_DIR": f"{paths.CONTAINER_CACHE}/poetry"}
             command = f"{paths.CONTAINER_TOOLS_DIR}/poetry/bin/poetry lock" + (" --regenerate" if regenerate else "")
@@ -220,9 +223,9 @@ class PoetryBackend:
             written = []
             if spec.lock_path != spec.source_path:
                 # the effective manifest beside the lock: what was locked, for people and `poetry check`
-                _atomic_write(spec.lock_path / PYPROJECT, tomli_w.dumps(canonical))
+                atomic_write(spec.lock_path / PYPROJECT, tomli_w.dumps(canonical))
                 written.append(spec.lock_path / PYPROJECT)
-            _atomic_write(spec.lock_path / LOCK, text)
+            atomic_write(spec.lock_path / LOCK, text)
             written.append(spec.lock_path / LOCK)
         return written[::-1]
 
@@ -260,7 +263,3 @@ class PoetryBackend:
                          uv_step_env(ctx, extra), on_line=on_line, method=spec.name)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".envmgr-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -100,7 +100,8 @@ def root_needs(pyproject: dict) -> list[Need]:
             req = Requirement(text)
         except InvalidRequirement:
             continue
-        needs.append(Need(req.name, str(req.specifier) or "*", set(req.extras), str(req.marker) if req.marker else None))
+        needs.append(Need(req.name, str(req.specifier) or "*", set(req.extras),
+                          str(req.marker) if req.marker else None))
     for name, value in pyproject.get("tool", {}).get("poetry", {}).get("dependencies", {}).items():
         if name.lower() != "python":
             needs.extend(_dependency_needs(name, value))
@@ -124,7 +125,7 @@ def select(lock: dict, pyproject: dict, environment: dict[str, str], lock_path: 
     constraints: dict[str, set[str]] = defaultdict(set)
     extras: dict[str, set[str]] = defaultdict(set)
     chosen: dict[str, dict] = {}
-    pending = [(need, set()) for need in root_needs(pyproject)]
+    pending: list[tuple[Need, set[str]]] = [(need, set()) for need in root_needs(pyproject)]
     seen: set[tuple] = set()
     while pending:
         need, parent_extras = pending.pop()

@@ -23,9 +23,9 @@ ARGS = ["--max_steps=1", "--resolution=64", "--validation_steps=0", "--checkpoin
 def main() -> int:
     from envmgr.build import build
     from envmgr.config import load_config
+    from envmgr.containers import BindMount, ContainerSpec
     from envmgr.context import Context
     from envmgr.demo import DATASET, MODEL, _tool
-    from envmgr.engine import BindMount, ContainerSpec
     from envmgr.run import prepare_base_dir
     from envmgr.spec import find_method
     from envmgr.ui import Reporter

@@ -156,3 +156,17 @@ def test_platform_conda_run_start_line_works_in_the_image(sd_base, engine):
               "import torch, diffusers, peft, accelerate; print('ok', torch.__version__)"],
         remove=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}", environment={"HOME": "/tmp"})
     assert out.decode().startswith("ok 2.13.")
+
+
+def test_image_labels_carry_the_gpu_facts_torch_reports(sd_base, engine):
+    """Labels written at build (from the lock and torch's compile-time arch list) equal what torch says."""
+    _, env, tag = sd_base
+    labels = engine.images.get(tag).attrs["Config"]["Labels"]
+    said = engine.containers.run(tag, ["python", "-c", "import torch; print(torch.__version__.split('+')[0], "
+                                       "torch.version.cuda, ','.join(sorted(torch.cuda.get_arch_list())))"],
+                                 remove=True, network_mode="none").decode().split()
+    assert [labels["org.envmgr.torch"], labels["org.envmgr.cuda"], labels["org.envmgr.gpu-archs"]] == said
+    assert labels["org.envmgr.cuda"] == "13.0" and labels["org.envmgr.cudnn"].startswith("9.")
+    shown = _envmgr(env, "show", "sd-demo").stdout
+    assert "default: needs NVIDIA driver ≥ 580 (CUDA 13.0); GPUs sm_" in shown
+    assert "cu128: needs NVIDIA driver ≥ 525 (CUDA 12.8" in shown

@@ -135,8 +135,9 @@ def test_export_twice_gives_identical_bytes_with_a_hash_for_every_member(source,
         assert not listed
         assert {m.mtime for m in members} == {946684800} and {m.uid for m in members} == {0}
         names = tar.getnames()
-    assert {"envmgr/method/envmgr.toml", "envmgr/method/poetry.lock", "envmgr/method/main.py",
+    assert {"envmgr/method/envmgr.toml", "envmgr/method/poetry.lock", "envmgr/sbom.cdx.json",
             "manifest.json"} <= set(names)
+    assert "envmgr/method/main.py" not in names, "a method file is stored once: in the method layer"
     assert not list(tmp_path.glob(".*partial"))
 
 

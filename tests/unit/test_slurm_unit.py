@@ -4,6 +4,7 @@ variables, the sbatch script, filesystem detection, layer whiteouts and enroot's
 from __future__ import annotations
 
 import io
+import socket
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,9 @@ import pytest
 
 from envmgr import slurm
 from envmgr.errors import UsageError
+from envmgr.gpu import GpuRequest, parse_gpus
+from envmgr.records import read_record, write_record
+from envmgr.run import NodeStep, settle
 from envmgr.spec import find_method
 from envmgr.squashfs import apply_layer, write_enroot_files
 
@@ -64,7 +68,58 @@ def test_sbatch_script_asks_slurm_for_the_allocation_and_runs_one_step_per_machi
     assert "--finish" in script.splitlines()[-2] and script.splitlines()[-1] == 'exit "$status"'
     pyxis = slurm.batch_script(ctx, spec, _record(tmp_path), tmp_path / "run",
                                slurm.SlurmRequest(runtime="pyxis"))
-    assert "--container-image=/shared/x.sqsh" in pyxis and f"{tmp_path / 'run'}:/envmgr/run" in pyxis
+    assert "--container-image=/shared/x.sqsh" in pyxis
+    # as a local run: only work/ and output/ are mounted writable, never the run dir with run.json and log.txt
+    assert f"{tmp_path / 'run' / 'work'}:/envmgr/run," in pyxis
+    assert f"{tmp_path / 'run' / 'output'}:/envmgr/run/output" in pyxis
+    assert f"{tmp_path / 'run'}:/envmgr/run," not in pyxis and f"{tmp_path / 'run'}:/envmgr/run'" not in pyxis
+
+
+def test_slurm_gpu_ids_become_gpu_indices_never_a_count():
+    assert parse_gpus(slurm.gpu_indices(["3"])) == GpuRequest(kind="indices", indices=(3,))
+    assert parse_gpus(slurm.gpu_indices(["5", "7"])) == GpuRequest(kind="indices", indices=(5, 7))
+    assert parse_gpus(slurm.gpu_indices([])).kind == "none"
+
+
+def test_each_rank_has_its_own_record_log_and_scratch_dir(tmp_path):
+    zero, two = NodeStep("r", tmp_path, rank=0), NodeStep("r", tmp_path, rank=2)
+    assert (zero.record_file, zero.log_file, zero.work_dir) == ("run.json", "log.txt", "work")
+    assert (two.record_file, two.log_file, two.work_dir) == ("run-rank2.json", "log-rank2.txt", "work-rank2")
+
+
+def _stale_slurm_record(run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True)
+    record = {"run_id": "20261129-101010-abcd", "method": "sd-demo", "status": "running",
+              "container": "envmgr-run-sd-demo-20261129-101010-abcd", "attempts": [{"status": "running"}],
+              "envmgr": {"pid": 2**22 + 17, "pid_start": "1", "host": socket.gethostname()},   # no such process
+              "scheduler": {"kind": "slurm", "job_id": "42"}}
+    write_record(run_dir, record)
+    return record
+
+
+def test_settle_leaves_a_slurm_run_alone_while_slurm_has_its_job(tmp_path, monkeypatch):
+    ctx = SimpleNamespace(engine=None, ui=SimpleNamespace(warn=lambda *a, **k: None))
+    record = _stale_slurm_record(tmp_path / "run")
+    for answer in (True, None):             # running in Slurm, or Slurm does not answer: not ours to settle
+        monkeypatch.setattr(slurm, "job_alive", lambda scheduler, answer=answer: answer)
+        assert settle(ctx, tmp_path / "run", dict(record))["status"] == "running"
+    monkeypatch.setattr(slurm, "job_alive", lambda scheduler: False)    # the job is over, its step is gone
+    engine = SimpleNamespace(container_state=lambda name: None)
+    settled = settle(SimpleNamespace(engine=engine, ui=ctx.ui), tmp_path / "run", dict(record))
+    assert settled["status"] == "failed" and read_record(tmp_path / "run")["status"] == "failed"
+
+
+def test_job_alive_says_unknown_when_slurm_does_not_answer(monkeypatch):
+    def down(job_ids, strict=False):
+        raise slurm.SlurmError("Slurm does not answer")
+
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(slurm, "job_states", down)
+    assert slurm.job_alive({"job_id": "42"}) is None
+    monkeypatch.setattr(slurm, "job_states", lambda job_ids, strict=False: {"42": ("COMPLETED", "")})
+    assert slurm.job_alive({"job_id": "42"}) is False
+    monkeypatch.setattr(slurm, "job_states", lambda job_ids, strict=False: {"42": ("PENDING", "Resources")})
+    assert slurm.job_alive({"job_id": "42"}) is True
 
 
 def test_filesystem_type_reads_the_mount_table():

@@ -15,7 +15,7 @@ from envmgr.errors import EnvmgrError, UsageError
 from envmgr.gc import LAYER_FILE
 from envmgr.image import tarinfo
 from envmgr.registry import _check_registry
-from envmgr.transfer import MANIFEST, ArchiveError, _stage_method, verify_members, write_atomically
+from envmgr.transfer import MANIFEST, ArchiveError, _stage_targets, verify_members, write_atomically
 from envmgr.ui import Reporter
 
 
@@ -83,11 +83,16 @@ def test_every_member_is_checked_against_the_manifest(tmp_path):
 def test_a_member_that_would_leave_the_method_folder_is_refused(tmp_path):
     manifest = {"members": [{"name": "envmgr/method/../../etc/cron.d/x", "size": 1, "sha256": ""}]}
     with pytest.raises(ArchiveError, match="would leave"):
-        _stage_method(manifest, {"envmgr/method/../../etc/cron.d/x": b"x"}, tmp_path / "m")
+        _stage_targets(manifest, tmp_path / "m")
     manifest = {"members": [{"name": "envmgr/method/link", "link": "/etc"},
                             {"name": "envmgr/method/link/passwd", "size": 1, "sha256": ""}]}
-    with pytest.raises(ArchiveError, match="would leave"):
-        _stage_method(manifest, {"envmgr/method/link/passwd": b"x"}, tmp_path / "n")
+    with pytest.raises(ArchiveError, match="under a link"):
+        _stage_targets(manifest, tmp_path / "n")
+    assert not (tmp_path / "n" / "link").is_symlink(), "a link was made before the files were checked"
+    targets, links = _stage_targets({"members": [{"name": "envmgr/method/a/b.py", "size": 1, "sha256": ""},
+                                                 {"name": "envmgr/method/l", "link": "a/b.py"}]}, tmp_path / "o")
+    assert targets == {"envmgr/method/a/b.py": tmp_path / "o" / "a" / "b.py"}
+    assert links == [(tmp_path / "o" / "l", "a/b.py")]
 
 
 def test_registry_names_a_host_not_a_url_with_credentials():

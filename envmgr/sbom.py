@@ -1,0 +1,199 @@
+"""What is inside an image, without running it: a CycloneDX JSON SBOM per image.
+
+Read from the image's own layers and the method's lock, never from a container:
+- Python distributions: every `*.dist-info` in the environment layer (name, version, and the sha256
+  of its RECORD, which names every installed file's hash), with the sha256 of the files the lock allows;
+- conda packages: every `conda-meta/*.json` in the environment layer (name, version, build, sha256);
+- Debian packages: the base layer's dpkg status (name, version, architecture).
+
+It is written at build time beside the image in the cache (`<cache>/sbom/<image id>.cdx.json`),
+carried in exports (so a signature covers it) and printed by `envmgr sbom`. The same image gives
+the same bytes: the serial number derives from the image ID and the timestamp is the image's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.parser
+import hashlib
+import json
+import os
+import re
+import tarfile
+import tomllib
+import uuid
+import warnings
+from pathlib import Path
+
+from cyclonedx.model import HashAlgorithm, HashType, Property
+from cyclonedx.model.bom import Bom, BomMetaData
+from cyclonedx.model.component import Component, ComponentType
+from cyclonedx.output.json import JsonV1Dot6
+from packageurl import PackageURL
+
+from . import __version__
+from .base import BaseImage
+from .context import Context
+from .image import ImageConfig
+from .spec import MethodSpec
+
+SBOM_DIR = "sbom"
+FORMATS = ("cyclonedx-json",)
+_DIST_INFO = re.compile(r"/site-packages/([^/]+)\.dist-info/(METADATA|RECORD)$")
+_CONDA_META = re.compile(r"/conda-meta/[^/]+\.json$")
+
+
+def path_for(ctx: Context, image_id: str) -> Path:
+    return ctx.cache_dir / SBOM_DIR / f"{image_id.removeprefix('sha256:')}.cdx.json"
+
+
+def store(ctx: Context, image_id: str, data: bytes) -> Path:
+    target = path_for(ctx, image_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+def sbom_bytes(ctx: Context, spec: MethodSpec, base: BaseImage, config: ImageConfig) -> bytes:
+    """The image's SBOM from the cache, or made from its layers (and kept) when the cache lacks it."""
+    image_id = config.image_id()
+    cached = path_for(ctx, image_id)
+    if cached.is_file():
+        return cached.read_bytes()
+    data = generate(spec, base, config)
+    store(ctx, image_id, data)
+    return data
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def python_components(env_layer: Path, lock_hashes: dict[str, list[str]]) -> list[Component]:
+    metadata: dict[str, tuple[str, str]] = {}
+    records: dict[str, str] = {}
+    with tarfile.open(env_layer, mode="r:") as tar:
+        for info in tar:
+            match = _DIST_INFO.search(info.name)
+            if not match or not info.isfile():
+                continue
+            body = tar.extractfile(info).read()  # type: ignore[union-attr]
+            if match.group(2) == "RECORD":
+                records[match.group(1)] = hashlib.sha256(body).hexdigest()
+            else:
+                headers = email.parser.BytesHeaderParser().parsebytes(body)
+                metadata[match.group(1)] = (str(headers.get("Name", "")), str(headers.get("Version", "")))
+    found = []
+    for dist, (name, version) in sorted(metadata.items()):
+        properties = [Property(name="envmgr:installed-record-sha256", value=records.get(dist, "missing"))]
+        allowed = lock_hashes.get(_normal(name), [])
+        if allowed:
+            properties.append(Property(name="envmgr:lock-file-sha256", value=" ".join(sorted(allowed))))
+        purl = PackageURL("pypi", None, _normal(name), version)
+        found.append(Component(
+            name=name, version=version, type=ComponentType.LIBRARY, purl=purl, bom_ref=f"{purl}",
+            hashes=[HashType(alg=HashAlgorithm.SHA_256, content=records[dist])] if dist in records else [],
+            properties=properties))
+    return found
+
+
+def conda_components(env_layer: Path) -> list[Component]:
+    found = []
+    with tarfile.open(env_layer, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile() or not _CONDA_META.search(info.name):
+                continue
+            try:
+                record = json.loads(tar.extractfile(info).read())  # type: ignore[union-attr]
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or "name" not in record:
+                continue
+            purl = PackageURL("conda", None, record["name"], record.get("version"),
+                              {"build": record["build"]} if record.get("build") else None)
+            sha = record.get("sha256")
+            found.append(Component(
+                name=record["name"], version=record.get("version"), type=ComponentType.LIBRARY, purl=purl,
+                bom_ref=f"{purl}", hashes=[HashType(alg=HashAlgorithm.SHA_256, content=sha)] if sha else [],
+                properties=[Property(name="envmgr:conda-subdir", value=str(record.get("subdir", "")))]))
+    return sorted(found, key=lambda c: (c.name, str(c.version)))
+
+
+def dpkg_status(base_layer: Path) -> str:
+    with tarfile.open(base_layer, mode="r:") as tar:
+        for info in tar:
+            if info.name.lstrip("./") == "var/lib/dpkg/status" and info.isfile():
+                return tar.extractfile(info).read().decode("utf-8", "replace")  # type: ignore[union-attr]
+    return ""
+
+
+def debian_components(status: str) -> list[Component]:
+    found = []
+    for stanza in re.split(r"\n\s*\n", status):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+        if "Package" not in fields or "installed" not in fields.get("Status", "").split():
+            continue
+        arch = fields.get("Architecture")
+        purl = PackageURL("deb", "debian", fields["Package"], fields.get("Version"), {"arch": arch} if arch else None)
+        found.append(Component(name=fields["Package"], version=fields.get("Version"), type=ComponentType.LIBRARY,
+                               purl=purl, bom_ref=f"{purl}"))
+    return sorted(found, key=lambda c: c.name)
+
+
+def lock_file_hashes(spec: MethodSpec) -> dict[str, list[str]]:
+    """name -> sha256 of every file a poetry lock allows for it (conda packages carry their own)."""
+    lock = spec.lock_path / "poetry.lock"
+    if not lock.is_file():
+        return {}
+    data = tomllib.loads(lock.read_text())
+    found: dict[str, list[str]] = {}
+    for package in data.get("package", []):
+        hashes = [f["hash"].removeprefix("sha256:") for f in package.get("files", [])
+                  if str(f.get("hash", "")).startswith("sha256:")]
+        found[_normal(package["name"])] = hashes
+    return found
+
+
+def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig) -> bytes:
+    base_layer, env_layer = config.layers[0].path, config.layers[1].path
+    image_id = config.image_id()
+    components = [*python_components(env_layer, lock_file_hashes(spec)), *conda_components(env_layer),
+                  *debian_components(dpkg_status(base_layer))]
+    root = Component(name=spec.image_repository, version=config.labels.get("org.envmgr.inputs-hash", "")[:16],
+                     type=ComponentType.CONTAINER, bom_ref=image_id,
+                     hashes=[HashType(alg=HashAlgorithm.SHA_256, content=image_id.removeprefix("sha256:"))],
+                     properties=[Property(name="envmgr:method", value=spec.name),
+                                 Property(name="envmgr:backend", value=spec.backend),
+                                 Property(name="envmgr:base-image", value=base.image_id),
+                                 Property(name="envmgr:version", value=__version__)])
+    bom = Bom(components=components, serial_number=uuid.uuid5(uuid.NAMESPACE_URL, f"envmgr:{image_id}"),
+              metadata=BomMetaData(timestamp=dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc), component=root))
+    bom.register_dependency(root, components)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the library warns about graph completeness we do not claim
+        text = JsonV1Dot6(bom).output_as_string(indent=1)
+    return text.encode()
+
+
+def for_method(ctx: Context, method: str, fmt: str = "cyclonedx-json") -> tuple[str, bytes]:
+    """(image ID, SBOM bytes) of the method's current image."""
+    from .build import require_image
+    from .errors import UsageError
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    wanted, image_id = require_image(ctx, method)
+    cached = path_for(ctx, image_id)
+    if cached.is_file():
+        return image_id, cached.read_bytes()
+    config = wanted.config(ctx)
+    if config.image_id() != image_id:
+        raise UsageError(f"{wanted.spec.name}: the cached layers do not make {image_id[:19]}: no SBOM to show",
+                         hint=f"`envmgr build --force {wanted.spec.name}` writes one")
+    return image_id, sbom_bytes(ctx, wanted.spec, wanted.base, config)

@@ -1,0 +1,101 @@
+"""The one step runner: a step a backend describes (lock, install) run in a container through the engine.
+
+Backends say what to run (`Step`: script, mounts, env, network, image); this module runs it with
+host networking, so a mirror on the host's loopback answers as with `docker build --network=host`,
+as the invoking user, and turns a failure into one line that says what failed and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from . import paths
+from .containers import BindMount, ContainerSpec
+from .errors import EnvmgrError, MirrorError
+
+if TYPE_CHECKING:
+    from .context import Context
+
+_MIRROR_FAILURES = re.compile(r"(Connection refused|connection error|Failed to fetch|failed to connect|"
+                              r"dns error|Could not connect|ConnectError|Max retries exceeded|"
+                              r"401 Unauthorized|403 Forbidden|timed out|tcp connect error)", re.I)
+_BUILD_FAILURE = re.compile(r"Failed to (?:build|download and build|prepare distributions).*?`([^`]+)`")
+_BUILD_CALL = re.compile(r"Call to `([^`]+)` failed")
+_NO_WHEEL = re.compile(r"Distribution `([^`@ ]+)[^`]*` can't be installed because it doesn't have a source "
+                       r"distribution or wheel for the current platform")
+_HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hashes|THESE PACKAGES DO NOT MATCH)", re.I)
+
+
+@dataclass
+class Step:
+    """One step a backend needs: `script` (sh) in a container of the method's base image."""
+
+    title: str                 # what the step does, in the user's words ("locking sd-demo")
+    image: str                 # the base image's ID
+    script: str
+    mounts: list[BindMount] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    network: str = "host"
+    method: str = ""
+    target: str = ""           # what the step installs for, in messages: the base image's tag
+
+
+class StepRunner(Protocol):
+    def __call__(self, ctx: Context, step: Step, on_line: Callable[[str], None] | None = None) -> list[str]:
+        """Run `step`; return its output lines, or raise with the last lines when it fails."""
+        ...
+
+
+def run_in_container(ctx: Context, step: Step, on_line: Callable[[str], None] | None = None) -> list[str]:
+    """Run `step` in a container through the engine; returns the output lines.
+
+    Raises with the last lines (redacted) when the step fails.
+    """
+    lines: list[str] = []
+
+    def collect(line: str) -> None:
+        lines.append(line)
+        ctx.ui.log(line)
+        if on_line:
+            on_line(line)
+
+    spec = ContainerSpec(
+        image=step.image, command=["/bin/sh", "-ec", step.script], env=step.env, mounts=step.mounts,
+        workdir=step.workdir, user=f"{os.getuid()}:{os.getgid()}", network=step.network,
+        labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: step.method},
+    )
+    code = ctx.engine.run(spec, on_line=collect).exit_code
+    if code != 0:
+        raise _failure(ctx, step, code, lines)
+    return lines
+
+
+def _failure(ctx: Context, step: Step, code: int, lines: list[str]) -> EnvmgrError:
+    """The one line that says why a step failed: no wheel, a failed sdist build, a hash, a mirror."""
+    tail = [line for line in lines if line.strip()][-6:]
+    detail = ctx.ui.redact(" | ".join(t.strip() for t in tail))[-900:]
+    text = "\n".join(lines)
+    no_wheel = _NO_WHEEL.search(text)
+    if no_wheel:
+        return EnvmgrError(f"{step.title}: {no_wheel.group(1)} has no wheel (and no sdist) for the target "
+                           f"(linux, Python of {step.target})",
+                           hint="pin a version that ships one, or drop it in the method's [adapt]")
+    build_failed = _BUILD_FAILURE.search(text)
+    if build_failed:
+        call = _BUILD_CALL.search(text)
+        what = f"`{call.group(1)}`" if call else "building it from its sdist"
+        return EnvmgrError(f"{step.title}: {build_failed.group(1)} failed while {what}: {detail}",
+                           hint="it has no wheel for the target and needs build-time dependencies (torch, a "
+                                "compiler): pin a version with a wheel, or drop it in the method's [adapt]")
+    if _HASH_FAILURES.search(text):
+        return MirrorError(f"{step.title}: a downloaded file does not match the hash in the lock: {detail}",
+                           hint="the mirror serves a different file than the one locked; nothing was tagged")
+    if _MIRROR_FAILURES.search(text):
+        return MirrorError(f"{step.title}: a mirror did not answer: {detail}",
+                           hint="check the mirrors `envmgr doctor` shows")
+    return EnvmgrError(f"{step.title} failed (exit {code}): {detail}")

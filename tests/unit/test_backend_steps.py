@@ -1,0 +1,165 @@
+"""Each backend's container steps, described and handed to a fake step runner: no engine, no network."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from envmgr import paths
+from envmgr.backends import get_backend
+from envmgr.base import BaseImage
+from envmgr.config import load_config
+from envmgr.containers import ContainerResult
+from envmgr.context import Context
+from envmgr.errors import EnvmgrError, MirrorError
+from envmgr.spec import MethodSpec, load_spec
+from envmgr.steps import Step, run_in_container
+from envmgr.ui import Reporter
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,
+                 layer_path="/nonexistent", python="/usr/bin/python3.11", python_version="3.11.2", packages={})
+
+
+class FakeRunner:
+    """Records every step; `answer` plays the container: it may write into the step's mounts."""
+
+    def __init__(self, answer=None):
+        self.steps: list[Step] = []
+        self.answer = answer
+
+    def __call__(self, ctx, step, on_line=None):
+        self.steps.append(step)
+        lines = self.answer(step) if self.answer else []
+        for line in lines:
+            if on_line:
+                on_line(line)
+        return lines
+
+
+def _ctx(tmp_path: Path, runner) -> Context:
+    config = load_config({"cache_dir": str(tmp_path / "cache"), "base_dir": str(tmp_path / "base")}, files=[])
+    return Context(config=config, ui=Reporter("plain"), step_runner=runner)
+
+
+def _mount(step: Step, target: str) -> Path:
+    return next(m.source for m in step.mounts if m.target == target)
+
+
+def _pip_spec(tmp_path: Path) -> MethodSpec:
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "envmgr.toml").write_text('name = "p"\nbackend = "pip"\nentry = ["python", "x.py"]\n')
+    (folder / "requirements.txt").write_text("requests==2.31.0\n")
+    return load_spec(folder / "envmgr.toml", builtin=False)
+
+
+def test_pip_lock_is_one_compile_step_whose_output_becomes_the_lock(tmp_path):
+    def compile_in_container(step: Step) -> list[str]:
+        work = _mount(step, paths.CONTAINER_WORK)
+        assert (work / "requirements.in").read_text().startswith("requests==2.31.0")
+        (work / "requirements.lock.txt").write_text("requests==2.31.0 \\\n    --hash=sha256:" + "a" * 64 + "\n")
+        return []
+
+    runner = FakeRunner(compile_in_container)
+    spec = _pip_spec(tmp_path)
+    backend = get_backend(spec)
+    backend.lock(_ctx(tmp_path, runner), spec, BASE)
+    [step] = runner.steps
+    assert step.image == BASE.image_id and step.network == "host" and step.env["HOME"] == "/tmp"
+    assert "pip compile --quiet --generate-hashes" in step.script and f"--python {BASE.python}" in step.script
+    assert step.workdir == paths.CONTAINER_WORK and step.method == "p"
+    assert not next(m for m in step.mounts if m.target == paths.CONTAINER_WORK).read_only
+    lock = (spec.lock_path / "requirements.lock.txt").read_text()
+    assert "--hash=sha256:" + "a" * 64 in lock
+    backend.check(spec)  # the lock written from the step's output is current
+
+
+def test_pip_lock_refuses_an_index_the_resolver_recorded(tmp_path):
+    def leak(step: Step) -> list[str]:
+        (_mount(step, paths.CONTAINER_WORK) / "requirements.lock.txt").write_text("--index-url http://x\n")
+        return []
+
+    spec = _pip_spec(tmp_path)
+    with pytest.raises(EnvmgrError, match="recorded an index"):
+        get_backend(spec).lock(_ctx(tmp_path, FakeRunner(leak)), spec, BASE)
+    assert not (spec.lock_path / "requirements.lock.txt").exists()
+
+
+def test_pip_install_is_one_hash_checked_step_into_the_prefix(tmp_path):
+    spec = _pip_spec(tmp_path)
+    spec.lock_path.mkdir(parents=True, exist_ok=True)
+    (spec.lock_path / "requirements.lock.txt").write_text("requests==2.31.0 --hash=sha256:" + "a" * 64 + "\n")
+    seen: list[str] = []
+    runner = FakeRunner(lambda step: seen.append((_mount(step, paths.CONTAINER_WORK) / "requirements.txt")
+                                                 .read_text()) or ["+ requests==2.31.0"])
+    prefix = tmp_path / "prefix"
+    get_backend(spec).install(_ctx(tmp_path, runner), spec, BASE, prefix)
+    [step] = runner.steps
+    assert "--require-hashes --no-deps --strict" in step.script
+    assert _mount(step, spec.env_prefix) == prefix
+    assert not next(m for m in step.mounts if m.target == spec.env_prefix).read_only
+    assert next(m for m in step.mounts if m.target == paths.CONTAINER_WORK).read_only
+    assert seen == ["requests==2.31.0 --hash=sha256:" + "a" * 64 + "\n"]
+
+
+def test_poetry_install_hands_the_locked_pins_to_one_step(tmp_path):
+    spec = load_spec(REPO / "envs" / "sd-demo" / "envmgr.toml")
+    seen: list[str] = []
+    runner = FakeRunner(lambda step: seen.append((_mount(step, paths.CONTAINER_WORK) / "requirements.txt")
+                                                 .read_text()) or [])
+    get_backend(spec).install(_ctx(tmp_path, runner), spec, BASE, tmp_path / "prefix")
+    [step] = runner.steps
+    assert step.title == f"installing {spec.name}'s environment"
+    assert f"venv --quiet --allow-existing --python {BASE.python} {spec.env_prefix}" in step.script
+    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==", seen[0], flags=re.M)
+    assert "diffusers" in pins and "--hash=sha256:" in seen[0]
+
+
+def test_conda_pip_packages_go_into_the_conda_python_in_one_step(tmp_path):
+    spec = load_spec(REPO / "envs" / "conda-demo" / "envmgr.toml")
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "python").write_text("")
+    runner = FakeRunner()
+    get_backend(spec)._install_python(_ctx(tmp_path, runner), spec, BASE, prefix, "six==1.16.0 --hash=sha256:ab\n")
+    [step] = runner.steps
+    assert f"--python {spec.env_prefix}/bin/python --require-hashes" in step.script
+    assert _mount(step, spec.env_prefix) == prefix
+
+
+class _Engine:
+    """Plays a container that prints `lines` and exits with `code`."""
+
+    def __init__(self, lines: list[str], code: int):
+        self.lines, self.code, self.specs = lines, code, []
+
+    def run(self, spec, on_line=None, on_start=None):
+        self.specs.append(spec)
+        for line in self.lines:
+            on_line(line)
+        return ContainerResult(exit_code=self.code)
+
+
+@pytest.mark.parametrize("lines, error, words", [
+    (["error: Connection refused (os error 111)"], MirrorError, "a mirror did not answer"),
+    (["Hash mismatch for `six==1.16.0`"], MirrorError, "does not match the hash in the lock"),
+    (["something else broke"], EnvmgrError, "failed (exit 2)"),
+])
+def test_the_step_runner_runs_steps_in_a_container_and_names_the_failure(tmp_path, lines, error, words):
+    ctx = _ctx(tmp_path, run_in_container)
+    ctx._engine = _Engine(lines, 2)
+    step = Step(title="locking m", image="sha256:x", script="true", env={"A": "1"}, method="m")
+    with pytest.raises(error, match=re.escape(words)):
+        run_in_container(ctx, step)
+    [container] = ctx._engine.specs
+    assert container.command == ["/bin/sh", "-ec", "true"] and container.network == "host"
+    assert container.labels[paths.LABEL_KIND] == "step"
+
+
+def test_the_step_runner_returns_the_lines_of_a_step_that_succeeds(tmp_path):
+    ctx = _ctx(tmp_path, run_in_container)
+    ctx._engine = _Engine(["one", "two"], 0)
+    assert run_in_container(ctx, Step(title="t", image="i", script="true")) == ["one", "two"]
