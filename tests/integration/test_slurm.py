@@ -120,7 +120,11 @@ def test_submit_and_wait_runs_like_a_local_run_and_records_the_job(site, engine)
     assert "#SBATCH --nodes=1" in script and "slurm-step" in script
     assert "rank 0 of 1" in (run_dir / "log.txt").read_text()
     assert (run_dir / "output" / "done.txt").is_file()
-    assert (run_dir / "output").stat().st_uid == os.getuid()
+    # the step's container is the local run's: hardened, not root unless asked, output/ handed to that user
+    run_uid = int(record["run_as"].split(":")[0])
+    assert record["as_root"] is False and (run_uid != 0 or os.getuid() != 0)
+    assert (run_dir / "output").stat().st_uid == run_uid
+    assert record["envmgr"]["host"] and record["container"] == f"envmgr-run-{NAME}-{run_id}"
     assert _no_run_containers(engine, run_id)
     listed = [r for r in _events(_run(site, "--json", "runs"))[-1]["runs"] if r["run_id"] == run_id]
     assert listed[0]["status"] == "succeeded"
@@ -184,8 +188,8 @@ def test_image_reaches_the_node_through_the_registry_after_the_local_copy_was_re
         run_id = [e for e in _events(proc) if e.get("event") == "done"][-1]["run_id"]
         record = _record(site, run_id)
         assert record["status"] == "succeeded"
-        assert record["scheduler"]["image_source"] == {
-            "kind": "registry", "registry": registry, "reference": f"{registry}/{REPO}:{record['image']['tag'].split(':')[1]}"}
+        reference = f"{registry}/{REPO}:{record['image']['tag'].split(':')[1]}"
+        assert record["scheduler"]["image_source"] == {"kind": "registry", "registry": registry, "reference": reference}
         out = (site.base_dir / "runs" / NAME / run_id / f"slurm-{record['scheduler']['job_id']}.out").read_text()
         assert "pulling" in out
         assert engine.images.get(record["image"]["tag"]).id == record["image"]["id"]
@@ -208,6 +212,9 @@ def test_two_machines_of_one_run_share_the_run_dir_with_ranks_and_host_network(s
     assert f"rank 0 of 2 extra --machine_rank=0 --main_process_ip=127.0.0.1 --main_process_port={port} world 2" \
         in (run_dir / "log.txt").read_text()
     assert "rank 1 of 2 extra --machine_rank=1" in (run_dir / "log-rank1.txt").read_text()
+    # each rank its own scratch and container; run.json and the logs are never mounted
+    assert (run_dir / "work").is_dir() and (run_dir / "work-rank1").is_dir()
+    assert rank1["container"] == record["container"] + "-rank1"
     assert _no_run_containers(engine, run_id)
 
 

@@ -128,12 +128,21 @@ PartitionName=held Nodes={self.node} Default=NO MaxTime=INFINITE State=DOWN
         raise RuntimeError(f"{what} not ready within {timeout:.0f} s; logs in {self.root / 'log'}")
 
     def cancel_all(self) -> None:
-        subprocess.run(["scancel", "--full", "-p", "debug,held", "-u", str(os.getuid())], env={**os.environ, **self.env},
-                       capture_output=True)
+        subprocess.run(["scancel", "--full", "-p", "debug,held", "-u", str(os.getuid())],
+                       env={**os.environ, **self.env}, capture_output=True)
+
+    def _queue_empty(self) -> bool:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                              env={**os.environ, **self.env})
+        return proc.returncode != 0 or not proc.stdout.strip()
 
     def stop(self) -> None:
         if self.procs:
             self.cancel_all()
+            # jobs' slurmstepd processes outlive a stopped slurmd: let the cancelled jobs end first
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not self._queue_empty():
+                time.sleep(0.3)
         for proc in reversed(self.procs):   # slurmd, slurmctld, then munged: each by its own pid
             if proc.poll() is None:
                 proc.terminate()
