@@ -281,7 +281,7 @@ def _node_record(base_dir: Path, spec: MethodSpec, node: NodeStep) -> tuple[Path
     previous = records.read_record(run_dir)
     if previous.get("method") != spec.name or previous.get("run_id") != run_id:
         raise UsageError(f"{run_dir / records.RECORD} does not describe run {run_id} of {spec.name}")
-    if previous["status"] not in ("pending", "running"):
+    if node.rank == 0 and previous["status"] not in ("pending", "running"):   # e.g. cancelled while pending
         raise UsageError(f"run {run_id} is {previous['status']}, not waiting for its job steps")
     return run_dir, previous
 
@@ -398,8 +398,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "gpu": gpu_plan.record(), "variant": spec.variant,
     })
     attempts = record.setdefault("attempts", [])
-    if node and attempts and attempts[-1].get("status") in ("pending", "running"):   # the job's attempt
-        attempts[-1].update(started=attempts[-1].get("started") or _now(), status="running")
+    if node and attempts:    # the attempt the submission opened for this job
+        attempts[-1].update(started=attempts[-1].get("started") or _now(), ended=None, status="running")
     else:
         attempts.append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
