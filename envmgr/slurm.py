@@ -538,7 +538,7 @@ def step(ctx: Context, run_dir: Path) -> dict:
     env = {"ENVMGR_MACHINE_RANK": str(rank), "ENVMGR_NUM_MACHINES": str(machines), "SLURM_JOB_ID": job_id}
     if machines > 1:
         env.update(rendezvous_env(rank, machines, job_id, max(1, len(gpus)),
-                                  os.environ.get("SLURM_JOB_NODELIST", "")))
+                                  os.environ.get("SLURM_JOB_NODELIST", ""), cpu=not gpus))
     request = RunRequest(method=spec, gpus=gpu_indices(gpus), network=record.get("network") or "none",
                          shm_size=record.get("shm_size"), memory=record.get("memory"),
                          as_root=bool(record.get("as_root")), variant=record.get("variant"),
@@ -569,13 +569,19 @@ def step_gpus(gpus_per_node: int, local: int, per_node: int) -> list[str]:
                      "(SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES unset)", hint="check the partition's GRES configuration")
 
 
-def rendezvous_env(rank: int, machines: int, job_id: str, per_machine: int, nodelist: str) -> dict[str, str]:
-    """accelerate's multi-machine launch: rank 0's address, a port from the job id, this machine's rank."""
+def rendezvous_env(rank: int, machines: int, job_id: str, per_machine: int, nodelist: str,
+                   cpu: bool = False) -> dict[str, str]:
+    """accelerate's multi-machine launch: rank 0's address, a port from the job id, this machine's rank.
+
+    On the CPU accelerate needs `--cpu`: only then does WORLD_SIZE > 1 make it a gloo (MULTI_CPU) run;
+    without it every machine trains alone (measured: sd-demo said "1 process(es)" on each)."""
     first = hostnames(nodelist)[0] if nodelist else "127.0.0.1"
     address = node_address(first)
     port = 20000 + int(job_id or 0) % 20000
     extra = f"--machine_rank={rank} --main_process_ip={address} --main_process_port={port}"
-    if per_machine > 1:
+    if cpu:
+        extra += " --cpu"
+    elif per_machine > 1:
         extra += " --multi_gpu"
     return {"TRAINING_NUM_MACHINES": str(machines), "TRAINING_NUM_PROCESSES": str(machines * per_machine),
             "ACCELERATE_EXTRA_ARGS": extra, "MASTER_ADDR": address, "MASTER_PORT": str(port),

@@ -209,7 +209,7 @@ def test_two_machines_of_one_run_share_the_run_dir_with_ranks_and_host_network(s
     rank1 = json.loads((run_dir / "run-rank1.json").read_text())
     assert rank1["status"] == "succeeded"
     port = 20000 + int(record["scheduler"]["job_id"]) % 20000
-    assert f"rank 0 of 2 extra --machine_rank=0 --main_process_ip=127.0.0.1 --main_process_port={port} world 2" \
+    assert f"rank 0 of 2 extra --machine_rank=0 --main_process_ip=127.0.0.1 --main_process_port={port} --cpu world 2" \
         in (run_dir / "log.txt").read_text()
     assert "rank 1 of 2 extra --machine_rank=1" in (run_dir / "log-rank1.txt").read_text()
     # each rank its own scratch and container; run.json and the logs are never mounted

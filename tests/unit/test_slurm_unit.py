@@ -48,6 +48,8 @@ def test_rendezvous_gives_accelerate_rank_address_port_and_total_processes(monke
     assert env["MASTER_ADDR"] == "10.0.0.5" and env["RANK"] == "1" and env["WORLD_SIZE"] == "2"
     one = slurm.rendezvous_env(rank=0, machines=2, job_id="1", per_machine=1, nodelist="gpu-[a-b]")
     assert "--multi_gpu" not in one["ACCELERATE_EXTRA_ARGS"] and one["TRAINING_NUM_PROCESSES"] == "2"
+    cpu = slurm.rendezvous_env(rank=0, machines=2, job_id="1", per_machine=1, nodelist="gpu-[a-b]", cpu=True)
+    assert cpu["ACCELERATE_EXTRA_ARGS"].endswith(" --cpu") and cpu["WORLD_SIZE"] == "2"
 
 
 def _record(run_dir: Path) -> dict:
