@@ -266,6 +266,9 @@ def _resume(ctx: Context, request: RunRequest, base_dir: Path) -> tuple[Path, di
     previous = settle(ctx, run_dir, records.read_record(run_dir))
     if previous.get("method") != spec.name or previous.get("run_id") != run_id:
         raise UsageError(f"{run_dir / records.RECORD} does not describe run {run_id} of {spec.name}")
+    if isinstance(previous.get("scheduler"), dict) and previous["scheduler"].get("kind") == "slurm":
+        raise UsageError(f"run {run_id} runs on Slurm; a local --resume would leave its record half Slurm's",
+                         hint=f"`envmgr run {spec.name} --resume {run_id} --on slurm`")
     if previous["status"] == "running":
         raise UsageError(f"run {run_id} is still running (envmgr pid {previous.get('envmgr', {}).get('pid')})",
                          hint="wait for it, or stop it with Ctrl-C first")

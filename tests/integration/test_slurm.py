@@ -166,6 +166,8 @@ def test_cancel_mid_run_records_interrupted_leaves_no_container_and_resume_finis
     assert 3 <= kept < 400
     assert _no_run_containers(engine, run_id)
 
+    local = _run(site, "run", NAME, "--resume", run_id, check=False)     # not on this engine: on Slurm
+    assert local.returncode == 2 and f"--resume {run_id} --on slurm" in local.stderr
     resumed = _run(site, "--json", "run", NAME, "--resume", run_id, "--on", "slurm", "--wait")
     record = _record(site, run_id)
     assert record["status"] == "succeeded" and len(record["attempts"]) == 2

@@ -5,6 +5,7 @@ container, gloo on the CPU, rendezvous on 127.0.0.1) training one LoRA together.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,13 @@ from tests.support.slurm import slurm_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 ARGS = ["--", "--max_steps=4", "--resolution=64", "--checkpointing_steps=2", "--validation_steps=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_the_export(sd_base):  # noqa: F811
+    """The submission exports the image (~5 GB) into the base dir for the nodes: removed afterwards."""
+    yield
+    shutil.rmtree(sd_base[0] / "exports", ignore_errors=True)
 
 
 def _envmgr(env, cluster, *args):
@@ -44,6 +52,8 @@ def test_two_machines_train_one_lora_with_world_size_two(sd_base, slurm_cluster,
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "succeeded" and record["network"] == "host"
     assert json.loads((run_dir / "run-rank1.json").read_text())["status"] == "succeeded"
-    assert "2 process(es)" in (run_dir / "log.txt").read_text()
+    for log in ("log.txt", "log-rank1.txt"):     # one gloo group of two machines, not two lone trainers
+        assert "2 process(es)" in (run_dir / log).read_text()
+    assert (run_dir / "work").is_dir() and (run_dir / "work-rank1").is_dir()
     assert (run_dir / "output" / "pytorch_lora_weights.safetensors").is_file()
     assert not engine.containers.list(all=True, filters={"label": f"org.envmgr.run-id={done['run_id']}"})
