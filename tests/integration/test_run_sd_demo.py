@@ -53,7 +53,7 @@ ARGS = ["--", "--max_steps=6", "--resolution=64", "--checkpointing_steps=3", "--
         "--validation_num_inference_steps=2"]
 
 
-def test_run_on_cpu_leaves_lora_record_and_plots_owned_by_caller(sd_base, engine):
+def test_run_on_cpu_leaves_lora_record_and_plots_owned_by_the_run_user(sd_base, engine):
     base_dir, env, _ = sd_base
     proc = _envmgr(env, "--json", "run", "sd-demo", "--model", "tiny-sd3", "--dataset", "sample.zip",
                    "--gpus", "none", *ARGS)
@@ -70,8 +70,13 @@ def test_run_on_cpu_leaves_lora_record_and_plots_owned_by_caller(sd_base, engine
     assert lora.is_file() and (run_dir / "output" / "loss.png").is_file()
     assert list((run_dir / "output" / "validation_images").glob("*.png"))
     assert "step" in (run_dir / "log.txt").read_text()
-    for path in (lora, run_dir / "output", run_dir / "log.txt"):
-        assert path.stat().st_uid == os.getuid()
+    # envmgr as root runs the method as nobody (no sudo caller here): its outputs are that user's,
+    # the record and log are envmgr's
+    run_uid = int(record["run_as"].split(":")[0])
+    assert run_uid == (os.getuid() if os.getuid() != 0 else int(os.environ.get("SUDO_UID") or 65534))
+    for path in (lora, run_dir / "output"):
+        assert path.stat().st_uid == run_uid
+    assert (run_dir / "log.txt").stat().st_uid == (run_dir / "run.json").stat().st_uid == os.getuid()
     assert not engine.containers.list(all=True, filters={"label": "org.envmgr.kind=run"})
     listed = _envmgr(env, "--json", "runs")
     assert record["run_id"] in listed.stdout

@@ -192,3 +192,16 @@ def test_a_model_the_run_user_cannot_read_is_refused_before_start(tmp_path):
     _check_inputs_readable([("model", model)], "0:0")
     weights.chmod(0o644)
     _check_inputs_readable([("model", model)], "65534:65534")
+
+
+def test_import_staging_never_creates_a_folder_through_a_member_link(tmp_path):
+    from envmgr.errors import EnvmgrError
+    from envmgr.transfer import METHOD_PREFIX, _stage_targets
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    manifest = {"members": [{"name": METHOD_PREFIX + "evil", "link": str(outside)},
+                            {"name": METHOD_PREFIX + "evil/sub/file.py", "size": 1, "sha256": "0"}]}
+    with pytest.raises(EnvmgrError, match="lies under a link"):
+        _stage_targets(manifest, tmp_path / "staging" / "method")
+    assert list(outside.iterdir()) == []
