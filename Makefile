@@ -71,6 +71,8 @@ bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
 	$(VENV)/bin/python -m tests.bench.slurm_bench
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
+	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_cache.py
+	$(METHOD_VENV)/bin/python envs/sd-demo/bench/gpu_bench.py
 
 clean:
 	rm -rf $(VENV) $(METHOD_VENV) .demo

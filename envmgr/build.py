@@ -21,6 +21,7 @@ from . import __version__, paths
 from .backends import entry_command, get_backend
 from .base import BaseImage, ensure_base
 from .context import Context
+from .engine import ImageGone
 from .errors import EngineError, EnvmgrError, UsageError
 from .files import atomic_write
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
@@ -363,7 +364,12 @@ def _assemble(ctx: Context, wanted: BuildTarget) -> str:
 
     sbom_bytes(ctx, wanted.spec, wanted.base, config)   # beside the image in the cache, before the tag names it
     repository, short = tag.rsplit(":", 1)
-    ctx.engine.tag(image_id, repository, short)
+    try:
+        ctx.engine.tag(image_id, repository, short)
+    except ImageGone:   # removed between the load and the tag (a gc, another build's cleanup): load it again
+        ctx.ui.warn(f"image {image_id[:19]} left the engine before it was tagged: loading it again")
+        _stream_load(ctx, config, frozenset())
+        ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")
     return image_id
 

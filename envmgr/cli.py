@@ -300,6 +300,12 @@ def run(
                                                             "(65534:65534).")] = False,
     variant: Annotated[Optional[str], typer.Option(help="Run this variant (default: the newest one this host's "
                                                         "driver and GPUs can use).")] = None,
+    inputs: Annotated[Optional[list[str]], typer.Option(
+        "--input", help="PATH[:NAME]: a file or folder mounted read-only at /envmgr/inputs/NAME (default NAME: "
+                        "its basename), hashed in run.json. Repeatable.")] = None,
+    env_vars: Annotated[Optional[list[str]], typer.Option(
+        "--env", help="K=V for the method's environment, recorded in run.json, never part of the image. "
+                      "Repeatable.")] = None,
 ):
     """Run a method in its image. Arguments after `--` go to the method's entry
     (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
@@ -310,7 +316,8 @@ def run(
     spec = find_method(method, ctx.config.base_dir)
     request = RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
                          args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
-                         memory=memory, as_root=as_root, variant=variant)
+                         memory=memory, as_root=as_root, variant=variant,
+                         inputs=list(inputs or []), env=list(env_vars or []))
     if on == "slurm":
         from .slurm import SlurmRequest, submit
 

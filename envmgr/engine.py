@@ -20,12 +20,16 @@ from . import paths
 from .containers import ContainerResult, ContainerSpec, GpuDevices, gpu_devices
 from .errors import EngineError, Interrupted, UsageError
 from .gpu import GpuRequest
-from .logs import split_lines
+from .logs import LineSplitter
 
 ENGINE_HINT = ("start it with `sudo systemctl start docker`, or `sudo dockerd &` where there is no systemd; "
                "`envmgr doctor` shows what envmgr sees")
 NVIDIA_HINT = ("this engine has no NVIDIA runtime: install the NVIDIA Container Toolkit on the host "
                "(and restart the engine), or run on the CPU with `--gpus none`")
+
+
+class ImageGone(EngineError):
+    """The image is not in the engine (another process removed it between two calls)."""
 
 
 class PushPullRefused(EngineError):
@@ -126,7 +130,13 @@ class Engine:
         return frozenset(best)
 
     def tag(self, image_id: str, repository: str, tag: str) -> None:
-        self._api.tag(image_id, repository, tag, force=True)
+        """Name an image; ImageGone when it is not (or no longer) in the engine."""
+        try:
+            self._api.tag(image_id, repository, tag, force=True)
+        except docker.errors.ImageNotFound:
+            raise ImageGone(f"image {image_id[:19]} is not in the engine (removed meanwhile?)") from None
+        except docker.errors.APIError as exc:
+            raise EngineError(f"engine refused to tag {image_id[:19]} as {repository}:{tag}: {_short(exc)}") from None
 
     def remove_image(self, ref: str) -> None:
         """Remove an image or one of its tags (never by force: an image in use stays); gone already is fine,
@@ -194,8 +204,11 @@ class Engine:
     # ------------------------------------------------------------------ containers
 
     def run(self, spec: ContainerSpec, on_line: Callable[[str], None] | None = None,
-            on_start: Callable[[str], None] | None = None) -> ContainerResult:
-        """Create, start and follow a container; it is removed however this ends. Returns how it ended."""
+            on_start: Callable[[str], None] | None = None,
+            on_partial: Callable[[str], None] | None = None) -> ContainerResult:
+        """Create, start and follow a container; it is removed however this ends. Returns how it ended.
+
+        `on_partial` sees the newest carriage-return segment of a line still being written (tqdm)."""
         name = spec.name or f"envmgr-{uuid.uuid4().hex[:12]}"
         kwargs: dict[str, Any] = dict(
             image=spec.image, command=spec.command, environment=spec.env, working_dir=spec.workdir,
@@ -215,6 +228,10 @@ class Engine:
             hc = self._api.create_host_config(**{k: v for k, v in host_config.items() if v is not None})
             created = self._api.create_container(host_config=hc, **kwargs)
             container_id = created["Id"]
+            # The log stream holds a line back until its newline; attached before start, the container's
+            # output arrives as written, so a tqdm bar redrawn with carriage returns can be shown live.
+            attached = (self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=False)
+                        if on_partial else None)
             try:
                 self._api.start(container_id)
             except docker.errors.APIError as exc:
@@ -223,7 +240,7 @@ class Engine:
                 raise EngineError(f"engine could not start the container: {_short(exc)}") from None
             if on_start:
                 on_start(container_id)
-            self._follow(container_id, on_line)
+            self._follow(container_id, on_line, on_partial, attached)
             result = self._api.wait(container_id)
             oom_killed = bool(self._api.inspect_container(container_id)["State"].get("OOMKilled"))
             return ContainerResult(exit_code=int(result.get("StatusCode", 1)), oom_killed=oom_killed)
@@ -247,8 +264,20 @@ class Engine:
                 with contextlib.suppress(Exception):
                     self._api.remove_container(container_id, force=True)
 
-    def _follow(self, container_id: str, on_line: Callable[[str], None] | None) -> None:
-        for line in split_lines(self._api.logs(container_id, stream=True, follow=True, stdout=True, stderr=True)):
+    def _follow(self, container_id: str, on_line: Callable[[str], None] | None,
+                on_partial: Callable[[str], None] | None = None, attached: Iterator[bytes] | None = None) -> None:
+        splitter = LineSplitter()
+        chunks = attached if attached is not None else self._api.logs(container_id, stream=True, follow=True,
+                                                                       stdout=True, stderr=True)
+        for chunk in chunks:
+            for line in splitter.feed(chunk):
+                if on_line:
+                    on_line(line)
+            if on_partial and b"\r" in chunk:
+                segment = splitter.pending()
+                if segment:
+                    on_partial(segment)
+        for line in splitter.close():
             if on_line:
                 on_line(line)
 

@@ -31,6 +31,11 @@ class LineSplitter:
             yield self._take()
             start = end + 1
 
+    def pending(self) -> str:
+        """The newest carriage-return segment of the line not yet ended (a tqdm bar as it is now)."""
+        text = (self._tail or self._head).decode("utf-8", errors="replace").rstrip("\r")
+        return text.rsplit("\r", 1)[-1]
+
     def close(self) -> Iterator[str]:
         if self._head or self._tail or self._dropped:
             yield self._take()

@@ -21,6 +21,7 @@ from packaging.utils import canonicalize_name
 
 from .archive import extract, single_top_folder
 from .errors import UsageError
+from .records import OUTPUT as OUTPUT_DIR
 from .spec import MethodSpec, find_method, name_problem
 
 SOURCE_DIR = "source"
@@ -149,13 +150,17 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             "gpu": gpu,
             "platform_args": False,
             "workdir": "method",
+            "success": [f"{OUTPUT_DIR}/*"],
             "env": {"DISABLE_UPDATES": "1", "HF_HUB_OFFLINE": "1"},
             "adapt": {"pin": {}, "drop": [], "add": {}, "sources": {}},
         }
         header = ("# Written by `envmgr method add`. The repository is in source/ and stays as added:\n"
                   "# adapt it here instead. [adapt] pin = { pkg = \"1.2.3\" } replaces a range, git or URL source;\n"
                   "# drop = [\"pkg\"]; add = { pkg = \">=1\" }; sources = { index-name = \"default\" | \"mirror\" }.\n"
-                  "# [env] is set for the entry (DISABLE_UPDATES stops launchers that install at start).\n")
+                  "# [env] is set for the entry (DISABLE_UPDATES stops launchers that install at start).\n"
+                  "# success: globs (relative to the run dir) that must each match a file the run wrote, else an\n"
+                  "# exit 0 is recorded as failed (no outputs); e.g. [\"output/*.safetensors\"].\n"
+                  "# workdir = \"method\": the entry runs in a writable copy of source/ made for each run.\n")
         (staging / "envmgr.toml").write_text(header + tomli_w.dumps(spec_data))
         staging.rename(final)
     except BaseException:

@@ -26,11 +26,14 @@ CONTAINER_METHOD_DIR = "/opt/envmgr/method"       # the method's own files
 CONTAINER_TOOLS_DIR = "/opt/envmgr/tools"         # lock-time tools (poetry), never in an image
 CONTAINER_UV = "/opt/envmgr/bin/uv"               # the host's pinned uv, mounted read-only at lock/build time
 CONTAINER_CA_BUNDLE = "/opt/envmgr/ca-bundle.crt" # the site's CA bundle, mounted at lock/build time only
+CONTAINER_NETRC = "/opt/envmgr/netrc"             # mirror credentials, mounted at lock/build time only
 CONTAINER_WORK = "/opt/envmgr/work"
 CONTAINER_CACHE = "/opt/envmgr/cache"
 CONTAINER_MODELS = "/envmgr/models"
 CONTAINER_DATA = "/envmgr/data"
 CONTAINER_RUN = "/envmgr/run"
+CONTAINER_RUN_METHOD = CONTAINER_RUN + "/method"   # workdir = "method": the run's writable copy of the method
+CONTAINER_INPUTS = "/envmgr/inputs"               # `--input PATH[:NAME]`: read-only at /envmgr/inputs/NAME
 CONTAINER_METHOD_INFO = "/etc/envmgr/method.json"
 
 # Image labels (never a mirror URL).

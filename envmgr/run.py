@@ -25,7 +25,7 @@ from typing import Any
 from . import paths, records
 from .backends import entry_command
 from .base import ensure_base
-from .build import build as build_image
+from .build import _excluded, build as build_image
 from .containers import BindMount, ContainerSpec, gpu_devices
 from .context import Context
 from .engine import NVIDIA_HINT
@@ -35,8 +35,10 @@ from .gpu import GpuRequest, parse_gpus
 from .gpu_plan import preflight as gpu_preflight
 from .image import file_sha256
 from .records import check_run_id, write_record
-from .spec import MethodSpec
+from .run_inputs import RunInput, copy_method, parse_env, parse_inputs, recorded_env, recorded_inputs
+from .spec import MethodSpec, find_method
 from .ui import TrainingProgress
+from .verdict import missing_outputs
 
 SUBDIRS = ("models", "datasets", "methods", "runs", "cache")
 
@@ -54,6 +56,8 @@ class RunRequest:
     memory: str | None = None
     as_root: bool = False
     variant: str | None = None     # None: the newest variant this host's GPUs can use (envmgr/gpu_plan.py)
+    inputs: list[str] = field(default_factory=list)   # `--input PATH[:NAME]`
+    env: list[str] = field(default_factory=list)      # `--env K=V`
     node: NodeStep | None = None   # set only by a scheduler's job step (envmgr/slurm.py)
 
 
@@ -176,12 +180,17 @@ def artifacts(output: Path) -> dict[str, list[str]]:
     }
 
 
+def _method_dir(spec: MethodSpec) -> str:
+    """Where the method's files are in its container: the run's writable copy for workdir = "method"."""
+    return paths.CONTAINER_RUN_METHOD if spec.workdir == "method" else paths.CONTAINER_METHOD_DIR
+
+
 def _entry_command(spec: MethodSpec) -> list[str]:
     """The spec's entry with its method files made absolute (the container's cwd is the run dir)."""
     command = []
     for word in spec.entry:
         if not word.startswith("-") and (spec.source_path / word).is_file():
-            word = f"{paths.CONTAINER_METHOD_DIR}/{word}"
+            word = f"{_method_dir(spec)}/{word}"
         command.append(word)
     return entry_command(spec, command)   # e.g. through `conda run -n <m>` for a conda env
 
@@ -289,6 +298,26 @@ def _node_record(base_dir: Path, spec: MethodSpec, node: NodeStep) -> tuple[Path
     return run_dir, previous
 
 
+def _given(request: RunRequest, previous: dict | None, run_dir: Path) -> tuple[list[RunInput], dict[str, str]]:
+    """`--input` and `--env` as given, or on --resume without them, as the run's record says."""
+    inputs = parse_inputs(request.inputs) if request.inputs or previous is None else recorded_inputs(previous, run_dir)
+    env = parse_env(request.env) if request.env or previous is None else recorded_env(previous, run_dir)
+    return inputs, env
+
+
+def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str]) -> EnvmgrError:
+    if record.get("reason") == "no outputs":
+        why = "no outputs"
+        detail = f"  it exited 0 but wrote nothing that matches {', '.join(record.get('missing_outputs') or [])}\n"
+    else:
+        why = ("the container was killed for lack of memory (OOM)" if record.get("oom_killed")
+               else f"exit {record.get('exit_code')}")
+        detail = ""
+    last = "\n".join(f"    {line}" for line in tail)
+    return EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n{detail}  last lines:\n{last}",
+                       hint="the spec's `success` names what a run must write" if detail else None)
+
+
 def resolve_gpus(ctx: Context, spec: MethodSpec, given: str | None) -> GpuRequest:
     if given is not None:
         request = parse_gpus(given)
@@ -342,8 +371,10 @@ def run(ctx: Context, request: RunRequest) -> dict:
                              request.variant or (recorded_variant if isinstance(recorded_variant, str) else None))
     spec = gpu_plan.spec
 
+    inputs, user_env = _given(request, previous, run_dir)
     user = _run_user(ctx, as_root)
-    _check_inputs_readable([("model", model), ("dataset", dataset)], user)
+    _check_inputs_readable([("model", model), ("dataset", dataset)]
+                           + [(f"input {i.name}", i.path) for i in inputs], user)
     result = build_image(ctx, spec)
     gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None or node is not None)
@@ -353,6 +384,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
             raise UsageError(f"{folder} is a symbolic link; envmgr will not mount it")
         folder.mkdir(exist_ok=True)
         _hand_to(folder, user)
+    if spec.workdir == "method":
+        copy_method(spec, work, user, _excluded(spec))
 
     # Only output/ and the scratch work/ are writable by the method; run.json and log.txt are not mounted.
     mounts = [BindMount(work, paths.CONTAINER_RUN, read_only=False),
@@ -364,6 +397,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     if dataset:
         mounts.append(BindMount(dataset, f"{paths.CONTAINER_DATA}/{dataset.name}", read_only=True))
         platform_args.insert(1, f"--pic_relative_path={paths.CONTAINER_DATA}/{dataset.name}")
+    mounts += [BindMount(i.path, i.target, read_only=True) for i in inputs]
     given = {a.split("=", 1)[0] for a in args}
     command = _entry_command(spec) + ([a for a in platform_args if a.split("=", 1)[0] not in given]
                                       if spec.platform_args else []) + args
@@ -381,6 +415,9 @@ def run(ctx: Context, request: RunRequest) -> dict:
     if not gpus.wants_gpus:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if inputs:
+        env["ENVMGR_INPUTS_DIR"] = paths.CONTAINER_INPUTS
+    env.update(user_env)   # names envmgr sets are refused in run_inputs.parse_env
     if node:
         env.update(node.env)
 
@@ -394,9 +431,12 @@ def run(ctx: Context, request: RunRequest) -> dict:
         if model else None,
         "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset, ctx.cache_dir)}
         if dataset else None,
+        "inputs": [{"name": i.name, "path": str(i.path), "hash": content_hash(i.path, ctx.cache_dir)}
+                   for i in inputs],
+        "env": user_env,
         "arguments": args, "command": command, "gpus": gpus.env_value(), "network": request.network,
         "host": socket.gethostname(), "user": getpass.getuser(), "run_as": user, "as_root": user == "0:0",
-        "status": "running", "exit_code": None, "reason": None, "container": container_name,
+        "status": "running", "exit_code": None, "reason": None, "missing_outputs": None, "container": container_name,
         "envmgr": {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()},
         "gpu": gpu_plan.record(), "variant": spec.variant,
     })
@@ -412,7 +452,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
 
     container = ContainerSpec(
         image=result.image_id, command=command, env=env, mounts=mounts,
-        workdir=paths.CONTAINER_RUN if spec.workdir == "run" else paths.CONTAINER_METHOD_DIR,
+        workdir=paths.CONTAINER_RUN if spec.workdir == "run" else _method_dir(spec),
         user=user, network=request.network, shm_size=shm, name=container_name,
         device_requests=device_requests, labels={paths.LABEL_METHOD: spec.name, paths.LABEL_KIND: "run",
                                                  paths.LABEL_PREFIX + "run-id": run_id},
@@ -420,7 +460,13 @@ def run(ctx: Context, request: RunRequest) -> dict:
     ).hardened(pids_limit=ctx.config.run.pids_limit, mem_limit=memory)
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
+    started_ns = time.time_ns()
     status, code, tail, oom_killed = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
+    # exit 0, but not what the spec says a run writes: a launcher that hides a crash (rank 0 judges a run)
+    missing = missing_outputs(spec, run_dir, started_ns) if status == "succeeded" and not (node and node.rank) else []
+    if missing:
+        status = "failed"
+        record.update(reason="no outputs", missing_outputs=missing)
     record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
                   oom_killed=oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
@@ -429,9 +475,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
     if status == "failed":
-        why = "the container was killed for lack of memory (OOM)" if oom_killed else f"exit {code}"
-        last = "\n".join(f"    {line}" for line in tail)
-        raise EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n  last lines:\n{last}")
+        raise _failure(run_id, run_dir, record, tail)
     return record
 
 
@@ -442,6 +486,7 @@ class _SecondInterrupt:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.previous: dict[int, Any] = {}
+        self.interrupted = False
 
     def __enter__(self) -> "_SecondInterrupt":
         if threading.current_thread() is threading.main_thread():
@@ -451,6 +496,7 @@ class _SecondInterrupt:
         return self
 
     def _first(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+        self.interrupted = True
         for sig in self.previous:
             signal.signal(sig, self._again)
         raise KeyboardInterrupt
@@ -460,6 +506,8 @@ class _SecondInterrupt:
                          "the run record is written when it has stopped")
 
     def __exit__(self, *exc: Any) -> None:
+        if self.interrupted:
+            return   # stay shielded: the record is written and the interruption reported after this block
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -479,6 +527,7 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str
         event = _progress_event(line)
         if event is None:
             ctx.ui.log(line)
+            display.line(line)
             return
         ctx.ui.event("method." + str(event.get("event")), **{k: v for k, v in event.items() if k != "event"})
         if event.get("event") == "progress":
@@ -489,7 +538,7 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str
     oom_killed = False
     with _SecondInterrupt(ctx):
         try:
-            ended = ctx.engine.run(container, on_line=on_line, on_start=on_start)
+            ended = ctx.engine.run(container, on_line=on_line, on_start=on_start, on_partial=display.line)
             code, oom_killed = ended.exit_code, ended.oom_killed
             status = "succeeded" if code == 0 else "failed"
         except (Interrupted, KeyboardInterrupt):
@@ -583,6 +632,10 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
             log.write(f"# envmgr: {reason}\n")
         ctx.engine.remove_container(name, force=True)
     code = state["exit_code"] if state else None
+    missing = _missing_after_kill(ctx, run_dir, record) if status == "succeeded" else []
+    if missing:
+        status, reason = "failed", "no outputs"
+        record["missing_outputs"] = missing
     record.update(status=status, reason=reason, exit_code=code, ended=_now(),
                   artifacts=artifacts(run_dir / records.OUTPUT))
     if record.get("attempts"):
@@ -590,6 +643,19 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
     write_record(run_dir, record)
     ctx.ui.warn(f"run {record.get('run_id')}: {reason} → {status}")
     return record
+
+
+def _missing_after_kill(ctx: Context, run_dir: Path, record: dict) -> list[str]:
+    """The spec's success globs against what the last attempt wrote, for a run settled after envmgr died."""
+    attempts = record.get("attempts")
+    started = attempts[-1].get("started") if isinstance(attempts, list) and attempts and isinstance(
+        attempts[-1], dict) else None
+    try:
+        spec = find_method(str(record.get("method")), ctx.config.base_dir)
+        started_ns = int(dt.datetime.fromisoformat(str(started)).timestamp()) * 1_000_000_000
+    except (UsageError, ValueError):
+        return []        # the method is gone or the record has no start: the exit code alone decides
+    return missing_outputs(spec, run_dir, started_ns)
 
 
 def list_runs(ctx: Context, method: str | None = None) -> list[dict]:

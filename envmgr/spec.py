@@ -85,7 +85,10 @@ class MethodSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     exclude: list[str] = Field(default_factory=list)   # glob patterns of files not copied into the image
     platform_args: bool = True    # pass the platform's --model_path/--pic_relative_path/... to the entry
-    workdir: Literal["run", "method"] = "run"   # the entry's working directory: the run dir or its own files
+    # the entry's working directory: the run dir, or a writable copy of its own files (<run_dir>/work/method)
+    workdir: Literal["run", "method"] = "run"
+    # globs relative to the run dir that must each match a file the run wrote, else exit 0 is `failed (no outputs)`
+    success: list[str] | None = None
     adapt: Adaptations = Field(default_factory=Adaptations)
     gpu_memory_gb: float | None = Field(default=None, gt=0)   # the least memory (GB, 10^9 bytes) a GPU needs
     variants: dict[str, Variant] = Field(default_factory=dict)
@@ -111,6 +114,14 @@ class MethodSpec(BaseModel):
         parts = Path(value).parts
         if Path(value).is_absolute() or ".." in parts:
             raise ValueError("a path inside the method's folder (relative, without '..')")
+        return value
+
+    @field_validator("success")
+    @classmethod
+    def _success(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            if not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+                raise ValueError(f"{pattern!r}: a glob relative to the run directory, e.g. \"output/*.safetensors\"")
         return value
 
     @field_validator("entry")

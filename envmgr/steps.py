@@ -7,13 +7,18 @@ as the invoking user, and turns a failure into one line that says what failed an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import unquote, urlsplit
 
 from . import paths
+from .config import strip_credentials
 from .containers import BindMount, ContainerSpec
 from .errors import EnvmgrError, MirrorError
 
@@ -64,15 +69,48 @@ def run_in_container(ctx: Context, step: Step, on_line: Callable[[str], None] | 
         if on_line:
             on_line(line)
 
-    spec = ContainerSpec(
-        image=step.image, command=["/bin/sh", "-ec", step.script], env=step.env, mounts=step.mounts,
-        workdir=step.workdir, user=f"{os.getuid()}:{os.getgid()}", network=step.network,
-        labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: step.method},
-    )
-    code = ctx.engine.run(spec, on_line=collect).exit_code
+    with credentials_file(ctx, step.env) as (env, mounts):
+        spec = ContainerSpec(
+            image=step.image, command=["/bin/sh", "-ec", step.script], env=env, mounts=step.mounts + mounts,
+            workdir=step.workdir, user=f"{os.getuid()}:{os.getgid()}", network=step.network,
+            labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: step.method},
+        ).hardened()
+        code = ctx.engine.run(spec, on_line=collect).exit_code
     if code != 0:
         raise _failure(ctx, step, code, lines)
     return lines
+
+
+@contextlib.contextmanager
+def credentials_file(ctx: Context, env: dict[str, str]) -> Iterator[tuple[dict[str, str], list[BindMount]]]:
+    """Mirror credentials reach a step as a netrc file mounted read-only, never in its environment.
+
+    Each URL in `env` loses its `user:password@`; uv, pip and poetry (requests) read the netrc that
+    NETRC names. The file lives in a private temp folder for the step's lifetime only.
+    """
+    logins: dict[str, tuple[str, str]] = {}
+    clean: dict[str, str] = {}
+    for key, value in env.items():
+        for url in _URL.findall(value):
+            parts = urlsplit(url)
+            if parts.hostname and (parts.username or parts.password):
+                logins[parts.hostname] = (unquote(parts.username or ""), unquote(parts.password or ""))
+                value = value.replace(url, strip_credentials(url))
+        clean[key] = value
+    if not logins:
+        yield clean, []
+        return
+    with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".netrc-") as folder:
+        netrc = Path(folder) / "netrc"
+        fd = os.open(netrc, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            for host, (login, password) in sorted(logins.items()):
+                secret = password or '""'   # a token given as the user alone: an empty password
+                fh.write(f"machine {host} login {login} password {secret}\n")
+        yield {**clean, "NETRC": paths.CONTAINER_NETRC}, [BindMount(netrc, paths.CONTAINER_NETRC, read_only=True)]
+
+
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s,]+", re.I)
 
 
 def _failure(ctx: Context, step: Step, code: int, lines: list[str]) -> EnvmgrError:

@@ -138,19 +138,52 @@ class Task:
         self.describe = describe
 
 
+def latest_segment(line: str, width: int = 160) -> str:
+    """What a terminal shows of a line redrawn with carriage returns (tqdm): its last non-empty
+    segment, control characters dropped, cut to `width`."""
+    segments = [s for s in line.split("\r") if s.strip()]
+    text = "".join(c for c in (segments[-1] if segments else "") if c.isprintable()).strip()
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 class TrainingProgress:
-    """A method's `{"event": "progress", ...}` lines as a bar on a terminal, every tenth step in plain mode."""
+    """A method's `{"event": "progress", ...}` lines as a bar on a terminal, every tenth step in plain mode.
+
+    A method that prints no such events (most third-party ones) shows its newest output line instead,
+    tqdm bars included, on a terminal; plain and JSON modes leave that to `-v` and log.txt."""
 
     def __init__(self, ui: Reporter):
         self.ui = ui
         self._bar: Progress | None = None
         self._task: Any = None
+        self._status: Progress | None = None
+        self._status_task: Any = None
+
+    def line(self, text: str) -> None:
+        """A line (or the part of one being redrawn) the method printed: the newest one is shown."""
+        if self.ui.mode != "rich" or self._bar is not None:
+            return
+        shown = escape(self.ui.redact(latest_segment(text)))
+        if not shown:
+            return
+        if self._status is None:
+            self._status = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                    console=self.ui.console, transient=True)
+            self._status.__enter__()
+            self._status_task = self._status.add_task(shown, total=None)
+        self._status.update(self._status_task, description=shown)
+
+    def _close_status(self) -> None:
+        if self._status is not None:
+            self._status.__exit__(None, None, None)
+            self._status = None
 
     def update(self, event: dict[str, Any]) -> None:
         step, total = event.get("step", 0), event.get("max_steps")
         loss, sps = event.get("loss", float("nan")), event.get("s_per_step", 0)
         if self.ui.mode == "rich":
             if self._bar is None:
+                self._close_status()   # the method speaks JSON progress: the bar replaces its last line
                 self._bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} s/step"),
                                      TextColumn("ETA"), TimeRemainingColumn(), console=self.ui.console)
@@ -162,6 +195,7 @@ class TrainingProgress:
                 self.ui.info(f"step {step}/{total} loss {loss:.4f} {sps:.2f} s/step")
 
     def close(self) -> None:
+        self._close_status()
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
             self._bar = None

@@ -31,7 +31,8 @@ from pathlib import Path
 METHOD_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(METHOD_DIR))
 
-from sd_trainer.dataset_prep import DatasetError, prepare_dataset  # noqa: E402
+from sd_trainer.config import CROP_ASPECTS, CROP_STYLES, LORA_TARGETS  # noqa: E402
+from sd_trainer.dataset_prep import DatasetError, cap_caption, prepare_dataset  # noqa: E402
 from sd_trainer.model_folder import ModelError, check_model_folder  # noqa: E402
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -73,6 +74,15 @@ def _non_empty(text: str) -> str:
     return text.strip()
 
 
+def _switch(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("", "true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _resume(text: str) -> str | None:
     lowered = text.strip().lower()
     if lowered in ("", "true", "1", "yes", "latest"):
@@ -105,10 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: $MIXED_PRECISION or bf16 (fp32 on CPU)")
     add("--checkpointing_steps", type=_number(int, 0, 10_000_000), default=None, help="default: max_steps/4")
     add("--validation_steps", type=_number(int, 0, 10_000_000), default=None, help="default: max_steps/4")
-    add("--validation_prompt", type=_non_empty, default=None, help="default: the first caption")
+    add("--validation_prompt", type=_non_empty, action="append", default=None,
+        help="repeat for several prompts, each with a fixed seed (default: the first caption)")
     add("--validation_num_inference_steps", type=_number(int, 1, 1000), default=20)
     add("--minimum_image_size", type=_number(int, 0, 16384), default=None,
         help="drop smaller images instead of upscaling them")
+    add("--maximum_image_size", type=_number(int, 64, 65536), default=None,
+        help="downsample larger images to this size first")
+    add("--resolution_type", choices=("pixel", "pixel_area"), default="pixel_area",
+        help="pixel_area: each bucket holds about resolution² pixels; pixel: the short side is resolution")
+    add("--crop", type=_switch, nargs="?", const=True, default=False,
+        help="crop to the bucket instead of resizing the whole image into it")
+    add("--crop_style", choices=tuple(s for s in CROP_STYLES if s != "centre"), default="center")
+    add("--crop_aspect", choices=CROP_ASPECTS, default="preserve", help="with --crop: square crops every image to R x R")
+    add("--random_flip", type=_switch, nargs="?", const=True, default=False, help="also train on mirrored images")
+    add("--trigger_word", "--instance_prompt", dest="trigger_word", type=_non_empty, default=None,
+        help="prepended to every caption (SimpleTuner's instance_prompt)")
+    add("--caption_dropout", type=_number(float, 0.0, 0.99), default=0.0,
+        help="probability of training a sample with the empty caption")
+    add("--lora_alpha", type=_number(float, 1e-6, 65536.0), default=None, help="default: lora_rank")
+    add("--lora_target", choices=tuple(LORA_TARGETS), default="attention",
+        help="attention, attention+context (+ context-stream projections), attention+context+ff / all (+ feed-forward)")
+    add("--validation_seed", type=_number(int, 0, 2**32 - 1), default=None, help="prompt i uses this + i (default: --seed)")
+    add("--export_comfyui", type=_switch, nargs="?", const=True, default=False,
+        help="also write pytorch_lora_weights_comfyui.safetensors (ComfyUI key names with .alpha tensors)")
+    add("--gradient_checkpointing", type=_switch, nargs="?", const=True, default=None,
+        help="trade compute for memory (default: on at resolution >= 768)")
+    add("--cache_dir", type=Path, default=None,
+        help="latent/text cache folder, shareable between runs (default: $SD_DEMO_CACHE_DIR, else <work dir>/cache)")
     return parser
 
 
@@ -120,10 +154,13 @@ def fail(message: str, code: int = EXIT_ERROR) -> int:
 # ---------------------------------------------------------------- config files
 
 
-def write_configs(args, output_dir: Path, work_dir: Path, dataset_dir: Path, validation_prompt: str) -> Path:
-    """SimpleTuner's config.json, multidatabackend.json and config.env (existing env vars win)."""
+def write_configs(args, output_dir: Path, work_dir: Path, dataset_dir: Path, validation_prompts: list[str]) -> Path:
+    """SimpleTuner's config.json, multidatabackend.json and config.env (existing env vars win).
+
+    Written with SimpleTuner's current key names (checkpoint_step_interval, ...)."""
     config_dir = work_dir / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = (args.cache_dir or Path(os.environ.get("SD_DEMO_CACHE_DIR") or work_dir / "cache")).resolve()
     every = max(1, args.max_steps // 4)
     backend_file = config_dir / "multidatabackend.json"
     config = {
@@ -132,7 +169,7 @@ def write_configs(args, output_dir: Path, work_dir: Path, dataset_dir: Path, val
         "--pretrained_model_name_or_path": str(args.model_path.resolve()),
         "--output_dir": str(output_dir),
         "--resolution": args.resolution,
-        "--resolution_type": "pixel",
+        "--resolution_type": args.resolution_type,
         "--train_batch_size": args.batch_size,
         "--max_train_steps": args.max_steps,
         "--gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -140,13 +177,19 @@ def write_configs(args, output_dir: Path, work_dir: Path, dataset_dir: Path, val
         "--lr_scheduler": args.lr_scheduler,
         "--lr_warmup_steps": args.warmup_steps,
         "--lora_rank": args.lora_rank,
+        "--lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_rank,
+        "--lora_target": args.lora_target,
         "--lora_type": "standard",
+        "--caption_dropout_probability": args.caption_dropout,
+        "--random_flip": args.random_flip,
+        "--export_comfyui": args.export_comfyui,
         "--seed": args.seed,
         "--optimizer": "adamw_bf16",
-        "--checkpointing_steps": every if args.checkpointing_steps is None else args.checkpointing_steps,
+        "--checkpoint_step_interval": every if args.checkpointing_steps is None else args.checkpointing_steps,
         "--checkpoints_total_limit": 3,
-        "--validation_steps": every if args.validation_steps is None else args.validation_steps,
-        "--validation_prompt": validation_prompt,
+        "--validation_step_interval": every if args.validation_steps is None else args.validation_steps,
+        "--validation_prompt": validation_prompts[0],
+        "--validation_prompts": validation_prompts,
         "--validation_num_inference_steps": args.validation_num_inference_steps,
         "--data_backend_config": str(backend_file),
         "--report_to": "none",
@@ -154,22 +197,35 @@ def write_configs(args, output_dir: Path, work_dir: Path, dataset_dir: Path, val
         "--resume_from_checkpoint": args.resume or False,
         "--push_to_hub": False,
     }
+    if args.validation_seed is not None:
+        config["--validation_seed"] = args.validation_seed
+    if args.gradient_checkpointing is not None:  # unset: the trainer turns it on at resolution >= 768
+        config["--gradient_checkpointing"] = args.gradient_checkpointing
+    image_backend = {
+        "id": "sd-demo-dataset",
+        "type": "local",
+        "dataset_type": "image",
+        "instance_data_dir": str(dataset_dir),
+        "caption_strategy": "textfile",
+        "resolution": args.resolution,
+        "resolution_type": args.resolution_type,
+        "crop": args.crop,
+        "crop_style": args.crop_style,
+        "crop_aspect": args.crop_aspect,
+        "cache_dir_vae": str(cache_dir / "vae"),
+        "repeats": 0,
+    }
     if args.minimum_image_size:
         config["--minimum_image_size"] = args.minimum_image_size
+        image_backend["minimum_image_size"] = args.minimum_image_size
+    if args.maximum_image_size:
+        image_backend["maximum_image_size"] = args.maximum_image_size
+    if args.trigger_word:
+        image_backend.update(instance_prompt=args.trigger_word, prepend_instance_prompt=True)
     backends = [
-        {
-            "id": "sd-demo-dataset",
-            "type": "local",
-            "dataset_type": "image",
-            "instance_data_dir": str(dataset_dir),
-            "caption_strategy": "textfile",
-            "resolution": args.resolution,
-            "resolution_type": "pixel",
-            "cache_dir_vae": str(work_dir / "cache" / "vae"),
-            "repeats": 0,
-        },
+        image_backend,
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
-         "cache_dir": str(work_dir / "cache" / "text")},
+         "cache_dir": str(cache_dir / "text")},
     ]
     env_lines = [
         "# written by sd-demo.py; variables already set in the environment win",
@@ -295,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({report.captions_from_jsonl} captions from {report.jsonl or 'no JSONL'}, "
           f"{report.captions_from_txt} from .txt files)", file=sys.stderr, flush=True)
 
-    first_caption = next(iter(sorted(dataset_dir.glob("*.txt")))).read_text(encoding="utf-8").strip()
-    write_configs(args, output_dir, work_dir, dataset_dir, args.validation_prompt or first_caption)
+    first_caption, _ = cap_caption(next(iter(sorted(dataset_dir.glob("*.txt")))).read_text(encoding="utf-8").strip())
+    if args.trigger_word and not first_caption.startswith(args.trigger_word):
+        first_caption = f"{args.trigger_word}, {first_caption}"
+    prompts = [cap_caption(prompt)[0] for prompt in args.validation_prompt or [first_caption]]
+    write_configs(args, output_dir, work_dir, dataset_dir, prompts)
     return run_training(work_dir)
 
 

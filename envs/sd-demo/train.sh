@@ -4,7 +4,8 @@
 #
 #   ENV                     use config/$ENV/config.json (and config/$ENV/config.env)
 #   CONFIG_BACKEND          json (the only supported backend)
-#   TRAINING_NUM_PROCESSES  processes (GPUs) per machine, default 1
+#   TRAINING_NUM_PROCESSES  processes (GPUs) per machine, default 1; `auto` = the visible GPUs
+#                           (CUDA_VISIBLE_DEVICES when set and not empty, else `nvidia-smi -L`)
 #   TRAINING_NUM_MACHINES   default 1
 #   MIXED_PRECISION         bf16 (default), fp16 or no; the trainer uses fp32 when there is no GPU
 #   TRAINING_DYNAMO_BACKEND default no
@@ -44,6 +45,41 @@ TRAINING_NUM_MACHINES="${TRAINING_NUM_MACHINES:-1}"
 MIXED_PRECISION="${MIXED_PRECISION:-bf16}"
 TRAINING_DYNAMO_BACKEND="${TRAINING_DYNAMO_BACKEND:-no}"
 python="${SD_DEMO_PYTHON:-python3}"
+
+# The number of GPUs this process may use: CUDA_VISIBLE_DEVICES when set and not empty, else nvidia-smi's list.
+visible_gpus() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+        local count=0 entry
+        IFS=',' read -r -a entries <<< "${CUDA_VISIBLE_DEVICES}"
+        for entry in "${entries[@]}"; do
+            entry="${entry// /}"
+            # CUDA stops at the first invalid entry (-1 is the usual way to hide every GPU)
+            [[ -z "${entry}" || "${entry}" == -* || "${entry,,}" == "none" || "${entry}" == "NoDevFiles" ]] && break
+            count=$((count + 1))
+        done
+        echo "${count}"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
+    else
+        echo 0
+    fi
+}
+
+if [[ "${TRAINING_NUM_PROCESSES}" == "auto" ]]; then
+    TRAINING_NUM_PROCESSES="$(visible_gpus)"
+    if [[ "${TRAINING_NUM_PROCESSES}" == "0" ]]; then
+        if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+            how="CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES} names none"
+        elif command -v nvidia-smi >/dev/null 2>&1; then
+            how="nvidia-smi -L lists none"
+        else
+            how="no nvidia-smi and CUDA_VISIBLE_DEVICES is unset"
+        fi
+        echo "train.sh: error: TRAINING_NUM_PROCESSES=auto but no GPU is visible (${how}); run with GPUs or set a number" >&2
+        exit 1
+    fi
+    echo "train.sh: TRAINING_NUM_PROCESSES=auto -> ${TRAINING_NUM_PROCESSES} (visible GPUs)" >&2
+fi
 
 for var in TRAINING_NUM_PROCESSES TRAINING_NUM_MACHINES; do
     if ! [[ "${!var}" =~ ^[1-9][0-9]*$ ]]; then

@@ -216,3 +216,16 @@ def test_method_add_of_a_repository_with_a_device_file_is_refused_by_name(worksp
     for bad in ("x..", "base-bookworm-py311"):
         refused = workspace.envmgr("method", "add", str(repo), "--name", bad, check=False)
         assert refused.returncode == 2, refused.stderr
+
+
+def test_two_quick_ctrl_c_still_end_in_a_consistent_record(hostile, engine):
+    proc, run_dir = _start_sleeping_run(hostile)
+    _container_of(engine, run_dir.name)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)      # the second one only says the container is still stopping
+    proc.wait(timeout=180)
+    assert proc.returncode == 130, proc.stderr.read()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["attempts"][-1]["status"] == "interrupted"
+    assert not engine.containers.list(all=True, filters={"label": f"org.envmgr.run-id={run_dir.name}"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tomllib
 import zipfile
@@ -63,7 +64,36 @@ print('{"event": "done", "steps": 0}')
 
 PIP_REPO = {
     "requirements.txt": "--extra-index-url https://download.example.invalid/whl\nenvmgr-alpha>=1.0\n",
-    "train.py": "import envmgr_alpha\nprint(envmgr_alpha.GREETING)\n",
+    "train.py": "import envmgr_alpha, os, pathlib\nprint(envmgr_alpha.GREETING)\n"
+                "pathlib.Path(os.environ['ENVMGR_OUTPUT_DIR'], 'greeting.txt').write_text(envmgr_alpha.GREETING)\n",
+}
+
+# Shaped like a real launcher: writes a log beside itself, reads its config relative to itself or from
+# an input, draws a tqdm-style bar with carriage returns, and exits 0 even when it produced nothing.
+LAUNCHER_REPO = {
+    "requirements.txt": "envmgr-alpha>=1.0\n",
+    "config/defaults.json": '{"steps": 3}\n',
+    "train.sh": """\
+#!/usr/bin/env bash
+HERE="$(cd "$(dirname "$0")" && pwd)"
+echo "launch $(id -u) mode=${MODE:-unset}" >> "$HERE/debug.log"
+CONFIG="${CONFIG_FILE:-$HERE/config/defaults.json}"
+python - "$CONFIG" <<'PY'
+import json, os, sys, pathlib, envmgr_alpha
+config = json.loads(pathlib.Path(sys.argv[1]).read_text())
+for step in range(1, config["steps"] + 1):
+    sys.stdout.write(f"\\r{step * 100 // config['steps']:3d}%|{'#' * step}| {step}/{config['steps']}")
+    sys.stdout.flush()
+print()
+if os.environ.get("MODE") != "crash":
+    out = pathlib.Path(os.environ["ENVMGR_OUTPUT_DIR"])
+    (out / "model.safetensors").write_text(f"{envmgr_alpha.GREETING} steps={config['steps']}")
+else:
+    print("Traceback (most recent call last): the trainer crashed, the launcher does not care")
+PY
+echo "launcher done"
+exit 0
+""",
 }
 
 
@@ -177,3 +207,83 @@ def test_sdist_that_fails_to_build_is_named_with_version_and_step(workspace, tmp
     assert proc.returncode == 1, proc.stderr
     assert "needs-torch==0.1" in proc.stderr and "failed while" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_launcher_gets_inputs_env_a_writable_folder_and_an_honest_verdict(workspace, mirror_a, tmp_path):
+    workspace.envmgr("method", "add", str(_zip(tmp_path / "launcher.zip", LAUNCHER_REPO)), "--name", "launcher")
+    method = workspace.base_dir / "methods" / "launcher"
+    spec = tomllib.loads((method / "envmgr.toml").read_text())
+    assert spec["success"] == ["output/*"] and spec["workdir"] == "method"
+    source_digest = _tree_digest(method / "source")
+    workspace.envmgr("lock", "launcher", mirror=mirror_a.url)
+    built = _done(workspace.envmgr("--json", "build", "launcher", mirror=mirror_a.url))
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "config.json").write_text('{"steps": 5}\n')
+    inputs.chmod(0o755)
+    ran = workspace.envmgr("--json", "run", "launcher", "--gpus", "none", "--input", f"{inputs}:cfg",
+                           "--env", "CONFIG_FILE=/envmgr/inputs/cfg/config.json", "--env", "MODE=good")
+    run_dir = Path(_done(ran)["run_dir"])
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "succeeded" and record["reason"] is None
+    assert (run_dir / "output" / "model.safetensors").read_text() == "alpha+beta-1.1 steps=5"
+    assert record["env"] == {"CONFIG_FILE": "/envmgr/inputs/cfg/config.json", "MODE": "good"}
+    [given] = record["inputs"]
+    assert given["name"] == "cfg" and given["path"] == str(inputs) and given["hash"].startswith("sha256:")
+    log = run_dir / "work" / "method" / "debug.log"          # written beside train.sh, by a non-root uid
+    uid = record["run_as"].split(":")[0]
+    assert log.read_text() == f"launch {uid} mode=good\n" and uid != "0"
+    assert str(log.stat().st_uid) == uid
+    assert "100%|#####| 5/5" in (run_dir / "log.txt").read_text()
+    assert _tree_digest(method / "source") == source_digest, "the method's own files changed"
+    assert record["image"]["id"] == built["image"], "run-time inputs and env are not part of the image"
+
+    crashed = workspace.envmgr("run", "launcher", "--gpus", "none", "--env", "MODE=crash", check=False)
+    assert crashed.returncode == 1 and "failed (no outputs)" in crashed.stderr, crashed.stderr
+    crash_dir = max((workspace.base_dir / "runs" / "launcher").iterdir(), key=lambda p: p.name)
+    record = json.loads((crash_dir / "run.json").read_text())
+    assert (record["status"], record["reason"], record["exit_code"]) == ("failed", "no outputs", 0)
+    assert record["missing_outputs"] == ["output/*"] and record["inputs"] == []
+
+    resumed = workspace.envmgr("run", "launcher", "--resume", crash_dir.name, "--gpus", "none", check=False)
+    assert resumed.returncode == 1 and "failed (no outputs)" in resumed.stderr
+    assert (crash_dir / "work" / "method" / "debug.log").read_text().count("mode=crash") == 2, \
+        "resume keeps the method's folder and its recorded env"
+
+    refused = workspace.envmgr("run", "launcher", "--gpus", "none", "--env", "HOME=/root", check=False)
+    assert refused.returncode == 2 and "envmgr sets it itself" in refused.stderr
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    secret.chmod(0o600)
+    if record["run_as"] != f"{os.getuid()}:{os.getgid()}":
+        unreadable = workspace.envmgr("run", "launcher", "--gpus", "none", "--input", str(secret), check=False)
+        assert unreadable.returncode == 2 and "not readable by the user the method runs as" in unreadable.stderr
+    gone = workspace.envmgr("run", "launcher", "--gpus", "none", "--input", str(tmp_path / "nope"), check=False)
+    assert gone.returncode == 2 and "does not exist" in gone.stderr
+
+
+def test_a_bar_redrawn_with_carriage_returns_reaches_the_display_before_its_newline(store, engine):
+    """The engine's log stream holds a line back until its newline; the attached stream does not."""
+    import time
+
+    from envmgr.base import ensure_base
+    from envmgr.config import load_config
+    from envmgr.containers import ContainerSpec
+    from envmgr.context import Context
+    from envmgr.engine import Engine
+    from envmgr.ui import Reporter
+
+    ctx = Context(config=load_config({"cache_dir": str(store / "cache")}, files=[]), ui=Reporter("plain"))
+    image = ensure_base(ctx, "bookworm-py311").image_id
+    script = ("import sys, time\nfor i in range(3):\n    sys.stdout.write(f'\\r{i + 1}/3'); sys.stdout.flush(); "
+              "time.sleep(1)\nprint()\nprint('after')\n")
+    partial: list[tuple[str, float]] = []
+    lines: list[str] = []
+    spec = ContainerSpec(image=image, command=["/usr/bin/python3.11", "-c", script], user="65534:65534").hardened()
+    ended = Engine().run(spec, on_line=lines.append, on_partial=lambda s: partial.append((s, time.monotonic())))
+    done = time.monotonic()
+    assert ended.exit_code == 0
+    assert [text for text, _ in partial] == ["1/3", "2/3", "3/3"]
+    assert partial[0][1] < done - 1.5, "the first segment came while the container still ran"
+    assert lines == ["\r1/3\r2/3\r3/3", "after"]

@@ -205,3 +205,24 @@ def test_import_staging_never_creates_a_folder_through_a_member_link(tmp_path):
     with pytest.raises(EnvmgrError, match="lies under a link"):
         _stage_targets(manifest, tmp_path / "staging" / "method")
     assert list(outside.iterdir()) == []
+
+
+def test_step_credentials_go_to_a_mounted_netrc_never_the_environment(tmp_path):
+    from envmgr.config import load_config
+    from envmgr.context import Context
+    from envmgr.steps import credentials_file
+    from envmgr.ui import Reporter
+
+    ctx = Context(load_config({"cache_dir": str(tmp_path)}, files=[], inherit_host=False), Reporter("plain"))
+    env = {"UV_DEFAULT_INDEX": "http://builder:s3cret-Tok@127.0.0.1:8080/simple/",
+           "UV_INDEX": "http://127.0.0.1:9/a/ https://tok-only-0123456789@mirror.example/b/", "HOME": "/tmp"}
+    with credentials_file(ctx, env) as (clean, mounts):
+        assert "s3cret-Tok" not in str(clean) and "tok-only-0123456789" not in str(clean)
+        assert clean["UV_DEFAULT_INDEX"] == "http://127.0.0.1:8080/simple/" and clean["NETRC"]
+        netrc = mounts[0].source.read_text()
+        assert "machine 127.0.0.1 login builder password s3cret-Tok" in netrc
+        assert "machine mirror.example login tok-only-0123456789 password " in netrc
+        assert mounts[0].read_only and oct(mounts[0].source.stat().st_mode)[-3:] == "600"
+    assert not mounts[0].source.exists()
+    with credentials_file(ctx, {"UV_DEFAULT_INDEX": "http://127.0.0.1/simple/"}) as (clean, mounts):
+        assert mounts == [] and "NETRC" not in clean

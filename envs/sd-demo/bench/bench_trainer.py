@@ -28,23 +28,34 @@ sys.path.insert(0, str(METHOD_DIR))
 GOAL_RATIO = 0.8
 
 
-def sample_images(count: int, resolution: int):
-    """Coloured shapes as [-1, 1] tensors, plus captions."""
-    import torch
+def sample_images(count: int, folder: Path) -> Path:
+    """Coloured shapes with captions in the trainer's textfile layout."""
     from PIL import Image, ImageDraw
 
-    from sd_trainer.data import load_pixels
-
-    pixels, captions = [], []
-    folder = Path(tempfile.mkdtemp(prefix="bench-images-"))
+    folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         image = Image.new("RGB", (128, 128), (40 * index % 255, 120, 200))
         ImageDraw.Draw(image).ellipse((30, 30, 98, 98), fill=(230, 40 + 30 * index % 200, 40))
-        path = folder / f"{index}.png"
-        image.save(path)
-        pixels.append(load_pixels(path, resolution, None)[0])
-        captions.append(f"a red circle number {index} on a blue background")
-    return torch.stack(pixels), captions
+        image.save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(f"a red circle number {index} on a blue background")
+    return folder
+
+
+class EncodedBatch:
+    """What the uncached loop trains on: one batch, encoded right now, held in memory."""
+
+    def __init__(self, latents, embeds, pooled):
+        import torch
+
+        self._latents, self._embeds, self._pooled = latents, embeds, pooled
+        self.caption_ids = torch.arange(1, len(latents) + 1)
+        self.order = torch.arange(len(latents))
+
+    def latents(self, indices, flip=None):
+        return self._latents[indices]
+
+    def prompt_embeddings(self, prompt_ids):
+        return self._embeds[prompt_ids], self._pooled[prompt_ids]
 
 
 def run_mode(args) -> dict:
@@ -52,33 +63,38 @@ def run_mode(args) -> dict:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    from sd_trainer import data, model
-    from sd_trainer.config import LORA_TARGETS, TrainConfig
+    from sd_trainer import buckets, data, model
+    from sd_trainer.config import LORA_TARGETS, ImageBackend, TrainConfig
     from sd_trainer.loop import Trainer
 
     precision = "bf16" if args.dtype == "bf16" else "no"
     accelerator = Accelerator(mixed_precision=precision, cpu=args.device == "cpu" and torch.cuda.is_available())
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = accelerator.device
-    config = TrainConfig(pretrained_model_name_or_path=Path(args.model), resolution=args.resolution,
-                         train_batch_size=args.batch_size, max_train_steps=args.steps, learning_rate=1e-4,
-                         lora_rank=16, tokenizer_max_length=args.max_length, seed=0)
-    pixels, captions = sample_images(args.images, args.resolution)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
+    backend = ImageBackend(id="bench", instance_data_dir=sample_images(args.images, scratch / "images"),
+                           resolution_type="pixel_area", cache_dir_vae=scratch / "cache" / "vae")
+    config = TrainConfig(pretrained_model_name_or_path=Path(args.model), output_dir=scratch / "output",
+                         resolution=args.resolution, train_batch_size=args.batch_size, max_train_steps=args.steps,
+                         learning_rate=1e-4, lora_rank=16, tokenizer_max_length=args.max_length, seed=0,
+                         image_backends=[backend], text_cache_dir=scratch / "cache" / "text")
 
-    vae = model.load_vae(config.pretrained_model_name_or_path, dtype, device)
-    text = model.load_text_pipeline(config.pretrained_model_name_or_path, dtype, device)
+    if args.mode == "cached":  # what the trainer does: encode once to disk, drop the encoders, read per batch
+        training_set = data.build_training_set(config, accelerator, dtype, lambda: False)
+        sample_buckets = training_set.buckets
+    else:  # a straightforward loop keeps the encoders and re-encodes every batch
+        samples = data.assign_buckets(config, data.discover(config, {}), {})
+        vae = model.load_vae(config.pretrained_model_name_or_path, dtype, device)
+        text = model.load_text_pipeline(config.pretrained_model_name_or_path, dtype, device)
+        sample_buckets = [s.bucket for s in samples]
 
-    def encode(indices) -> data.TrainingSet:
-        latents = model.encode_images(vae, pixels[indices])
-        embeds, pooled = model.encode_prompts(text, [""] + [captions[i] for i in indices], config.tokenizer_max_length, device)
-        count = len(indices)
-        return data.TrainingSet(latents, torch.arange(1, count + 1), embeds, pooled, [""] + captions, torch.arange(count))
+        def encode(indices: list[int]) -> EncodedBatch:
+            pixels = torch.stack([buckets.load_pixels(samples[i].path, samples[i].bucket, backend)[0] for i in indices])
+            embeds, pooled = model.encode_prompts(text, [""] + [samples[i].caption for i in indices],
+                                                  config.tokenizer_max_length, device)
+            return EncodedBatch(model.encode_images(vae, pixels), embeds, pooled)
 
-    everything = list(range(len(captions)))
-    cached = encode(everything)
-    if args.mode == "cached":  # what the trainer does: encode once, then drop the encoders
-        del vae, text
-        model.release_memory()
+        training_set = encode([0])
 
     transformer = model.load_transformer(config.pretrained_model_name_or_path, dtype)
     torch.manual_seed(0)
@@ -87,8 +103,8 @@ def run_mode(args) -> dict:
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
     scheduler = get_scheduler("constant", optimizer)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    plan = data.BatchPlan(cached.order, config.train_batch_size, 1, 1, config.seed)
-    trainer = Trainer(config, accelerator, transformer, parameters, optimizer, scheduler, cached, plan, dtype, 3.0)
+    plan = data.BatchPlan(torch.arange(len(sample_buckets)), config.train_batch_size, 1, 1, config.seed, sample_buckets)
+    trainer = Trainer(config, accelerator, transformer, parameters, optimizer, scheduler, training_set, plan, dtype, 3.0)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -100,7 +116,8 @@ def run_mode(args) -> dict:
         if args.mode == "uncached":
             batch = plan.indices(step, 0, 0).tolist()
             trainer.training_set = encode(batch)
-            trainer.plan = data.BatchPlan(torch.arange(len(batch)), len(batch), 1, 1, config.seed)
+            trainer.plan = data.BatchPlan(torch.arange(len(batch)), len(batch), 1, 1, config.seed,
+                                          [sample_buckets[i] for i in batch])
             trainer.train_step(1)
         else:
             trainer.train_step(step)
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=256, help="T5 tokens per prompt")
+    parser.add_argument("--max-length", type=int, default=154, help="T5 tokens per prompt")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--mode", choices=("cached", "uncached"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -20,6 +20,7 @@ from . import model
 
 log = logging.getLogger("sd_trainer")
 LORA_FILE = "pytorch_lora_weights.safetensors"
+COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
 PEFT_FILE = "lora_peft.safetensors"
 STATE_FILE = "training_state.pt"
 META_FILE = "checkpoint.json"  # written last: its presence marks a complete checkpoint
@@ -38,6 +39,20 @@ def save_lora(transformer, directory: Path) -> Path:
         safe_serialization=True,
     )
     return directory / LORA_FILE
+
+
+def save_comfyui_lora(transformer, directory: Path, alpha: float) -> Path:
+    """The same LoRA with ComfyUI's key names (`lora_transformer_<module>.lora_down/up.weight`) and an
+    `.alpha` tensor per module, so loaders that scale by alpha/rank apply it exactly as trained."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model.lora_state_dict(transformer).items():
+        module, kind = key.rsplit(".lora_", 1)
+        name = "lora_transformer_" + module.replace(".", "_")
+        tensors[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    target = directory / COMFYUI_FILE
+    save_file(tensors, str(target), metadata={"format": "pt"})
+    return target
 
 
 def _fsync_tree(directory: Path) -> None:

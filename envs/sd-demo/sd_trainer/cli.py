@@ -60,6 +60,8 @@ def _run(argv: list[str] | None) -> int:
     from .config import ConfigError, load_config
     from .data import DataError
     from .dataset_prep import DatasetError
+    from .device import DeviceError
+    from .loop import TrainingError
     from .model import ModelError
 
     try:
@@ -69,7 +71,7 @@ def _run(argv: list[str] | None) -> int:
         return train(config, stop)
     except ConfigError as error:
         code, message = EXIT_CONFIG, str(error)
-    except (DataError, DatasetError, ModelError, FileNotFoundError) as error:
+    except (DataError, DatasetError, DeviceError, ModelError, TrainingError, FileNotFoundError) as error:
         code, message = EXIT_ERROR, str(error)
     except KeyboardInterrupt:
         return 130

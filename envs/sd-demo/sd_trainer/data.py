@@ -1,28 +1,26 @@
-"""Training data: find image/caption pairs, size them, and cache latents + text embeddings once.
+"""Training data: find image/caption pairs, bucket them by aspect, cache latents + text embeddings once.
 
 After `build_training_set` returns, the VAE and the three text encoders are gone from
-memory; every training step reads only cached tensors. The caches are also written
-to `cache_dir_vae` / the text_embeds `cache_dir` (keyed by a fingerprint of the
-inputs), so a resumed run skips encoding altogether.
+memory and every latent and prompt embedding lives in its own file (`cache.py`); a
+training step reads only the files of its batch. A batch always comes from one bucket.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import model
-from .config import TrainConfig
-from .dataset_prep import IMAGE_EXTENSIONS, REPORT_NAME, is_junk
+from . import buckets, cache, model
+from .config import ImageBackend, TrainConfig
+from .dataset_prep import IMAGE_EXTENSIONS, MAX_CAPTION_CHARS, REPORT_NAME, cap_caption, is_junk
 
 log = logging.getLogger("sd_trainer")
-CACHE_FORMAT = 1
+TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class DataError(Exception):
@@ -34,20 +32,44 @@ class Sample:
     path: Path
     caption: str
     repeats: int = 0
+    backend: ImageBackend | None = None
+    key: str = ""  # content + crop settings: the name of its latent file
+    bucket: tuple[int, int] = (0, 0)
+    downsample_to: float | None = None
 
 
 @dataclass
 class TrainingSet:
-    latents: torch.Tensor  # [N, C, h, w] fp32, already shifted and scaled
-    caption_ids: torch.Tensor  # [N] index into prompt_embeds
-    prompt_embeds: torch.Tensor  # [M, L, D]
-    pooled_embeds: torch.Tensor  # [M, P]
-    prompts: list[str]  # M texts; EMPTY_PROMPT_ID is "" (caption dropout, negative prompt)
+    """Per sample: its latent file and caption id. Tensors are read per batch, never all at once."""
+
+    latent_files: list[Path]
+    buckets: list[tuple[int, int]]
+    caption_ids: torch.Tensor  # [N] index into prompts
+    prompts: list[str]  # distinct texts; EMPTY_PROMPT_ID is "" (caption dropout, negative prompt)
+    embeddings: cache.LazyEmbeddings
     order: torch.Tensor  # sample index per epoch position, repeats expanded
     report: dict = field(default_factory=dict)
+    _ids: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._ids = {text: number for number, text in enumerate(self.prompts)}
 
     def prompt_id(self, text: str) -> int:
-        return self.prompts.index(text)
+        return self._ids[text]
+
+    def latents(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, h, w] fp32 latents of one bucket; `flip` picks the mirrored image's latent per sample."""
+        loaded = []
+        for position, index in enumerate(indices.tolist()):
+            tensors = cache.read(self.latent_files[index])
+            if tensors is None:
+                raise DataError(f"latent cache file {self.latent_files[index]} vanished or is damaged during training")
+            mirrored = flip is not None and bool(flip[position])
+            loaded.append(tensors["flipped" if mirrored else "latent"])
+        return torch.stack(loaded)
+
+    def prompt_embeddings(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embeddings.get(prompt_ids)
 
 
 EMPTY_PROMPT_ID = 0
@@ -57,29 +79,40 @@ EMPTY_PROMPT_ID = 0
 
 
 def discover(config: TrainConfig, report: dict) -> list[Sample]:
-    samples = []
+    samples: list[Sample] = []
+    cut: list[str] = []
     for backend in config.image_backends:
         folder = backend.instance_data_dir
         if not folder.is_dir():
             raise DataError(f"instance_data_dir {folder} (backend {backend.id}) does not exist")
-        found = 0
+        found: list[Sample] = []
+        images = 0
         for path in sorted(folder.rglob("*")):
             relative = path.relative_to(folder).as_posix()
             if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS or is_junk(relative):
                 continue
-            found += 1
-            caption = _caption(path, backend)
+            images += 1
+            caption, was_cut = cap_caption(_caption(path, backend))
+            if was_cut:
+                cut.append(relative)
             if not caption:
                 _skip(report, "no_caption", relative)
                 continue
-            samples.append(Sample(path, caption, backend.repeats))
-        if found == 0:
+            found.append(Sample(path, _with_instance_prompt(caption, backend), backend.repeats, backend))
+        if images == 0:
             raise DataError(f"instance_data_dir {folder} (backend {backend.id}) holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if backend.max_num_samples and len(found) > backend.max_num_samples:
+            chosen = sorted(random.Random(config.seed).sample(range(len(found)), backend.max_num_samples))
+            found = [found[i] for i in chosen]
+        samples.extend(found)
+    if cut:  # one warning, never the caption itself: captions can be megabytes
+        log.warning("%d caption(s) longer than %d characters were cut to that length (e.g. %s)",
+                    len(cut), MAX_CAPTION_CHARS, ", ".join(cut[:3]))
     return samples
 
 
-def _caption(path: Path, backend) -> str:
-    if backend.caption_strategy == "instanceprompt":
+def _caption(path: Path, backend: ImageBackend) -> str:
+    if backend.caption_strategy == "instanceprompt" or backend.only_instance_prompt:
         return (backend.instance_prompt or "").strip()
     if backend.caption_strategy == "filename":
         return path.stem.replace("_", " ").strip()
@@ -87,6 +120,14 @@ def _caption(path: Path, backend) -> str:
     if not text.is_file():
         return ""
     return " ".join(text.read_text(encoding="utf-8-sig", errors="replace").split())
+
+
+def _with_instance_prompt(caption: str, backend: ImageBackend) -> str:
+    """The trigger word (instance_prompt) first, once."""
+    trigger = (backend.instance_prompt or "").strip()
+    if not backend.prepend_instance_prompt or not trigger or caption == trigger or caption.startswith(trigger + ","):
+        return caption
+    return f"{trigger}, {caption}"
 
 
 def _skip(report: dict, reason: str, name: str) -> None:
@@ -97,165 +138,153 @@ def _skip(report: dict, reason: str, name: str) -> None:
         examples.append(name)
 
 
-# ---------------------------------------------------------------- pixels
+# ---------------------------------------------------------------- sizing
 
 
-def load_pixels(path: Path, resolution: int, minimum_size: int | None) -> tuple[torch.Tensor | None, str]:
-    """([3, R, R] in [-1, 1] or None, status) with status in ok / upscaled / too_small / unreadable.
-
-    The short side is resized to R (up or down) and the centre square is kept.
-    """
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    except Exception:  # Pillow raises many types for broken files
-        return None, "unreadable"
-    if image.mode in ("RGBA", "LA", "P"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    image = image.convert("RGB")
-    short_side = min(image.size)
-    if minimum_size and short_side < minimum_size:
-        return None, "too_small"
-    status = "upscaled" if short_side < resolution else "ok"
-    scale = resolution / short_side
-    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BICUBIC if status == "upscaled" else Image.Resampling.LANCZOS)
-    left, top = (width - resolution) // 2, (height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), status
+def assign_buckets(config: TrainConfig, samples: list[Sample], report: dict) -> list[Sample]:
+    """Read each image's header: filter by minimum/maximum size, pick its bucket and cache key."""
+    alignment = buckets.alignment_for(config.resolution, config.aspect_bucket_alignment)
+    kept = []
+    for sample in samples:
+        backend = sample.backend
+        size = buckets.image_size(sample.path)
+        if size is None:
+            _skip(report, "unreadable", sample.path.name)
+            continue
+        measure = buckets.size_measure(*size, backend.resolution_type)
+        minimum = backend.minimum_image_size or config.minimum_image_size
+        if minimum and measure < minimum:
+            _skip(report, "too_small", sample.path.name)
+            continue
+        if backend.maximum_image_size and measure > backend.maximum_image_size:
+            sample.downsample_to = float(backend.target_downsample_size or backend.maximum_image_size)
+            size = tuple(max(1, round(side * sample.downsample_to / measure)) for side in size)
+            report["downsampled"] = report.get("downsampled", 0) + 1
+        sample.bucket = buckets.bucket_for(*size, backend, config.resolution, alignment)
+        if max(sample.bucket[0] / size[0], sample.bucket[1] / size[1]) > 1:
+            report["upscaled"] = report.get("upscaled", 0) + 1
+        sample.key = cache.fingerprint(cache.file_sha1(sample.path), sample.bucket, backend.crop, backend.crop_style,
+                                       backend.crop_aspect, sample.downsample_to, config.random_flip)
+        kept.append(sample)
+    return kept
 
 
 # ---------------------------------------------------------------- caching
 
 
-def _fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+def _cache_root(config: TrainConfig, kind: str) -> Path:
+    if kind == "vae":
+        configured = next((b.cache_dir_vae for b in config.image_backends if b.cache_dir_vae), None)
+    else:
+        configured = config.text_cache_dir
+    return configured or Path(config.output_dir) / ".cache" / kind
 
 
-def _folder_signature(folder: Path) -> list:
-    return [(p.name, p.stat().st_size) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
-def _load_cache(path: Path | None, key: str):
-    if path is None or not path.is_file():
-        return None
-    try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a half-written or foreign file is just a cache miss
-        log.warning("ignoring unreadable cache %s (%s)", path, error)
-        return None
-    return cached if cached.get("key") == key else None
-
-
-def _save_cache(path: Path | None, payload: dict) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def _encode_latents(config, samples, minimum_size, device, dtype, report, stop):
+def _encode_latents(config, work: list[Sample], latent_cache: cache.LatentCache, device, dtype, stop) -> bool:
+    """Encode this rank's share, bucket by bucket; False if stopped by a signal."""
     vae = model.load_vae(config.pretrained_model_name_or_path, dtype, device)
-    kept, latents, batch, batch_ids = [], [], [], []
-    for number, sample in enumerate(samples):
-        if stop():
-            return None, None
-        pixels, status = load_pixels(sample.path, config.resolution, minimum_size)
-        if pixels is None:
-            _skip(report, status, sample.path.name)
-            continue
-        if status == "upscaled":
-            report["upscaled"] = report.get("upscaled", 0) + 1
-        batch.append(pixels)
-        batch_ids.append(number)
-        if len(batch) == config.vae_batch_size or number == len(samples) - 1:
-            latents.append(model.encode_images(vae, torch.stack(batch)))
-            kept.extend(batch_ids)
-            batch, batch_ids = [], []
-    if batch:
-        latents.append(model.encode_images(vae, torch.stack(batch)))
-        kept.extend(batch_ids)
+    by_bucket: dict[tuple[int, int], list[Sample]] = {}
+    for sample in work:
+        by_bucket.setdefault(sample.bucket, []).append(sample)
+    for bucket, members in by_bucket.items():
+        for start in range(0, len(members), config.vae_batch_size):
+            if stop():
+                return False
+            batch, pixels = [], []
+            for sample in members[start : start + config.vae_batch_size]:
+                image, _status = buckets.load_pixels(sample.path, bucket, sample.backend, sample.key, sample.downsample_to)
+                if image is None:
+                    latent_cache.mark_unreadable(sample.key)
+                    continue
+                batch.append(sample)
+                pixels.append(image)
+            if not batch:
+                continue
+            stacked = torch.stack(pixels)
+            latents = model.encode_images(vae, stacked)
+            flipped = model.encode_images(vae, stacked.flip(-1)) if config.random_flip else None
+            for number, sample in enumerate(batch):
+                tensors = {"latent": latents[number]}
+                if flipped is not None:
+                    tensors["flipped"] = flipped[number]
+                cache.write_atomic(latent_cache.path(bucket, sample.key), tensors)
     del vae
     model.release_memory()
-    return kept, (torch.cat(latents) if latents else None)
+    return True
+
+
+def _encode_prompts(config, work: list[str], text_cache: cache.TextCache, device, dtype, stop) -> bool:
+    pipeline = model.load_text_pipeline(Path(config.pretrained_model_name_or_path), dtype, device)
+    for start in range(0, len(work), 8):
+        if stop():
+            return False
+        chunk = work[start : start + 8]
+        embeds, pooled = model.encode_prompts(pipeline, chunk, config.tokenizer_max_length, device, config.t5_padding)
+        for number, text in enumerate(chunk):
+            cache.write_atomic(text_cache.path(text), {"embeds": embeds[number], "pooled": pooled[number]})
+    del pipeline
+    model.release_memory()
+    return True
 
 
 def build_training_set(config: TrainConfig, accelerator, dtype: torch.dtype, stop) -> TrainingSet | None:
-    """Discover, filter, encode (or load from cache). Returns None if stopped by a signal."""
+    """Discover, bucket, encode what the cache lacks (split across ranks). None if stopped by a signal."""
     report: dict = {"skipped": {}, "upscaled": 0}
-    samples = discover(config, report)
-    minimum_size = next((b.minimum_image_size for b in config.image_backends if b.minimum_image_size), None)
-    minimum_size = minimum_size or config.minimum_image_size
+    samples = assign_buckets(config, discover(config, report), report)
     model_path = Path(config.pretrained_model_name_or_path)
-    device = accelerator.device
+    device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
 
-    # content hashes, not mtimes: the entry script re-extracts the dataset on every run
-    files = [(s.path.name, hashlib.sha1(s.path.read_bytes()).hexdigest()) for s in samples]
-    latent_key = _fingerprint(CACHE_FORMAT, str(model_path.resolve()), _folder_signature(model_path / "vae"),
-                              config.resolution, minimum_size, files, str(dtype))
-    backend_cache = next((b.cache_dir_vae for b in config.image_backends if b.cache_dir_vae), None)
-    latent_file = backend_cache / f"latents-{latent_key}.pt" if backend_cache else None
+    latent_cache = cache.LatentCache(_cache_root(config, "vae"), cache.fingerprint(
+        cache.CACHE_FORMAT, cache.weights_signature(model_path / "vae"), str(dtype)))
+    # shares are cut from the full list, not from what is missing: ranks look at the cache at different moments
+    unique = list({s.key: s for s in samples}.values())
+    work = [s for s in cache.my_share(unique, rank, processes)
+            if not latent_cache.path(s.bucket, s.key).is_file() and not latent_cache.unreadable_marker(s.key).exists()]
+    log.info("latent cache %s: %d images, %d to encode here, buckets %s", latent_cache.folder, len(unique),
+             len(work), ", ".join(f"{w}x{h}" for w, h in sorted({s.bucket for s in samples})))
+    if work and not _encode_latents(config, work, latent_cache, device, dtype, stop):
+        return None
+    accelerator.wait_for_everyone()
 
-    with accelerator.main_process_first():
-        cached = _load_cache(latent_file, latent_key)
-        if cached is None:
-            log.info("encoding %d images with the VAE at %d px", len(samples), config.resolution)
-            kept, latents = _encode_latents(config, samples, minimum_size, device, dtype, report, stop)
-            if kept is None:
-                return None
-            cached = {"key": latent_key, "kept": kept, "latents": latents, "report": report}
-            if latents is not None and accelerator.is_main_process:
-                _save_cache(latent_file, cached)
-        else:
-            log.info("using cached latents %s", latent_file)
-    kept, latents, report = cached["kept"], cached["latents"], cached["report"]
-
+    kept = []
+    for sample in samples:
+        if latent_cache.path(sample.bucket, sample.key).is_file():
+            kept.append(sample)
+        else:  # another rank's share that never arrived (it stopped or failed) counts apart from broken files
+            reason = "unreadable" if latent_cache.unreadable_marker(sample.key).exists() else "not_encoded"
+            _skip(report, reason, sample.path.name)
     if not kept:
-        raise DataError(_zero_usable_message(config, samples, report, minimum_size))
-    samples = [samples[i] for i in kept]
+        raise DataError(_zero_usable_message(config, samples, report))
 
-    prompts = [""]
-    for text in [s.caption for s in samples] + [config.validation_prompt or "", config.validation_negative_prompt]:
-        if text not in prompts:
-            prompts.append(text)
-    text_key = _fingerprint(CACHE_FORMAT, str(model_path.resolve()),
-                            [_folder_signature(model_path / part) for part in ("text_encoder", "text_encoder_2", "text_encoder_3")],
-                            config.tokenizer_max_length, prompts, str(dtype))
-    text_file = config.text_cache_dir / f"text-{text_key}.pt" if config.text_cache_dir else None
-    with accelerator.main_process_first():
-        cached_text = _load_cache(text_file, text_key)
-        if cached_text is None:
-            if stop():
-                return None
-            log.info("encoding %d distinct prompts with CLIP-L, CLIP-G and T5", len(prompts))
-            pipeline = model.load_text_pipeline(model_path, dtype, device)
-            embeds, pooled = model.encode_prompts(pipeline, prompts, config.tokenizer_max_length, device)
-            del pipeline
-            model.release_memory()
-            cached_text = {"key": text_key, "embeds": embeds, "pooled": pooled}
-            if accelerator.is_main_process:
-                _save_cache(text_file, cached_text)
-        else:
-            log.info("using cached text embeddings %s", text_file)
+    prompts: dict[str, int] = {"": EMPTY_PROMPT_ID}  # a dict: de-duplication in O(1) per caption
+    for text in [s.caption for s in kept] + config.validation_prompts + [config.validation_negative_prompt]:
+        prompts.setdefault(text, len(prompts))
+    text_cache = cache.TextCache(_cache_root(config, "text"), cache.fingerprint(
+        cache.CACHE_FORMAT, [cache.weights_signature(model_path / part) for part in TEXT_ENCODER_PARTS],
+        config.tokenizer_max_length, config.t5_padding, str(dtype)))
+    work_text = [text for text in cache.my_share(list(prompts), rank, processes) if not text_cache.path(text).is_file()]
+    log.info("text cache %s: %d distinct prompts, %d to encode here", text_cache.folder, len(prompts), len(work_text))
+    if work_text and not _encode_prompts(config, work_text, text_cache, device, dtype, stop):
+        return None
+    accelerator.wait_for_everyone()
 
-    caption_ids = torch.tensor([prompts.index(s.caption) for s in samples], dtype=torch.long)
-    order = torch.cat([torch.full((s.repeats + 1,), i, dtype=torch.long) for i, s in enumerate(samples)])
-    report = _final_report(config, report, len(samples))
-    return TrainingSet(latents, caption_ids, cached_text["embeds"], cached_text["pooled"], prompts, order, report)
+    caption_ids = torch.tensor([prompts[s.caption] for s in kept], dtype=torch.long)
+    order = torch.cat([torch.full((s.repeats + 1,), i, dtype=torch.long) for i, s in enumerate(kept)])
+    texts = list(prompts)
+    return TrainingSet(
+        latent_files=[latent_cache.path(s.bucket, s.key) for s in kept],
+        buckets=[s.bucket for s in kept],
+        caption_ids=caption_ids,
+        prompts=texts,
+        embeddings=cache.LazyEmbeddings([text_cache.path(text) for text in texts]),
+        order=order,
+        report=_final_report(config, report, kept),
+    )
 
 
-def _final_report(config: TrainConfig, report: dict, usable: int) -> dict:
+def _final_report(config: TrainConfig, report: dict, kept: list[Sample]) -> dict:
     """Merge the entry script's preparation report (skips while unpacking) with ours."""
-    merged = {"images": usable, "skipped": dict(report.get("skipped", {})), "upscaled": report.get("upscaled", 0)}
+    merged = {"images": len(kept), "skipped": dict(report.get("skipped", {})), "upscaled": report.get("upscaled", 0)}
     examples = dict(report.get("examples", {}))
     for backend in config.image_backends:
         prep_file = backend.instance_data_dir / REPORT_NAME
@@ -266,22 +295,33 @@ def _final_report(config: TrainConfig, report: dict, usable: int) -> dict:
             for reason, names in prep.get("examples", {}).items():
                 examples.setdefault(reason, names)
     merged["examples"] = examples
+    counts: dict[str, int] = {}
+    for sample in kept:
+        name = f"{sample.bucket[0]}x{sample.bucket[1]}"
+        counts[name] = counts.get(name, 0) + 1
+    merged["buckets"] = counts
+    if report.get("downsampled"):
+        merged["downsampled"] = report["downsampled"]
     if merged["upscaled"]:
-        log.warning("%d images are smaller than %d px and were upscaled (set minimum_image_size to drop them instead)",
+        log.warning("%d images are smaller than their bucket at %d px and were upscaled (set minimum_image_size to drop them instead)",
                     merged["upscaled"], config.resolution)
     return merged
 
 
-def _zero_usable_message(config, samples, report, minimum_size) -> str:
+def _zero_usable_message(config, samples, report) -> str:
     skipped = report.get("skipped", {})
-    if not samples:
+    minimum = next((b.minimum_image_size for b in config.image_backends if b.minimum_image_size), None)
+    minimum = minimum or config.minimum_image_size
+    folders = ", ".join(str(b.instance_data_dir) for b in config.image_backends)
+    if not samples and not skipped.get("too_small") and not skipped.get("unreadable"):
         names = ", ".join(report.get("examples", {}).get("no_caption", []))
-        return f"no image in {', '.join(str(b.instance_data_dir) for b in config.image_backends)} has a caption (e.g. {names})"
+        return f"no image in {folders} has a caption (e.g. {names})"
     if skipped.get("too_small"):
-        return (f"minimum_image_size={minimum_size} rejected {skipped['too_small']} of {len(samples)} images "
+        total = skipped["too_small"] + len(samples)
+        return (f"minimum_image_size={minimum} rejected {skipped['too_small']} of {total} images "
                 f"(e.g. {', '.join(report['examples']['too_small'][:3])}); no usable image is left - lower or remove "
                 "minimum_image_size (smaller images are upscaled to the training resolution)")
-    return f"all {len(samples)} images are unreadable (e.g. {', '.join(report.get('examples', {}).get('unreadable', [])[:3])})"
+    return f"all {skipped.get('unreadable', 0)} images are unreadable (e.g. {', '.join(report.get('examples', {}).get('unreadable', [])[:3])})"
 
 
 # ---------------------------------------------------------------- sampling
@@ -290,30 +330,46 @@ def _zero_usable_message(config, samples, report, minimum_size) -> str:
 class BatchPlan:
     """Which samples each process sees at each optimizer step: a pure function of (seed, step).
 
-    The sample order is a fresh permutation every epoch; because nothing depends on
-    iteration history, a resumed run sees exactly the batches an uninterrupted one would.
+    Every epoch the samples are shuffled, grouped by bucket, cut into batches (a bucket's
+    last batch is filled up from the same bucket) and the batches shuffled; nothing depends
+    on iteration history, so a resumed run sees exactly the batches an uninterrupted one would.
     """
 
-    def __init__(self, order: torch.Tensor, batch_size: int, accumulation: int, processes: int, seed: int):
+    def __init__(self, order: torch.Tensor, batch_size: int, accumulation: int, processes: int, seed: int,
+                 sample_buckets: list[tuple[int, int]] | None = None):
         self.order, self.batch_size, self.accumulation = order, batch_size, accumulation
         self.processes, self.seed = processes, seed
-        self._permutations: dict[int, torch.Tensor] = {}
+        self.sample_buckets = sample_buckets or [(0, 0)] * (int(order.max()) + 1 if len(order) else 0)
+        sizes: dict[tuple[int, int], int] = {}
+        for index in order.tolist():
+            sizes[self.sample_buckets[index]] = sizes.get(self.sample_buckets[index], 0) + 1
+        self.batches_per_epoch = sum(-(-count // batch_size) for count in sizes.values())
+        self._epoch: tuple[int, list[list[int]]] | None = None
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._permutations:
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._permutations = {epoch: torch.randperm(len(self.order), generator=generator)}
-        return self._permutations[epoch]
+            shuffled = self.order[torch.randperm(len(self.order), generator=generator)].tolist()
+            groups: dict[tuple[int, int], list[int]] = {}
+            for index in shuffled:
+                groups.setdefault(self.sample_buckets[index], []).append(index)
+            batches = []
+            for members in groups.values():
+                for start in range(0, len(members), self.batch_size):
+                    batch = members[start : start + self.batch_size]
+                    batch += [members[k % len(members)] for k in range(self.batch_size - len(batch))]
+                    batches.append(batch)
+            mixed = torch.randperm(len(batches), generator=generator).tolist()
+            self._epoch = (epoch, [batches[i] for i in mixed])
+        return self._epoch[1]
 
     def indices(self, step: int, micro: int, rank: int) -> torch.Tensor:
-        global_batch = self.batch_size * self.processes
-        first = ((step - 1) * self.accumulation + micro) * global_batch + rank * self.batch_size
-        positions = range(first, first + self.batch_size)
-        picked = [self.order[self._permutation(p // len(self.order))[p % len(self.order)]] for p in positions]
-        return torch.stack(picked)
+        number = ((step - 1) * self.accumulation + micro) * self.processes + rank
+        epoch, within = divmod(number, self.batches_per_epoch)
+        return torch.tensor(self._batches(epoch)[within], dtype=torch.long)
 
     def steps_per_epoch(self) -> int:
-        return max(1, -(-len(self.order) // (self.batch_size * self.processes * self.accumulation)))
+        return max(1, -(-self.batches_per_epoch // (self.processes * self.accumulation)))
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:

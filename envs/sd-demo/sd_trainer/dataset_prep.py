@@ -32,6 +32,9 @@ IMAGE_KEYS = ("imageid", "image_id", "file_name", "filename", "image_path", "ima
 CAPTION_KEYS = ("generation", "caption", "text", "prompt", "description", "tags")
 IMAGE_LIST_KEYS = ("images", "imgs", "image_list")
 REPORT_NAME = "_prep_report.json"
+# T5 reads 154 tokens and CLIP 77: nothing past a few thousand characters reaches the model, and
+# an unbounded caption (5 MB seen) would flood logs and configs.
+MAX_CAPTION_CHARS = int(os.environ.get("SD_DEMO_MAX_CAPTION_CHARS") or 2000)
 EXAMPLES_KEPT = 5
 CHUNK = 1 << 20
 
@@ -416,6 +419,16 @@ def _clean_caption(caption: str) -> str:
     return re.sub(r"\s+", " ", caption).strip()
 
 
+def cap_caption(caption: str, limit: int | None = None) -> tuple[str, bool]:
+    """(caption cut to `limit` characters at a word boundary when possible, whether it was cut)."""
+    limit = limit or MAX_CAPTION_CHARS
+    if len(caption) <= limit:
+        return caption, False
+    head = caption[:limit]
+    space = head.rfind(" ")
+    return (head[:space] if space > limit // 2 else head).rstrip(" ,"), True
+
+
 def _output_name(relative: str, taken_stems: set[str]) -> str:
     """A flat, safe, unique file name; unique by stem because the caption is `<stem>.txt`."""
     path = PurePosixPath(relative)
@@ -478,6 +491,7 @@ def prepare_dataset(source: Path, destination: Path, scratch: Path, limits: Limi
         shutil.rmtree(destination)
     destination.mkdir(parents=True)
     taken: set[str] = set()
+    cut: list[str] = []
     for image in images:
         caption = jsonl_captions.get(image)
         if caption:
@@ -486,6 +500,9 @@ def prepare_dataset(source: Path, destination: Path, scratch: Path, limits: Limi
             text = text_files.get(str(PurePosixPath(image).with_suffix(".txt")).lower())
             caption = _clean_caption((root / text).read_text(encoding="utf-8-sig", errors="replace")) if text else ""
             origin = "txt"
+        caption, was_cut = cap_caption(caption)
+        if was_cut:
+            cut.append(image)
         if not caption:
             report.skip("no_caption", image)
             continue
@@ -511,6 +528,9 @@ def prepare_dataset(source: Path, destination: Path, scratch: Path, limits: Limi
         raise DatasetError(
             f"dataset {source}: all {len(images)} images are unreadable or truncated, e.g. {report.describe('unreadable')}"
         )
+    if cut:  # named by file, never printed: a caption can be megabytes
+        report.warnings.append(f"{len(cut)} caption(s) longer than {MAX_CAPTION_CHARS} characters were cut "
+                               f"(e.g. {', '.join(cut[:3])})")
     for reason in sorted(report.skipped):
         report.warnings.append(f"skipped {report.skipped[reason]} ({reason.replace('_', ' ')}): {report.describe(reason)}")
     (destination / REPORT_NAME).write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -19,10 +21,16 @@ import torch.nn.functional as F
 
 from . import checkpoint, data, events, metrics, model, validation
 from .config import LORA_TARGETS, TrainConfig
+from .device import check_gpu_request, gradient_checkpointing_wanted
 
 log = logging.getLogger("sd_trainer")
 EXIT_INTERRUPTED = 130
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE_LIMIT = 5  # consecutive non-finite losses before the run stops (nothing is saved from them)
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss diverged); one line saying why and what to try."""
 
 
 class StopFlag:
@@ -61,6 +69,7 @@ class Trainer:
     plan: data.BatchPlan
     dtype: torch.dtype
     shift: float
+    nonfinite_streak: int = field(default=0)
 
     def sample_sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """Logit-normal (or uniform) u, then the model's timestep shift: sigma = s*u / (1 + (s-1)*u)."""
@@ -77,11 +86,15 @@ class Trainer:
         indices = self.plan.indices(step, micro, rank)
         generator = data.step_generator(config.seed, step, micro, rank)
 
-        latents = cached.latents[indices]
+        flip = None
+        if config.random_flip:  # its own RNG: the noise and sigma streams stay as without flipping
+            flip = torch.rand(len(indices), generator=data.step_generator(config.seed + 1, step, micro, rank)) < 0.5
+        latents = cached.latents(indices, flip)
         caption_ids = cached.caption_ids[indices]
         if config.caption_dropout_probability > 0:
             dropped = torch.rand(len(indices), generator=generator) < config.caption_dropout_probability
             caption_ids = torch.where(dropped, torch.full_like(caption_ids, data.EMPTY_PROMPT_ID), caption_ids)
+        prompt_embeds, pooled_embeds = cached.prompt_embeddings(caption_ids)
         noise = torch.randn(latents.shape, generator=generator)
         sigmas = self.sample_sigmas(len(indices), generator)
 
@@ -92,8 +105,8 @@ class Trainer:
             prediction = self.transformer(
                 hidden_states=noisy,
                 timestep=(sigmas * 1000).to(device),
-                encoder_hidden_states=cached.prompt_embeds[caption_ids].to(device, self.dtype),
-                pooled_projections=cached.pooled_embeds[caption_ids].to(device, self.dtype),
+                encoder_hidden_states=prompt_embeds.to(device, self.dtype),
+                pooled_projections=pooled_embeds.to(device, self.dtype),
                 return_dict=False,
             )[0]
         return F.mse_loss(prediction.float(), target)
@@ -109,15 +122,37 @@ class Trainer:
                 loss = self.micro_step_loss(step, micro)
                 self.accelerator.backward(loss / accumulation)
             losses.append(loss.detach())
-        if self.config.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         mean = torch.stack(losses).mean()
         if self.accelerator.num_processes > 1:
             mean = self.accelerator.reduce(mean, reduction="mean")
-        return mean.item()
+        loss_value = mean.item()  # the same on every rank, so all ranks skip or step together
+        if not math.isfinite(loss_value):
+            self.skip_nonfinite(step, loss_value)
+            return loss_value
+        self.nonfinite_streak = 0
+        self.clip_gradients()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value
+
+    def clip_gradients(self) -> None:
+        if self.config.max_grad_norm <= 0:
+            return
+        if self.config.grad_clip_method == "value":
+            self.accelerator.clip_grad_value_(self.parameters, self.config.max_grad_norm)
+        else:
+            self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+
+    def skip_nonfinite(self, step: int, loss_value: float) -> None:
+        """Drop this step's gradients (the LoRA stays finite); stop after NONFINITE_LIMIT in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        log.warning("step %d: loss is %s; step skipped (%d in a row)", step, loss_value, self.nonfinite_streak)
+        if self.nonfinite_streak >= NONFINITE_LIMIT:
+            raise TrainingError(
+                f"loss was not finite ({loss_value}) for {NONFINITE_LIMIT} consecutive steps (last: step {step}); "
+                "stopped without saving a LoRA from them - lower learning_rate, or train in bf16/fp32 instead of fp16")
 
 
 def total_steps(config: TrainConfig, plan: data.BatchPlan) -> int:
@@ -134,11 +169,14 @@ def stop_everywhere(accelerator, stop: StopFlag) -> bool:
 
 def train(config: TrainConfig, stop: StopFlag) -> int:
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
     from diffusers.optimization import get_scheduler
 
     # ---- set-up
+    check_gpu_request()  # GPUs asked for but unusable: stop now, not hours later on the CPU
     precision = resolve_precision(config)
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[
+        InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout))])
     events.set_main_process(accelerator.is_main_process)
     dtype = DTYPES[precision]
     output_dir = Path(config.output_dir)
@@ -154,16 +192,18 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
         return EXIT_INTERRUPTED
     events.emit("dataset", **training_set.report)
     plan = data.BatchPlan(training_set.order, config.train_batch_size, config.gradient_accumulation_steps,
-                          accelerator.num_processes, config.seed)
+                          accelerator.num_processes, config.seed, training_set.buckets)
     max_steps = total_steps(config, plan)
 
     # ---- transformer + LoRA, optimizer, schedule
     transformer = model.load_transformer(config.pretrained_model_name_or_path, dtype)
-    if config.gradient_checkpointing:
+    checkpointing = gradient_checkpointing_wanted(config.gradient_checkpointing, config.resolution)
+    if checkpointing:
         transformer.enable_gradient_checkpointing()
+    log.info("gradient checkpointing %s", "on" if checkpointing else "off")
     torch.manual_seed(config.seed)  # LoRA initialisation
     parameters = model.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                LORA_TARGETS[config.lora_target])
+                                config.lora_target_modules or LORA_TARGETS[config.lora_target])
     transformer.to(accelerator.device)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
@@ -206,11 +246,13 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
         return path
 
     def validate(step: int) -> None:
-        if config.disable_validation or not config.validation_prompt:
+        if config.disable_validation or not config.validation_prompts:
             return
         if accelerator.is_main_process:
-            path = validation.render(unwrapped, config, training_set, step, accelerator.device, dtype, accelerator.autocast)
-            events.emit("validation", step=step, path=str(path))
+            for number, path, seed in validation.render(unwrapped, config, training_set, step, accelerator.device,
+                                                        dtype, accelerator.autocast):
+                extra = {"prompt": number, "seed": seed} if len(config.validation_prompts) > 1 else {}
+                events.emit("validation", step=step, path=str(path), **extra)
         accelerator.wait_for_everyone()
 
     # ---- the loop
@@ -235,6 +277,9 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
     # ---- final outputs
     if accelerator.is_main_process:
         lora_file = checkpoint.save_lora(unwrapped, output_dir)
+        if config.export_comfyui:
+            comfy = checkpoint.save_comfyui_lora(unwrapped, output_dir, config.lora_alpha or config.lora_rank)
+            log.info("ComfyUI-style LoRA written to %s", comfy)
         records = metrics_log.records()
         metrics.plot_loss(records, output_dir / "loss.png")
         final_loss = records[-1]["loss"] if records else loss

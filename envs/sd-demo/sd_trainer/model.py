@@ -30,18 +30,39 @@ def load_text_pipeline(path: Path, dtype: torch.dtype, device: torch.device):
 
 
 @torch.no_grad()
-def encode_prompts(pipeline, prompts: list[str], max_length: int, device: torch.device, batch_size: int = 8):
-    """(prompt_embeds [N, L, D], pooled [N, P]) on CPU for every prompt, via the pipeline's own encoder."""
+def encode_prompts(pipeline, prompts: list[str], max_length: int, device: torch.device, t5_padding: str = "unmodified",
+                   batch_size: int = 8):
+    """(prompt_embeds [N, L, D], pooled [N, P]) on CPU for every prompt, via the pipeline's own encoder.
+
+    `t5_padding=zero` zeroes the T5 positions past each prompt's tokens (SimpleTuner's option).
+    """
     embeds, pooled = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        prompt_embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
-            prompt=chunk, prompt_2=None, prompt_3=None, device=device,
-            do_classifier_free_guidance=False, max_sequence_length=max_length,
-        )
-        embeds.append(prompt_embeds.cpu())
-        pooled.append(pooled_embeds.cpu())
+    # diffusers logs the whole truncated tail of every long prompt: unbounded lines for long captions
+    quiet = logging.getLogger("diffusers.pipelines.stable_diffusion_3")
+    previous_level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            prompt_embeds, pooled_embeds = _encode_chunk(pipeline, chunk, max_length, device, t5_padding)
+            embeds.append(prompt_embeds.cpu())
+            pooled.append(pooled_embeds.cpu())
+    finally:
+        quiet.setLevel(previous_level)
     return torch.cat(embeds), torch.cat(pooled)
+
+
+def _encode_chunk(pipeline, chunk: list[str], max_length: int, device: torch.device, t5_padding: str):
+    prompt_embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
+        prompt=chunk, prompt_2=None, prompt_3=None, device=device,
+        do_classifier_free_guidance=False, max_sequence_length=max_length,
+    )
+    if t5_padding == "zero" and pipeline.tokenizer_3 is not None:
+        mask = pipeline.tokenizer_3(chunk, padding="max_length", max_length=max_length, truncation=True,
+                                    return_tensors="pt").attention_mask
+        t5_start = prompt_embeds.shape[1] - max_length  # CLIP tokens come first
+        prompt_embeds[:, t5_start:] *= mask.unsqueeze(-1).to(prompt_embeds.device, prompt_embeds.dtype)
+    return prompt_embeds, pooled_embeds
 
 
 # ---------------------------------------------------------------- VAE
@@ -85,7 +106,8 @@ def add_lora(transformer, rank: int, alpha: float | None, dropout: float, target
     present = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()} | {
         name.split(".")[-2] + "." + name.split(".")[-1] for name, _ in transformer.named_modules() if name.count(".") >= 1
     }
-    targets = [t for t in target_modules if t in present]
+    names = [name for name, _ in transformer.named_modules()]
+    targets = [t for t in target_modules if t in present or any(name.endswith("." + t) for name in names)]
     if not targets:
         raise ModelError(f"transformer has none of the LoRA target modules {', '.join(target_modules)}")
     config = LoraConfig(

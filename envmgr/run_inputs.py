@@ -1,0 +1,147 @@
+"""What a run is handed at start, without a rebuild: `--input PATH[:NAME]` (read-only at
+/envmgr/inputs/NAME, hashed in run.json) and `--env K=V` (recorded in run.json, never in the image);
+and, for `workdir = "method"`, the run's own writable copy of the method's files."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import paths, records
+from .errors import UsageError
+from .spec import MethodSpec
+
+INPUT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# What envmgr sets itself for every run (or the image for the environment): `--env` cannot change it.
+RESERVED_ENV = frozenset({"HOME", "PATH", "VIRTUAL_ENV", "HF_HUB_OFFLINE", "MPLCONFIGDIR", "TRAINING_NUM_PROCESSES",
+                          "CUDA_VISIBLE_DEVICES"})
+RESERVED_ENV_PREFIXES = (paths.ENV_PREFIX, "NVIDIA_")
+METHOD_COPY = "method"          # <run_dir>/work/method, at paths.CONTAINER_RUN_METHOD
+
+
+@dataclass(frozen=True)
+class RunInput:
+    name: str
+    path: Path
+
+    @property
+    def target(self) -> str:
+        return f"{paths.CONTAINER_INPUTS}/{self.name}"
+
+
+def _input_name(name: str, given: str) -> str:
+    if not INPUT_NAME_RE.match(name) or name in (".", ".."):
+        raise UsageError(f"--input {given}: {name!r} is not a usable name (letters, digits, '.', '_', '-')",
+                         hint="name it: --input PATH:NAME")
+    return name
+
+
+def parse_input(text: str) -> RunInput:
+    """`PATH` or `PATH:NAME` (a path that itself holds a colon is taken whole when it exists)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and INPUT_NAME_RE.match(tail) and Path(head).expanduser().exists():
+        raw, name = head, tail
+    else:
+        raw, name = text, None
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise UsageError(f"--input {text}: {path} does not exist", hint="give an existing file or folder")
+    path = path.resolve()
+    return RunInput(_input_name(name or path.name, text), path)
+
+
+def parse_inputs(texts: list[str]) -> list[RunInput]:
+    inputs = [parse_input(text) for text in texts]
+    names = [i.name for i in inputs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"--input: the name {twice[0]!r} is given twice", hint="name them apart: --input PATH:NAME")
+    return inputs
+
+
+def env_problem(name: str) -> str | None:
+    if not ENV_NAME_RE.match(name):
+        return "not a variable name (letters, digits and '_', not starting with a digit)"
+    if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+        return "envmgr sets it itself"
+    return None
+
+
+def parse_env(texts: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep:
+            raise UsageError(f"--env {text!r}: expected NAME=VALUE")
+        problem = env_problem(name)
+        if problem:
+            raise UsageError(f"--env {name}: {problem}")
+        if "\0" in value:
+            raise UsageError(f"--env {name}: the value holds a NUL byte")
+        if name in env:
+            raise UsageError(f"--env {name} is given twice")
+        env[name] = value
+    return env
+
+
+def recorded_inputs(record: dict[str, Any], run_dir: Path) -> list[RunInput]:
+    """The inputs a run was given, from envmgr's record: each named well and still there."""
+    where = run_dir / records.RECORD
+    entries = record.get("inputs") or []
+    if not isinstance(entries, list):
+        raise UsageError(f"{where}: its inputs are not a list")
+    found = []
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        raw = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not INPUT_NAME_RE.match(name) or name in (".", ".."):
+            raise UsageError(f"{where}: an input without a valid name ({entry!r})")
+        if not isinstance(raw, str) or not Path(raw).is_absolute():
+            raise UsageError(f"{where}: input {name!r} has no absolute path ({raw!r})")
+        if not Path(raw).exists():
+            raise UsageError(f"the input {name!r} this run used is gone: {raw}",
+                             hint="give it again: `--input PATH:NAME` with --resume")
+        found.append(RunInput(name, Path(raw).resolve()))
+    if len({i.name for i in found}) != len(found):
+        raise UsageError(f"{where}: an input name appears twice")
+    return found
+
+
+def recorded_env(record: dict[str, Any], run_dir: Path) -> dict[str, str]:
+    env = record.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise UsageError(f"{run_dir / records.RECORD}: its env is not a table of strings")
+    for name, value in env.items():
+        problem = env_problem(name)
+        if problem or "\0" in value:
+            raise UsageError(f"{run_dir / records.RECORD}: env {name!r}: {problem or 'holds a NUL byte'}")
+    return env
+
+
+def copy_method(spec: MethodSpec, work: Path, user: str, excluded: Any) -> Path:
+    """The method's files (what its image's method layer holds) copied into `work/method` for `user`.
+
+    Made by envmgr on the host before the container starts; an existing copy (a resumed run) is
+    kept as the method left it.
+    """
+    dest = work / METHOD_COPY
+    if dest.is_symlink():
+        raise UsageError(f"{dest} is a symbolic link; envmgr will not use it")
+    if dest.exists():
+        return dest
+    source = spec.source_path
+    shutil.copytree(source, dest, symlinks=True,
+                    ignore=lambda d, names: [n for n in names if excluded(str(Path(d, n).relative_to(source)))])
+    uid, gid = (int(x) for x in user.split(":"))
+    if os.getuid() == 0 and (uid, gid) != (0, 0):
+        for path in [dest, *dest.rglob("*")]:
+            os.chown(path, uid, gid, follow_symlinks=False)
+    for path in [dest, *dest.rglob("*")]:
+        if not path.is_symlink():   # the owner can write what it was given, whatever the repository's modes
+            path.chmod(path.stat().st_mode | (0o700 if path.is_dir() else 0o600))
+    return dest
