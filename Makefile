@@ -32,10 +32,13 @@ $(METHOD_VENV)/.installed: envs/sd-demo/poetry.lock
 
 method-venv: $(METHOD_VENV)/.installed
 
-# Debian's docker.io (Engine 20.10), the base-image tools and docker-registry (the tests' registry), when missing.
+# Debian's docker.io (Engine 20.10), the base-image tools, docker-registry (the tests' registry), slurm-wlm + munge
+# (the tests' one-node Slurm cluster) and squashfs-tools (enroot images), when missing.
 host-tools:
-	@if ! command -v dockerd >/dev/null || ! command -v debuerreotype-init >/dev/null || ! command -v docker-registry >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debuerreotype debootstrap docker-registry >/dev/null; \
+	@if ! command -v dockerd >/dev/null || ! command -v debuerreotype-init >/dev/null || ! command -v docker-registry >/dev/null \
+	    || ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v mksquashfs >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debuerreotype debootstrap docker-registry \
+	    slurm-wlm munge squashfs-tools >/dev/null; \
 	fi
 
 # Use the engine that answers, or start the machine's one dockerd (never a second one).
@@ -66,6 +69,7 @@ bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.conda_bench
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
+	$(VENV)/bin/python -m tests.bench.slurm_bench
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_cache.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/gpu_bench.py

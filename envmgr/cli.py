@@ -275,6 +275,23 @@ def run(
     network: Annotated[str, typer.Option(help="Container network: none (default), host, bridge.")] = "none",
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its run id).")] = None,
     shm_size: Annotated[Optional[str], typer.Option(help="/dev/shm size, e.g. 8g (default: 1/4 of RAM).")] = None,
+    on: Annotated[str, typer.Option("--on", help="Where: local (this engine, default) or slurm (submit to the "
+                                                 "site's Slurm; the base dir must be shared).")] = "local",
+    nodes: Annotated[int, typer.Option(help="[slurm] Nodes (machines of one accelerate run).")] = 1,
+    gpus_per_node: Annotated[Optional[int], typer.Option(help="[slurm] GPUs per node from Slurm's allocation "
+                                                              "(default 1 for GPU methods, else 0).")] = None,
+    tasks_per_node: Annotated[int, typer.Option(help="[slurm] Containers (accelerate machines) per node.")] = 1,
+    partition: Annotated[Optional[str], typer.Option(help="[slurm] Partition.")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", help="[slurm] Time limit, e.g. 4:00:00.")] = None,
+    account: Annotated[Optional[str], typer.Option(help="[slurm] Account to charge.")] = None,
+    registry: Annotated[Optional[str], typer.Option(help="[slurm] Site registry host[:port] the nodes pull the "
+                                                         "image from (default: an export archive in the base dir).")]
+    = None,
+    node_runtime: Annotated[str, typer.Option(help="[slurm] docker (each node's engine) or pyxis (srun "
+                                                   "--container-image= with an enroot squashfs).")] = "docker",
+    wait: Annotated[bool, typer.Option("--wait", help="[slurm] Follow the job to its end like a local run.")] = False,
+    wait_timeout: Annotated[Optional[float], typer.Option(help="[slurm] With --wait: seconds the job may stay "
+                                                               "pending; then it is cancelled.")] = None,
     memory: Annotated[Optional[str], typer.Option(help="Memory limit of the run's container, e.g. 64g "
                                                        "(default: the site's [run] memory, else none).")] = None,
     as_root: Annotated[bool, typer.Option("--as-root", help="Run the method as root inside its container "
@@ -297,10 +314,28 @@ def run(
 
     ctx = _context()
     spec = find_method(method, ctx.config.base_dir)
-    record = run_method(ctx, RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
-                                        args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
-                                        memory=memory, as_root=as_root, variant=variant,
-                                        inputs=list(inputs or []), env=list(env_vars or [])))
+    request = RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
+                         args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
+                         memory=memory, as_root=as_root, variant=variant,
+                         inputs=list(inputs or []), env=list(env_vars or []))
+    if on == "slurm":
+        from .slurm import SlurmRequest, submit
+
+        record = submit(ctx, request, SlurmRequest(
+            nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
+            time=time_limit, account=account, registry=registry, runtime=node_runtime, wait=wait,
+            wait_timeout=wait_timeout))
+        if not wait:
+            ctx.ui.success(f"run {record['run_id']} submitted: Slurm job {record['scheduler']['job_id']} "
+                           f"(`envmgr runs show {record['run_id']}`)", run_id=record["run_id"],
+                           job_id=record["scheduler"]["job_id"], status=record["status"])
+            return
+    elif on != "local":
+        from .errors import UsageError
+
+        raise UsageError(f"--on {on!r}: expected local or slurm")
+    else:
+        record = run_method(ctx, request)
     run_dir = ctx.config.base_dir / "runs" / spec.name / record["run_id"]
     found = record.get("artifacts", {})
     ctx.ui.success(f"run {record['run_id']} succeeded → {run_dir}", run_id=record["run_id"], run_dir=str(run_dir),
@@ -322,19 +357,22 @@ def runs_list(typer_ctx: typer.Context,
     if typer_ctx.invoked_subcommand:
         return
     from .run import list_runs
+    from .slurm import refresh
 
     ctx = _context()
-    records = list_runs(ctx, method)
+    records = refresh(list_runs(ctx, method))
     if ctx.ui.mode == "json":
         ctx.ui.event("runs", runs=records)
         return
     from rich.table import Table
 
-    table = Table("run", "method", "status", "started", "ended", "image", box=None)
+    table = Table("run", "method", "status", "where", "started", "ended", "image", box=None)
     for r in records:
         image = r["image"] if isinstance(r.get("image"), dict) else {}
-        table.add_row(r["run_id"], r["method"], r["status"], str(r.get("started") or ""), str(r.get("ended") or ""),
-                      str(image.get("tag") or ""))
+        sched = r["scheduler"] if isinstance(r.get("scheduler"), dict) else {}
+        where = f"slurm job {sched.get('job_id')}" if sched.get("kind") == "slurm" else "local"
+        table.add_row(r["run_id"], r["method"], r["status"], where, str(r.get("started") or ""),
+                      str(r.get("ended") or ""), str(image.get("tag") or ""))
     ctx.ui.console.print(table)
 
 
@@ -343,13 +381,43 @@ def runs_list(typer_ctx: typer.Context,
 def runs_show(run_id: Annotated[str, typer.Argument(help="Run id (from `envmgr runs`).")]):
     """Show one run's record."""
     from .run import find_run
+    from .slurm import refresh
 
     ctx = _context()
-    record = find_run(ctx, run_id)
+    record = refresh([find_run(ctx, run_id)])[0]
     if ctx.ui.mode == "json":
         ctx.ui.event("run", **record)
     else:
         ctx.ui.console.print_json(json.dumps(record))
+
+
+@runs_app.command("cancel")
+@verb
+def runs_cancel(run_id: Annotated[str, typer.Argument(help="Run id of a Slurm run (from `envmgr runs`).")]):
+    """Cancel a Slurm run: its steps stop their containers and keep their checkpoints (`interrupted`)."""
+    from .slurm import cancel
+
+    ctx = _context()
+    record = cancel(ctx, run_id)
+    ctx.ui.success(f"run {run_id}: {record['status']}" + (f" ({record['reason']})" if record.get("reason") else ""),
+                   run_id=run_id, status=record["status"])
+
+
+@app.command("slurm-step", hidden=True)
+@verb
+def slurm_step(run_dir: Annotated[Path, typer.Argument(help="The run directory (shared).")],
+               finish: Annotated[Optional[int], typer.Option(help="The job step's exit status: record a verdict "
+                                                                  "if no step wrote one.")] = None):
+    """Inside a Slurm job: one machine of a run (node-local `envmgr run`), or the job's closing record."""
+    from . import slurm
+
+    ctx = _context()
+    if finish is not None:
+        slurm.finish(run_dir, finish)
+        return
+    record = slurm.step(ctx, run_dir)
+    ctx.ui.success(f"run {record['run_id']} step on {record.get('host')}: {record['status']}", **{
+        "run_id": record["run_id"], "status": record["status"]})
 
 
 @app.command("export")
@@ -360,12 +428,26 @@ def export_cmd(
                                                    "<method>-<inputs hash>.envmgr.tar).")] = None,
     compress: Annotated[str, typer.Option(help="none (default: fastest, loads as is) or gzip (level 6, "
                                                "deterministic).")] = "none",
+    format_: Annotated[str, typer.Option("--format", help="envmgr (default: an archive `envmgr import` and "
+                                                         "`docker load` take) or squashfs (an enroot image for "
+                                                         "pyxis/enroot sites).")] = "envmgr",
     sign: Annotated[Optional[Path], typer.Option("--sign", help=SIGN_HELP)] = None,
 ):
     """Write the method's image, spec, lock and files into one archive for a server that reaches nothing."""
     from .transfer import export
 
     ctx = _context()
+    if format_ == "squashfs":
+        from .squashfs import export_squashfs
+
+        result = export_squashfs(ctx, method, output)
+        ctx.ui.success(f"{result['method']}: {result['tag']} → {result['file']} ({result['bytes'] / 1e6:.1f} MB, "
+                       "enroot image)", **result)
+        return
+    if format_ != "envmgr":
+        from .errors import UsageError
+
+        raise UsageError(f"--format {format_!r}: expected envmgr or squashfs")
     result = export(ctx, method, output, compress, sign=sign)
     ctx.ui.success(f"{result['method']}: {result['tag']} → {result['file']} ({result['bytes'] / 1e6:.1f} MB)",
                    **result)

@@ -48,7 +48,7 @@ def settings(config: EffectiveConfig) -> list[Setting]:
 
 
 def checks(ctx: Context) -> list[Check]:
-    """The engine first (its failure decides the exit code), then the GPU runtime and the base image tools."""
+    """The engine first (its failure decides the exit code), then the GPU runtime, Slurm and the base image tools."""
     found = []
     try:
         engine = ctx.engine
@@ -62,6 +62,9 @@ def checks(ctx: Context) -> list[Check]:
     from .gpu_plan import doctor_row  # gpu_plan reads specs and host GPUs: only when doctor runs
 
     found.append(Check(*doctor_row(ctx)))
+    from .slurm import doctor_checks  # Slurm answers? base dir shared? (informational: only `--on slurm` needs it)
+
+    found.extend(Check(*row) for row in doctor_checks(ctx.config.base_dir))
     missing = missing_tools()
     found.append(Check("base image tools", "debuerreotype, debootstrap present" if not missing
                        else f"missing: {', '.join(missing)} (apt-get install debuerreotype debootstrap)", not missing))

@@ -163,6 +163,14 @@ class Engine:
         except docker.errors.APIError as exc:
             raise PushPullRefused(_short(exc)) from None
 
+    def registry_has(self, reference: str) -> bool:
+        """Whether the registry of `reference` (host[:port]/repo:tag) answers for it (asked through the engine)."""
+        try:
+            self._api.inspect_distribution(reference)
+            return True
+        except docker.errors.APIError:
+            return False
+
     def has_nvidia_runtime(self) -> bool:
         """A registered `nvidia` runtime (the quick answer; `gpus_work` is the sure one)."""
         return "nvidia" in (self._api.info().get("Runtimes") or {})

@@ -36,10 +36,10 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def write_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """Replace `run_dir/run.json` atomically: a fresh temp file (O_EXCL) renamed over it, so a link
-    there is replaced itself, never followed."""
-    atomic_write(run_dir / RECORD, json.dumps(record, indent=1, sort_keys=True))
+def write_record(run_dir: Path, record: dict[str, Any], name: str = RECORD) -> None:
+    """Replace `run_dir/run.json` (or a Slurm rank's `name`) atomically: a fresh temp file (O_EXCL)
+    renamed over it, so a link there is replaced itself, never followed."""
+    atomic_write(run_dir / name, json.dumps(record, indent=1, sort_keys=True))
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
@@ -62,12 +62,12 @@ def read_record(run_dir: Path) -> dict[str, Any]:
     return record
 
 
-def open_log(run_dir: Path):
-    """`log.txt` for appending, never through a link."""
+def open_log(run_dir: Path, name: str = LOG):
+    """`log.txt` (or a Slurm rank's `name`) for appending, never through a link."""
     try:
-        fd = os.open(run_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+        fd = os.open(run_dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
     except OSError as exc:
-        raise UsageError(f"{run_dir / LOG}: envmgr will not append to it ({exc.strerror}: a link planted there?)",
+        raise UsageError(f"{run_dir / name}: envmgr will not append to it ({exc.strerror}: a link planted there?)",
                          hint="remove it, then run again") from None
     return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 

@@ -17,6 +17,7 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,36 @@ class RunRequest:
     variant: str | None = None     # None: the newest variant this host's GPUs can use (envmgr/gpu_plan.py)
     inputs: list[str] = field(default_factory=list)   # `--input PATH[:NAME]`
     env: list[str] = field(default_factory=list)      # `--env K=V`
+    node: NodeStep | None = None   # set only by a scheduler's job step (envmgr/slurm.py)
+
+
+@dataclass
+class NodeStep:
+    """A job step of a run a scheduler started (envmgr/slurm.py): the run dir and its record exist already
+    (the inputs come from it, validated as on --resume), and several machines of one run may share the run
+    dir: rank 0 owns run.json, log.txt and work/; every other rank has run-rank<N>.json, log-rank<N>.txt and
+    its own scratch work-rank<N>/ (two ranks on one node never share a work dir)."""
+
+    run_id: str
+    run_dir: Path
+    rank: int = 0
+    env: dict[str, str] = field(default_factory=dict)       # rank / machine / rendezvous variables
+    on_start: Callable[[str], None] | None = None
+
+    def _suffix(self, name: str, ext: str = "") -> str:
+        return f"{name}{ext}" if self.rank == 0 else f"{name}-rank{self.rank}{ext}"
+
+    @property
+    def record_file(self) -> str:
+        return self._suffix("run", ".json")
+
+    @property
+    def log_file(self) -> str:
+        return self._suffix("log", ".txt")
+
+    @property
+    def work_dir(self) -> str:
+        return self._suffix(records.WORK)
 
 
 def prepare_base_dir(base_dir: Path) -> None:
@@ -244,9 +275,26 @@ def _resume(ctx: Context, request: RunRequest, base_dir: Path) -> tuple[Path, di
     previous = settle(ctx, run_dir, records.read_record(run_dir))
     if previous.get("method") != spec.name or previous.get("run_id") != run_id:
         raise UsageError(f"{run_dir / records.RECORD} does not describe run {run_id} of {spec.name}")
+    if isinstance(previous.get("scheduler"), dict) and previous["scheduler"].get("kind") == "slurm":
+        raise UsageError(f"run {run_id} runs on Slurm; a local --resume would leave its record half Slurm's",
+                         hint=f"`envmgr run {spec.name} --resume {run_id} --on slurm`")
     if previous["status"] == "running":
         raise UsageError(f"run {run_id} is still running (envmgr pid {previous.get('envmgr', {}).get('pid')})",
                          hint="wait for it, or stop it with Ctrl-C first")
+    return run_dir, previous
+
+
+def _node_record(base_dir: Path, spec: MethodSpec, node: NodeStep) -> tuple[Path, dict]:
+    """A job step's run dir and the record its submission wrote: the same checks as --resume."""
+    run_id = check_run_id(node.run_id)
+    run_dir = base_dir / "runs" / spec.name / run_id
+    if run_dir.is_symlink() or node.run_dir.absolute() != run_dir.absolute():
+        raise UsageError(f"{node.run_dir} is not run {run_id} of {spec.name} under {run_dir.parent}")
+    previous = records.read_record(run_dir)
+    if previous.get("method") != spec.name or previous.get("run_id") != run_id:
+        raise UsageError(f"{run_dir / records.RECORD} does not describe run {run_id} of {spec.name}")
+    if node.rank == 0 and previous["status"] not in ("pending", "running"):   # e.g. cancelled while pending
+        raise UsageError(f"run {run_id} is {previous['status']}, not waiting for its job steps")
     return run_dir, previous
 
 
@@ -290,8 +338,9 @@ def run(ctx: Context, request: RunRequest) -> dict:
     memory = parse_size(memory_text, "--memory") if memory_text else None
 
     previous: dict | None = None
-    if request.resume:
-        run_dir, previous = _resume(ctx, request, base_dir)
+    node = request.node
+    if request.resume or node:
+        run_dir, previous = _node_record(base_dir, spec, node) if node else _resume(ctx, request, base_dir)
         run_id = previous["run_id"]
         model = (resolve_model(base_dir, request.model, spec) if request.model
                  else _recorded_input(base_dir, previous, "model", "models"))
@@ -300,7 +349,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         recorded_args = previous.get("arguments")
         if not isinstance(recorded_args, list) or not all(isinstance(a, str) for a in recorded_args):
             raise UsageError(f"{run_dir / records.RECORD}: its arguments are not a list of strings")
-        args = recorded_args + (["--resume"] if "--resume" not in recorded_args else [])
+        args = recorded_args + (["--resume"] if "--resume" not in recorded_args and not node else [])
         gpu_text = request.gpus if request.gpus is not None else previous.get("gpus")
         as_root = request.as_root or bool(previous.get("as_root"))
     else:
@@ -328,8 +377,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
                            + [(f"input {i.name}", i.path) for i in inputs], user)
     result = build_image(ctx, spec)
     gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
-    run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
-    output, work = run_dir / records.OUTPUT, run_dir / records.WORK
+    run_dir.mkdir(parents=True, exist_ok=request.resume is not None or node is not None)
+    output, work = run_dir / records.OUTPUT, run_dir / (node.work_dir if node else records.WORK)
     for folder in (output, work):
         if folder.is_symlink():
             raise UsageError(f"{folder} is a symbolic link; envmgr will not mount it")
@@ -369,8 +418,10 @@ def run(ctx: Context, request: RunRequest) -> dict:
     if inputs:
         env["ENVMGR_INPUTS_DIR"] = paths.CONTAINER_INPUTS
     env.update(user_env)   # names envmgr sets are refused in run_inputs.parse_env
+    if node:
+        env.update(node.env)
 
-    container_name = f"envmgr-run-{spec.name}-{run_id}"
+    container_name = f"envmgr-run-{spec.name}-{run_id}" + (f"-rank{node.rank}" if node and node.rank else "")
     record = previous or {}
     record.update({
         "layout": records.LAYOUT,
@@ -389,10 +440,15 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "envmgr": {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()},
         "gpu": gpu_plan.record(), "variant": spec.variant,
     })
-    record.setdefault("attempts", []).append({"started": _now(), "ended": None, "status": "running"})
+    attempts = record.setdefault("attempts", [])
+    if node and attempts:    # the attempt the submission opened for this job
+        attempts[-1].update(started=attempts[-1].get("started") or _now(), ended=None, status="running")
+    else:
+        attempts.append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
-    records.open_log(run_dir).close()     # a link planted over log.txt stops the run before it starts
-    write_record(run_dir, record)
+    record_file, log_file = (node.record_file, node.log_file) if node else (records.RECORD, records.LOG)
+    records.open_log(run_dir, log_file).close()     # a link planted over log.txt stops the run before it starts
+    write_record(run_dir, record, record_file)
 
     container = ContainerSpec(
         image=result.image_id, command=command, env=env, mounts=mounts,
@@ -405,15 +461,16 @@ def run(ctx: Context, request: RunRequest) -> dict:
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
     started_ns = time.time_ns()
-    status, code, tail, oom_killed = _follow(ctx, container, run_dir)
-    missing = missing_outputs(spec, run_dir, started_ns) if status == "succeeded" else []
-    if missing:   # exit 0, but not what the spec says a run writes: a launcher that hides a crash
+    status, code, tail, oom_killed = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
+    # exit 0, but not what the spec says a run writes: a launcher that hides a crash (rank 0 judges a run)
+    missing = missing_outputs(spec, run_dir, started_ns) if status == "succeeded" and not (node and node.rank) else []
+    if missing:
         status = "failed"
         record.update(reason="no outputs", missing_outputs=missing)
     record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
                   oom_killed=oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
-    write_record(run_dir, record)
+    write_record(run_dir, record, record_file)
     if status == "interrupted":
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
@@ -455,9 +512,10 @@ class _SecondInterrupt:
             signal.signal(sig, handler)
 
 
-def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str, int | None, list[str], bool]:
+def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str = records.LOG,
+            on_start: Callable[[str], None] | None = None) -> tuple[str, int | None, list[str], bool]:
     tail: deque[str] = deque(maxlen=12)
-    log = records.open_log(run_dir)
+    log = records.open_log(run_dir, log_file)
     display = TrainingProgress(ctx.ui)
     started = time.monotonic()
 
@@ -480,7 +538,7 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path) -> tuple[str,
     oom_killed = False
     with _SecondInterrupt(ctx):
         try:
-            ended = ctx.engine.run(container, on_line=on_line, on_partial=display.line)
+            ended = ctx.engine.run(container, on_line=on_line, on_start=on_start, on_partial=display.line)
             code, oom_killed = ended.exit_code, ended.oom_killed
             status = "succeeded" if code == 0 else "failed"
         except (Interrupted, KeyboardInterrupt):
@@ -536,6 +594,12 @@ def _process_start(pid: int) -> str | None:
 
 
 def _owner_alive(record: dict) -> bool:
+    scheduler = record.get("scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("kind") == "slurm":
+        from .slurm import job_alive
+
+        if job_alive(scheduler) is not False:
+            return True         # Slurm still has the job (or does not answer): its steps own the record
     owner = record.get("envmgr")
     if not isinstance(owner, dict):
         return False            # a record without its envmgr (an older one): settle it
