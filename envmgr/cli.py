@@ -449,8 +449,8 @@ def export_cmd(
 
         raise UsageError(f"--format {format_!r}: expected envmgr or squashfs")
     result = export(ctx, method, output, compress, sign=sign)
-    ctx.ui.success(f"{result['method']}: {result['tag']} → {result['file']} ({result['bytes'] / 1e6:.1f} MB)",
-                   **result)
+    ctx.ui.success(f"{result.method}: {result.tag} → {result.file} ({result.size / 1e6:.1f} MB)",
+                   **result.fields())
 
 
 @app.command("import")
@@ -468,10 +468,10 @@ def import_cmd(
 
     ctx = _context()
     result = import_archive(ctx, archive, replace_base=replace_base, replace=replace)
-    what = "imported" if result["changed"] else "already imported, nothing changed:"
-    signature = result.get("signature") or {}
+    what = "imported" if result.changed else "already imported, nothing changed:"
+    signature = result.signature or {}
     signed = f", signed by {signature['key_id']} ({signature['state']})" if signature.get("key_id") else ", unsigned"
-    ctx.ui.success(f"{result['method']}: {what} {result['tag']} ({result['image_id'][:19]}{signed})", **result)
+    ctx.ui.success(f"{result.method}: {what} {result.tag} ({result.image_id[:19]}{signed})", **result.fields())
 
 
 @app.command()
@@ -484,7 +484,7 @@ def push(method: Annotated[str, typer.Argument(help="Method name.")],
 
     ctx = _context()
     result = push_image(ctx, method, registry, sign=sign)
-    ctx.ui.success(f"{result['method']}: pushed {result['reference']}@{result['digest']}", **result)
+    ctx.ui.success(f"{result.method}: pushed {result.reference}@{result.digest}", **result.fields())
 
 
 @app.command()
@@ -496,8 +496,8 @@ def pull(method: Annotated[str, typer.Argument(help="Method name.")],
 
     ctx = _context()
     result = pull_image(ctx, method, registry)
-    ctx.ui.success(f"{result['method']}: pulled {result['reference']} → {result['tag']} "
-                   f"({result['image_id'][:19]})", **result)
+    ctx.ui.success(f"{result.method}: pulled {result.reference} → {result.tag} ({result.image_id[:19]})",
+                   **result.fields())
 
 
 @app.command()

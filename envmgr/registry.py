@@ -13,6 +13,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import paths
@@ -84,7 +85,44 @@ def _remote(spec: MethodSpec, registry: str) -> str:
     return f"{registry}/{spec.image_repository}"
 
 
-def push(ctx: Context, method: str, registry: str, sign: Path | None = None) -> dict:
+@dataclass
+class PushResult:
+    method: str
+    registry: str
+    reference: str                 # <registry>/envmgr/<m>:<inputs hash>
+    digest: str                    # the manifest digest the registry reported
+    image_id: str
+    inputs_hash: str
+    lock_hash: str
+    pushed: str                    # when, ISO 8601 UTC
+    signed_by: str | None = None   # the signing key's ID, with --sign
+
+    def fields(self) -> dict:
+        """The result as the JSON event and pushed.json carry it (no signed_by when unsigned)."""
+        found = asdict(self)
+        if self.signed_by is None:
+            del found["signed_by"]
+        return found
+
+
+@dataclass
+class PullResult:
+    method: str
+    registry: str
+    reference: str                 # the registry's name for the image (removed again after tagging)
+    tag: str                       # envmgr's tag for it
+    image_id: str
+    digest: str | None             # the registry's manifest digest, when the engine reports one
+    inputs_hash: str
+    lock_hash: str
+    signature: dict                # signing.SignatureCheck.as_dict(): state, key_id
+
+    def fields(self) -> dict:
+        """The result as the JSON event carries it."""
+        return asdict(self)
+
+
+def push(ctx: Context, method: str, registry: str, sign: Path | None = None) -> PushResult:
     registry = _check_registry(registry)
     wanted, image_id = require_image(ctx, method)
     spec, data, digest, tag = wanted.spec, wanted.inputs, wanted.digest, wanted.tag
@@ -99,13 +137,12 @@ def push(ctx: Context, method: str, registry: str, sign: Path | None = None) -> 
     digest_pushed = aux.get("Digest")
     if not digest_pushed:
         raise RegistryError(f"registry {registry} did not report a digest for {remote}:{short}")
-    record = {"method": spec.name, "registry": registry, "reference": f"{remote}:{short}",
-              "digest": digest_pushed, "image_id": image_id, "inputs_hash": digest, "lock_hash": data["lock"],
-              "pushed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    result = PushResult(spec.name, registry, f"{remote}:{short}", digest_pushed, image_id, digest, data["lock"],
+                        pushed=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     if sign is not None:
-        record["signed_by"] = _push_signature(ctx, spec, registry, remote, short, image_id, tag, digest, sign)
-    _record_push(ctx.cache_dir / PUSHED_FILE, record)
-    return record
+        result.signed_by = _push_signature(ctx, spec, registry, remote, short, image_id, tag, digest, sign)
+    _record_push(ctx.cache_dir / PUSHED_FILE, result.fields())
+    return result
 
 
 def _push_signature(ctx: Context, spec: MethodSpec, registry: str, remote: str, short: str, image_id: str,
@@ -160,7 +197,7 @@ def _record_push(path: Path, record: dict) -> None:
         atomic_write(path, json.dumps(known, indent=1, sort_keys=True))
 
 
-def pull(ctx: Context, method: str, registry: str) -> dict:
+def pull(ctx: Context, method: str, registry: str) -> PullResult:
     registry = _check_registry(registry)
     spec = find_method(method, ctx.config.base_dir)
     get_backend(spec).check(spec)
@@ -198,6 +235,6 @@ def pull(ctx: Context, method: str, registry: str) -> dict:
     if signature is not None:
         trust.record_signature(ctx, pulled["Id"], "image", statement, signature)
     repo_digests = [d for d in pulled.get("RepoDigests", []) if d.startswith(remote + "@")]
-    return {"method": spec.name, "registry": registry, "reference": f"{remote}:{short}", "tag": tag,
-            "image_id": pulled["Id"], "digest": repo_digests[0].split("@", 1)[1] if repo_digests else None,
-            "inputs_hash": digest, "lock_hash": data["lock"], "signature": signed.as_dict()}
+    return PullResult(spec.name, registry, f"{remote}:{short}", tag, pulled["Id"],
+                      digest=repo_digests[0].split("@", 1)[1] if repo_digests else None, inputs_hash=digest,
+                      lock_hash=data["lock"], signature=signed.as_dict())

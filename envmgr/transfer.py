@@ -124,7 +124,24 @@ def method_members(spec: MethodSpec, in_layer: bool = False) -> list[Member]:
     return [found[name] for name in sorted(found)]
 
 
-def export(ctx: Context, method: str, out: Path | None, compress: str = "none", sign: Path | None = None) -> dict:
+@dataclass
+class ExportResult:
+    method: str
+    file: Path
+    tag: str
+    image_id: str
+    size: int                     # the archive's bytes on disk
+    compress: str                 # "none" | "gzip"
+    signed_by: str | None = None  # the signing key's ID, with --sign
+
+    def fields(self) -> dict:
+        """The result as the JSON event carries it."""
+        return {"method": self.method, "file": str(self.file), "tag": self.tag, "image_id": self.image_id,
+                "bytes": self.size, "compress": self.compress, "signed_by": self.signed_by}
+
+
+def export(ctx: Context, method: str, out: Path | None, compress: str = "none",
+           sign: Path | None = None) -> ExportResult:
     wanted, image_id = require_image(ctx, method)
     spec, base, data, digest, tag = wanted.spec, wanted.base, wanted.inputs, wanted.digest, wanted.tag
     config = wanted.config(ctx)
@@ -164,8 +181,8 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none", 
                               f"{free / 1e6:.0f} MB free; nothing was written")
     write_atomically(out, lambda fh: _write_members(fh, manifest_bytes, members, compress, ctx, out), ctx)
     size = out.stat().st_size
-    return {"method": spec.name, "file": str(out), "tag": tag, "image_id": image_id, "bytes": size,
-            "compress": compress, "signed_by": signing.key_id(key.public_key()) if key else None}
+    return ExportResult(spec.name, out, tag, image_id, size, compress,
+                        signed_by=signing.key_id(key.public_key()) if key else None)
 
 
 def _write_members(raw, manifest_bytes: bytes, members: list[Member], compress: str, ctx: Context,
@@ -356,7 +373,26 @@ def _differences(have: dict[str, str], want: dict[str, str]) -> list[str]:
     return [key for key in sorted(want) if key in have and have[key] != want[key]]
 
 
-def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace: bool = False) -> dict:
+@dataclass
+class ImportResult:
+    method: str
+    tag: str
+    image_id: str
+    changed: bool                  # False: the image, method and base were here already
+    signature: dict                # signing.SignatureCheck.as_dict(): state, key_id
+    registered: bool = False       # the method's files were written (added or replaced)
+    base_installed: bool = False   # the archive's base became current here
+    loaded: bool = False           # the image was loaded into the engine
+
+    def fields(self) -> dict:
+        """The result as the JSON event carries it (what changed only when something did)."""
+        found: dict = {"method": self.method, "tag": self.tag, "image_id": self.image_id, "changed": self.changed}
+        if self.changed:
+            found.update(registered=self.registered, base_installed=self.base_installed, loaded=self.loaded)
+        return {**found, "signature": self.signature}
+
+
+def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace: bool = False) -> ImportResult:
     from . import sbom, trust
 
     manifest, manifest_bytes, signature = read_signed_manifest(path)
@@ -404,7 +440,7 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
     if loaded and not register and not install_base:
         ctx.engine.tag(image_id, tag.rsplit(":", 1)[0], "latest")
         trust.record_signature(ctx, image_id, "export", manifest_bytes, signature)
-        return {"method": name, "tag": tag, "image_id": image_id, "changed": False, "signature": signed.as_dict()}
+        return ImportResult(name, tag, image_id, changed=False, signature=signed.as_dict())
 
     # Verify every member, then stage the method files and check they give the archive's inputs.
     base_dir = base_info_dir(ctx, base_info["name"])
@@ -445,8 +481,8 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         base_tmp.unlink(missing_ok=True)
-    return {"method": name, "tag": tag, "image_id": image_id, "changed": True, "registered": register,
-            "base_installed": install_base, "loaded": not loaded, "signature": signed.as_dict()}
+    return ImportResult(name, tag, image_id, changed=True, signature=signed.as_dict(), registered=register,
+                        base_installed=install_base, loaded=not loaded)
 
 
 def _stamp(path: Path) -> tuple[int, int, int, int]:
