@@ -440,9 +440,9 @@ def export_cmd(
     if format_ == "squashfs":
         from .squashfs import export_squashfs
 
-        result = export_squashfs(ctx, method, output)
-        ctx.ui.success(f"{result['method']}: {result['tag']} → {result['file']} ({result['bytes'] / 1e6:.1f} MB, "
-                       "enroot image)", **result)
+        enroot = export_squashfs(ctx, method, output)
+        ctx.ui.success(f"{enroot['method']}: {enroot['tag']} → {enroot['file']} ({enroot['bytes'] / 1e6:.1f} MB, "
+                       "enroot image)", **enroot)
         return
     if format_ != "envmgr":
         from .errors import UsageError
