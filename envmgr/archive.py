@@ -37,6 +37,23 @@ def _safe_target(dest: Path, name: str, archive: Path) -> Path | None:
     return dest.joinpath(*parts)
 
 
+def contained(folder: Path, relative: str) -> Path | None:
+    """`folder/relative` with its parent folders made, or None when it would leave `folder` (an absolute
+    path, `..`, or a link on the way); nothing is created outside `folder`."""
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        return None
+    root = folder.resolve()
+    target = folder.joinpath(*rel.parts)
+    parent = folder
+    for part in rel.parts[:-1]:       # one level at a time: a link is caught before anything is made through it
+        parent = parent / part
+        if parent.is_symlink() or not (parent.exists() or parent.parent.resolve().is_relative_to(root)):
+            return None
+        parent.mkdir(exist_ok=True)
+    return target if target.parent.resolve().is_relative_to(root) else None
+
+
 def kind(path: Path) -> str:
     if path.is_dir():
         return "dir"

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from . import paths
+from .archive import contained
 from .backends import get_backend
 from .base import BaseImage, _load as load_base_image, current_base
 from .build import _excluded, inputs, installer_id, lock_hash, require_image
@@ -560,19 +561,14 @@ def _stage_targets(manifest: dict, folder: Path) -> tuple[dict[str, Path], list[
     """Where each method member goes under `folder` (files), and the links to make once they are
     written; no member may leave the folder, and no file is written through a link."""
     folder.mkdir(parents=True)
-    root = folder.resolve()
     targets: dict[str, Path] = {}
     links: list[tuple[Path, str]] = []
     for entry in manifest["members"]:
         name = entry["name"]
         if not name.startswith(METHOD_PREFIX):
             continue
-        rel = PurePosixPath(name[len(METHOD_PREFIX):])
-        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-            raise ArchiveError(f"member {name!r} would leave the method's folder; nothing was loaded")
-        target = folder.joinpath(*rel.parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.parent.resolve().is_relative_to(root):
+        target = contained(folder, name[len(METHOD_PREFIX):])
+        if target is None:
             raise ArchiveError(f"member {name!r} would leave the method's folder; nothing was loaded")
         if "link" in entry:
             links.append((target, entry["link"]))

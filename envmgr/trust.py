@@ -16,10 +16,11 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
 from . import paths, signing
+from .archive import contained
 from .context import Context
 from .errors import UsageError
 
@@ -115,17 +116,13 @@ def check_docker_manifest(path: Path, manifest_bytes: bytes, config: dict, image
                          f"{image_hex[:12]}; nothing was loaded")
 
 
-def _entry_target(info: tarfile.TarInfo, source: Path, root: Path) -> Path | None:
+def _entry_target(info: tarfile.TarInfo, source: Path) -> Path | None:
     """Where a method layer entry goes under `source` (None: not a method file); never outside it."""
     name = info.name.rstrip("/")
     if not name.startswith(CONTAINER_METHOD_PREFIX):
         return None
-    rel = PurePosixPath(name[len(CONTAINER_METHOD_PREFIX):])
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise TrustError(f"method layer entry {info.name!r} would leave the method's folder; nothing was loaded")
-    target = source.joinpath(*rel.parts)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.parent.resolve().is_relative_to(root):
+    target = contained(source, name[len(CONTAINER_METHOD_PREFIX):])
+    if target is None:
         raise TrustError(f"method layer entry {info.name!r} would leave the method's folder; nothing was loaded")
     return target
 
@@ -147,12 +144,11 @@ def extract_method_files(layer_tar: Path, source: Path, skip: Callable[[str], bo
     files is compared with the archive's, so the two copies cannot disagree unnoticed.
     """
     source.mkdir(parents=True, exist_ok=True)
-    root = source.resolve()
     links: list[tuple[Path, str]] = []
     try:
         with tarfile.open(layer_tar, mode="r:") as tar:
             for info in tar:
-                target = _entry_target(info, source, root)
+                target = _entry_target(info, source)
                 if target is None or skip(target.relative_to(source).as_posix()):
                     continue
                 if info.isdir():

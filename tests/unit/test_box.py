@@ -226,3 +226,16 @@ def test_step_credentials_go_to_a_mounted_netrc_never_the_environment(tmp_path):
     assert not mounts[0].source.exists()
     with credentials_file(ctx, {"UV_DEFAULT_INDEX": "http://127.0.0.1/simple/"}) as (clean, mounts):
         assert mounts == [] and "NETRC" not in clean
+
+
+def test_contained_paths_never_pass_through_a_link_or_leave_the_folder(tmp_path):
+    from envmgr.archive import contained
+
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (folder / "evil").symlink_to(outside)
+    assert contained(folder, "evil/sub/file.py") is None and list(outside.iterdir()) == []
+    assert contained(folder, "../x") is None and contained(folder, "/etc/passwd") is None
+    assert contained(folder, "a/b/c.py") == folder / "a" / "b" / "c.py" and (folder / "a" / "b").is_dir()
