@@ -472,6 +472,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     record["attempts"][-1].update(ended=record["ended"], status=status)
     write_record(run_dir, record, record_file)
     if status == "interrupted":
+        _ignore_further_interrupts()   # the record is written; only the report and the exit are left
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
     if status == "failed":
@@ -510,6 +511,14 @@ class _SecondInterrupt:
             return   # stay shielded: the record is written and the interruption reported after this block
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _ignore_further_interrupts() -> None:
+    """Python restores the default action of a signal it handled while it exits, so a late Ctrl-C would
+    kill the process mid-exit (status -2 instead of 130); an ignored signal stays ignored."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str = records.LOG,

@@ -88,6 +88,17 @@ def test_encoding_is_split_across_ranks(tmp_path, tiny_model):
     assert complete.report["images"] == 4
 
 
+def test_a_machine_whose_cache_folder_is_its_own_encodes_what_the_others_did_elsewhere(tmp_path, tiny_model,
+                                                                                       monkeypatch):
+    # two machines, each with its own work dir (envmgr's Slurm ranks): rank 1 cannot see rank 0's share
+    monkeypatch.setenv("TRAINING_NUM_MACHINES", "2")
+    images = textfile_dataset(tmp_path / "images", count=4)
+    config = write_trainer_config(tmp_path / "run", tiny_model, images)
+    alone = build(config, FakeAccelerator(process_index=1, num_processes=2))
+    assert len(list((tmp_path / "run" / "cache" / "vae").rglob("*.safetensors"))) == 4
+    assert alone.report["images"] == 4 and not alone.report["skipped"].get("not_encoded")
+
+
 def test_ranks_wait_for_each_other_with_the_configured_timeout(tmp_path, monkeypatch):
     import accelerate
 

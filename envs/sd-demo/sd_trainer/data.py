@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,12 @@ def _encode_prompts(config, work: list[str], text_cache: cache.TextCache, device
     return True
 
 
+def _machines() -> int:
+    """Machines in this run (train.sh's TRAINING_NUM_MACHINES): each may have a cache folder of its own."""
+    value = os.environ.get("TRAINING_NUM_MACHINES", "1")
+    return int(value) if value.isdigit() else 1
+
+
 def build_training_set(config: TrainConfig, accelerator, dtype: torch.dtype, stop) -> TrainingSet | None:
     """Discover, bucket, encode what the cache lacks (split across ranks). None if stopped by a signal."""
     report: dict = {"skipped": {}, "upscaled": 0}
@@ -245,6 +252,14 @@ def build_training_set(config: TrainConfig, accelerator, dtype: torch.dtype, sto
     if work and not _encode_latents(config, work, latent_cache, device, dtype, stop):
         return None
     accelerator.wait_for_everyone()
+    # machines that do not share a cache folder (each its own work dir) each encode what they still lack
+    missing = [s for s in unique if not latent_cache.path(s.bucket, s.key).is_file()
+               and not latent_cache.unreadable_marker(s.key).exists()]
+    if missing and _machines() > 1:
+        log.info("latent cache %s: %d images another machine encoded into its own cache: encoding them here",
+                 latent_cache.folder, len(missing))
+        if not _encode_latents(config, missing, latent_cache, device, dtype, stop):
+            return None
 
     kept = []
     for sample in samples:
@@ -267,6 +282,9 @@ def build_training_set(config: TrainConfig, accelerator, dtype: torch.dtype, sto
     if work_text and not _encode_prompts(config, work_text, text_cache, device, dtype, stop):
         return None
     accelerator.wait_for_everyone()
+    missing_text = [text for text in prompts if not text_cache.path(text).is_file()]
+    if missing_text and _machines() > 1 and not _encode_prompts(config, missing_text, text_cache, device, dtype, stop):
+        return None
 
     caption_ids = torch.tensor([prompts[s.caption] for s in kept], dtype=torch.long)
     order = torch.cat([torch.full((s.repeats + 1,), i, dtype=torch.long) for i, s in enumerate(kept)])
