@@ -432,11 +432,23 @@ def export_cmd(
                                                          "`docker load` take) or squashfs (an enroot image for "
                                                          "pyxis/enroot sites).")] = "envmgr",
     sign: Annotated[Optional[Path], typer.Option("--sign", help=SIGN_HELP)] = None,
+    thin_for: Annotated[Optional[str], typer.Option(
+        "--thin-for", metavar="IMAGE_OR_ARCHIVE",
+        help="Leave out the layers the target server already has: IMAGE_OR_ARCHIVE is an image (reference or ID) in "
+             "this engine that the target has, or an earlier export archive sent there (only its header is "
+             "read). The layers the two images share from the bottom (base, shared environment layers) are "
+             "left out and listed, signed, in the archive; `envmgr import` there refuses, naming them, if its "
+             "engine lacks any. The method layer always travels.")] = None,
 ):
     """Write the method's image, spec, lock and files into one archive for a server that reaches nothing."""
     from .transfer import export
 
     ctx = _context()
+    if format_ == "squashfs" and thin_for is not None:
+        from .errors import UsageError
+
+        raise UsageError("--thin-for works with --format envmgr only: an enroot image is one squashfs of the "
+                         "whole tree, it has no layers to leave out")
     if format_ == "squashfs":
         from .squashfs import export_squashfs
 
@@ -448,8 +460,10 @@ def export_cmd(
         from .errors import UsageError
 
         raise UsageError(f"--format {format_!r}: expected envmgr or squashfs")
-    result = export(ctx, method, output, compress, sign=sign)
-    ctx.ui.success(f"{result.method}: {result.tag} → {result.file} ({result.size / 1e6:.1f} MB)",
+    result = export(ctx, method, output, compress, sign=sign, thin_for=thin_for)
+    thin = (f", thin: {result.left_out} layers ({result.left_out_bytes / 1e6:.1f} MB) left out for "
+            f"{result.thin_for[:19]}" if result.thin_for and result.left_out else "")
+    ctx.ui.success(f"{result.method}: {result.tag} → {result.file} ({result.size / 1e6:.1f} MB{thin})",
                    **result.fields())
 
 
@@ -463,7 +477,10 @@ def import_cmd(
                                                                       "here when this server has another.")]
     = False,
 ):
-    """Check every hash in an exported archive, then load its image and register its method."""
+    """Check every hash in an exported archive, then load its image and register its method.
+
+    A thin archive (`export --thin-for`) is loaded only when this engine already has every layer it
+    left out; otherwise it is refused, naming the missing layers, and nothing is loaded."""
     from .transfer import import_archive
 
     ctx = _context()
@@ -484,7 +501,8 @@ def push(method: Annotated[str, typer.Argument(help="Method name.")],
 
     ctx = _context()
     result = push_image(ctx, method, registry, sign=sign)
-    ctx.ui.success(f"{result.method}: pushed {result.reference}@{result.digest}", **result.fields())
+    ctx.ui.success(f"{result.method}: pushed {result.reference}@{result.digest} ({result.layers_pushed} layers "
+                   f"uploaded, {result.layers_existing} already in the registry)", **result.fields())
 
 
 @app.command()

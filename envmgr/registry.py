@@ -54,10 +54,14 @@ def _check_registry(registry: str) -> str:
     return registry
 
 
-def _stream(ctx: Context, start, verb: str, registry: str, total: int) -> dict:
-    """Start the push or pull and follow the engine's JSON progress; returns the last `aux` (digest)."""
+def _stream(ctx: Context, start, verb: str, registry: str, total: int,
+            layers: dict[str, str] | None = None, done: dict[str, int] | None = None) -> dict:
+    """Start the push or pull and follow the engine's JSON progress; returns the last `aux` (digest).
+
+    `layers`, when given, is filled with what became of each layer: "pushed", or "existing" when the
+    registry had the blob already (the engine sends nothing then); `done` with the bytes read per layer."""
     aux: dict = {}
-    done: dict[str, int] = {}
+    done = {} if done is None else done
     try:
         with ctx.ui.progress(f"{verb} {registry}", total=total or None, unit="bytes") as task:
             for line in start():
@@ -75,6 +79,8 @@ def _stream(ctx: Context, start, verb: str, registry: str, total: int) -> dict:
                     done[layer] = current
                 elif line.get("status"):
                     ctx.ui.log(f"{layer + ': ' if layer else ''}{line['status']}")
+                    if layers is not None and layer and line["status"] in ("Pushed", "Layer already exists"):
+                        layers[layer] = "pushed" if line["status"] == "Pushed" else "existing"
     except PushPullRefused as exc:
         raise RegistryError(f"registry {registry}: the engine could not {verb}: "
                             f"{ctx.ui.redact(exc.message)}") from None
@@ -96,6 +102,9 @@ class PushResult:
     lock_hash: str
     pushed: str                    # when, ISO 8601 UTC
     signed_by: str | None = None   # the signing key's ID, with --sign
+    layers_pushed: int = 0         # layers the engine uploaded ...
+    layers_existing: int = 0       # ... and those the registry had already (shared with an earlier push)
+    bytes_read: int = 0            # uncompressed bytes of the uploaded layers, as the engine reported them
 
     def fields(self) -> dict:
         """The result as the JSON event and pushed.json carry it (no signed_by when unsigned)."""
@@ -131,14 +140,19 @@ def push(ctx: Context, method: str, registry: str, sign: Path | None = None) -> 
     ctx.engine.tag(image_id, remote, short)
     try:
         auth = credentials(ctx, registry)
-        aux = _stream(ctx, lambda: ctx.engine.push(remote, short, auth), "push", registry, size)
+        layers: dict[str, str] = {}
+        read: dict[str, int] = {}
+        aux = _stream(ctx, lambda: ctx.engine.push(remote, short, auth), "push", registry, size, layers, read)
     finally:
         ctx.engine.remove_image(f"{remote}:{short}")  # only the extra tag: the image keeps its own
     digest_pushed = aux.get("Digest")
     if not digest_pushed:
         raise RegistryError(f"registry {registry} did not report a digest for {remote}:{short}")
     result = PushResult(spec.name, registry, f"{remote}:{short}", digest_pushed, image_id, digest, data["lock"],
-                        pushed=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                        pushed=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        layers_pushed=sum(v == "pushed" for v in layers.values()),
+                        layers_existing=sum(v == "existing" for v in layers.values()),
+                        bytes_read=sum(read.values()))
     if sign is not None:
         result.signed_by = _push_signature(ctx, spec, registry, remote, short, image_id, tag, digest, sign)
     _record_push(ctx.cache_dir / PUSHED_FILE, result.fields())

@@ -42,7 +42,7 @@ from .backends import get_backend
 from .base import BaseImage, _load as load_base_image, current_base
 from .build import _excluded, inputs, installer_id, lock_hash, require_image
 from .context import Context
-from .errors import EnvmgrError, UsageError
+from .errors import EngineError, EnvmgrError, UsageError
 from .image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
 from .spec import MethodSpec, find_method, load_spec
 from .trust import SBOM_MEMBER, SIGNATURE_MEMBER
@@ -134,15 +134,21 @@ class ExportResult:
     size: int                     # the archive's bytes on disk
     compress: str                 # "none" | "gzip"
     signed_by: str | None = None  # the signing key's ID, with --sign
+    thin_for: str | None = None   # with --thin-for: the target's image ID
+    left_out: int = 0             # layers left out (the target has them)
+    left_out_bytes: int = 0
 
     def fields(self) -> dict:
         """The result as the JSON event carries it."""
-        return {"method": self.method, "file": str(self.file), "tag": self.tag, "image_id": self.image_id,
-                "bytes": self.size, "compress": self.compress, "signed_by": self.signed_by}
+        found = {"method": self.method, "file": str(self.file), "tag": self.tag, "image_id": self.image_id,
+                 "bytes": self.size, "compress": self.compress, "signed_by": self.signed_by}
+        if self.thin_for is not None:
+            found.update(thin_for=self.thin_for, left_out=self.left_out, left_out_bytes=self.left_out_bytes)
+        return found
 
 
 def export(ctx: Context, method: str, out: Path | None, compress: str = "none",
-           sign: Path | None = None) -> ExportResult:
+           sign: Path | None = None, thin_for: str | None = None) -> ExportResult:
     wanted, image_id = require_image(ctx, method)
     spec, base, data, digest, tag = wanted.spec, wanted.base, wanted.inputs, wanted.digest, wanted.tag
     config = wanted.config(ctx)
@@ -153,16 +159,25 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none",
         raise UsageError(f"--compress {compress!r}: expected none or gzip")
     out = out or Path(f"{spec.name}-{digest[:16]}.envmgr.tar" + (".gz" if compress == "gzip" else ""))
 
-    from . import sbom, signing
+    from . import sbom, signing, thin
 
     key = signing.load_private_key(sign) if sign else None
+    left_out: list[dict] = []
+    target_id = None
+    if thin_for is not None:
+        target_id, target = thin.target_layers(ctx, thin_for)
+        left_out = thin.left_out_entries(config, thin.shared_prefix([la.diff_id for la in config.layers], target))
+        if not left_out:
+            ctx.ui.warn(f"--thin-for {thin_for}: {target_id[:19]} shares no leading layers with {tag}: "
+                        "writing a full archive")
+    skipped = {entry["diff_id"] for entry in left_out}
     config_bytes, layer_names, docker_manifest = archive_parts(config, [tag])
     members = method_members(spec, in_layer=True)
     members.append(_from_bytes(SBOM_MEMBER, "SBOM", sbom.sbom_bytes(ctx, spec, base, config)))
     members.append(_from_bytes(f"{config.image_id().split(':')[1]}.json", "image config", config_bytes))
     layer_parts = ["base layer", "environment layer", "method layer"]
     for name, layer, part in zip(layer_names, config.layers, layer_parts, strict=False):
-        if not any(m.name == name for m in members):
+        if layer.diff_id not in skipped and not any(m.name == name for m in members):
             members.append(Member(name, part, layer.size, layer.diff_id.split(":", 1)[1], path=layer.path))
     members.append(_from_bytes("manifest.json", "docker-archive manifest", docker_manifest))
     manifest = {
@@ -171,6 +186,8 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none",
         "base": {k: v for k, v in asdict(base).items() if k != "layer_path"},
         "members": [m.entry() for m in members],
     }
+    if left_out:   # in export.json, so covered by the signature: the list cannot be edited unnoticed
+        manifest.update({"format": thin.THIN_FORMAT, thin.LEFT_OUT: left_out, thin.THIN_FOR: {"image_id": target_id}})
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     if key is not None:
         members.insert(0, _from_bytes(SIGNATURE_MEMBER, "signature", signing.sign(manifest_bytes, key)))
@@ -183,7 +200,9 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none",
     write_atomically(out, lambda fh: _write_members(fh, manifest_bytes, members, compress, ctx, out), ctx)
     size = out.stat().st_size
     return ExportResult(spec.name, out, tag, image_id, size, compress,
-                        signed_by=signing.key_id(key.public_key()) if key else None)
+                        signed_by=signing.key_id(key.public_key()) if key else None,
+                        thin_for=target_id, left_out=len(left_out),
+                        left_out_bytes=sum(entry["size"] for entry in left_out))
 
 
 def _write_members(raw, manifest_bytes: bytes, members: list[Member], compress: str, ctx: Context,
@@ -273,7 +292,9 @@ def read_signed_manifest(path: Path) -> tuple[dict, bytes, bytes | None]:
         manifest = json.loads(manifest_bytes)
     except json.JSONDecodeError as exc:
         raise ArchiveError(f"{path}: not a readable envmgr export ({exc}); nothing was loaded") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    from .thin import THIN_FORMAT
+
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, THIN_FORMAT):
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ArchiveError(f"{path}: format {found!r} is not {FORMAT!r}; nothing was loaded")
     return manifest, manifest_bytes, signature
@@ -394,11 +415,12 @@ class ImportResult:
 
 
 def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace: bool = False) -> ImportResult:
-    from . import sbom, trust
+    from . import sbom, thin, trust
 
     manifest, manifest_bytes, signature = read_signed_manifest(path)
     signed = trust.check_signature(ctx, str(path), manifest_bytes, signature)   # before anything else
     trust.check_structure(path, manifest)
+    thin.check_listing(path, manifest)
     name, tag, image_id = manifest["method"], manifest["tag"], manifest["image_id"]
     here = engine_architecture(ctx)
     if manifest.get("architecture") != here:
@@ -437,7 +459,17 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
                          f"{base_info['image_id'][:19]}; nothing was loaded",
                          hint="`--replace-base` makes the archive's base current here (other methods then "
                               "build on it too)")
+    left_out = {entry["diff_id"] for entry in manifest.get(thin.LEFT_OUT) or []}
+    if install_base and base_info["diff_id"] in left_out:
+        raise ArchiveError(f"{path}: a thin archive without the base layer, and this server's base "
+                           f"{base_info['name']} is not its {base_info['image_id'][:19]}; nothing was loaded",
+                           hint="import a full archive (`envmgr export` without --thin-for)")
     loaded = ctx.engine.image_id(tag) == image_id
+    if not loaded and left_out:
+        missing = thin.missing_layers(ctx, manifest)
+        if missing:
+            raise ArchiveError(thin.refusal(path, manifest, missing),
+                               hint="import the full archive, or first the image the thin one was made for")
     if loaded and not register and not install_base:
         ctx.engine.tag(image_id, tag.rsplit(":", 1)[0], "latest")
         trust.record_signature(ctx, image_id, "export", manifest_bytes, signature)
@@ -459,7 +491,13 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
         if not loaded:
             with open(path, "rb") as fh, ctx.ui.progress(f"loading {tag} into the engine",
                                                          total=path.stat().st_size, unit="bytes") as task:
-                ctx.engine.load_archive(_chunks(fh, task.advance))
+                try:
+                    ctx.engine.load_archive(_chunks(fh, task.advance))
+                except EngineError:
+                    missing = thin.missing_layers(ctx, manifest) if left_out else []
+                    if missing:   # removed between the check and the load (a gc meanwhile)
+                        raise ArchiveError(thin.refusal(path, manifest, missing)) from None
+                    raise
             if ctx.engine.image_id(tag) != image_id:
                 raise EnvmgrError(f"the engine did not report {image_id[:19]} as {tag} after loading {path}")
         ctx.engine.tag(image_id, tag.rsplit(":", 1)[0], "latest")
@@ -496,7 +534,7 @@ def _verify_and_stage(ctx: Context, path: Path, manifest: dict, staging: Path, b
     """Check every member while streaming it once, stage the method's files (from `envmgr/method/` and
     the method layer), and check the chain: manifest.json, inputs, tag, method layer. Returns the staged
     method folder and the SBOM file."""
-    from . import trust
+    from . import thin, trust
     from .build import _digest, image_tag, method_layer
 
     name, tag, image_id, want = manifest["method"], manifest["tag"], manifest["image_id"], manifest["inputs"]
@@ -515,6 +553,7 @@ def _verify_and_stage(ctx: Context, path: Path, manifest: dict, staging: Path, b
         raise ArchiveError(f"{path}: the image config says {config.get('architecture')}, this engine runs "
                            f"{here}; nothing was loaded")
     trust.check_docker_manifest(path, small["manifest.json"], config, image_id, tag)
+    thin.check_config(path, manifest, config)
     last_layer = config["rootfs"]["diff_ids"][-1]
     if layer_names.get("method layer") != f"{last_layer.split(':', 1)[1]}/layer.tar" or not method_tar.is_file():
         raise ArchiveError(f"{path}: the member listed as the method layer is not the image's last layer; "

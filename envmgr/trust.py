@@ -180,8 +180,9 @@ def statement_layers(kind: str, statement: bytes) -> tuple[str, list[str]]:
     """(image ID, layer diff IDs) a signed statement names."""
     data = json.loads(statement)
     if kind == "export":
-        layers = sorted("sha256:" + m["sha256"] for m in data["members"] if m["name"].endswith("/layer.tar"))
-        return data["image_id"], layers
+        layers = ["sha256:" + m["sha256"] for m in data["members"] if m["name"].endswith("/layer.tar")]
+        layers += [entry["diff_id"] for entry in data.get("left_out") or []]   # a thin export's (signed) list
+        return data["image_id"], sorted(set(layers))
     return data["image_id"], sorted(set(data["diff_ids"]))
 
 
