@@ -69,6 +69,7 @@ bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.conda_bench
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
+	$(VENV)/bin/python -m tests.bench.wire_bench
 	$(VENV)/bin/python -m tests.bench.slurm_bench
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_cache.py

@@ -59,7 +59,8 @@ def _stream(ctx: Context, start, verb: str, registry: str, total: int,
     """Start the push or pull and follow the engine's JSON progress; returns the last `aux` (digest).
 
     `layers`, when given, is filled with what became of each layer: "pushed", or "existing" when the
-    registry had the blob already (the engine sends nothing then); `done` with the bytes read per layer."""
+    registry had the blob already, in this repository or another one it mounts it from (the engine sends
+    nothing then); `done` with the bytes read per layer."""
     aux: dict = {}
     done = {} if done is None else done
     try:
@@ -79,8 +80,11 @@ def _stream(ctx: Context, start, verb: str, registry: str, total: int,
                     done[layer] = current
                 elif line.get("status"):
                     ctx.ui.log(f"{layer + ': ' if layer else ''}{line['status']}")
-                    if layers is not None and layer and line["status"] in ("Pushed", "Layer already exists"):
-                        layers[layer] = "pushed" if line["status"] == "Pushed" else "existing"
+                    if layers is not None and layer and line["status"] == "Pushed":
+                        layers[layer] = "pushed"
+                    elif layers is not None and layer and (line["status"] == "Layer already exists"
+                                                           or line["status"].startswith("Mounted from ")):
+                        layers[layer] = "existing"   # the registry had the blob (in another repository: mounted)
     except PushPullRefused as exc:
         raise RegistryError(f"registry {registry}: the engine could not {verb}: "
                             f"{ctx.ui.redact(exc.message)}") from None
