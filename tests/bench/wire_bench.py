@@ -85,6 +85,7 @@ def main() -> None:
     build_wheel(work / "wheels", "envmgr-alpha", "1.0", requires=["envmgr-beta>=1.0"],
                 body='from envmgr_beta import NAME\nGREETING = "alpha+" + NAME\n')
     build_wheel(work / "wheels", "envmgr-beta", "1.0", body='NAME = "beta-1.0"\n')
+    build_wheel(work / "wheels", "envmgr-gamma", "2.0", body="WINDOWS_ONLY = True\n")
     index = Index(work / "wheels").start()
     env = {**os.environ, "ENVMGR_BASE_DIR": str(work / "base"), "ENVMGR_CACHE_DIR": str(work / "cache"),
            "ENVMGR_STORE_DIR": str(STORE), "ENVMGR_CONFIG": "/dev/null", "ENVMGR_MIRRORS_PYPI": index.url}

@@ -71,7 +71,8 @@ def test_push_fields_leave_out_signed_by_when_unsigned():
     result.signed_by = "ab12"
     assert result.fields()["signed_by"] == "ab12"
     assert list(result.fields()) == ["method", "registry", "reference", "digest", "image_id", "inputs_hash",
-                                     "lock_hash", "pushed", "signed_by"]
+                                     "lock_hash", "pushed", "signed_by", "layers_pushed", "layers_existing",
+                                     "bytes_read"]
 
 
 def test_pull_fields_keep_a_missing_digest_as_null():
