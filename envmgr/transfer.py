@@ -17,7 +17,8 @@ Every member has a fixed mtime, uid/gid 0 and a fixed order, so exporting the sa
 the same bytes. The default is no compression: the layers are mostly shared libraries and wheels'
 contents, an uncompressed tar is written and loaded at disk speed, and `docker load` reads it
 without a decompression pass. `--compress gzip` writes a gzip stream with mtime 0 and no file name
-(deterministic for a given zlib), for links where bytes cost more than time.
+(deterministic for a given zlib), for links where bytes cost more than time. `--thin-for` leaves out
+the layers a target server already has and lists them, signed, in export.json (see thin.py).
 """
 
 from __future__ import annotations
