@@ -217,7 +217,9 @@ def lock(
     method: Annotated[str, typer.Argument(help="Method name.")],
     check: Annotated[bool, typer.Option("--check", help="Only check that the lock is current (exit 3 if not).")]
     = False,
-    regenerate: Annotated[bool, typer.Option("--regenerate", help="Re-solve every package, not only changes.")]
+    regenerate: Annotated[bool, typer.Option(
+        "--regenerate", help="Re-solve every package, not only changes (a method with a lock of its own starts "
+                             "again from that lock).")]
     = False,
     variant: Annotated[Optional[str], typer.Option(help="Lock this variant of the method (see `envmgr show`).")]
     = None,
@@ -230,8 +232,16 @@ def lock(
     if result.current:
         ctx.ui.success(f"{result.method}: lock is current", method=result.method, current=True)
         return
+    if result.drift is not None:
+        from .adapt import describe_drift
+
+        moved = describe_drift(result.drift)
+        ctx.ui.info(f"{result.method}: {len(moved)} change{'' if len(moved) == 1 else 's'} against the "
+                    f"repository's own lock" + (":" if moved else " (every version kept)"))
+        for line in moved:
+            ctx.ui.info(f"  {line}")
     ctx.ui.success(f"{result.method}: locked → {', '.join(str(p) for p in result.files)}",
-                   method=result.method, files=[str(p) for p in result.files])
+                   method=result.method, files=[str(p) for p in result.files], drift=result.drift)
 
 
 @app.command()
