@@ -89,6 +89,9 @@ class MethodSpec(BaseModel):
     workdir: Literal["run", "method"] = "run"
     # globs relative to the run dir that must each match a file the run wrote, else exit 0 is `failed (no outputs)`
     success: list[str] | None = None
+    # how a run sees its dataset (envmgr/run_datasets.py): as given, extracted read-only, or a writable copy;
+    # default: added methods get an archive extracted, anything else as given
+    dataset_mode: Literal["archive", "extracted", "writable"] | None = None
     adapt: Adaptations = Field(default_factory=Adaptations)
     gpu_memory_gb: float | None = Field(default=None, gt=0)   # the least memory (GB, 10^9 bytes) a GPU needs
     variants: dict[str, Variant] = Field(default_factory=dict)
@@ -191,6 +194,7 @@ class MethodSpec(BaseModel):
         # neither changes what an image holds (a variant's pins reach its own spec through `adapt`)
         data.pop("variants", None)
         data.pop("gpu_memory_gb", None)
+        data.pop("dataset_mode", None)    # how a run mounts its dataset, not what the image holds
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
