@@ -6,8 +6,8 @@
 - "writable": extracted (a folder: copied) into the run's `work/dataset/`, owned by the run's user and
   mounted read-write, for tools that write an index beside the images.
 
-An archive holding a single top folder (possibly nested) is mounted from inside it, as zipping a
-folder makes it. Default: a built-in method gets its dataset as given ("archive"); an added method gets an archive
+An archive made of one top folder (as zipping a folder makes it) is mounted from inside it
+(`dataset_root`). Default: a built-in method gets its dataset as given ("archive"); an added method gets an archive
 extracted ("extracted") and a folder as given. Nothing is ever written under <base>/datasets; an
 extracted copy belongs to its run (a resumed run keeps it).
 """
@@ -81,8 +81,22 @@ def prepare_dataset(spec: MethodSpec, dataset: Path, run_dir: Path, work: Path, 
             raise
         partial.rename(dest)
         _give(dest, user, writable=mode == "writable")
-    # an archive made of one folder (as zipping a folder makes it): that folder is the dataset
-    return RunDataset(mode, name, dest if dataset.is_dir() else archive.single_top_folder(dest))
+    return RunDataset(mode, name, dest if dataset.is_dir() else dataset_root(dest))
+
+
+def dataset_root(folder: Path) -> Path:
+    """Where an extracted archive's dataset starts: inside the one folder zipping a folder makes, and further
+    down through single folders while the next one still holds folders (`pets/images/*.jpg` -> `pets`)."""
+    def only_folder(path: Path) -> Path | None:
+        entries = [p for p in path.iterdir() if not archive.is_junk(p.name)]
+        return entries[0] if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() else None
+
+    top = only_folder(folder)
+    if top is None:
+        return folder
+    while (inner := only_folder(top)) is not None and any(p.is_dir() for p in inner.iterdir()):
+        top = inner
+    return top
 
 
 def _give(folder: Path, user: str, writable: bool) -> None:

@@ -98,3 +98,20 @@ def test_an_archive_with_a_link_out_is_refused_and_leaves_nothing(tmp_path):
     with pytest.raises(UsageError, match="links outside"):
         prepare_dataset(_spec(), path, run_dir, work, USER)
     assert list((run_dir / "dataset").iterdir()) == []
+
+
+def test_the_dataset_starts_inside_the_folder_zipping_made(tmp_path):
+    from envmgr.run_datasets import dataset_root
+
+    (tmp_path / "a" / "pets" / "images").mkdir(parents=True)
+    (tmp_path / "a" / "pets" / "images" / "1.jpg").write_text("x")
+    assert dataset_root(tmp_path / "a") == tmp_path / "a" / "pets"
+    (tmp_path / "b" / "wrap" / "pets" / "images").mkdir(parents=True)
+    (tmp_path / "b" / "wrap" / "pets" / "metadata.jsonl").write_text("{}")
+    assert dataset_root(tmp_path / "b") == tmp_path / "b" / "wrap" / "pets"
+    (tmp_path / "c" / "shots").mkdir(parents=True)
+    (tmp_path / "c" / "shots" / "1.jpg").write_text("x")
+    assert dataset_root(tmp_path / "c") == tmp_path / "c" / "shots"
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "data.jsonl").write_text("{}")
+    assert dataset_root(tmp_path / "d") == tmp_path / "d"
