@@ -155,3 +155,94 @@ def test_a_failed_solve_shows_poetrys_reason(workspace, indexes, tmp_path):
     assert "poetry found no solution: Because" in failed.stderr and "version solving failed" in failed.stderr
     assert "envmgr-alpha (==7.0)" in failed.stderr and "Deprecat" not in failed.stderr
     assert not (method / "lock" / "poetry.lock").exists()
+
+
+# Shaped like a real launcher: writes a log beside itself, reads its config relative to itself (or the one
+# handed in at run time), writes an index beside its dataset's images, needs a system library, exits 0 always.
+TRAIN_SH = """\
+#!/usr/bin/env bash
+HERE="$(cd "$(dirname "$0")" && pwd)"
+echo "launch $(id -u) mode=${MODE:-unset}" >> "$HERE/debug.log"
+CONFIG="${CONFIG_FILE:-$HERE/config/config.json}"
+python - "$CONFIG" <<'PY'
+import ctypes, json, os, sys, pathlib
+import envmgr_alpha, envmgr_torchish, envmgr_gitdep
+ctypes.CDLL("libyaml-0.so.2")   # from [system] apt, not in the base image
+config = json.loads(pathlib.Path(sys.argv[1]).read_text())
+data = pathlib.Path(os.environ["ENVMGR_DATASET_PATH"])
+(data / "bucket-index.json").write_text(json.dumps(sorted(p.name for p in (data / "images").iterdir())))
+if os.environ.get("MODE") == "crash":
+    raise SystemExit("Traceback (most recent call last): the trainer crashed, the launcher does not care")
+out = pathlib.Path(os.environ["ENVMGR_OUTPUT_DIR"])
+(out / "lora.safetensors").write_text(
+    f"{envmgr_alpha.GREETING} {envmgr_torchish.BUILD} {envmgr_gitdep.VERSION} steps={config['steps']}")
+PY
+echo "launcher done"
+exit 0
+"""
+
+
+def test_repository_with_its_lock_runs_with_system_packages_inputs_and_a_writable_dataset(
+        workspace, engine, indexes, tmp_path):
+    default, _, lock_text = indexes
+    archive = tmp_path / "ownrun.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path, text in {"pyproject.toml": PYPROJECT, "poetry.lock": lock_text, "train.sh": TRAIN_SH,
+                           "config/config.json": '{"steps": 2}\n'}.items():
+            zf.writestr(f"ownrun-main/{path}", text)
+    workspace.envmgr("method", "add", str(archive), "--name", "ownrun")
+    method = workspace.base_dir / "methods" / "ownrun"
+    spec = tomllib.loads((method / "envmgr.toml").read_text())
+    spec.update(adapt={"pin": {"envmgr-gitdep": "0.4.0"}, "sources": {"pytorch": "default"}},
+                system={"apt": ["libyaml-0-2"]}, dataset_mode="writable", success=["output/*.safetensors"])
+    (method / "envmgr.toml").write_text(tomli_w.dumps(spec))
+    workspace.envmgr("lock", "ownrun", mirror=default.url)
+    theirs = {p["name"]: p["version"] for p in tomllib.loads(lock_text)["package"]}
+    assert _versions(method) == {**theirs, "envmgr-torchish": "2.5.1"}
+
+    built = _done(workspace.envmgr("--json", "build", "ownrun", mirror=default.url))
+    layers = engine.images.get(built["image"]).attrs["RootFS"]["Layers"]
+    assert len(layers) == 4, "base, system packages, environment, method"
+    records = list(workspace.cache_dir.glob("layers/system-*.json"))
+    assert [json.loads(r.read_text())["packages"] for r in records] == [{"libyaml-0-2": json.loads(
+        records[0].read_text())["packages"]["libyaml-0-2"]}]
+    system_tar = records[0].with_suffix(".tar").read_bytes()
+    assert b"sources.list" not in system_tar and b"/var/lib/apt/lists" not in system_tar
+    sbom = json.loads(workspace.envmgr("sbom", "ownrun").stdout)
+    assert "libyaml-0-2" in {c["name"] for c in sbom["components"]}
+
+    datasets = workspace.base_dir / "datasets"
+    datasets.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(datasets / "pets.zip", "w") as zf:
+        zf.writestr("pets/images/1.jpg", "jpg")
+        zf.writestr("pets/images/1.txt", "a cat")
+        zf.writestr("__MACOSX/pets/images/._1.jpg", "junk")
+    zip_before = (datasets / "pets.zip").read_bytes()
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "config.json").write_text('{"steps": 5}\n')
+    inputs.chmod(0o755)
+    ran = workspace.envmgr("--json", "run", "ownrun", "--gpus", "none", "--dataset", "pets.zip",
+                           "--input", f"{inputs}:cfg", "--env", "CONFIG_FILE=/envmgr/inputs/cfg/config.json",
+                           "--env", "MODE=good")
+    run_dir = Path(_done(ran)["run_dir"])
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "succeeded", (run_dir / "log.txt").read_text()
+    # beta 1.0 is the repository's lock at work: a fresh solve would have installed 1.1
+    assert (run_dir / "output" / "lora.safetensors").read_text() == "alpha+beta-1.0 2.5.1 0.4.0 steps=5"
+    assert record["dataset"]["mode"] == "writable" and record["dataset"]["mounted_at"] == "/envmgr/data/pets"
+    copy = run_dir / record["dataset"]["copy"]
+    assert json.loads((copy / "bucket-index.json").read_text()) == ["1.jpg", "1.txt"]
+    assert sorted(p.name for p in datasets.iterdir()) == ["pets.zip"]
+    assert (datasets / "pets.zip").read_bytes() == zip_before
+    uid = record["run_as"].split(":")[0]
+    assert uid != "0" and str(copy.stat().st_uid) == uid
+    assert (run_dir / "work" / "method" / "debug.log").read_text() == f"launch {uid} mode=good\n"
+
+    crashed = workspace.envmgr("run", "ownrun", "--gpus", "none", "--dataset", "pets.zip", "--env", "MODE=crash",
+                               check=False)
+    assert crashed.returncode == 1 and "failed (no outputs)" in crashed.stderr, crashed.stderr
+    crash_dir = max((workspace.base_dir / "runs" / "ownrun").iterdir(), key=lambda p: p.name)
+    crash = json.loads((crash_dir / "run.json").read_text())
+    assert (crash["status"], crash["reason"], crash["exit_code"]) == ("failed", "no outputs", 0)
+    assert crash["missing_outputs"] == ["output/*.safetensors"]
