@@ -556,9 +556,18 @@ def gc(
     for item in result.keep:
         if "refused" in item.why:
             ctx.ui.info(f"kept {item.kind} {item.what[:19]}: {item.why}")
+    disk = []
+    if dry_run:
+        from .disk import describe, usage
+
+        disk = usage(ctx, set(method) if method else None)
+        ctx.ui.info("disk use per method:")
+        for entry in disk:
+            ctx.ui.info(f"  {describe(entry)}")
     ctx.ui.success(f"{verb_word} {len(result.remove)} items, {result.freed() / 1e6:.1f} MB"
                    + (" freed" if not dry_run else ""), dry_run=dry_run, bytes_freed=result.freed(),
-                   removed=[vars(i) for i in result.remove], kept=[vars(i) for i in result.keep])
+                   removed=[vars(i) for i in result.remove], kept=[vars(i) for i in result.keep],
+                   disk=[entry.as_dict() for entry in disk])
 
 
 @key_app.command("generate")
@@ -595,10 +604,14 @@ def doctor():
     from . import doctor as diagnose
 
     ctx = _context()
+    from .disk import describe, usage
+
     rows = diagnose.settings(ctx.config)
     checks = diagnose.checks(ctx)
+    disk = usage(ctx)
     if ctx.ui.mode == "json":
-        ctx.ui.event("doctor", settings=[vars(row) for row in rows], checks=[vars(check) for check in checks])
+        ctx.ui.event("doctor", settings=[vars(row) for row in rows], checks=[vars(check) for check in checks],
+                     disk=[entry.as_dict() for entry in disk])
     else:
         from rich.table import Table
 
@@ -609,6 +622,10 @@ def doctor():
         for check in checks:
             ctx.ui.console.print(f"{'[green]ok[/]' if check.ok else '[red]!![/]'}  {check.check}: "
                                  f"{ctx.ui.redact(check.status)}")
+        if disk:
+            ctx.ui.console.print("disk use per method:", markup=False)
+            for entry in disk:
+                ctx.ui.console.print(f"    {describe(entry)}", markup=False)
     code = diagnose.exit_code(checks)
     if code != Exit.OK:
         raise typer.Exit(int(code))
