@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,16 +72,17 @@ def prepare_dataset(spec: MethodSpec, dataset: Path, run_dir: Path, work: Path, 
     dest = root / name
     if not dest.exists():       # a resumed run keeps the copy its method may have written to
         root.mkdir(exist_ok=True)
-        partial = root / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
+        # one folder per extraction: Slurm ranks on one machine share the run dir; the first rename wins
+        partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.partial-"))
         try:
             archive.extract(dataset, partial)
-        except BaseException:
+            _give(partial, user, writable=mode == "writable")
+            partial.rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+        finally:
             shutil.rmtree(partial, ignore_errors=True)
-            raise
-        partial.rename(dest)
-        _give(dest, user, writable=mode == "writable")
     return RunDataset(mode, name, dest if dataset.is_dir() else dataset_root(dest))
 
 
