@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tomllib
 import zipfile
 from pathlib import Path
@@ -210,6 +211,10 @@ def test_repository_with_its_lock_runs_with_system_packages_inputs_and_a_writabl
     assert b"sources.list" not in system_tar and b"/var/lib/apt/lists" not in system_tar
     sbom = json.loads(workspace.envmgr("sbom", "ownrun").stdout)
     assert "libyaml-0-2" in {c["name"] for c in sbom["components"]}
+    engine.images.remove(built["image"], force=True)
+    shutil.rmtree(workspace.cache_dir)     # every layer made again, the system layer included: the same image
+    again = _done(workspace.envmgr("--json", "build", "ownrun", mirror=default.url))
+    assert again["image"] == built["image"] and not again["reused"]
 
     datasets = workspace.base_dir / "datasets"
     datasets.mkdir(parents=True, exist_ok=True)
