@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 from .errors import UsageError
 from .spec import Adaptations
@@ -72,8 +73,15 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
     own lock) turns the proposed pins into the versions its authors used."""
     locked = {_name(n): v for n, v in (locked or {}).items()}
 
-    def version(name: str) -> str:
-        return locked.get(_name(name), "<version>")
+    def pin(name: str) -> str:
+        """`pin = { name = "<release>" }`: the release the repository's lock points at (`0.32.0.dev0` built from
+        git -> `0.32.0`, with the locked version noted)."""
+        recorded = locked.get(_name(name))
+        if recorded is None or ", " in recorded:
+            return f"pin = {{ {name} = \"<version>\" }}"
+        release = index_release(recorded)
+        note = "" if release == recorded else f" (its lock has {recorded})"
+        return f"pin = {{ {name} = \"{release}\" }}{note}"
 
     problems = []
     pinned = {_name(n) for n in adapt.pin} | {_name(n) for n in adapt.drop}
@@ -84,8 +92,8 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
                 if isinstance(entry, dict) and _name(name) not in pinned:
                     kind = next((k for k in VCS_KEYS if k in entry), None)
                     if kind:
-                        problems.append(f"{name} comes from {kind} {entry[kind]} → [adapt] pin = {{ {name} = "
-                                        f"\"{version(name)}\" }} (or drop = [\"{name}\"])")
+                        problems.append(f"{name} comes from {kind} {entry[kind]} → [adapt] {pin(name)} "
+                                        f"(or drop = [\"{name}\"])")
     for lst in _pep508_lists(data):
         for text in lst:
             try:
@@ -93,8 +101,7 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
             except InvalidRequirement:
                 continue
             if req.url and _name(req.name) not in pinned:
-                problems.append(f"{req.name} comes from {req.url} → [adapt] pin = {{ {req.name} = "
-                                f"\"{version(req.name)}\" }}")
+                problems.append(f"{req.name} comes from {req.url} → [adapt] {pin(req.name)}")
     for source in _declared_sources(data):
         name = source.get("name", "")
         mapped = adapt.sources.get(name)
@@ -189,6 +196,16 @@ def _from_default(entry: dict, default_sources: set[str]) -> dict:
     if isinstance(entry.get("version"), str):
         entry["version"] = strip_local(entry["version"])
     return entry
+
+
+def index_release(version: str) -> str:
+    """The release an index would have for a version built from a checkout: no local label, no `.devN`."""
+    public = strip_local(version)
+    try:
+        parsed = Version(public)
+    except InvalidVersion:
+        return public
+    return re.sub(r"\.?dev\d*$", "", str(parsed)) if parsed.is_devrelease else str(parsed)
 
 
 def strip_local(version: str) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 from envmgr.adapt import (
     adapt_pyproject,
     describe_drift,
+    index_release,
     lock_drift,
     seed_lock,
     strip_local,
@@ -79,7 +80,9 @@ def test_unreachable_git_dependency_proposes_the_version_of_the_repository_lock(
     problems = unreachable_in_pyproject(SOURCE, Adaptations(sources={"pytorch": "default", "internal": "default"}),
                                         {}, {"Diffusers": "0.32.0.dev0"})
     assert problems == ['diffusers comes from git https://git.example.invalid/diffusers.git → [adapt] pin = '
-                        '{ diffusers = "0.32.0.dev0" } (or drop = ["diffusers"])']
+                        '{ diffusers = "0.32.0" } (its lock has 0.32.0.dev0) (or drop = ["diffusers"])']
+    assert index_release("4.48.0.dev0") == "4.48.0" and index_release("2.5.1+cu124") == "2.5.1"
+    assert index_release("1.0rc1") == "1.0rc1" and index_release("0.4.0") == "0.4.0"
     without_lock = unreachable_in_pyproject(SOURCE, Adaptations(sources={"pytorch": "default",
                                                                          "internal": "default"}), {})
     assert '"<version>"' in without_lock[0]
