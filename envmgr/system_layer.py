@@ -63,7 +63,7 @@ def system_layer(ctx: Context, spec: MethodSpec, base: BaseImage) -> Layer | Non
     if record.is_file() and tar.is_file():
         known = json.loads(record.read_text())
         if tar.stat().st_size == known.get("size"):
-            ctx.ui.step(f"system packages layer is cached ({', '.join(sorted(known['packages']))})")
+            ctx.ui.step(f"system packages layer is cached ({_count(known['packages'])})")
             return Layer(path=tar, diff_id=known["diff_id"], size=known["size"])
     mirror = ctx.config.mirrors.apt
     if not mirror:
@@ -86,7 +86,7 @@ def system_layer(ctx: Context, spec: MethodSpec, base: BaseImage) -> Layer | Non
         layer = write_layer(tar, trees=trees)
     atomic_write(record, json.dumps({"diff_id": layer.diff_id, "size": layer.size, "packages": packages,
                                      "apt": sorted(set(spec.system.apt))}, indent=1, sort_keys=True))
-    ctx.ui.step(f"system packages layer: {', '.join(f'{n} {v}' for n, v in sorted(packages.items()))}")
+    ctx.ui.step(f"system packages layer: {_count(packages)}, {layer.size / 1e6:.1f} MB")
     return layer
 
 
@@ -131,6 +131,12 @@ def _install(ctx: Context, spec: MethodSpec, base: BaseImage, out: Path, sources
         raise EnvmgrError(f"{spec.name}: [system] apt = [{names}] added nothing: the base image already has them",
                           hint="remove them from [system] apt")
     return packages
+
+
+def _count(packages: dict[str, str]) -> str:
+    names = sorted(packages)
+    shown = ", ".join(f"{name} {packages[name]}" for name in names[:4])
+    return f"{len(names)} Debian package{'' if len(names) == 1 else 's'}: {shown}" + (", ..." if len(names) > 4 else "")
 
 
 def history(spec: MethodSpec) -> str:
