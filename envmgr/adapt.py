@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 from .errors import UsageError
 from .spec import Adaptations
@@ -66,7 +67,22 @@ def _declared_sources(data: dict) -> list[dict]:
     return list(data.get("tool", {}).get("poetry", {}).get("source", []))
 
 
-def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[str, str]) -> list[str]:
+def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[str, str],
+                             locked: dict[str, str] | None = None) -> list[str]:
+    """Each dependency the site cannot fetch, with its fix; `locked` (name -> version from the repository's
+    own lock) turns the proposed pins into the versions its authors used."""
+    locked = {_name(n): v for n, v in (locked or {}).items()}
+
+    def pin(name: str) -> str:
+        """`pin = { name = "<release>" }`: the release the repository's lock points at (`0.32.0.dev0` built from
+        git -> `0.32.0`, with the locked version noted)."""
+        recorded = locked.get(_name(name))
+        if recorded is None or ", " in recorded:
+            return f"pin = {{ {name} = \"<version>\" }}"
+        release = index_release(recorded)
+        note = "" if release == recorded else f" (its lock has {recorded})"
+        return f"pin = {{ {name} = \"{release}\" }}{note}"
+
     problems = []
     pinned = {_name(n) for n in adapt.pin} | {_name(n) for n in adapt.drop}
     for table in _poetry_tables(data):
@@ -76,8 +92,8 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
                 if isinstance(entry, dict) and _name(name) not in pinned:
                     kind = next((k for k in VCS_KEYS if k in entry), None)
                     if kind:
-                        problems.append(f"{name} comes from {kind} {entry[kind]} → [adapt] pin = {{ {name} = "
-                                        f"\"<version>\" }} (or drop = [\"{name}\"])")
+                        problems.append(f"{name} comes from {kind} {entry[kind]} → [adapt] {pin(name)} "
+                                        f"(or drop = [\"{name}\"])")
     for lst in _pep508_lists(data):
         for text in lst:
             try:
@@ -85,7 +101,7 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
             except InvalidRequirement:
                 continue
             if req.url and _name(req.name) not in pinned:
-                problems.append(f"{req.name} comes from {req.url} → [adapt] pin = {{ {req.name} = \"<version>\" }}")
+                problems.append(f"{req.name} comes from {req.url} → [adapt] {pin(req.name)}")
     for source in _declared_sources(data):
         name = source.get("name", "")
         mapped = adapt.sources.get(name)
@@ -134,8 +150,10 @@ def adapt_pyproject(data: dict, adapt: Adaptations, where: Path, mirror_urls: di
                 else:
                     table[name] = f"=={pins[key]}"
                 value = table[name]
-            if isinstance(value, dict) and value.get("source") in default_sources:
-                value = {k: v for k, v in value.items() if k != "source"}
+            if isinstance(value, list):
+                table[name] = [_from_default(e, default_sources) if isinstance(e, dict) else e for e in value]
+            elif isinstance(value, dict) and value.get("source") in default_sources:
+                value = _from_default(value, default_sources)
                 table[name] = value if set(value) - {"version"} else value.get("version", "*")
     for lst in _pep508_lists(data):
         for index in range(len(lst) - 1, -1, -1):
@@ -168,6 +186,105 @@ def adapt_pyproject(data: dict, adapt: Adaptations, where: Path, mirror_urls: di
         if not kept:
             del poetry["source"]
     return data
+
+
+def _from_default(entry: dict, default_sources: set[str]) -> dict:
+    """A dependency entry of an index mapped to the default: no `source`, no local label in its version."""
+    if entry.get("source") not in default_sources:
+        return entry
+    entry = {k: v for k, v in entry.items() if k != "source"}
+    if isinstance(entry.get("version"), str):
+        entry["version"] = strip_local(entry["version"])
+    return entry
+
+
+def index_release(version: str) -> str:
+    """The release an index would have for a version built from a checkout: no local label, no `.devN`."""
+    public = strip_local(version)
+    try:
+        parsed = Version(public)
+    except InvalidVersion:
+        return public
+    return re.sub(r"\.?dev\d*$", "", str(parsed)) if parsed.is_devrelease else str(parsed)
+
+
+def strip_local(version: str) -> str:
+    """`2.5.1+cu124` -> `2.5.1` (also inside constraints, `==2.5.1+cu124`): the default index has no local labels."""
+    return re.sub(r"\+[A-Za-z0-9]+(?:\.[A-Za-z0-9]+)*", "", version)
+
+
+# ---------------------------------------------------------------------- the repository's own poetry.lock
+
+
+def _source_ref(package: dict) -> str | None:
+    source = package.get("source") or {}
+    return source.get("reference") if source.get("type") == "legacy" else None
+
+
+def locked_versions(lock: dict) -> dict[str, str]:
+    """name -> version of each package in a poetry.lock (several versions of one name: joined with ', ')."""
+    found: dict[str, list[str]] = {}
+    for package in lock.get("package", []):
+        versions = found.setdefault(_name(package["name"]), [])
+        if package["version"] not in versions:
+            versions.append(package["version"])
+    return {name: ", ".join(versions) for name, versions in sorted(found.items())}
+
+
+def seed_lock(lock: dict, source: dict, adapt: Adaptations,
+              mirror_urls: dict[str, str] | None = None) -> tuple[dict, dict[str, str]]:
+    """The repository's poetry.lock rewritten to match the adapted pyproject, for poetry to keep every version
+    the adaptation does not touch: (seed lock, pins for the pyproject handed to poetry).
+
+    Packages of an index mapped to the default leave the seed (their locked files are the index's, `+cu124`
+    builds the default index does not have); a direct dependency among them is pinned to its public version,
+    so poetry resolves the same release there. Packages of an index mapped to a mirror point to the mirror.
+    Dropped and pinned packages leave the seed: poetry resolves them anew.
+    """
+    default_sources = {n for n, target in adapt.sources.items() if target == "default"}
+    mirror_urls = mirror_urls or {}
+    removed = {_name(n) for n in [*adapt.drop, *adapt.pin]}
+    direct = pyproject_names(source) - {_name(n) for n in adapt.add}
+    kept: list[dict] = []
+    public: dict[str, set[str]] = {}
+    for package in lock.get("package", []):
+        key = _name(package["name"])
+        reference = _source_ref(package)
+        if key in removed:
+            continue
+        if reference in default_sources:
+            public.setdefault(key, set()).add(strip_local(package["version"]))
+            continue
+        if reference in mirror_urls:
+            package = {**package, "source": {**package["source"], "url": mirror_urls[reference]}}
+        kept.append(package)
+    pins = {name: versions.pop() for name, versions in public.items()
+            if name in direct and len(versions) == 1}
+    return {**lock, "package": kept}, pins
+
+
+def lock_drift(theirs: dict, ours: dict) -> list[dict[str, str | None]]:
+    """What moved from the repository's lock to envmgr's: one entry per package, `theirs`/`ours` None when
+    it was added or removed."""
+    before, after = locked_versions(theirs), locked_versions(ours)
+    drift: list[dict[str, str | None]] = []
+    for name in sorted(before.keys() | after.keys()):
+        if before.get(name) != after.get(name):
+            drift.append({"package": name, "theirs": before.get(name), "ours": after.get(name)})
+    return drift
+
+
+def describe_drift(drift: list[dict[str, str | None]]) -> list[str]:
+    """`torch: 2.5.1+cu124 → 2.5.1`, `added: x 1.0`, `removed: y 2.0`, one line each."""
+    lines = []
+    for entry in drift:
+        if entry["theirs"] is None:
+            lines.append(f"added: {entry['package']} {entry['ours']}")
+        elif entry["ours"] is None:
+            lines.append(f"removed: {entry['package']} {entry['theirs']}")
+        else:
+            lines.append(f"{entry['package']}: {entry['theirs']} → {entry['ours']}")
+    return lines
 
 
 def _pep440(constraint: str) -> str:

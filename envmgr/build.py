@@ -27,6 +27,7 @@ from .files import atomic_write
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .spec import MethodSpec
+from .system_layer import history as system_history, system_key, system_layer
 
 # Bump when the layout of the layers changes: it is part of every inputs hash.
 LAYOUT_VERSION = "3"
@@ -95,6 +96,7 @@ def inputs(ctx: Context, spec: MethodSpec, base: BaseImage) -> dict[str, str]:
         "method_files": tree_hash(spec.source_path, _excluded(spec)),
         "installer": installer_id(ctx),
         "shim": hashlib.sha256(_shim()).hexdigest(),
+        **({"system": system_key(spec, base)} if spec.system.apt else {}),   # [system] apt: its own layer
     }
 
 
@@ -129,14 +131,18 @@ class BuildTarget:
 
     def layers(self, ctx: Context) -> list[Layer]:
         """Base + environment + method layer, from the cache (or made again when missing)."""
-        return [self.base.layer, env_layer(ctx, self.spec, self.base, self.inputs),
+        system = system_layer(ctx, self.spec, self.base)
+        return [self.base.layer, *([system] if system else []), env_layer(ctx, self.spec, self.base, self.inputs),
                 method_layer(ctx, self.spec, self.inputs, self.digest)]
 
     def config(self, ctx: Context) -> ImageConfig:
         """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
         layers = self.layers(ctx)   # first: the env layer's record holds its GPU architectures
-        return image_config(self.spec, self.base, layers, self.inputs, self.digest,
-                            _gpu_labels(ctx, self.spec, self.inputs))
+        config = image_config(self.spec, self.base, layers, self.inputs, self.digest,
+                              _gpu_labels(ctx, self.spec, self.inputs))
+        if self.spec.system.apt:
+            config.history.insert(1, system_history(self.spec))
+        return config
 
 
 def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> BuildTarget:

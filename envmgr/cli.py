@@ -217,7 +217,9 @@ def lock(
     method: Annotated[str, typer.Argument(help="Method name.")],
     check: Annotated[bool, typer.Option("--check", help="Only check that the lock is current (exit 3 if not).")]
     = False,
-    regenerate: Annotated[bool, typer.Option("--regenerate", help="Re-solve every package, not only changes.")]
+    regenerate: Annotated[bool, typer.Option(
+        "--regenerate", help="Re-solve every package, not only changes (a method with a lock of its own starts "
+                             "again from that lock).")]
     = False,
     variant: Annotated[Optional[str], typer.Option(help="Lock this variant of the method (see `envmgr show`).")]
     = None,
@@ -230,8 +232,16 @@ def lock(
     if result.current:
         ctx.ui.success(f"{result.method}: lock is current", method=result.method, current=True)
         return
+    if result.drift is not None:
+        from .adapt import describe_drift
+
+        moved = describe_drift(result.drift)
+        ctx.ui.info(f"{result.method}: {len(moved)} change{'' if len(moved) == 1 else 's'} against the "
+                    f"repository's own lock" + (":" if moved else " (every version kept)"))
+        for line in moved:
+            ctx.ui.info(f"  {line}")
     ctx.ui.success(f"{result.method}: locked → {', '.join(str(p) for p in result.files)}",
-                   method=result.method, files=[str(p) for p in result.files])
+                   method=result.method, files=[str(p) for p in result.files], drift=result.drift)
 
 
 @app.command()
@@ -564,9 +574,18 @@ def gc(
     for item in result.keep:
         if "refused" in item.why:
             ctx.ui.info(f"kept {item.kind} {item.what[:19]}: {item.why}")
+    disk = []
+    if dry_run:
+        from .disk import describe, usage
+
+        disk = usage(ctx, set(method) if method else None)
+        ctx.ui.info("disk use per method:")
+        for entry in disk:
+            ctx.ui.info(f"  {describe(entry)}")
     ctx.ui.success(f"{verb_word} {len(result.remove)} items, {result.freed() / 1e6:.1f} MB"
                    + (" freed" if not dry_run else ""), dry_run=dry_run, bytes_freed=result.freed(),
-                   removed=[vars(i) for i in result.remove], kept=[vars(i) for i in result.keep])
+                   removed=[vars(i) for i in result.remove], kept=[vars(i) for i in result.keep],
+                   disk=[entry.as_dict() for entry in disk])
 
 
 @key_app.command("generate")
@@ -603,10 +622,14 @@ def doctor():
     from . import doctor as diagnose
 
     ctx = _context()
+    from .disk import describe, usage
+
     rows = diagnose.settings(ctx.config)
     checks = diagnose.checks(ctx)
+    disk = usage(ctx)
     if ctx.ui.mode == "json":
-        ctx.ui.event("doctor", settings=[vars(row) for row in rows], checks=[vars(check) for check in checks])
+        ctx.ui.event("doctor", settings=[vars(row) for row in rows], checks=[vars(check) for check in checks],
+                     disk=[entry.as_dict() for entry in disk])
     else:
         from rich.table import Table
 
@@ -617,6 +640,10 @@ def doctor():
         for check in checks:
             ctx.ui.console.print(f"{'[green]ok[/]' if check.ok else '[red]!![/]'}  {check.check}: "
                                  f"{ctx.ui.redact(check.status)}")
+        if disk:
+            ctx.ui.console.print("disk use per method:", markup=False)
+            for entry in disk:
+                ctx.ui.console.print(f"    {describe(entry)}", markup=False)
     code = diagnose.exit_code(checks)
     if code != Exit.OK:
         raise typer.Exit(int(code))

@@ -29,7 +29,8 @@ from .image import file_sha256
 from .spec import list_methods
 from .variants import all_variants
 
-LAYER_FILE = re.compile(r"^(env|method)-(.+)-([0-9a-f]{32})\.(tar|json)$")
+# env-<method>-<key>, method-<method>-<key>, and system-<key> (shared by the methods naming the same packages)
+LAYER_FILE = re.compile(r"^(env|method|system)-(?:(.+)-)?([0-9a-f]{32})\.(tar|json)$")
 STOPPED = ("created", "exited", "dead")
 CREATED_GRACE_S = 120
 

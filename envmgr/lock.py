@@ -18,6 +18,8 @@ class LockResult:
     method: str
     current: bool                                   # the lock was checked, not written
     files: list[Path] = field(default_factory=list)  # the lock files written
+    # what moved against the method's own lock: {"package", "theirs", "ours"} (None: it has no lock of its own)
+    drift: list[dict[str, str | None]] | None = None
 
 
 def lock(ctx: Context, method: str, *, check: bool = False, regenerate: bool = False,
@@ -35,4 +37,5 @@ def lock(ctx: Context, method: str, *, check: bool = False, regenerate: bool = F
     base = ensure_base(ctx, spec.base_image)
     written = backend.lock(ctx, spec, base, regenerate=regenerate)
     backend.check(spec)
-    return LockResult(spec.name, current=False, files=written)
+    drift = getattr(backend, "drift", None)
+    return LockResult(spec.name, current=False, files=written, drift=drift(spec) if drift else None)

@@ -160,7 +160,10 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
                   "# [env] is set for the entry (DISABLE_UPDATES stops launchers that install at start).\n"
                   "# success: globs (relative to the run dir) that must each match a file the run wrote, else an\n"
                   "# exit 0 is recorded as failed (no outputs); e.g. [\"output/*.safetensors\"].\n"
-                  "# workdir = \"method\": the entry runs in a writable copy of source/ made for each run.\n")
+                  "# workdir = \"method\": the entry runs in a writable copy of source/ made for each run.\n"
+                  "# [system] apt = [\"libgl1\"]: Debian packages from the site's apt mirror, in their own layer.\n"
+                  "# dataset_mode = \"archive\" | \"extracted\" | \"writable\": the dataset as given, extracted\n"
+                  "# read-only into the run, or a writable copy (default: an archive is extracted).\n")
         (staging / "envmgr.toml").write_text(header + tomli_w.dumps(spec_data))
         staging.rename(final)
     except BaseException:

@@ -35,6 +35,7 @@ from .gpu import GpuRequest, parse_gpus
 from .gpu_plan import preflight as gpu_preflight
 from .image import file_sha256
 from .records import check_run_id, write_record
+from .run_datasets import prepare_dataset, record as dataset_record
 from .run_inputs import RunInput, copy_method, parse_env, parse_inputs, recorded_env, recorded_inputs
 from .spec import MethodSpec, find_method
 from .ui import TrainingProgress
@@ -386,6 +387,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         _hand_to(folder, user)
     if spec.workdir == "method":
         copy_method(spec, work, user, _excluded(spec))
+    recorded_mode = ((previous or {}).get("dataset") or {}).get("mode") if request.dataset is None else None
+    prepared = prepare_dataset(spec, dataset, run_dir, work, user, recorded_mode) if dataset else None
 
     # Only output/ and the scratch work/ are writable by the method; run.json and log.txt are not mounted.
     mounts = [BindMount(work, paths.CONTAINER_RUN, read_only=False),
@@ -394,9 +397,9 @@ def run(ctx: Context, request: RunRequest) -> dict:
     if model:
         mounts.append(BindMount(model, f"{paths.CONTAINER_MODELS}/{model.name}", read_only=True))
         platform_args.insert(0, f"--model_path={paths.CONTAINER_MODELS}/{model.name}")
-    if dataset:
-        mounts.append(BindMount(dataset, f"{paths.CONTAINER_DATA}/{dataset.name}", read_only=True))
-        platform_args.insert(1, f"--pic_relative_path={paths.CONTAINER_DATA}/{dataset.name}")
+    if prepared:
+        mounts.append(BindMount(prepared.path, prepared.target, read_only=prepared.read_only))
+        platform_args.insert(1, f"--pic_relative_path={prepared.target}")
     mounts += [BindMount(i.path, i.target, read_only=True) for i in inputs]
     given = {a.split("=", 1)[0] for a in args}
     command = _entry_command(spec) + ([a for a in platform_args if a.split("=", 1)[0] not in given]
@@ -406,8 +409,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
            "ENVMGR_RUN_ID": run_id, "MPLCONFIGDIR": "/tmp/matplotlib"}
     if model:
         env["ENVMGR_MODEL_PATH"] = f"{paths.CONTAINER_MODELS}/{model.name}"
-    if dataset:
-        env["ENVMGR_DATASET_PATH"] = f"{paths.CONTAINER_DATA}/{dataset.name}"
+    if prepared:
+        env["ENVMGR_DATASET_PATH"] = prepared.target
     count = gpus.process_count(None)
     if gpus.wants_gpus:
         env["TRAINING_NUM_PROCESSES"] = str(count) if count else "auto"
@@ -429,8 +432,9 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "lock_hash": result.lock_hash, "inputs_hash": result.inputs_hash,
         "model": {"name": model.name, "path": str(model), "hash": content_hash(model, ctx.cache_dir)}
         if model else None,
-        "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset, ctx.cache_dir)}
-        if dataset else None,
+        "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset, ctx.cache_dir),
+                    **dataset_record(prepared, run_dir)}
+        if dataset and prepared else None,
         "inputs": [{"name": i.name, "path": str(i.path), "hash": content_hash(i.path, ctx.cache_dir)}
                    for i in inputs],
         "env": user_env,

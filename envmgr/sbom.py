@@ -161,10 +161,13 @@ def lock_file_hashes(spec: MethodSpec) -> dict[str, list[str]]:
 
 
 def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig) -> bytes:
-    base_layer, env_layer = config.layers[0].path, config.layers[1].path
+    # base, [system packages,] environment, method: the system layer's dpkg status holds the base's packages too
+    below = 2 if spec.system.apt else 1
+    env_layer = config.layers[below].path
+    status = next((text for layer in reversed(config.layers[:below]) if (text := dpkg_status(layer.path))), "")
     image_id = config.image_id()
     components = [*python_components(env_layer, lock_file_hashes(spec)), *conda_components(env_layer),
-                  *debian_components(dpkg_status(base_layer))]
+                  *debian_components(status)]
     root = Component(name=spec.image_repository, version=config.labels.get("org.envmgr.inputs-hash", "")[:16],
                      type=ComponentType.CONTAINER, bom_ref=image_id,
                      hashes=[HashType(alg=HashAlgorithm.SHA_256, content=image_id.removeprefix("sha256:"))],

@@ -53,6 +53,26 @@ class Adaptations(BaseModel):
         return lines
 
 
+DEB_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
+
+
+class SystemPackages(BaseModel):
+    """`[system] apt = ["libgl1"]`: Debian packages from the site's apt mirror, in their own image layer
+    (envmgr/system_layer.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    apt: list[str] = Field(default_factory=list)
+
+    @field_validator("apt")
+    @classmethod
+    def _apt(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not DEB_PACKAGE_RE.match(name):
+                raise ValueError(f"{name!r}: a Debian package name (e.g. \"libgl1\", or \"libgl1=1.6.0-1\")")
+        return value
+
+
 class Variant(BaseModel):
     """A build of the method that changes pins only, e.g. an older torch for an older CUDA driver:
     `[variants.cu128] pin = { torch = "2.10.0" }`. Applied through the `[adapt]` machinery, locked
@@ -89,7 +109,11 @@ class MethodSpec(BaseModel):
     workdir: Literal["run", "method"] = "run"
     # globs relative to the run dir that must each match a file the run wrote, else exit 0 is `failed (no outputs)`
     success: list[str] | None = None
+    # how a run sees its dataset (envmgr/run_datasets.py): as given, extracted read-only, or a writable copy;
+    # default: added methods get an archive extracted, anything else as given
+    dataset_mode: Literal["archive", "extracted", "writable"] | None = None
     adapt: Adaptations = Field(default_factory=Adaptations)
+    system: SystemPackages = Field(default_factory=SystemPackages)
     gpu_memory_gb: float | None = Field(default=None, gt=0)   # the least memory (GB, 10^9 bytes) a GPU needs
     variants: dict[str, Variant] = Field(default_factory=dict)
 
@@ -191,6 +215,9 @@ class MethodSpec(BaseModel):
         # neither changes what an image holds (a variant's pins reach its own spec through `adapt`)
         data.pop("variants", None)
         data.pop("gpu_memory_gb", None)
+        data.pop("dataset_mode", None)    # how a run mounts its dataset, not what the image holds
+        if not self.system.apt:
+            data.pop("system", None)       # specs without system packages keep the hash they had
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

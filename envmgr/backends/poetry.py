@@ -19,13 +19,21 @@ import tomllib
 from pathlib import Path
 
 import tomli_w
+from packaging.utils import canonicalize_name
 
 from .. import paths
-from ..adapt import adapt_pyproject, raise_if_unreachable, unreachable_in_pyproject
+from ..adapt import (
+    adapt_pyproject,
+    lock_drift,
+    locked_versions,
+    raise_if_unreachable,
+    seed_lock,
+    unreachable_in_pyproject,
+)
 from ..base import BaseImage
 from ..containers import BindMount
 from ..context import Context
-from ..errors import EnvmgrError, StaleLockError, UsageError
+from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from ..files import atomic_write
 from ..mirrors import mirror_hosts, poetry_env
 from ..spec import MethodSpec
@@ -72,6 +80,36 @@ def target_environment(base: BaseImage, spec: MethodSpec) -> dict[str, str]:
         "platform_system": "Linux", "platform_version": "", "python_full_version": full,
         "python_version": ".".join(full.split(".")[:2]), "sys_platform": "linux", "extra": "",
     }
+
+
+# what poetry and its build tools print that is not poetry's answer
+_NOISE = re.compile(r"(Warning|warnings\.warn|deprecat|setuptools|pkg_resources|^\s*!!|^\s*\*{5,}|"
+                    r"^\s*Updating dependencies|^\s*Resolving dependencies|^\s*Writing lock file)", re.I)
+_LOCAL_LABEL = re.compile(r"\d\+[A-Za-z0-9.]+")
+
+
+def solver_error(ctx: Context, spec: MethodSpec, lines: list[str]) -> EnvmgrError | None:
+    """Poetry's own explanation of a failed lock (`Because ... version solving failed.`), without the deprecation
+    text of setuptools and poetry around it; None when poetry printed nothing but noise."""
+    meaningful = [line.strip() for line in lines if line.strip() and not _NOISE.search(line)]
+    if not meaningful:
+        return None
+    start = next((i for i, line in enumerate(meaningful) if line.startswith("Because ")), None)
+    if start is not None:
+        end = next((i for i in range(start, len(meaningful)) if "version solving failed" in meaningful[i]),
+                   len(meaningful) - 1)
+        reason = " ".join(meaningful[start:end + 1])
+    else:
+        reason = " | ".join(meaningful[-3:])
+    reason = ctx.ui.redact(reason)[-900:]
+    if _LOCAL_LABEL.search(reason):
+        hint = ("a local version (+cu124, +cpu) exists only on the index that serves it: map that index to a "
+                "mirror ([adapt] sources = { NAME = \"mirror\" } with [mirrors] sources.NAME), or pin the public "
+                "version in [adapt] pin")
+    else:
+        hint = (f"pin or drop the package it names in {spec.folder / 'envmgr.toml'} [adapt], then "
+                f"`envmgr lock {spec.name}`")
+    return EnvmgrError(f"locking {spec.name}: poetry found no solution: {reason}", hint=hint)
 
 
 class PoetryBackend:
@@ -183,36 +221,80 @@ class PoetryBackend:
             done.touch()
         return root / name
 
+    def _repository_lock(self, spec: MethodSpec) -> dict | None:
+        """The method's own poetry.lock (what its authors tested), when envmgr writes its lock elsewhere."""
+        path = spec.source_path / LOCK
+        if spec.lock_path == spec.source_path or not path.is_file():
+            return None
+        try:
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path}: the method's own lock is not valid TOML: {exc}",
+                             hint="fix or remove it; envmgr starts from it") from None
+
+    def drift(self, spec: MethodSpec) -> list[dict[str, str | None]] | None:
+        """What envmgr's lock changed against the repository's own (None: the method has no lock of its own)."""
+        theirs = self._repository_lock(spec)
+        if theirs is None or not (spec.lock_path / LOCK).is_file():
+            return None
+        return lock_drift(theirs, self._lock_data(spec))
+
     def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
         source = self._source_pyproject(spec)
-        raise_if_unreachable(spec.name, unreachable_in_pyproject(source, spec.adapt, ctx.config.mirrors.sources))
+        theirs = self._repository_lock(spec)
+        raise_if_unreachable(spec.name, unreachable_in_pyproject(source, spec.adapt, ctx.config.mirrors.sources,
+                                                                 locked_versions(theirs) if theirs else None))
         canonical = self._pyproject(spec)
         mapped = self._mapped_indexes(ctx, spec)
-        for_lock = self._pyproject(spec, mapped) if mapped else canonical
+        previous = spec.lock_path / LOCK
+        # the seed poetry keeps every version of that it may: envmgr's previous lock, else the repository's own
+        # (--regenerate forgets envmgr's; only a method without a lock of its own is solved from nothing)
+        seed: dict | None = None
+        pins: dict[str, str] = {}
+        if theirs is not None:
+            seed, pins = seed_lock(theirs, source, spec.adapt, mapped)
+        if previous.is_file() and not regenerate and spec.lock_path != spec.source_path:
+            seed = seed_lock(self._lock_data(spec), source, spec.adapt, mapped)[0]
+        pins = {name: version for name, version in pins.items()
+                if name not in {canonicalize_name(n) for n in [*spec.adapt.pin, *spec.adapt.drop]}}
+        if pins or mapped:
+            # what poetry solves: the adaptation, the repository's versions of packages of an index mapped to
+            # the default (public labels), mapped indexes pointing to their mirrors
+            adapt = spec.adapt.model_copy(update={"pin": {**pins, **spec.adapt.pin}})
+            for_lock = adapt_pyproject(source, adapt, spec.folder / "envmgr.toml", mapped)
+        else:
+            for_lock = canonical
         tools = self._tools(ctx, base)
         work_root = ctx.cache_dir / "work"
         work_root.mkdir(parents=True, exist_ok=True)
         spec.lock_path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=work_root, prefix=f"lock-{spec.name}-") as work:
             (Path(work) / PYPROJECT).write_text(tomli_w.dumps(for_lock))
-            previous = spec.lock_path / LOCK
-            if not previous.is_file() and spec.adapt.is_empty() and (spec.source_path / LOCK).is_file():
-                previous = spec.source_path / LOCK   # the method's own lock seeds the solve
-            if previous.is_file() and not regenerate:
+            fresh = regenerate and seed is None
+            if seed is not None:
+                (Path(work) / LOCK).write_text(tomli_w.dumps(seed))
+            elif previous.is_file() and not regenerate:
                 shutil.copy2(previous, Path(work) / LOCK)
             # poetry's cache records file URLs as the mirror gave them, credentials included: with a
             # mirror URL that carries a password, the cache lives only as long as this lock
             poetry_cache = Path(work) / "poetry-cache" if ctx.config.secrets() else ctx.cache_dir / "poetry"
             poetry_cache.mkdir(parents=True, exist_ok=True)
-            env = {**poetry_env(ctx.config.mirrors), "POETRY_CACHE_DIR": f"{paths.CONTAINER_CACHE}/poetry"}
-            command = f"{paths.CONTAINER_TOOLS_DIR}/poetry/bin/poetry lock" + (" --regenerate" if regenerate else "")
+            env = {**poetry_env(ctx.config.mirrors), "POETRY_CACHE_DIR": f"{paths.CONTAINER_CACHE}/poetry",
+                   "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+            command = f"{paths.CONTAINER_TOOLS_DIR}/poetry/bin/poetry lock" + (" --regenerate" if fresh else "")
+            output: list[str] = []
             with ctx.ui.progress(f"locking {spec.name} with poetry {POETRY_VERSION} in {base.tag}",
                                  total=1, unit="steps") as task:
-                run_step(ctx, base, f"locking {spec.name}", command,
-                         [BindMount(tools, f"{paths.CONTAINER_TOOLS_DIR}/poetry", read_only=True),
-                          BindMount(Path(work), paths.CONTAINER_WORK, read_only=False),
-                          BindMount(poetry_cache, f"{paths.CONTAINER_CACHE}/poetry", read_only=False)],
-                         env, workdir=paths.CONTAINER_WORK, method=spec.name)
+                try:
+                    run_step(ctx, base, f"locking {spec.name}", command,
+                             [BindMount(tools, f"{paths.CONTAINER_TOOLS_DIR}/poetry", read_only=True),
+                              BindMount(Path(work), paths.CONTAINER_WORK, read_only=False),
+                              BindMount(poetry_cache, f"{paths.CONTAINER_CACHE}/poetry", read_only=False)],
+                             env, workdir=paths.CONTAINER_WORK, on_line=output.append, method=spec.name)
+                except MirrorError:
+                    raise
+                except EnvmgrError as exc:
+                    raise solver_error(ctx, spec, output) or exc from None
                 task.advance(1)
             text = (Path(work) / LOCK).read_text(encoding="utf-8")
             text = self._unmirror(text, source, mapped, canonical)

@@ -1,0 +1,122 @@
+"""How a run sees its dataset: `dataset_mode` in a method's spec.
+
+- "archive": the dataset as given (a zip, a tar.gz or a folder), mounted read-only.
+- "extracted": an archive extracted safely (archive.extract: no entry or link leaves the folder, no
+  special files, size-capped, macOS junk dropped) into `<run_dir>/dataset/`, mounted read-only.
+- "writable": extracted (a folder: copied) into the run's `work/dataset/`, owned by the run's user and
+  mounted read-write, for tools that write an index beside the images.
+
+An archive made of one top folder (as zipping a folder makes it) is mounted from inside it
+(`dataset_root`). Default: a built-in method gets its dataset as given ("archive"); an added method gets an archive
+extracted ("extracted") and a folder as given. Nothing is ever written under <base>/datasets; an
+extracted copy belongs to its run (a resumed run keeps it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import archive, paths
+from .errors import UsageError
+from .spec import MethodSpec
+
+EXTRACTED = "dataset"      # <run_dir>/dataset (read-only) or <run_dir>/work/dataset (writable)
+_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+@dataclass(frozen=True)
+class RunDataset:
+    mode: str          # "archive", "extracted" or "writable"
+    name: str          # its name under /envmgr/data
+    path: Path         # what is mounted (the host's file or folder)
+
+    @property
+    def target(self) -> str:
+        return f"{paths.CONTAINER_DATA}/{self.name}"
+
+    @property
+    def read_only(self) -> bool:
+        return self.mode != "writable"
+
+
+def default_mode(spec: MethodSpec, dataset: Path) -> str:
+    """The mode when the spec names none: an added method gets an archive extracted, anything else as given."""
+    if spec.builtin or dataset.is_dir():
+        return "archive"
+    return "extracted"
+
+
+def _stem(dataset: Path) -> str:
+    for suffix in _SUFFIXES:
+        if dataset.name.lower().endswith(suffix) and len(dataset.name) > len(suffix):
+            return dataset.name[: -len(suffix)]
+    return dataset.name
+
+
+def prepare_dataset(spec: MethodSpec, dataset: Path, run_dir: Path, work: Path, user: str,
+                    mode: str | None = None) -> RunDataset:
+    """The dataset as the run sees it, extracted or copied for the run when its mode asks for it."""
+    mode = mode or spec.dataset_mode or default_mode(spec, dataset)
+    if mode == "archive":
+        return RunDataset(mode, dataset.name, dataset)
+    if mode == "extracted" and dataset.is_dir():
+        return RunDataset(mode, dataset.name, dataset)    # a folder is already extracted: mounted as given
+    name = _stem(dataset)
+    root = (work if mode == "writable" else run_dir) / EXTRACTED
+    if root.is_symlink():
+        raise UsageError(f"{root} is a symbolic link; envmgr will not use it")
+    dest = root / name
+    if not dest.exists():       # a resumed run keeps the copy its method may have written to
+        root.mkdir(exist_ok=True)
+        # one folder per extraction: Slurm ranks on one machine share the run dir; the first rename wins
+        partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.partial-"))
+        try:
+            archive.extract(dataset, partial)
+            _give(partial, user, writable=mode == "writable")
+            partial.rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return RunDataset(mode, name, dest if dataset.is_dir() else dataset_root(dest))
+
+
+def dataset_root(folder: Path) -> Path:
+    """Where an extracted archive's dataset starts: inside the one folder zipping a folder makes, and further
+    down through single folders while the next one still holds folders (`pets/images/*.jpg` -> `pets`)."""
+    def only_folder(path: Path) -> Path | None:
+        entries = [p for p in path.iterdir() if not archive.is_junk(p.name)]
+        return entries[0] if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() else None
+
+    top = only_folder(folder)
+    if top is None:
+        return folder
+    while (inner := only_folder(top)) is not None and any(p.is_dir() for p in inner.iterdir()):
+        top = inner
+    return top
+
+
+def _give(folder: Path, user: str, writable: bool) -> None:
+    """Readable by the run's user; for a writable dataset, owned by it and writable."""
+    uid, gid = (int(x) for x in user.split(":"))
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if writable and os.getuid() == 0 and (uid, gid) != (0, 0):
+            os.chown(path, uid, gid)
+        bits = (0o755 if path.is_dir() else 0o644) | ((0o700 if path.is_dir() else 0o600) if writable else 0)
+        path.chmod(path.stat().st_mode | bits)
+
+
+def record(prepared: RunDataset, run_dir: Path) -> dict[str, str]:
+    """What run.json says about how the dataset was handed to the run."""
+    where = str(prepared.path.relative_to(run_dir)) if prepared.path.is_relative_to(run_dir) else None
+    return {"mode": prepared.mode, "mounted_at": prepared.target, **({"copy": where} if where else {})}
+
+
+
