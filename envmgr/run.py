@@ -451,6 +451,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     record_file, log_file = (node.record_file, node.log_file) if node else (records.RECORD, records.LOG)
     records.open_log(run_dir, log_file).close()     # a link planted over log.txt stops the run before it starts
     _write_record(run_dir, record, record_file, "before the container started")
+    reserve = _reserve_space(run_dir, node.rank if node else 0)
 
     container = ContainerSpec(
         image=result.image_id, command=command, env=env, mounts=mounts,
@@ -478,6 +479,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
                   oom_killed=ended.oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
+    reserve.unlink(missing_ok=True)   # the room kept for this record, should the method have filled the disk
     _write_record(run_dir, record, record_file, f"after it {status}")
     if ended.engine_gone is not None:
         raise EngineError(f"run {run_id} failed: {ended.engine_gone.message} (recorded in {run_dir / record_file}; "
@@ -557,6 +559,23 @@ def _write_record(run_dir: Path, record: dict, name: str, when: str) -> None:
         raise EnvmgrError(f"run {record.get('run_id')}: cannot write {run_dir / name} {when} ({exc.strerror})",
                           hint="free space there; `envmgr runs` settles the run once envmgr can write it"
                           if exc.errno == errno.ENOSPC else None) from None
+
+
+RESERVE_BYTES = 256 << 10   # run.json and log.txt's last lines, after a method filled the disk
+
+
+def _reserve_space(run_dir: Path, rank: int) -> Path:
+    """Space held for the final record while the method runs (the disk it writes to is usually the run dir's)."""
+    reserve = run_dir / f".envmgr-reserve-{rank}"
+    try:
+        fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        finally:
+            os.close(fd)
+    except OSError:
+        reserve.unlink(missing_ok=True)   # already short of space, or no fallocate here: run without it
+    return reserve
 
 
 def _disk_full(output: Path, ended: _Ended) -> dict | None:
