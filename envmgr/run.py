@@ -726,6 +726,8 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
         with records.open_log(run_dir) as log:
             log.write(f"# envmgr: {reason}\n")
         ctx.engine.remove_container(name, force=True)
+    for reserve in run_dir.glob(".envmgr-reserve-*"):   # the space its envmgr held for the final record
+        reserve.unlink(missing_ok=True)
     code = state["exit_code"] if state else None
     missing = _missing_after_kill(ctx, run_dir, record) if status == "succeeded" else []
     if missing:

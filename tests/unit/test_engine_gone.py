@@ -5,6 +5,7 @@ reason, its log and tail are kept, and the container it left is removed once the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,16 @@ def test_a_container_the_engine_kept_running_is_stopped_before_it_is_removed(tmp
     _left_run(tmp_path)
     settled = list_runs(_ctx(tmp_path, engine))[0]
     assert engine.stopped == [NAME] and engine.removed == [NAME] and settled["container_exit_code"] == 137
+
+
+def test_settling_a_killed_run_frees_the_space_its_envmgr_held_for_the_record(tmp_path):
+    engine = _FakeEngine()
+    engine.state = {"running": False, "exit_code": 1, "oom_killed": False}
+    run_dir = tmp_path / "base" / "runs" / "m" / "20261129-230000-abcd"
+    run_dir.mkdir(parents=True)
+    (run_dir / ".envmgr-reserve-0").write_bytes(b"\0" * 4096)
+    records.write_record(run_dir, {"run_id": run_dir.name, "method": "m", "status": "running", "container": NAME,
+                                   "envmgr": {"pid": 999999999, "pid_start": "1", "host": os.uname().nodename}})
+    settled = list_runs(_ctx(tmp_path, engine))[0]
+    assert settled["status"] == "failed" and engine.removed == [NAME]
+    assert not (run_dir / ".envmgr-reserve-0").exists()
