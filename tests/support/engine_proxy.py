@@ -18,12 +18,14 @@ class EngineProxy:
         self._listener: socket.socket | None = None
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._stopped = False
 
     @property
     def url(self) -> str:
         return f"unix://{self.path}"
 
     def start(self) -> EngineProxy:
+        self._stopped = False
         self.path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.path))
@@ -38,9 +40,12 @@ class EngineProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            upstream.connect(self.engine_socket)
             with self._lock:
+                if self._stopped:     # accepted while stopping: refused like the rest
+                    client.close()
+                    return
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                upstream.connect(self.engine_socket)
                 self._open += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
@@ -56,10 +61,17 @@ class EngineProxy:
 
     def stop(self) -> None:
         """Every open connection reset, the socket gone: a client's next call is refused."""
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
         with self._lock:
+            self._stopped = True
+            if os.path.exists(self.path):
+                self.path.unlink()    # first: nobody connects anew
+            if self._listener is not None:
+                try:
+                    self._listener.shutdown(socket.SHUT_RDWR)   # wakes the accept() blocked in its thread
+                except OSError:
+                    pass
+                self._listener.close()
+                self._listener = None
             for sock in self._open:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
@@ -67,5 +79,3 @@ class EngineProxy:
                     pass
                 sock.close()
             self._open.clear()
-        if os.path.exists(self.path):
-            self.path.unlink()
