@@ -486,7 +486,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
                           "`envmgr runs` removes its container once the engine is back)", hint=ENGINE_HINT)
     if disk_full:
         raise EnvmgrError(f"run {run_id} failed (disk full): no space left on {disk_full['filesystem']} "
-                          f"({disk_full['free_bytes'] // 1024} KiB free now); log: {run_dir / records.LOG}",
+                          f"({disk_full['free_bytes'] // 1024} KiB free now); log: {run_dir / log_file}",
                           hint=f"free space there, then `envmgr run {spec.name} --resume {run_id}` "
                                "continues from the last complete checkpoint")
     if status == "interrupted":

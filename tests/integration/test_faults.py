@@ -1,6 +1,7 @@
 """Faults with figures: a build killed with SIGKILL at several points, a full disk under the build
-cache, two builds of one method at once, four runs at once. Each test asserts that nothing is lost
-and nothing half-made is left or reused. (Stopping dockerd is not tried here: the engine is shared.)
+cache and under a run's checkpoints, two builds of one method at once, four runs at once. Each test
+asserts that nothing is lost and nothing half-made is left or reused. (The engine stopping mid-run is
+tests/integration/test_engine_restart.py: the real dockerd stop runs alone, after the rest.)
 """
 
 from __future__ import annotations
