@@ -59,8 +59,10 @@ test-unit: install
 test-method: method-venv
 	$(METHOD_VENV)/bin/python -m pytest tests/method -q
 
+# The engine-stop fault test stops the machine's one dockerd: alone, after everything else, and it restarts it.
 test-integration: engine
 	$(VENV)/bin/python -m pytest tests/integration -q
+	$(VENV)/bin/python -m pytest tests/integration -q -m engine_restart
 
 test: lint test-unit test-method test-integration
 

@@ -302,6 +302,9 @@ def run(
     wait: Annotated[bool, typer.Option("--wait", help="[slurm] Follow the job to its end like a local run.")] = False,
     wait_timeout: Annotated[Optional[float], typer.Option(help="[slurm] With --wait: seconds the job may stay "
                                                                "pending; then it is cancelled.")] = None,
+    sign: Annotated[Optional[Path], typer.Option("--sign", help="[slurm] Private key that signs the export archive "
+                                                               "the nodes import (for nodes with [trust] "
+                                                               "require_signature).")] = None,
     memory: Annotated[Optional[str], typer.Option(help="Memory limit of the run's container, e.g. 64g "
                                                        "(default: the site's [run] memory, else none).")] = None,
     as_root: Annotated[bool, typer.Option("--as-root", help="Run the method as root inside its container "
@@ -334,7 +337,7 @@ def run(
         record = submit(ctx, request, SlurmRequest(
             nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
             time=time_limit, account=account, registry=registry, runtime=node_runtime, wait=wait,
-            wait_timeout=wait_timeout))
+            wait_timeout=wait_timeout, sign=sign))
         if not wait:
             ctx.ui.success(f"run {record['run_id']} submitted: Slurm job {record['scheduler']['job_id']} "
                            f"(`envmgr runs show {record['run_id']}`)", run_id=record["run_id"],
@@ -344,6 +347,10 @@ def run(
         from .errors import UsageError
 
         raise UsageError(f"--on {on!r}: expected local or slurm")
+    elif sign is not None:
+        from .errors import UsageError
+
+        raise UsageError("--sign is for --on slurm (it signs the archive the nodes import)")
     else:
         record = run_method(ctx, request)
     run_dir = ctx.config.base_dir / "runs" / spec.name / record["run_id"]

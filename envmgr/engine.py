@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import docker
 import docker.errors
 import requests
+import urllib3.exceptions
 from docker.types import DeviceRequest, Mount
 
 from . import paths
@@ -30,6 +31,20 @@ NVIDIA_HINT = ("this engine has no NVIDIA runtime: install the NVIDIA Container 
 
 class ImageGone(EngineError):
     """The image is not in the engine (another process removed it between two calls)."""
+
+
+class EngineGone(EngineError):
+    """The engine stopped answering while a container ran (stopped, restarted, its socket gone). The container
+    may be left in the engine: `container` names it, for whoever settles the run once the engine is back."""
+
+    def __init__(self, message: str, container: str, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.container = container
+
+
+# what a dropped engine connection looks like, mid-stream or on the next call
+_DROPPED = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.ProtocolError, ConnectionError)
 
 
 class PushPullRefused(EngineError):
@@ -256,9 +271,12 @@ class Engine:
             raise EngineError(f"image not found in the engine: {_short(exc)}") from None
         except docker.errors.APIError as exc:
             raise EngineError(f"engine error: {_short(exc)}") from None
-        except requests.exceptions.ConnectionError:
-            raise EngineError("the Docker Engine stopped answering while the container ran",
-                              hint=ENGINE_HINT) from None
+        except _DROPPED:
+            if container_id is None:
+                raise EngineError("the Docker Engine stopped answering before the container started",
+                                  hint=ENGINE_HINT) from None
+            raise EngineGone("the Docker Engine stopped answering while the container ran", name,
+                             hint=ENGINE_HINT) from None
         finally:
             if container_id:
                 with contextlib.suppress(Exception):
@@ -269,7 +287,14 @@ class Engine:
         splitter = LineSplitter()
         chunks = attached if attached is not None else self._api.logs(container_id, stream=True, follow=True,
                                                                        stdout=True, stderr=True)
-        for chunk in chunks:
+        stream = iter(chunks)
+        while True:
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                break
+            except (*_DROPPED, OSError) as exc:   # only the stream's own read: a callback's error is its own
+                raise requests.exceptions.ConnectionError(str(exc)) from None
             for line in splitter.feed(chunk):
                 if on_line:
                     on_line(line)

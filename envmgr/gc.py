@@ -2,7 +2,8 @@
 
 Removed: method images (label org.envmgr.method) that are not their method's current image and not
 among its N most recently tagged ones; stopped envmgr containers; cached layers no kept image uses;
-leftovers of interrupted builds in the cache. Kept, always: the current image of every method, any
+leftovers of interrupted builds in the cache; SBOMs and signature records (`<cache>/sbom/`,
+`<cache>/signatures/`) whose image is gone or removed by this gc. Kept, always: the current image of every method, any
 image a container uses (running or stopped, envmgr's or not), the images of methods this base dir
 does not know (another base dir's), and work folders while a build holds its lock. Removal goes tag
 by tag without force, so an image that a container started to use meanwhile is refused by the
@@ -11,6 +12,7 @@ engine and kept.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import json
@@ -26,18 +28,22 @@ from .build import target
 from .context import Context
 from .errors import EngineError, UsageError
 from .image import file_sha256
+from .sbom import SBOM_DIR
 from .spec import list_methods
+from .trust import SIGNATURES_DIR
 from .variants import all_variants
 
 # env-<method>-<key>, method-<method>-<key>, and system-<key> (shared by the methods naming the same packages)
 LAYER_FILE = re.compile(r"^(env|method|system)-(?:(.+)-)?([0-9a-f]{32})\.(tar|json)$")
+IMAGE_RECORDS = (("sbom", SBOM_DIR, ".cdx.json"), ("signature", SIGNATURES_DIR, ".json"))
+IMAGE_ID_HEX = re.compile(r"^[0-9a-f]{64}$")
 STOPPED = ("created", "exited", "dead")
 CREATED_GRACE_S = 120
 
 
 @dataclass
 class Item:
-    kind: str          # image | container | layer | work
+    kind: str          # image | container | layer | work | sbom | signature
     what: str
     bytes: int = 0
     why: str = ""
@@ -134,6 +140,7 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
                 result.remove.append(Item("image", image["Id"], 0, f"{label}: superseded"))
     _count_image_bytes(ctx, result)
     _plan_cache(ctx, result, kept_images, only)
+    _plan_image_records(ctx, result, only)
     return result
 
 
@@ -219,6 +226,45 @@ def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[st
                 result.remove.append(Item("work", str(path), _size(path), "left over by an interrupted build"))
 
 
+def _plan_image_records(ctx: Context, result: Plan, only: set[str]) -> None:
+    """SBOMs and signature records kept per image ID: removed once their image is gone (or goes in this gc)."""
+    removed_images = {item.what for item in result.remove if item.kind == "image"}
+    building = _build_running(ctx.cache_dir)   # a build writes its SBOM before it loads the image
+    for kind, folder, suffix in IMAGE_RECORDS:
+        root = ctx.cache_dir / folder
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            image_id = _record_image(path, suffix)
+            if image_id is None:
+                continue
+            if image_id in removed_images:
+                why = "its image is removed by this gc"
+            elif ctx.engine.image_id(image_id) is None and not building:
+                why = "its image is gone"
+            else:
+                continue
+            if only and _record_method(path, kind) not in only:
+                continue
+            result.remove.append(Item(kind, str(path), _size(path), f"{kind} of {image_id[:19]}: {why}"))
+
+
+def _record_image(path: Path, suffix: str) -> str | None:
+    """`sha256:<hex>` of a record file named `<hex><suffix>`; None for anything else (temp files)."""
+    stem = path.name[:-len(suffix)] if path.name.endswith(suffix) else ""
+    return f"sha256:{stem}" if IMAGE_ID_HEX.match(stem) and path.is_file() and not path.is_symlink() else None
+
+
+def _record_method(path: Path, kind: str) -> str | None:
+    """The method an SBOM (its root component's envmgr:method) or a signature record (its statement) names."""
+    try:
+        data = json.loads(path.read_text())
+        if kind == "sbom":
+            properties = data["metadata"]["component"].get("properties") or []
+            return next((p.get("value") for p in properties if p.get("name") == "envmgr:method"), None)
+        return json.loads(base64.b64decode(data["statement"])).get("method")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _diff_id(tar: Path) -> str:
     record = tar.with_suffix(".json")
     if record.is_file():
@@ -255,6 +301,12 @@ def apply(ctx: Context, result: Plan) -> Plan:
         try:
             if item.kind == "container":
                 ctx.engine.remove_container(item.what)
+            elif item.kind in ("sbom", "signature"):
+                image_id = _record_image(Path(item.what), next(s for k, _, s in IMAGE_RECORDS if k == item.kind))
+                if image_id and ctx.engine.image_id(image_id):   # loaded again meanwhile (an import): keep it
+                    done.keep.append(Item(item.kind, item.what, 0, "its image is in the engine again"))
+                    continue
+                Path(item.what).unlink(missing_ok=True)
             elif item.kind == "image":
                 tags = (ctx.engine.inspect_image(item.what) or {}).get("RepoTags") or []
                 for tag in tags:

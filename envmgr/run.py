@@ -4,7 +4,9 @@ progress from the method's JSON lines, and a run record (`run.json`)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import getpass
 import hashlib
 import json
@@ -28,8 +30,8 @@ from .base import ensure_base
 from .build import _excluded, build as build_image
 from .containers import BindMount, ContainerSpec, gpu_devices
 from .context import Context
-from .engine import NVIDIA_HINT
-from .errors import EnvmgrError, Interrupted, UsageError
+from .engine import ENGINE_HINT, NVIDIA_HINT, EngineGone
+from .errors import EngineError, EnvmgrError, Interrupted, UsageError
 from .files import atomic_write
 from .gpu import GpuRequest, parse_gpus
 from .gpu_plan import preflight as gpu_preflight
@@ -452,7 +454,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
     record["started"] = record.get("started") or _now()
     record_file, log_file = (node.record_file, node.log_file) if node else (records.RECORD, records.LOG)
     records.open_log(run_dir, log_file).close()     # a link planted over log.txt stops the run before it starts
-    write_record(run_dir, record, record_file)
+    _write_record(run_dir, record, record_file, "before the container started")
+    reserve = _reserve_space(run_dir, node.rank if node else 0)
 
     container = ContainerSpec(
         image=result.image_id, command=command, env=env, mounts=mounts,
@@ -465,16 +468,31 @@ def run(ctx: Context, request: RunRequest) -> dict:
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
     started_ns = time.time_ns()
-    status, code, tail, oom_killed = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
+    ended = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
+    status, code, tail = ended.status, ended.code, ended.tail
     # exit 0, but not what the spec says a run writes: a launcher that hides a crash (rank 0 judges a run)
     missing = missing_outputs(spec, run_dir, started_ns) if status == "succeeded" and not (node and node.rank) else []
     if missing:
         status = "failed"
         record.update(reason="no outputs", missing_outputs=missing)
+    disk_full = _disk_full(output, ended) if status == "failed" and not missing and ended.engine_gone is None else None
+    if ended.engine_gone is not None:   # its container may still be in the engine: settled once it is back
+        record.update(reason=f"engine unreachable: {ended.engine_gone.message}", container_left=True)
+    elif disk_full:
+        record.update(reason="disk full", disk_full=disk_full)
     record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
-                  oom_killed=oom_killed)
+                  oom_killed=ended.oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
-    write_record(run_dir, record, record_file)
+    reserve.unlink(missing_ok=True)   # the room kept for this record, should the method have filled the disk
+    _write_record(run_dir, record, record_file, f"after it {status}")
+    if ended.engine_gone is not None:
+        raise EngineError(f"run {run_id} failed: {ended.engine_gone.message} (recorded in {run_dir / record_file}; "
+                          "`envmgr runs` removes its container once the engine is back)", hint=ENGINE_HINT)
+    if disk_full:
+        raise EnvmgrError(f"run {run_id} failed (disk full): no space left on {disk_full['filesystem']} "
+                          f"({disk_full['free_bytes'] // 1024} KiB free now); log: {run_dir / log_file}",
+                          hint=f"free space there, then `envmgr run {spec.name} --resume {run_id}` "
+                               "continues from the last complete checkpoint")
     if status == "interrupted":
         _ignore_further_interrupts()   # the record is written; only the report and the exit are left
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
@@ -525,17 +543,79 @@ def _ignore_further_interrupts() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+@dataclass
+class _Ended:
+    """How a followed run ended, as envmgr saw it."""
+
+    status: str = "failed"
+    code: int | None = None
+    tail: list[str] = field(default_factory=list)
+    oom_killed: bool = False
+    engine_gone: EngineGone | None = None   # the engine stopped answering: its container may be left there
+    log_error: OSError | None = None        # log.txt could not be written (a full disk): the tail is kept
+    no_space_line: str | None = None        # the method's first line that says ENOSPC
+
+
+def _write_record(run_dir: Path, record: dict, name: str, when: str) -> None:
+    try:
+        write_record(run_dir, record, name)
+    except OSError as exc:
+        raise EnvmgrError(f"run {record.get('run_id')}: cannot write {run_dir / name} {when} ({exc.strerror})",
+                          hint="free space there; `envmgr runs` settles the run once envmgr can write it"
+                          if exc.errno == errno.ENOSPC else None) from None
+
+
+RESERVE_BYTES = 256 << 10   # run.json and log.txt's last lines, after a method filled the disk
+
+
+def _reserve_space(run_dir: Path, rank: int) -> Path:
+    """Space held for the final record while the method runs (the disk it writes to is usually the run dir's)."""
+    reserve = run_dir / f".envmgr-reserve-{rank}"
+    try:
+        fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        finally:
+            os.close(fd)
+    except OSError:
+        reserve.unlink(missing_ok=True)   # already short of space, or no fallocate here: run without it
+    return reserve
+
+
+def _disk_full(output: Path, ended: _Ended) -> dict | None:
+    """Where a failed run ran out of space: the method said ENOSPC, or envmgr could not write its log."""
+    if ended.no_space_line is None and not (ended.log_error and ended.log_error.errno == errno.ENOSPC):
+        return None
+    mount = output.resolve()
+    while mount.parent != mount and mount.parent.stat().st_dev == mount.stat().st_dev:
+        mount = mount.parent
+    fs = os.statvfs(output)
+    return {"filesystem": str(mount), "free_bytes": fs.f_bavail * fs.f_frsize, "said": ended.no_space_line,
+            "log_error": ended.log_error.strerror if ended.log_error else None}
+
+
 def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str = records.LOG,
-            on_start: Callable[[str], None] | None = None) -> tuple[str, int | None, list[str], bool]:
+            on_start: Callable[[str], None] | None = None) -> _Ended:
     tail: deque[str] = deque(maxlen=12)
     log = records.open_log(run_dir, log_file)
     display = TrainingProgress(ctx.ui)
     started = time.monotonic()
+    ended = _Ended()
+
+    def write_log(text: str) -> None:
+        if ended.log_error is None:
+            try:
+                log.write(text)
+                log.flush()
+            except OSError as exc:   # a full disk under the run dir: keep following, keep the tail
+                ended.log_error = exc
+                ctx.ui.warn(f"cannot write {run_dir / log_file} ({exc.strerror}); the run goes on")
 
     def on_line(line: str) -> None:
         line = ctx.ui.redact(line)
-        log.write(line + "\n")
-        log.flush()
+        write_log(line + "\n")
+        if ended.no_space_line is None and os.strerror(errno.ENOSPC) in line:
+            ended.no_space_line = line.strip()[:300]
         tail.append(line)
         event = _progress_event(line)
         if event is None:
@@ -546,25 +626,28 @@ def _follow(ctx: Context, container: ContainerSpec, run_dir: Path, log_file: str
         if event.get("event") == "progress":
             display.update(event)
 
-    code: int | None = None
-    status = "failed"
-    oom_killed = False
     with _SecondInterrupt(ctx):
         try:
-            ended = ctx.engine.run(container, on_line=on_line, on_start=on_start, on_partial=display.line)
-            code, oom_killed = ended.exit_code, ended.oom_killed
-            status = "succeeded" if code == 0 else "failed"
+            result = ctx.engine.run(container, on_line=on_line, on_start=on_start, on_partial=display.line)
+            ended.code, ended.oom_killed = result.exit_code, result.oom_killed
+            ended.status = "succeeded" if ended.code == 0 else "failed"
         except (Interrupted, KeyboardInterrupt):
-            status = "interrupted"
-        except EnvmgrError as exc:  # the engine went away mid-run: record it, then report it
+            ended.status = "interrupted"
+        except EngineGone as exc:   # the engine went away mid-run: record it, then report it
+            ended.engine_gone = exc
+            tail.append(f"envmgr: {exc.message}")
+            write_log(f"# envmgr: {exc.message}\n")
+        except EnvmgrError as exc:
             tail.append(f"envmgr: {exc.message}")
         finally:
             display.close()
-            log.write(f"# envmgr: container ended after {time.monotonic() - started:.1f} s\n")
-            log.close()
-    if code == 130:
-        status = "interrupted"
-    return status, code, list(tail), oom_killed
+            write_log(f"# envmgr: container ended after {time.monotonic() - started:.1f} s\n")
+            with contextlib.suppress(OSError):
+                log.close()
+    if ended.code == 130:
+        ended.status = "interrupted"
+    ended.tail = list(tail)
+    return ended
 
 
 def _progress_event(line: str) -> dict | None:
@@ -624,7 +707,10 @@ def _owner_alive(record: dict) -> bool:
 
 
 def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
-    """A record still `running` whose envmgr is gone (SIGKILL, a crash): stop its container, record why."""
+    """A record still `running` whose envmgr is gone (SIGKILL, a crash): stop its container, record why.
+    A run that ended when the engine stopped answering: remove the container it left, once the engine is back."""
+    if record.get("container_left") is True and record.get("status") != "running":
+        return _remove_left_container(ctx, run_dir, record)
     if record.get("status") != "running" or _owner_alive(record):
         return record
     recorded = record.get("container")
@@ -644,6 +730,8 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
         with records.open_log(run_dir) as log:
             log.write(f"# envmgr: {reason}\n")
         ctx.engine.remove_container(name, force=True)
+    for reserve in run_dir.glob(".envmgr-reserve-*"):   # the space its envmgr held for the final record
+        reserve.unlink(missing_ok=True)
     code = state["exit_code"] if state else None
     missing = _missing_after_kill(ctx, run_dir, record) if status == "succeeded" else []
     if missing:
@@ -655,6 +743,27 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
         record["attempts"][-1].update(ended=record["ended"], status=status)
     write_record(run_dir, record)
     ctx.ui.warn(f"run {record.get('run_id')}: {reason} → {status}")
+    return record
+
+
+def _remove_left_container(ctx: Context, run_dir: Path, record: dict) -> dict:
+    """The container a run left when the engine stopped answering: stopped if the engine kept it running, read
+    and removed. The run stays failed (envmgr could not follow it); its exit status is recorded beside."""
+    recorded = record.get("container")
+    name = recorded if isinstance(recorded, str) and recorded.startswith("envmgr-run-") else ""
+    state = ctx.engine.container_state(name) if name else None   # EngineError while the engine is still away
+    if state and state["running"]:
+        ctx.engine.stop_container(name, timeout=120)
+        state = ctx.engine.container_state(name) or state
+    if state:
+        ctx.engine.remove_container(name, force=True)
+    note = (f"its container {name} (exit {state['exit_code']}) was removed once the engine was back" if state
+            else "no container of the run was left in the engine")
+    with contextlib.suppress(OSError, UsageError), records.open_log(run_dir) as log:
+        log.write(f"# envmgr: {note}\n")
+    record.update(container_left=False, container_exit_code=state["exit_code"] if state else None)
+    write_record(run_dir, record)
+    ctx.ui.warn(f"run {record.get('run_id')}: {note}")
     return record
 
 

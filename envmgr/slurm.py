@@ -63,6 +63,7 @@ class SlurmRequest:
     runtime: str = "docker"               # docker (a step per machine through its engine) | pyxis (enroot)
     wait: bool = False
     wait_timeout: float | None = None     # seconds a job may stay pending while --wait follows it
+    sign: Path | None = None              # private key that signs the export archive the nodes import
 
     @property
     def machines(self) -> int:
@@ -262,6 +263,10 @@ def _check_request(request: RunRequest, spec: MethodSpec, slurm: SlurmRequest) -
 
 def _image_source(ctx: Context, spec: MethodSpec, tag: str, inputs_hash: str, slurm: SlurmRequest) -> dict:
     """How a node that lacks the image gets it, checked now: the registry has the tag, or an archive exists."""
+    if slurm.sign and (slurm.registry or slurm.runtime == "pyxis"):
+        raise UsageError("--sign signs the export archive the nodes import; "
+                         + ("with --registry, sign the push: `envmgr push --sign KEY`" if slurm.registry
+                            else "an enroot image for pyxis carries no signature"))
     if slurm.registry:
         from .registry import _check_registry
 
@@ -283,11 +288,37 @@ def _image_source(ctx: Context, spec: MethodSpec, tag: str, inputs_hash: str, sl
     from .transfer import export
 
     out = ctx.config.base_dir / EXPORTS / f"{spec.name}-{inputs_hash[:16]}.envmgr.tar"
-    if not out.is_file():
-        ctx.ui.step(f"exporting {tag} to {out} for the nodes (once per inputs hash)")
+    wanted_key = _signing_key_id(slurm.sign) if slurm.sign else None
+    signed_by = _archive_signer(ctx, out) if out.is_file() else None
+    if not out.is_file() or (wanted_key and signed_by != wanted_key):
+        ctx.ui.step(f"exporting {tag} to {out} for the nodes (once per inputs hash"
+                    + (f", signed by {wanted_key})" if wanted_key else ")"))
         out.parent.mkdir(parents=True, exist_ok=True)
-        export(ctx, spec.name, out)
-    return {"kind": "archive", "file": str(out)}
+        signed_by = export(ctx, spec.name, out, sign=slurm.sign).signed_by   # under a temp name, then renamed
+    if ctx.config.trust.require_signature and signed_by is None:
+        raise UsageError(f"{out} is not signed and [trust] require_signature is set: the nodes would refuse it",
+                         hint="submit with `--sign KEY` (the private key whose public half the nodes list in "
+                              "[trust] keys)")
+    return {"kind": "archive", "file": str(out), "signed_by": signed_by}
+
+
+def _signing_key_id(path: Path) -> str:
+    from . import signing
+
+    return signing.key_id(signing.load_private_key(path).public_key())
+
+
+def _archive_signer(ctx: Context, archive: Path) -> str | None:
+    """The key that validly signed an archive in the exports folder (trusted here or not), or None."""
+    from . import signing
+    from .transfer import ArchiveError, read_signed_manifest
+
+    try:
+        _, statement, signature = read_signed_manifest(archive)
+    except (ArchiveError, OSError):
+        return None
+    found = signing.check(statement, signature, ctx.config.trust)
+    return found.key_id if found.state in ("trusted", "untrusted") else None
 
 
 def batch_script(ctx: Context, spec: MethodSpec, record: dict, run_dir: Path, slurm: SlurmRequest) -> str:

@@ -20,6 +20,16 @@ REPO = Path(__file__).resolve().parents[2]
 STORE = Path(os.environ.get("ENVMGR_TEST_STORE", "/var/tmp/envmgr-test-store"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that stop the machine's dockerd run only when asked for by name (`-m engine_restart`), alone."""
+    if "engine_restart" in (config.getoption("markexpr") or ""):
+        return
+    alone = pytest.mark.skip(reason="stops the machine's dockerd: run alone with `-m engine_restart`")
+    for item in items:
+        if "engine_restart" in item.keywords:
+            item.add_marker(alone)
+
+
 @pytest.fixture(scope="session")
 def engine():
     import docker

@@ -1,6 +1,7 @@
 """Faults with figures: a build killed with SIGKILL at several points, a full disk under the build
-cache, two builds of one method at once, four runs at once. Each test asserts that nothing is lost
-and nothing half-made is left or reused. (Stopping dockerd is not tried here: the engine is shared.)
+cache and under a run's checkpoints, two builds of one method at once, four runs at once. Each test
+asserts that nothing is lost and nothing half-made is left or reused. (The engine stopping mid-run is
+tests/integration/test_engine_restart.py: the real dockerd stop runs alone, after the rest.)
 """
 
 from __future__ import annotations
@@ -175,3 +176,65 @@ def _no_stray_mounts(tmp_path):
         point = mount.split()[1]
         if point.startswith(str(tmp_path)):
             subprocess.run(["umount", point], check=False)   # only our own tmpfs under this test's tmp_path
+
+
+FILLER = "tiny-fullrun"   # a method that checkpoints until the disk is full (its own image name)
+FILLER_MAIN = """\
+import os, sys
+out = os.environ["ENVMGR_OUTPUT_DIR"]
+cleanup = os.environ.get("FILL_CLEANUP", "1") == "1"
+for step in range(1, 1000):
+    temporary = os.path.join(out, f".checkpoint-{step}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(os.urandom(256 * 1024))
+        os.replace(temporary, os.path.join(out, f"checkpoint-{step}"))
+        print(f"checkpoint {step}", flush=True)
+    except OSError as error:
+        if cleanup:
+            os.unlink(temporary)
+        print(f"checkpoint {step} failed: {error}", file=sys.stderr, flush=True)
+        for line in range(200 if not cleanup else 0):   # a crashing method that keeps talking
+            print(f"still here {line} " + "x" * 200, flush=True)
+        sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("cleanup", [True, False], ids=["method-cleans-up", "method-leaves-its-temp"])
+def test_full_disk_during_a_runs_checkpoints_is_recorded_with_where_and_keeps_earlier_ones(workspace, mirror_a,
+                                                                                             engine, cleanup):
+    folder = workspace.base_dir / "methods" / FILLER
+    folder.mkdir(parents=True)
+    (folder / "envmgr.toml").write_text(TINY_SPEC.replace('name = "tiny"', f'name = "{FILLER}"'))
+    (folder / "pyproject.toml").write_text(TINY_PYPROJECT)
+    (folder / "main.py").write_text(FILLER_MAIN)
+    workspace.envmgr("lock", FILLER, mirror=mirror_a.url)
+    workspace.envmgr("build", FILLER, mirror=mirror_a.url)
+    runs = workspace.base_dir / "runs"
+    runs.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(runs)], check=True)
+    try:
+        proc = workspace.envmgr("run", FILLER, "--gpus", "none", "--env", f"FILL_CLEANUP={int(cleanup)}", check=False)
+        errors = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning")]
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(errors) <= 2, proc.stderr
+        assert "failed (disk full): no space left on " + str(runs) in errors[0], proc.stderr
+        run_dir = next((runs / FILLER).iterdir())
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "failed" and record["reason"] == "disk full" and record["exit_code"] == 1
+        assert record["disk_full"]["filesystem"] == str(runs)
+        assert "No space left on device" in (record["disk_full"]["said"] or record["disk_full"]["log_error"])
+        output = run_dir / "output"
+        kept = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        assert len(kept) >= 3 and all(p.stat().st_size == 256 * 1024 for p in kept)   # earlier ones whole
+        assert [int(p.name.split("-")[1]) for p in kept] == list(range(1, len(kept) + 1))
+        left = [p.name for p in output.iterdir() if p.name.startswith(".")]
+        assert left == ([] if cleanup else [f".checkpoint-{len(kept) + 1}.tmp"])   # only the method's own temp
+        assert not list(run_dir.glob(".envmgr-*")) and not list(run_dir.glob(".run.json.*"))
+        log = (run_dir / "log.txt").read_text()
+        assert "checkpoint 1" in log
+        print(f"\nfull-disk fault (run checkpoints, {'cleans up' if cleanup else 'leaves its temp'}): "
+              f"{len(kept)} checkpoints kept whole; envmgr said: {errors[0]!r}; log write error: "
+              f"{record['disk_full']['log_error']}")
+    finally:
+        subprocess.run(["umount", str(runs)], check=True)

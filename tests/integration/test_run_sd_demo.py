@@ -175,3 +175,24 @@ def test_image_labels_carry_the_gpu_facts_torch_reports(sd_base, engine):
     shown = _envmgr(env, "show", "sd-demo").stdout
     assert "default: needs NVIDIA driver ≥ 580 (CUDA 13.0); GPUs sm_" in shown
     assert "cu128: needs NVIDIA driver ≥ 525 (CUDA 12.8" in shown
+
+
+def test_sbom_names_the_locked_torch_stack_and_the_base_images_debian_packages(sd_base, engine):
+    """`envmgr sbom sd-demo`: CycloneDX JSON of the built image, versions as the lock and the image say."""
+    _, env, tag = sd_base
+    sbom = json.loads(_envmgr(env, "sbom", "sd-demo", "--format", "cyclonedx-json").stdout)
+    assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
+    assert sbom["metadata"]["component"]["bom-ref"] == engine.images.get(tag).id
+    versions = {c["name"]: c.get("version") for c in sbom["components"]}
+    kinds = {c["purl"].split(":", 1)[1].split("/", 1)[0] for c in sbom["components"]}
+    labels = engine.images.get(tag).attrs["Config"]["Labels"]
+    lock = (REPO / "envs" / "sd-demo" / "poetry.lock").read_text()
+    assert versions["torch"] == labels["org.envmgr.torch"]
+    for name in ("diffusers", "peft", "accelerate", "transformers", "safetensors"):
+        assert f'name = "{name}"\nversion = "{versions[name]}"' in lock, name
+    assert kinds == {"pypi", "deb"} and versions["python3.11-minimal"].startswith("3.11.")
+    with_hash = [c for c in sbom["components"] if c["purl"].startswith("pkg:pypi/") and c.get("hashes")]
+    assert len(with_hash) == sum(1 for c in sbom["components"] if c["purl"].startswith("pkg:pypi/"))
+    print(f"\nsd-demo SBOM: {len(sbom['components'])} components "
+          f"({sum(1 for c in sbom['components'] if c['purl'].startswith('pkg:pypi/'))} Python, "
+          f"{sum(1 for c in sbom['components'] if c['purl'].startswith('pkg:deb/'))} Debian)")

@@ -319,3 +319,37 @@ def test_doctor_says_slurm_answers_and_whether_the_base_dir_looks_shared(site):
     proc = _run(site, "doctor", check=False)
     assert "slurm: answers; partitions: debug, held" in proc.stdout
     assert "base dir shared:" in proc.stdout and "a local filesystem" in proc.stdout
+
+
+def test_nodes_that_require_signatures_import_the_archive_submitted_with_sign(site, engine, tmp_path):
+    key = tmp_path / "site.key"
+    key_id = [e for e in _events(site.envmgr("--json", "key", "generate", str(key))) if e.get("event") == "done"][-1]
+    strict = {"ENVMGR_TRUST_KEYS": f"{key}.pub", "ENVMGR_TRUST_REQUIRE_SIGNATURE": "true"}   # sbatch passes them on
+    runs = site.base_dir / "runs" / NAME
+    runs_before = set(runs.iterdir()) if runs.is_dir() else set()
+    unsigned = _run(site, "run", NAME, "--on", "slurm", "--partition", "held", "--", "--steps=2", check=False, **strict)
+    assert unsigned.returncode == 2 and "is not signed and [trust] require_signature is set" in unsigned.stderr
+    assert "--sign KEY" in unsigned.stderr and len([x for x in unsigned.stderr.splitlines() if x.strip()]) <= 2
+    assert (set(runs.iterdir()) if runs.is_dir() else set()) == runs_before          # nothing was submitted
+
+    proc = _run(site, "--json", "run", NAME, "--on", "slurm", "--partition", "held", "--sign", str(key),
+                "--", "--steps=2", **strict)
+    run_id = [e for e in _events(proc) if e.get("event") == "done"][-1]["run_id"]
+    source = _record(site, run_id)["scheduler"]["image_source"]
+    assert source["kind"] == "archive" and source["signed_by"] == key_id["key_id"]
+    tag = _record(site, run_id)["image"]["tag"]
+    for image in engine.images.list(REPO):            # the node lacks the image: it must import the signed archive
+        engine.images.remove(image.id, force=True)
+    subprocess.run(["scontrol", "update", "PartitionName=held", "State=UP"], check=True,
+                   env={**os.environ, **site.cluster.env})
+    try:
+        _wait_for(lambda: _record(site, run_id)["status"] in ("succeeded", "failed"), what="the held job")
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=held", "State=DOWN"], check=True,
+                       env={**os.environ, **site.cluster.env})
+    record = _record(site, run_id)
+    out = (site.base_dir / "runs" / NAME / run_id / f"slurm-{record['scheduler']['job_id']}.out").read_text()
+    assert record["status"] == "succeeded", (record, out)
+    assert "importing" in out and engine.images.get(tag).id == record["image"]["id"]
+    verified = _events(site.envmgr("--json", "verify", NAME, "--no-rebuild", **strict))
+    assert [e for e in verified if e.get("event") == "done"][-1]["signature"]["key_id"] == source["signed_by"]

@@ -283,3 +283,36 @@ def test_signed_push_pulls_under_require_signature_and_a_foreign_key_is_refused(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- gc of SBOMs and signatures
+
+
+def test_gc_removes_sboms_and_signature_records_of_gone_images_only(source, signed, keys, tmp_path, engine):
+    target = _server(tmp_path / "server2")
+    strict = _strict(keys, "site")
+    _done(target.envmgr("--json", "import", str(signed), **strict))
+    image = source.built["image"].removeprefix("sha256:")
+    sbom_dir, signatures = target.cache_dir / "sbom", target.cache_dir / "signatures"
+    live = [sbom_dir / f"{image}.cdx.json", signatures / f"{image}.json"]
+    assert all(p.is_file() for p in live), list(target.cache_dir.rglob("*"))
+    # the records an earlier image of this method left when it was removed: same method, an ID the engine lacks
+    gone_id = hashlib.sha256(b"an image removed earlier").hexdigest()
+    gone = [sbom_dir / f"{gone_id}.cdx.json", signatures / f"{gone_id}.json"]
+    for src, dst in zip(live, gone, strict=True):
+        shutil.copyfile(src, dst)
+
+    dry = _done(target.envmgr("--json", "gc", "--method", NAME, "--dry-run", **strict))
+    listed = {(i["kind"], i["what"]) for i in dry["removed"]}
+    assert {("sbom", str(gone[0])), ("signature", str(gone[1]))} <= listed
+    assert not {str(p) for p in live} & {what for _, what in listed}
+    assert all(p.is_file() for p in gone)
+    plain = target.envmgr("gc", "--method", NAME, "--dry-run", **strict).stdout
+    assert f"would remove sbom: {gone[0]}" in plain and f"would remove signature: {gone[1]}" in plain
+
+    done = _done(target.envmgr("--json", "gc", "--method", NAME, **strict))
+    assert {("sbom", str(gone[0])), ("signature", str(gone[1]))} <= {(i["kind"], i["what"]) for i in done["removed"]}
+    assert not any(p.exists() for p in gone) and all(p.is_file() for p in live)
+    assert engine.images.get(source.built["tag"]).id == source.built["image"]
+    ok = _done(target.envmgr("--json", "verify", NAME, "--no-rebuild", **strict))
+    assert ok["signature"]["state"] == "trusted" and ok["ok"]

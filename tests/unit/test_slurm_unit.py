@@ -159,3 +159,14 @@ def test_enroot_files_hold_the_environment_and_the_entry(tmp_path):
     assert (tmp_path / "etc" / "environment").read_text() == "PATH=/usr/bin\nA=b c\n"
     rc = (tmp_path / "etc" / "rc").read_text()
     assert "cd /envmgr/run" in rc and "exec python /opt/m/main.py" in rc and 'exec "$@"' in rc
+
+
+@pytest.mark.parametrize(("extra", "said"), [({"registry": "127.0.0.1:5000"}, "envmgr push --sign KEY"),
+                                             ({"runtime": "pyxis"}, "carries no signature")])
+def test_sign_is_refused_where_the_nodes_do_not_import_an_archive(tmp_path, extra, said):
+    from envmgr.errors import UsageError
+    from envmgr.slurm import SlurmRequest, _image_source
+
+    with pytest.raises(UsageError, match="--sign signs the export archive") as refused:
+        _image_source(None, None, "envmgr/m:0", "0" * 64, SlurmRequest(sign=tmp_path / "k", **extra))  # type: ignore[arg-type]
+    assert said in refused.value.message

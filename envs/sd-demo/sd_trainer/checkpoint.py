@@ -2,10 +2,15 @@
 
 A checkpoint is written into `.checkpoint-<step>.tmp/` and renamed into place only
 when complete, so a crash or a full disk never leaves a broken latest checkpoint.
+
+torch.save and safetensors' writer do not raise OSError when the disk fills (a RuntimeError, a
+SafetensorError): tensors are serialized in memory and written here, so a full disk is an OSError
+(ENOSPC) that the loop can tell apart from a bug.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -13,8 +18,9 @@ import re
 import shutil
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import model
 
@@ -27,17 +33,43 @@ META_FILE = "checkpoint.json"  # written last: its presence marks a complete che
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def _save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    _write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _as_os_error(error: Exception, path: Path) -> Exception:
+    """safetensors' `... (os error 28)` as the OSError it is; anything else unchanged."""
+    found = re.search(r"os error (\d+)", str(error))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) if found else error
+
+
 def save_lora(transformer, directory: Path) -> Path:
-    """`pytorch_lora_weights.safetensors` in the format StableDiffusion3Pipeline.load_lora_weights reads."""
+    """`pytorch_lora_weights.safetensors` in the format StableDiffusion3Pipeline.load_lora_weights reads,
+    written beside under a temporary name and renamed: a full disk never leaves half a file under its name."""
     from diffusers import StableDiffusion3Pipeline
 
     directory.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(
-        directory,
-        transformer_lora_layers=model.lora_state_dict(transformer),
-        transformer_lora_adapter_metadata=model.lora_metadata(transformer),
-        safe_serialization=True,
-    )
+    temporary = directory / f".{LORA_FILE}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        try:
+            StableDiffusion3Pipeline.save_lora_weights(
+                temporary,
+                transformer_lora_layers=model.lora_state_dict(transformer),
+                transformer_lora_adapter_metadata=model.lora_metadata(transformer),
+                safe_serialization=True,
+            )
+        except Exception as error:  # noqa: BLE001 - re-raised, as OSError when it is one
+            raise _as_os_error(error, temporary / LORA_FILE) from error
+        _fsync_tree(temporary)
+        os.replace(temporary / LORA_FILE, directory / LORA_FILE)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
     return directory / LORA_FILE
 
 
@@ -51,7 +83,12 @@ def save_comfyui_lora(transformer, directory: Path, alpha: float) -> Path:
         tensors[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
     target = directory / COMFYUI_FILE
-    save_file(tensors, str(target), metadata={"format": "pt"})
+    temporary = directory / f".{COMFYUI_FILE}.tmp"
+    try:
+        _save_tensors(tensors, temporary, metadata={"format": "pt"})
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
     return target
 
 
@@ -71,12 +108,14 @@ def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, lr_sche
     try:
         temporary.mkdir(parents=True)
         save_lora(transformer, temporary)
-        save_file(model.lora_state_dict(transformer), str(temporary / PEFT_FILE))
+        _save_tensors(model.lora_state_dict(transformer), temporary / PEFT_FILE)
+        state = io.BytesIO()
         torch.save(
             {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), **extra},
-            temporary / STATE_FILE,
+            state,
         )
+        _write_bytes(temporary / STATE_FILE, state.getbuffer())
         (temporary / META_FILE).write_text(json.dumps({"step": step, "complete": True}) + "\n")
         _fsync_tree(temporary)
         previous = output_dir / f".checkpoint-{step}.old"

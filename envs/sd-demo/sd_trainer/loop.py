@@ -276,12 +276,18 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
 
     # ---- final outputs
     if accelerator.is_main_process:
-        lora_file = checkpoint.save_lora(unwrapped, output_dir)
-        if config.export_comfyui:
-            comfy = checkpoint.save_comfyui_lora(unwrapped, output_dir, config.lora_alpha or config.lora_rank)
-            log.info("ComfyUI-style LoRA written to %s", comfy)
-        records = metrics_log.records()
-        metrics.plot_loss(records, output_dir / "loss.png")
+        try:
+            lora_file = checkpoint.save_lora(unwrapped, output_dir)
+            if config.export_comfyui:
+                comfy = checkpoint.save_comfyui_lora(unwrapped, output_dir, config.lora_alpha or config.lora_rank)
+                log.info("ComfyUI-style LoRA written to %s", comfy)
+            records = metrics_log.records()
+            metrics.plot_loss(records, output_dir / "loss.png")
+        except OSError as error:   # e.g. disk full: nothing half written under a final name (temp + rename)
+            kept = checkpoint.list_checkpoints(output_dir)
+            what = Path(error.filename).name.lstrip(".").removesuffix(".tmp") if error.filename else "the final outputs"
+            latest = f"checkpoint-{kept[-1][0]} is the latest complete checkpoint" if kept else "no checkpoint was kept"
+            raise TrainingError(f"cannot write {what} in {output_dir}: {error.strerror or error} ({latest})") from None
         final_loss = records[-1]["loss"] if records else loss
     validate(max_steps)
     if accelerator.is_main_process:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("sd_trainer")
@@ -22,12 +23,26 @@ class MetricsLog:
                     continue
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
+        self.failed = False
+
     def append(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:   # a full disk: training goes on; the log says which steps are missing
+            if not self.failed:
+                log.error("cannot append to %s (%s): steps from %s on are not in it", self.path, error.strerror,
+                          record.get("step"))
+            self.failed = True
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        found = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue   # the last line half written when the disk filled
+        return found
 
 
 def plot_loss(records: list[dict], target: Path) -> Path | None:
@@ -53,6 +68,11 @@ def plot_loss(records: list[dict], target: Path) -> Path | None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(target)
-    plt.close(figure)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        figure.savefig(temporary, format=target.suffix.lstrip(".") or "png")
+        os.replace(temporary, target)
+    finally:
+        plt.close(figure)
+        temporary.unlink(missing_ok=True)
     return target
