@@ -26,10 +26,11 @@ from .errors import EngineError, EnvmgrError, UsageError
 from .files import atomic_write
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
+from .layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
 from .spec import MethodSpec
 
 # Bump when the layout of the layers changes: it is part of every inputs hash.
-LAYOUT_VERSION = "3"
+LAYOUT_VERSION = "4"   # 4: per-distribution environment layers in a shared prefix (issue 14)
 DEFAULT_EXCLUDES = [".git", ".git/*", "*/__pycache__", "*/__pycache__/*", "__pycache__", "*.pyc",
                     ".venv*", ".mypy_cache", ".pytest_cache", ".DS_Store", "*/.DS_Store"]
 
@@ -128,15 +129,16 @@ class BuildTarget:
         return self.inputs["lock"]
 
     def layers(self, ctx: Context) -> list[Layer]:
-        """Base + environment + method layer, from the cache (or made again when missing)."""
-        return [self.base.layer, env_layer(ctx, self.spec, self.base, self.inputs),
-                method_layer(ctx, self.spec, self.inputs, self.digest)]
+        """Base + environment layers + method layer, from the cache (or made again when missing)."""
+        return self.config(ctx).layers
 
     def config(self, ctx: Context) -> ImageConfig:
         """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
-        layers = self.layers(ctx)   # first: the env layer's record holds its GPU architectures
+        env = env_layers(ctx, self.spec, self.base, self.inputs)
+        layered = env.labels != ["environment"]
+        layers = [self.base.layer, *env.layers, method_layer(ctx, self.spec, self.inputs, self.digest, layered)]
         return image_config(self.spec, self.base, layers, self.inputs, self.digest,
-                            _gpu_labels(ctx, self.spec, self.inputs))
+                            gpu_image_labels(self.spec, env.gpu_archs or []), env_labels=env.labels)
 
 
 def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> BuildTarget:
@@ -225,8 +227,22 @@ def _env_record(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> Path:
     return layers / f"env-{spec.name}-{env_key}.json"
 
 
+def env_layers(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> EnvLayers:
+    """The environment's layers, bottom first: per distribution from the layer store (poetry, pip) or
+    one layer (conda: rattler links the whole prefix with the method's own path in its files)."""
+    entries_of = getattr(get_backend(spec), "layer_entries", None)
+    if entries_of is None:
+        layer = env_layer(ctx, spec, base, data)
+        record = _env_record(ctx, spec, data)
+        archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
+        return EnvLayers([layer], ["environment"], archs)
+    entries, extra_indexes = entries_of(ctx, spec, base)
+    return build_env_layers(ctx, spec.name, base, entries, extra_indexes, data["layout"], data["installer"],
+                            uv_version(ctx), bool(lock_facts(spec).torch))
+
+
 def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> Layer:
-    """The installed environment as a layer, cached by what determines it (lock, base, installer)."""
+    """The installed environment as one layer, cached by what determines it (lock, base, installer)."""
     record = _env_record(ctx, spec, data)
     tar = record.with_suffix(".tar")
     if record.is_file() and tar.is_file():
@@ -248,13 +264,6 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
     _write_record(record, layer.diff_id, layer.size, tar, gpu_archs)
     return layer
-
-
-def _gpu_labels(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> dict[str, str]:
-    """The image's GPU labels: the lock's facts and the architectures its env layer recorded."""
-    record = _env_record(ctx, spec, data)
-    archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
-    return gpu_image_labels(spec, archs)
 
 
 def _stamp(path: Path) -> list[int]:
@@ -301,7 +310,9 @@ def method_info(spec: MethodSpec, data: dict[str, str]) -> dict:
             "envmgr": __version__, "inputs": data}
 
 
-def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: str) -> Layer:
+def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: str, layered: bool = False) -> Layer:
+    """The method's files, the conda shim and method.json; for a layered environment also the link from
+    the method's own prefix to the shared one its layers fill."""
     excluded = _excluded(spec)
     staging_root = ctx.cache_dir / "work"
     staging_root.mkdir(parents=True, exist_ok=True)
@@ -318,12 +329,16 @@ def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: s
             ExtraFile(paths.CONTAINER_METHOD_INFO.lstrip("/"),
                       json.dumps(method_info(spec, data), indent=1, sort_keys=True).encode()),
         ]
+        if layered:
+            extras.append(ExtraFile(spec.env_prefix.lstrip("/"), b"", 0o777,
+                                    link=os.path.relpath(PHYSICAL_PREFIX, os.path.dirname(spec.env_prefix))))
         return write_layer(ctx.cache_dir / "layers" / f"method-{spec.name}-{digest[:32]}.tar",
                            trees=[(files, paths.CONTAINER_METHOD_DIR)], extra_files=extras)
 
 
 def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: dict[str, str],
-                 digest: str, gpu_labels: dict[str, str] | None = None) -> ImageConfig:
+                 digest: str, gpu_labels: dict[str, str] | None = None,
+                 env_labels: list[str] | None = None) -> ImageConfig:
     env = {
         "PATH": f"{spec.env_prefix}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "VIRTUAL_ENV": spec.env_prefix,
@@ -341,7 +356,10 @@ def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: d
     }
     return ImageConfig(
         layers=layers, env=env, cmd=entry_command(spec, spec.entry), workdir=paths.CONTAINER_METHOD_DIR, labels=labels,
-        history=[f"envmgr base {spec.base_image}", f"envmgr environment {spec.name} ({spec.backend} lock "
+        history=[f"envmgr base {spec.base_image}",
+                 *[f"envmgr environment {label}" for label in env_labels or []],
+                 f"envmgr method files {spec.name}"] if env_labels and env_labels != ["environment"] else
+                [f"envmgr base {spec.base_image}", f"envmgr environment {spec.name} ({spec.backend} lock "
                  f"{data['lock'][:16]})", f"envmgr method files {spec.name}"],
     )
 

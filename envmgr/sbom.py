@@ -71,20 +71,22 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def python_components(env_layer: Path, lock_hashes: dict[str, list[str]]) -> list[Component]:
+def python_components(env_layer: Path | list[Path], lock_hashes: dict[str, list[str]]) -> list[Component]:
+    """Every dist-info in the environment's layer(s) (a layered environment has one per distribution group)."""
     metadata: dict[str, tuple[str, str]] = {}
     records: dict[str, str] = {}
-    with tarfile.open(env_layer, mode="r:") as tar:
-        for info in tar:
-            match = _DIST_INFO.search(info.name)
-            if not match or not info.isfile():
-                continue
-            body = tar.extractfile(info).read()  # type: ignore[union-attr]
-            if match.group(2) == "RECORD":
-                records[match.group(1)] = hashlib.sha256(body).hexdigest()
-            else:
-                headers = email.parser.BytesHeaderParser().parsebytes(body)
-                metadata[match.group(1)] = (str(headers.get("Name", "")), str(headers.get("Version", "")))
+    for path in env_layer if isinstance(env_layer, list) else [env_layer]:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                match = _DIST_INFO.search(info.name)
+                if not match or not info.isfile():
+                    continue
+                body = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if match.group(2) == "RECORD":
+                    records[match.group(1)] = hashlib.sha256(body).hexdigest()
+                else:
+                    headers = email.parser.BytesHeaderParser().parsebytes(body)
+                    metadata[match.group(1)] = (str(headers.get("Name", "")), str(headers.get("Version", "")))
     found = []
     for dist, (name, version) in sorted(metadata.items()):
         properties = [Property(name="envmgr:installed-record-sha256", value=records.get(dist, "missing"))]
@@ -99,26 +101,33 @@ def python_components(env_layer: Path, lock_hashes: dict[str, list[str]]) -> lis
     return found
 
 
-def conda_components(env_layer: Path) -> list[Component]:
+def conda_components(env_layer: Path | list[Path]) -> list[Component]:
     found = []
-    with tarfile.open(env_layer, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile() or not _CONDA_META.search(info.name):
-                continue
-            try:
-                record = json.loads(tar.extractfile(info).read())  # type: ignore[union-attr]
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict) or "name" not in record:
-                continue
-            purl = PackageURL("conda", None, record["name"], record.get("version"),
-                              {"build": record["build"]} if record.get("build") else None)
-            sha = record.get("sha256")
-            found.append(Component(
-                name=record["name"], version=record.get("version"), type=ComponentType.LIBRARY, purl=purl,
-                bom_ref=f"{purl}", hashes=[HashType(alg=HashAlgorithm.SHA_256, content=sha)] if sha else [],
-                properties=[Property(name="envmgr:conda-subdir", value=str(record.get("subdir", "")))]))
+    for info, tar in _members(env_layer):
+        if not info.isfile() or not _CONDA_META.search(info.name):
+            continue
+        try:
+            record = json.loads(tar.extractfile(info).read())
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "name" not in record:
+            continue
+        purl = PackageURL("conda", None, record["name"], record.get("version"),
+                          {"build": record["build"]} if record.get("build") else None)
+        sha = record.get("sha256")
+        found.append(Component(
+            name=record["name"], version=record.get("version"), type=ComponentType.LIBRARY, purl=purl,
+            bom_ref=f"{purl}", hashes=[HashType(alg=HashAlgorithm.SHA_256, content=sha)] if sha else [],
+            properties=[Property(name="envmgr:conda-subdir", value=str(record.get("subdir", "")))]))
     return sorted(found, key=lambda c: (c.name, str(c.version)))
+
+
+def _members(layers: Path | list[Path]):
+    """(member, open tar) of every member of the layer(s), in order."""
+    for path in layers if isinstance(layers, list) else [layers]:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                yield info, tar
 
 
 def dpkg_status(base_layer: Path) -> str:
@@ -161,7 +170,7 @@ def lock_file_hashes(spec: MethodSpec) -> dict[str, list[str]]:
 
 
 def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig) -> bytes:
-    base_layer, env_layer = config.layers[0].path, config.layers[1].path
+    base_layer, env_layer = config.layers[0].path, [layer.path for layer in config.layers[1:-1]]
     image_id = config.image_id()
     components = [*python_components(env_layer, lock_file_hashes(spec)), *conda_components(env_layer),
                   *debian_components(dpkg_status(base_layer))]
