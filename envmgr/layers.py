@@ -251,13 +251,13 @@ class LayerStore:
     def put_dist(self, key: str, **data: object) -> None:
         atomic_write(self._dist_record(key), json.dumps(dict(sorted(data.items()))))
 
-    def recorded_diff_ids(self) -> dict[str, Path]:
-        """diff ID -> group record, for every group record (gc)."""
-        found: dict[str, Path] = {}
+    def recorded_diff_ids(self) -> dict[str, list[Path]]:
+        """diff ID -> the group records that name it (gc)."""
+        found: dict[str, list[Path]] = {}
         root = self.root / "index" / "groups"
         for record in sorted(root.glob("*.json")) if root.is_dir() else []:
             try:
-                found[str(json.loads(record.read_text())["diff_id"])] = record
+                found.setdefault(str(json.loads(record.read_text())["diff_id"]), []).append(record)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return found
