@@ -175,3 +175,18 @@ def test_image_labels_carry_the_gpu_facts_torch_reports(sd_base, engine):
     shown = _envmgr(env, "show", "sd-demo").stdout
     assert "default: needs NVIDIA driver ≥ 580 (CUDA 13.0); GPUs sm_" in shown
     assert "cu128: needs NVIDIA driver ≥ 525 (CUDA 12.8" in shown
+
+
+def test_environment_layers_equal_the_recorded_ones(sd_base, engine):
+    """envs/sd-demo/env-layers.json holds sd-demo's environment layer digests; on a fresh machine (CI)
+    this build is a clean-cache rebuild, so equal digests prove the layers depend only on the lock,
+    the installer, Python and the layout. A lock or layout change updates the record: `make record-layers`."""
+    from envmgr.layer_record import env_diff_ids
+
+    _, _, tag = sd_base
+    record = json.loads((REPO / "envs" / "sd-demo" / "env-layers.json").read_text())
+    built = env_diff_ids(engine.images.get(tag).attrs["RootFS"]["Layers"])
+    labels = engine.images.get(tag).attrs["Config"]["Labels"]
+    assert record["lock"] == labels["org.envmgr.lock-hash"], "the lock changed: run `make record-layers`"
+    assert built == [layer["diff_id"] for layer in record["layers"]], \
+        "sd-demo's environment layers differ from envs/sd-demo/env-layers.json"

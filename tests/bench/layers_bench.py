@@ -1,0 +1,102 @@
+"""Benchmarks for per-distribution environment layers (issue 14). Prints a table, writes bench-results/layers.json.
+
+Figures, each measured in one run on this machine, with sd-demo's real lock:
+  - rebuild after one pure-Python pin change: a copy of sd-demo (`sdbump`, the same torch) whose lock
+    differs from sd-demo's in one small distribution's requirement line (one file hash left out: the
+    same code path as a patch release, a new unit key, without a mirror that serves a new version),
+    built after sd-demo (goal <= 5 s; was 57 s);
+  - warm full environment rebuild (layer store emptied, uv cache warm) vs `uv pip install` of the same
+    pins into an empty venv with the same cache (goal <= 1.5x);
+  - engine disk for sd-demo plus sdbump: what the second image adds (goal: 1 x torch + the difference).
+Run: `.venv/bin/python -m tests.bench.layers_bench` (part of `make bench`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.bench.core_bench import envmgr, requirements_file, uv_install
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "bench-results"
+
+
+def bumped_copy(base_dir: Path, name: str) -> str:
+    """sd-demo's files as an added method `name` whose lock differs in one small distribution."""
+    folder = base_dir / "methods" / name
+    shutil.copytree(REPO / "envs" / "sd-demo", folder, symlinks=True,
+                    ignore=shutil.ignore_patterns("variants", ".venv*", "__pycache__", "env-layers.json"))
+    spec = folder / "envmgr.toml"
+    spec.write_text(re.sub(r'^name = "sd-demo"', f'name = "{name}"', spec.read_text(), count=1, flags=re.M))
+    lock = folder / "poetry.lock"
+    text = lock.read_text()
+    # a small pure-Python distribution with a wheel and an sdist: leave the sdist's hash out
+    for candidate in ("tqdm", "filelock", "fsspec", "packaging", "requests"):
+        block = re.search(r'\[\[package\]\]\nname = "' + candidate + r'"\n(?:.*\n)*?files = \[\n((?:.*\n)*?)\]', text)
+        if not block:
+            continue
+        sdist = [line for line in block.group(1).splitlines() if ".tar.gz" in line]
+        if sdist and block.group(1).count("{file") > 1:
+            lock.write_text(text.replace(sdist[0] + "\n", "", 1))
+            return candidate
+    raise SystemExit("no small distribution with an sdist hash found in sd-demo's lock")
+
+
+def main() -> int:
+    from envmgr.config import load_config
+    from envmgr.context import Context
+    from envmgr.ui import Reporter
+
+    work = Path(tempfile.mkdtemp(prefix="envmgr-layers-bench-", dir="/var/tmp"))
+    cache = Path(os.environ.get("ENVMGR_BENCH_CACHE", "/var/tmp/envmgr-bench-cache"))
+    base_dir = work / "base"
+    env = {**os.environ, "ENVMGR_CACHE_DIR": str(cache), "ENVMGR_CONFIG": "/dev/null",
+           "ENVMGR_BASE_DIR": str(base_dir)}
+    os.environ.update(ENVMGR_CACHE_DIR=str(cache), ENVMGR_BASE_DIR=str(base_dir))
+    ctx = Context(load_config(files=[]), Reporter("plain"))
+    results: dict[str, float | str] = {}
+    name = f"sdbump-{os.getpid()}"
+    try:
+        envmgr("build", "sd-demo", env=env)   # make sure sd-demo's layers are in the store and the engine
+        if "--skip-warm" not in sys.argv:
+            for folder in ("layers", "index"):
+                shutil.rmtree(cache / "store" / folder, ignore_errors=True)
+            warm = envmgr("build", "sd-demo", "--force", env=env)
+            baseline = uv_install(requirements_file(ctx, work), cache / "uv", work / "venv-warm")
+            results.update(warm_env_rebuild_s=round(warm, 1), warm_uv_install_s=round(baseline, 1),
+                           warm_ratio=round(warm / baseline, 2))
+
+        changed = bumped_copy(base_dir, name)
+        started = time.monotonic()
+        envmgr("build", name, env=env)
+        results.update(pin_change=changed, pin_change_rebuild_s=round(time.monotonic() - started, 2))
+
+        usage = {i["Id"]: i for i in ctx.engine.image_disk_usage()}
+        sd = usage[ctx.engine.image_id("envmgr/sd-demo:latest")]
+        bump = usage[ctx.engine.image_id(f"envmgr/{name}:latest")]
+        results.update(sd_demo_image_gb=round(sd["Size"] / 1e9, 2), second_image_gb=round(bump["Size"] / 1e9, 2),
+                       second_image_shared_gb=round(bump["SharedSize"] / 1e9, 2),
+                       second_image_unique_mb=round((bump["Size"] - bump["SharedSize"]) / 1e6, 1))
+    finally:
+        for ref in (f"envmgr/{name}:latest",):
+            image_id = ctx.engine.image_id(ref)
+            if image_id:
+                for tag in (ctx.engine.inspect_image(image_id) or {}).get("RepoTags") or []:
+                    ctx.engine.remove_image(tag)
+        shutil.rmtree(work, ignore_errors=True)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "layers.json").write_text(json.dumps(results, indent=1))
+    for key, value in results.items():
+        print(f"{key:>26}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
