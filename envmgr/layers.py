@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,49 +284,84 @@ class EnvLayers:
 ARCH_MARK = "ENVMGR-GPU-FACTS "
 
 
-def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
-    """Stage every listed unit in one container: install alone, strip the skeleton, compile, rename.
+SPLIT_SCRIPT = r"""
+import csv, os, re, sys
+prefix, envs, units_file, skeleton_file = sys.argv[1:5]
+normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+keys = dict(reversed(line.split()) for line in open(units_file) if line.strip())
+skeleton = {line.strip()[2:] for line in open(skeleton_file) if line.strip()}
+lib = os.path.join(prefix, "lib")
+site = [os.path.join(lib, d, "site-packages") for d in os.listdir(lib) if d.startswith("python")][0]
+for entry in sorted(os.listdir(site)):
+    if not entry.endswith(".dist-info"):
+        continue
+    info = os.path.join(site, entry)
+    name = next(line.split(":", 1)[1].strip() for line in open(os.path.join(info, "METADATA"), encoding="utf-8")
+                if line.lower().startswith("name:"))
+    key = keys.pop(normal(name))
+    with open(os.path.join(info, "RECORD"), newline="", encoding="utf-8") as fh:
+        rows = [row[0] for row in csv.reader(fh) if row]
+    for rel in rows:
+        source = os.path.normpath(os.path.join(site, rel))
+        inner = os.path.relpath(source, prefix)
+        if inner.startswith(".."):
+            sys.exit(f"{entry}: RECORD names a file outside the environment: {rel}")
+        target = os.path.join(envs, "d-" + key, inner)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(source, target)
+if keys:
+    sys.exit("installed without a dist-info: " + " ".join(sorted(keys)))
+if os.path.exists(os.path.join(prefix, ".lock")):
+    os.remove(os.path.join(prefix, ".lock"))   # uv's own install-time lock file: in no layer
+left = [os.path.relpath(os.path.join(d, f), prefix) for d, _, files in os.walk(prefix) for f in files]
+left = sorted(p for p in left if p not in skeleton)
+if left:
+    sys.exit("files no RECORD names (cannot be given to a distribution's layer): " + " ".join(left[:10]))
+"""
 
-    The staging folder is mounted at the prefix's parent, so the final `mv` is a rename, not a copy.
+
+def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
+    """Install every listed unit in one container, then give each distribution its own tree.
+
+    One `uv pip install` of all the units (uv installs each wheel on its own, in parallel) into the
+    prefix; then each distribution's files, as its RECORD names them, are renamed into stage/d-<key>
+    (the staging folder is mounted at the prefix's parent: renames, not copies), and its bytecode is
+    compiled there by fresh interpreters that load only the standard library (-S), one per top-level
+    entry, so a unit's bytes depend on the unit alone. A file no RECORD names stops the build, except
+    uv's empty install-time `.lock`, which no layer holds (a single install leaves it in the prefix).
     """
     uv, work, envs, prefix = paths.CONTAINER_UV, paths.CONTAINER_WORK, paths.CONTAINER_ENVS_ROOT, PHYSICAL_PREFIX
     compile_one = (f'cd "$1" && exec env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q '
                    f'--invalidation-mode unchecked-hash "$2" >/dev/null')
     lines = [
-        f"rm -rf {prefix} {envs}/.template",
+        f"rm -rf {prefix}",
         f"{uv} venv --quiet --python {python} {prefix}",
         f"(cd {prefix} && find . ! -type d | LC_ALL=C sort) > /tmp/skeleton-files",
-        f"mv {prefix} {envs}/.template",
     ]
     if want_skeleton:
-        lines.append(f"cp -a {envs}/.template {envs}/d-{STAGE_SKELETON}")
+        lines.append(f"cp -a {prefix} {envs}/d-{STAGE_SKELETON}")
     lines += [
-        "while read -r key; do",
-        f"  cp -a {envs}/.template {prefix}",
-        f"  {uv} pip install --quiet --python {prefix}/bin/python --require-hashes --no-deps "
-        f"-r {work}/r-$key.txt",
-        f"  (cd {prefix} && xargs -r -d '\\n' rm -f < /tmp/skeleton-files)",
-        f"  mv {prefix} {envs}/d-$key",
-        "  echo \"ENVMGR-UNIT $key\"",
-        f"done < {work}/units.txt",
-        # bytecode: one fresh stdlib-only interpreter per (distribution, top-level entry with Python files)
-        "while read -r key; do",
+        f"if [ -s {work}/requirements.txt ]; then",
+        f"  {uv} pip install --python {prefix}/bin/python --require-hashes --no-deps -r {work}/requirements.txt",
+        "fi",
+        "echo ENVMGR-PHASE installed",
+    ]
+    if read_archs:   # torch imports only in a whole environment: read it before the split, writing no pyc
+        lines.append(f"CUDA_VISIBLE_DEVICES= PYTHONDONTWRITEBYTECODE=1 {prefix}/bin/python -B {work}/archs.py "
+                     f"|| echo '{ARCH_MARK}[]'")
+    lines += [
+        f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt /tmp/skeleton-files",
+        "echo ENVMGR-PHASE split",
+        "while read -r key name; do",
         f"  site=$(echo {envs}/d-$key/lib/python*/site-packages)",
         "  [ -d \"$site\" ] || continue",
         "  (cd \"$site\" && for e in $(ls -A | LC_ALL=C sort); do",
         "     if [ -n \"$(find \"$e\" -name '*.py' -print -quit 2>/dev/null)\" ]; then "
         "printf '%s\\0%s\\0' \"$site\" \"./$e\"; fi; done)",
         f"done < {work}/units.txt | xargs -0 -r -n 2 -P \"$(nproc)\" sh -c '{compile_one}' compile || true",
+        "echo ENVMGR-PHASE compiled",
+        f"rm -rf {prefix}",
     ]
-    if read_archs:
-        # torch imports only inside a whole environment: a hard-linked view of every staged tree
-        lines += [
-            f"cp -al {envs}/.template {prefix}",
-            f"while read -r key; do cp -alf {envs}/d-$key/. {prefix}/; done < {work}/units.txt",
-            f"CUDA_VISIBLE_DEVICES= {prefix}/bin/python {work}/archs.py || echo '{ARCH_MARK}[]'",
-            f"rm -rf {prefix}",
-        ]
-    lines.append(f"rm -rf {envs}/.template")
     return "\n".join(lines)
 
 
@@ -341,18 +377,21 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
     work_root = ctx.cache_dir / "work"
     work_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_root, prefix=f"units-{method}-") as work:
-        for unit in todo:
-            (Path(work) / f"r-{unit.key}.txt").write_text(unit.requirement + "\n")
-        (Path(work) / "units.txt").write_text("".join(f"{u.key}\n" for u in todo))
+        (Path(work) / "requirements.txt").write_text("".join(u.requirement + "\n" for u in todo))
+        (Path(work) / "units.txt").write_text("".join(f"{u.key} {u.name}\n" for u in todo))
+        (Path(work) / "split.py").write_text(SPLIT_SCRIPT)
         (Path(work) / "archs.py").write_text(ARCH_SCRIPT.replace("ENVMGR-GPU-FACTS ", ARCH_MARK))
         script = _install_script(base.python, want_skeleton, read_archs)
         lines: list[str] = []
+        started = time.monotonic()
         with ctx.ui.progress(f"installing {len(todo)} distributions, one layer unit each", total=len(todo),
                              unit="packages") as task:
             def on_line(line: str) -> None:
                 lines.append(line)
-                if line.startswith("ENVMGR-UNIT "):
+                if line.strip().startswith("+ "):
                     task.advance(1)
+                elif line.startswith("ENVMGR-PHASE "):
+                    ctx.ui.log(f"{line} at {time.monotonic() - started:.1f} s")
 
             run_step(ctx, base, f"installing {method}'s environment", script,
                      [BindMount(stage, paths.CONTAINER_ENVS_ROOT, read_only=False),
