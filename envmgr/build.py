@@ -135,8 +135,7 @@ class BuildTarget:
     def config(self, ctx: Context) -> ImageConfig:
         """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
         env = env_layers(ctx, self.spec, self.base, self.inputs)
-        layered = env.labels != ["environment"]
-        layers = [self.base.layer, *env.layers, method_layer(ctx, self.spec, self.inputs, self.digest, layered)]
+        layers = [self.base.layer, *env.layers, method_layer(ctx, self.spec, self.inputs, self.digest)]
         return image_config(self.spec, self.base, layers, self.inputs, self.digest,
                             gpu_image_labels(self.spec, env.gpu_archs or []), env_labels=env.labels)
 
@@ -227,6 +226,11 @@ def _env_record(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> Path:
     return layers / f"env-{spec.name}-{env_key}.json"
 
 
+def is_layered(spec: MethodSpec) -> bool:
+    """Whether the method's environment is made of per-distribution layers (its backend lists units)."""
+    return hasattr(get_backend(spec), "layer_entries")
+
+
 def env_layers(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> EnvLayers:
     """The environment's layers, bottom first: per distribution from the layer store (poetry, pip) or
     one layer (conda: rattler links the whole prefix with the method's own path in its files)."""
@@ -310,9 +314,10 @@ def method_info(spec: MethodSpec, data: dict[str, str]) -> dict:
             "envmgr": __version__, "inputs": data}
 
 
-def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: str, layered: bool = False) -> Layer:
+def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: str) -> Layer:
     """The method's files, the conda shim and method.json; for a layered environment also the link from
     the method's own prefix to the shared one its layers fill."""
+    layered = is_layered(spec)
     excluded = _excluded(spec)
     staging_root = ctx.cache_dir / "work"
     staging_root.mkdir(parents=True, exist_ok=True)
