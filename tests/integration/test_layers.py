@@ -213,6 +213,7 @@ def _tree(root: Path) -> dict[str, bytes | str]:
 
 def test_layered_environment_equals_a_single_install(methods, tmp_path, store):
     """Same files, byte for byte (pycs, RECORDs, .pth files, scripts), as one uv install of the same lock."""
+    from envmgr import paths
     from envmgr.backends.common import install_requirements_script, run_step, uv_mounts, uv_step_env
     from envmgr.base import ensure_base
     from envmgr.build import target
@@ -222,7 +223,6 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store):
     from envmgr.layers import PHYSICAL_PREFIX
     from envmgr.spec import find_method
     from envmgr.ui import Reporter
-    from envmgr import paths
 
     name = methods.add(["lyr-apple==1.0", "lyr-ns-one", "lyr-ns-two", "lyr-hook", "lyr-bigtorch", "lyr-kiwi"])
     methods.envmgr("lock", name)

@@ -7,8 +7,17 @@ import os
 
 import pytest
 
-from envmgr.layers import (BIG_BYTES, BUCKETS, MAX_ENV_LAYERS, LayerStore, bucket_of, canonical_requirement,
-                           plan_groups, split_requirements, units)
+from envmgr.layers import (
+    BIG_BYTES,
+    BUCKETS,
+    MAX_ENV_LAYERS,
+    LayerStore,
+    bucket_of,
+    canonical_requirement,
+    plan_groups,
+    split_requirements,
+    units,
+)
 
 LAYOUT = "4"
 
@@ -74,7 +83,8 @@ def test_big_distributions_get_their_own_layers_largest_lowest():
 def test_a_pin_bump_changes_only_its_own_group():
     before = make(PINS)
     after = make(PINS | {"pkg-042": "1.1"})
-    old, new = by_label(plan_groups(before, sizes_for(before), LAYOUT)), by_label(plan_groups(after, sizes_for(after), LAYOUT))
+    old = by_label(plan_groups(before, sizes_for(before), LAYOUT))
+    new = by_label(plan_groups(after, sizes_for(after), LAYOUT))
     changed = [label for label in old if old[label] != new.get(label)]
     assert changed == [f"bucket-{bucket_of('pkg-042'):02d}"]
 
@@ -82,7 +92,8 @@ def test_a_pin_bump_changes_only_its_own_group():
 def test_adding_a_distribution_changes_one_bucket_and_torch_stays():
     before = make(PINS)
     after = make(PINS | {"brand-new": "0.1"})
-    old, new = by_label(plan_groups(before, sizes_for(before), LAYOUT)), by_label(plan_groups(after, sizes_for(after), LAYOUT))
+    old = by_label(plan_groups(before, sizes_for(before), LAYOUT))
+    new = by_label(plan_groups(after, sizes_for(after), LAYOUT))
     changed = {label for label in new if old.get(label) != new[label]}
     assert changed == {f"bucket-{bucket_of('brand-new'):02d}"}
     assert old["torch"] == new["torch"]
