@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -227,14 +228,14 @@ class LayerStore:
     def _record_group(self, key: str, diff_id: str, size: int, tar: Path) -> None:
         atomic_write(self._group_record(key), json.dumps({"diff_id": diff_id, "size": size, "stamp": _stamp(tar)}))
 
-    def put_group(self, key: str, trees: list[tuple[Path, str]]) -> Layer:
+    def put_group(self, key: str, trees: list[tuple[Path, str]], progress=None) -> Layer:
         """Write a layer from host trees into the store (under a unique temporary name, then renamed)."""
         self.layers.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.layers, prefix=".new-", suffix=".tar")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            layer = write_layer(tmp, trees=trees)
+            layer = write_layer(tmp, trees=trees, progress=progress)
             final = self.layer_path(layer.diff_id)
             os.replace(tmp, final)   # same bytes whoever wins: a concurrent writer of this layer is harmless
         finally:
@@ -412,6 +413,34 @@ def tree_size(root: Path) -> int:
     return total
 
 
+def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, list[tuple[Path, str]]]]
+                  ) -> dict[str, Layer]:
+    """Write the missing layers, a few at a time (tar writing and hashing release the GIL), largest first;
+    each distribution's tree is removed once its layer is in the store (the env is not kept twice)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not missing:
+        return {}
+    sizes = {group.key: sum(tree_size(tree) for tree, _ in trees) for group, trees in missing}
+    lock = threading.Lock()
+    written: dict[str, Layer] = {}
+    with ctx.ui.progress(f"writing environment layers ({len(missing)})", total=sum(sizes.values()),
+                         unit="bytes") as task:
+        def advance(n: int) -> None:
+            with lock:
+                task.advance(n)
+
+        def write(item: tuple[Group, list[tuple[Path, str]]]) -> None:
+            group, trees = item
+            written[group.key] = store.put_group(group.key, trees, progress=advance)
+            for tree, _ in trees:
+                shutil.rmtree(tree, ignore_errors=True)
+
+        with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+            list(pool.map(write, sorted(missing, key=lambda item: -sizes[item[0].key])))
+    return written
+
+
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
                      layout: str, installer: str, uv: str, has_torch: bool) -> EnvLayers:
     """The environment's layers from the store, installing only the distributions a missing layer needs."""
@@ -451,23 +480,23 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             if want_archs and torch is not None:
                 archs = found or []
                 store.put_dist(torch.key, **{**store.dist(torch.key), "gpu_archs": archs})
-        layers: list[Layer] = []
-        labels: list[str] = []
-        for group in [skeleton, *groups]:
+        plan = [skeleton, *groups]
+        found_layers: dict[str, Layer] = {}
+        missing: list[tuple[Group, list[tuple[Path, str]]]] = []
+        for group in plan:
             layer = store.group(group.key)
-            if layer is None:
-                names = [STAGE_SKELETON] if group.kind == "skeleton" else [u.key for u in group.members]
-                trees = [(stage / f"d-{name}", PHYSICAL_PREFIX) for name in names]
-                if not all(tree.is_dir() for tree, _ in trees):   # its layer left the store meanwhile
-                    raise EnvmgrError(f"{method}: environment layer {group.label} left the layer store during "
-                                      "the build (a concurrent gc?)", hint="run the build again")
-                with ctx.ui.progress(f"writing environment layer {group.label}", total=1, unit="layers") as task:
-                    layer = store.put_group(group.key, trees)
-                    task.advance(1)
-                for unit in group.members:   # its tree is in the layer now: not kept twice on disk
-                    shutil.rmtree(stage / f"d-{unit.key}", ignore_errors=True)
-            layers.append(layer)
-            labels.append(group.label)
+            if layer is not None:
+                found_layers[group.key] = layer
+                continue
+            names = [STAGE_SKELETON] if group.kind == "skeleton" else [u.key for u in group.members]
+            trees = [(stage / f"d-{name}", PHYSICAL_PREFIX) for name in names]
+            if not all(tree.is_dir() for tree, _ in trees):   # its layer left the store meanwhile
+                raise EnvmgrError(f"{method}: environment layer {group.label} left the layer store during "
+                                  "the build (a concurrent gc?)", hint="run the build again")
+            missing.append((group, trees))
+        found_layers.update(_write_groups(ctx, store, missing))
+        layers = [found_layers[group.key] for group in plan]
+        labels = [group.label for group in plan]
         if torch is not None and has_torch:
             archs = store.dist(torch.key).get("gpu_archs", archs or [])
         ctx.ui.step(f"environment: {len(layers)} layers, {len(staged)} of {len(dists)} distributions installed "
