@@ -391,7 +391,13 @@ def _assemble(ctx: Context, wanted: BuildTarget) -> str:
         ctx.engine.tag(image_id, repository, short)
     except ImageGone:   # removed between the load and the tag (a gc, another build's cleanup): load it again
         ctx.ui.warn(f"image {image_id[:19]} left the engine before it was tagged: loading it again")
-        _stream_load(ctx, config, frozenset())
+        present = ctx.engine.present_layers([layer.diff_id for layer in layers])   # shared layers stayed
+        try:
+            _stream_load(ctx, config, present)
+        except EngineError:
+            if not present:
+                raise
+            _stream_load(ctx, config, frozenset())
         ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")
     return image_id
