@@ -115,11 +115,9 @@ def main() -> int:
                        second_image_shared_gb=round(bump["SharedSize"] / 1e9, 2),
                        second_image_unique_mb=round((bump["Size"] - bump["SharedSize"]) / 1e6, 1))
     finally:
-        for ref in (f"envmgr/{name}:latest",):
-            image_id = ctx.engine.image_id(ref)
-            if image_id:
-                for tag in (ctx.engine.inspect_image(image_id) or {}).get("RepoTags") or []:
-                    ctx.engine.remove_image(tag)
+        for image in ctx.engine.images(label="org.envmgr.method"):   # every image the bench's method got
+            for tag in [t for t in image.get("RepoTags") or [] if t.startswith(f"envmgr/{name}:")]:
+                ctx.engine.remove_image(tag)
         shutil.rmtree(work, ignore_errors=True)
     OUT.mkdir(exist_ok=True)
     (OUT / "layers.json").write_text(json.dumps(results, indent=1))
