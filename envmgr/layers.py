@@ -332,6 +332,8 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
     uv's empty install-time `.lock`, which no layer holds (a single install leaves it in the prefix).
     """
     uv, work, envs, prefix = paths.CONTAINER_UV, paths.CONTAINER_WORK, paths.CONTAINER_ENVS_ROOT, PHYSICAL_PREFIX
+    compile_one = (f'cd "$1" && exec env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q '
+                   f'--invalidation-mode unchecked-hash "$2" >/dev/null')
     lines = [
         f"rm -rf {prefix}",
         f"{uv} venv --quiet --python {python} {prefix}",
@@ -351,38 +353,21 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
     lines += [
         f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt /tmp/skeleton-files",
         "echo ENVMGR-PHASE split",
-        # bytecode per distribution, largest first, so its layer can be written while the others compile
-        f"while read -r key name; do echo \"$(du -sk {envs}/d-$key | cut -f1) $key\"; done < {work}/units.txt "
-        f"| sort -rn | cut -d' ' -f2 | xargs -r -n 1 -P \"$(nproc)\" sh {work}/compile.sh",
+        "while read -r key name; do",
+        f"  site=$(echo {envs}/d-$key/lib/python*/site-packages)",
+        "  [ -d \"$site\" ] || continue",
+        "  (cd \"$site\" && for e in $(ls -A | LC_ALL=C sort); do",
+        "     if [ -n \"$(find \"$e\" -name '*.py' -print -quit 2>/dev/null)\" ]; then "
+        "printf '%s\\0%s\\0' \"$site\" \"./$e\"; fi; done)",
+        f"done < {work}/units.txt | xargs -0 -r -n 2 -P \"$(nproc)\" sh -c '{compile_one}' compile || true",
         "echo ENVMGR-PHASE compiled",
         f"rm -rf {prefix}",
     ]
     return "\n".join(lines)
 
 
-def compile_script(python: str) -> str:
-    """Compile one staged distribution (`sh compile.sh KEY`): a fresh stdlib-only interpreter per top-level
-    entry with Python files, unchecked-hash pycs, a fixed hash seed; then say it is done."""
-    envs = paths.CONTAINER_ENVS_ROOT
-    return "\n".join([
-        "key=$1",
-        f"site=$(echo {envs}/d-$key/lib/python*/site-packages)",
-        "if [ -d \"$site\" ]; then",
-        "  cd \"$site\"",
-        "  for e in $(ls -A | LC_ALL=C sort); do",
-        "    if [ -n \"$(find \"$e\" -name '*.py' -print -quit 2>/dev/null)\" ]; then",
-        f"      env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q --invalidation-mode unchecked-hash "
-        "\"./$e\" >/dev/null || true",
-        "    fi",
-        "  done",
-        "fi",
-        "echo \"ENVMGR-COMPILED $key\"",
-    ]) + "\n"
-
-
 def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], stage: Path,
-                extra_indexes: list[str], want_skeleton: bool, read_archs: bool,
-                on_event=None) -> list[str] | None:
+                extra_indexes: list[str], want_skeleton: bool, read_archs: bool) -> list[str] | None:
     """Install `todo` into `stage/d-<key>` (and the skeleton into stage/d-skeleton) in one container step.
 
     Returns torch's GPU architectures when `read_archs`, else None.
@@ -396,7 +381,6 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
         (Path(work) / "requirements.txt").write_text("".join(u.requirement + "\n" for u in todo))
         (Path(work) / "units.txt").write_text("".join(f"{u.key} {u.name}\n" for u in todo))
         (Path(work) / "split.py").write_text(SPLIT_SCRIPT)
-        (Path(work) / "compile.sh").write_text(compile_script(base.python))
         (Path(work) / "archs.py").write_text(ARCH_SCRIPT.replace("ENVMGR-GPU-FACTS ", ARCH_MARK))
         script = _install_script(base.python, want_skeleton, read_archs)
         lines: list[str] = []
@@ -409,10 +393,6 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
                     task.advance(1)
                 elif line.startswith("ENVMGR-PHASE "):
                     ctx.ui.log(f"{line} at {time.monotonic() - started:.1f} s")
-                    if on_event and line.strip() == "ENVMGR-PHASE split":
-                        on_event("split", "")
-                elif line.startswith("ENVMGR-COMPILED ") and on_event:
-                    on_event("compiled", line.split()[1])
 
             run_step(ctx, base, f"installing {method}'s environment", script,
                      [BindMount(stage, paths.CONTAINER_ENVS_ROOT, read_only=False),
@@ -461,67 +441,6 @@ def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, li
     return written
 
 
-class _EarlyWriter:
-    """Writes a group's layer while the install container still compiles other distributions.
-
-    At the split every staged distribution's size is known (its files before bytecode: a function of
-    the wheel), so the final grouping is; each missing group whose members are all staged in this round
-    is written as soon as its last member is compiled, largest first (the container compiles in that order).
-    """
-
-    def __init__(self, ctx: Context, store: LayerStore, stage: Path, dists: list[Unit], skeleton: Group,
-                 layout: str, staged: set[str], skeleton_ready: bool, todo: list[Unit]):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.ctx, self.store, self.stage, self.dists, self.skeleton = ctx, store, stage, dists, skeleton
-        self.layout, self.staged, self.skeleton_ready, self.todo = layout, staged, skeleton_ready, todo
-        self.compiled = set(staged) - {u.key for u in todo}
-        self.waiting: list[Group] = []
-        self.futures: list = []
-        self.error: BaseException | None = None
-        self.pool = ThreadPoolExecutor(max_workers=2)
-
-    def on_event(self, kind: str, key: str) -> None:
-        try:
-            if kind == "split":
-                self._plan()
-            else:
-                self.compiled.add(key)
-            self._schedule()
-        except BaseException as exc:  # noqa: BLE001 - raised after the step, not inside the log reader
-            self.error = self.error or exc
-
-    def _plan(self) -> None:
-        for unit in self.todo:
-            self.store.put_dist(unit.key, **{**self.store.dist(unit.key), "name": unit.name,
-                                             "size": tree_size(self.stage / f"d-{unit.key}")})
-        sizes = {u.key: self.store.dist(u.key).get("size") for u in self.dists}
-        groups = [self.skeleton, *plan_groups(self.dists, sizes, self.layout)]
-        self.waiting = [g for g in groups if self.store.group(g.key) is None
-                        and all(u.key in self.staged for u in g.members)
-                        and (g.kind != "skeleton" or self.skeleton_ready)]
-
-    def _schedule(self) -> None:
-        for group in [g for g in self.waiting if all(u.key in self.compiled for u in g.members)]:
-            self.waiting.remove(group)
-            names = [STAGE_SKELETON] if group.kind == "skeleton" else [u.key for u in group.members]
-            trees = [(self.stage / f"d-{name}", PHYSICAL_PREFIX) for name in names]
-            self.ctx.ui.step(f"writing environment layer {group.label}")
-            self.futures.append(self.pool.submit(self._write, group, trees))
-
-    def _write(self, group: Group, trees: list[tuple[Path, str]]) -> None:
-        self.store.put_group(group.key, trees)
-        for tree, _ in trees:   # its tree is in the layer now: not kept twice on disk
-            shutil.rmtree(tree, ignore_errors=True)
-
-    def finish(self) -> None:
-        self.pool.shutdown(wait=True)
-        for future in self.futures:
-            future.result()
-        if self.error is not None:
-            raise self.error
-
-
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
                      layout: str, installer: str, uv: str, has_torch: bool) -> EnvLayers:
     """The environment's layers from the store, installing only the distributions a missing layer needs."""
@@ -538,9 +457,6 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
     archs: list[str] | None = None
     try:
         while True:
-            for key in staged:   # a round whose split the writer did not see: sizes from the trees
-                if store.dist(key).get("size") is None and (stage / f"d-{key}").is_dir():
-                    store.put_dist(key, size=tree_size(stage / f"d-{key}"))
             sizes = {u.key: store.dist(u.key).get("size") for u in dists}
             groups = plan_groups(dists, sizes, layout)
             need: dict[str, Unit] = {u.key: u for u in dists if sizes[u.key] is None}
@@ -555,17 +471,12 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             todo = [u for key, u in sorted(need.items()) if key not in staged]
             if not todo and not want_skeleton:
                 break
-            early = _EarlyWriter(ctx, store, stage, dists, skeleton, layout, staged | {u.key for u in todo},
-                                 skeleton_staged or want_skeleton, todo)
-            try:
-                found = stage_units(ctx, base, method, todo, stage, extra_indexes, want_skeleton, want_archs,
-                                    on_event=early.on_event)
-            except BaseException:
-                early.pool.shutdown(wait=True)   # the step's own error is the one to report
-                raise
-            early.finish()
+            found = stage_units(ctx, base, method, todo, stage, extra_indexes, want_skeleton, want_archs)
             skeleton_staged = skeleton_staged or want_skeleton
-            staged.update(u.key for u in todo)
+            for unit in todo:
+                staged.add(unit.key)
+                record = store.dist(unit.key)
+                store.put_dist(unit.key, **{**record, "name": unit.name, "size": tree_size(stage / f"d-{unit.key}")})
             if want_archs and torch is not None:
                 archs = found or []
                 store.put_dist(torch.key, **{**store.dist(torch.key), "gpu_archs": archs})
