@@ -6,7 +6,7 @@ METHOD_VENV := .venv-method
 ENVMGR := $(VENV)/bin/envmgr
 DEMO_BASE ?= $(CURDIR)/.demo
 
-.PHONY: help install method-venv host-tools engine demo test test-unit test-method test-integration bench lint clean
+.PHONY: help install method-venv host-tools engine demo test test-unit test-method test-integration bench lint clean record-layers
 
 help:
 	@echo "make demo   - engine up, base + sd-demo images, tiny SD3 model + sample dataset, a short CPU run"
@@ -68,6 +68,7 @@ test: lint test-unit test-method test-integration
 
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench
+	$(VENV)/bin/python -m tests.bench.layers_bench
 	$(VENV)/bin/python -m tests.bench.conda_bench
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
@@ -76,6 +77,11 @@ bench: engine method-venv
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_cache.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/gpu_bench.py
+
+# sd-demo's environment layer digests (envs/sd-demo/env-layers.json), compared by its integration test.
+# Run after a lock or layout change and commit the record with it (builds the layers when missing: minutes).
+record-layers: engine
+	$(VENV)/bin/python -m envmgr.layer_record sd-demo
 
 clean:
 	rm -rf $(VENV) $(METHOD_VENV) .demo

@@ -26,11 +26,12 @@ from .errors import EngineError, EnvmgrError, UsageError
 from .files import atomic_write
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
+from .layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
 from .spec import MethodSpec
 from .system_layer import history as system_history, system_key, system_layer
 
 # Bump when the layout of the layers changes: it is part of every inputs hash.
-LAYOUT_VERSION = "3"
+LAYOUT_VERSION = "4"   # 4: per-distribution environment layers in a shared prefix (issue 14)
 DEFAULT_EXCLUDES = [".git", ".git/*", "*/__pycache__", "*/__pycache__/*", "__pycache__", "*.pyc",
                     ".venv*", ".mypy_cache", ".pytest_cache", ".DS_Store", "*/.DS_Store"]
 
@@ -130,18 +131,24 @@ class BuildTarget:
         return self.inputs["lock"]
 
     def layers(self, ctx: Context) -> list[Layer]:
-        """Base + environment + method layer, from the cache (or made again when missing)."""
-        system = system_layer(ctx, self.spec, self.base)
-        return [self.base.layer, *([system] if system else []), env_layer(ctx, self.spec, self.base, self.inputs),
-                method_layer(ctx, self.spec, self.inputs, self.digest)]
+        """Base + environment layers + [system packages +] method layer, from the cache (or made again)."""
+        return self.config(ctx).layers
 
     def config(self, ctx: Context) -> ImageConfig:
-        """The image config of these inputs, its layers taken from the cache (or made again when missing)."""
-        layers = self.layers(ctx)   # first: the env layer's record holds its GPU architectures
+        """The image config of these inputs, its layers taken from the cache (or made again when missing).
+
+        The system layer sits above the environment layers: the engine shares a layer between images
+        only when every layer below it is the same, so methods with and without system packages still
+        share their torch layers.
+        """
+        env = env_layers(ctx, self.spec, self.base, self.inputs)
+        system = system_layer(ctx, self.spec, self.base)
+        layers = [self.base.layer, *env.layers, *([system] if system else []),
+                  method_layer(ctx, self.spec, self.inputs, self.digest)]
         config = image_config(self.spec, self.base, layers, self.inputs, self.digest,
-                              _gpu_labels(ctx, self.spec, self.inputs))
-        if self.spec.system.apt:
-            config.history.insert(1, system_history(self.spec))
+                              gpu_image_labels(self.spec, env.gpu_archs or []), env_labels=env.labels)
+        if system:
+            config.history.insert(len(config.history) - 1, system_history(self.spec))
         return config
 
 
@@ -231,8 +238,27 @@ def _env_record(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> Path:
     return layers / f"env-{spec.name}-{env_key}.json"
 
 
+def is_layered(spec: MethodSpec) -> bool:
+    """Whether the method's environment is made of per-distribution layers (its backend lists units)."""
+    return hasattr(get_backend(spec), "layer_entries")
+
+
+def env_layers(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> EnvLayers:
+    """The environment's layers, bottom first: per distribution from the layer store (poetry, pip) or
+    one layer (conda: rattler links the whole prefix with the method's own path in its files)."""
+    entries_of = getattr(get_backend(spec), "layer_entries", None)
+    if entries_of is None:
+        layer = env_layer(ctx, spec, base, data)
+        record = _env_record(ctx, spec, data)
+        archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
+        return EnvLayers([layer], ["environment"], archs)
+    entries, extra_indexes = entries_of(ctx, spec, base)
+    return build_env_layers(ctx, spec.name, base, entries, extra_indexes, data["layout"], data["installer"],
+                            uv_version(ctx), bool(lock_facts(spec).torch))
+
+
 def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> Layer:
-    """The installed environment as a layer, cached by what determines it (lock, base, installer)."""
+    """The installed environment as one layer, cached by what determines it (lock, base, installer)."""
     record = _env_record(ctx, spec, data)
     tar = record.with_suffix(".tar")
     if record.is_file() and tar.is_file():
@@ -254,13 +280,6 @@ def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, s
         tar.with_name(tar.name + ".partial").unlink(missing_ok=True)
     _write_record(record, layer.diff_id, layer.size, tar, gpu_archs)
     return layer
-
-
-def _gpu_labels(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> dict[str, str]:
-    """The image's GPU labels: the lock's facts and the architectures its env layer recorded."""
-    record = _env_record(ctx, spec, data)
-    archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
-    return gpu_image_labels(spec, archs)
 
 
 def _stamp(path: Path) -> list[int]:
@@ -308,6 +327,9 @@ def method_info(spec: MethodSpec, data: dict[str, str]) -> dict:
 
 
 def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: str) -> Layer:
+    """The method's files, the conda shim and method.json; for a layered environment also the link from
+    the method's own prefix to the shared one its layers fill."""
+    layered = is_layered(spec)
     excluded = _excluded(spec)
     staging_root = ctx.cache_dir / "work"
     staging_root.mkdir(parents=True, exist_ok=True)
@@ -324,12 +346,16 @@ def method_layer(ctx: Context, spec: MethodSpec, data: dict[str, str], digest: s
             ExtraFile(paths.CONTAINER_METHOD_INFO.lstrip("/"),
                       json.dumps(method_info(spec, data), indent=1, sort_keys=True).encode()),
         ]
+        if layered:
+            extras.append(ExtraFile(spec.env_prefix.lstrip("/"), b"", 0o777,
+                                    link=os.path.relpath(PHYSICAL_PREFIX, os.path.dirname(spec.env_prefix))))
         return write_layer(ctx.cache_dir / "layers" / f"method-{spec.name}-{digest[:32]}.tar",
                            trees=[(files, paths.CONTAINER_METHOD_DIR)], extra_files=extras)
 
 
 def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: dict[str, str],
-                 digest: str, gpu_labels: dict[str, str] | None = None) -> ImageConfig:
+                 digest: str, gpu_labels: dict[str, str] | None = None,
+                 env_labels: list[str] | None = None) -> ImageConfig:
     env = {
         "PATH": f"{spec.env_prefix}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "VIRTUAL_ENV": spec.env_prefix,
@@ -347,7 +373,10 @@ def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: d
     }
     return ImageConfig(
         layers=layers, env=env, cmd=entry_command(spec, spec.entry), workdir=paths.CONTAINER_METHOD_DIR, labels=labels,
-        history=[f"envmgr base {spec.base_image}", f"envmgr environment {spec.name} ({spec.backend} lock "
+        history=[f"envmgr base {spec.base_image}",
+                 *[f"envmgr environment {label}" for label in env_labels or []],
+                 f"envmgr method files {spec.name}"] if env_labels and env_labels != ["environment"] else
+                [f"envmgr base {spec.base_image}", f"envmgr environment {spec.name} ({spec.backend} lock "
                  f"{data['lock'][:16]})", f"envmgr method files {spec.name}"],
     )
 
@@ -374,7 +403,13 @@ def _assemble(ctx: Context, wanted: BuildTarget) -> str:
         ctx.engine.tag(image_id, repository, short)
     except ImageGone:   # removed between the load and the tag (a gc, another build's cleanup): load it again
         ctx.ui.warn(f"image {image_id[:19]} left the engine before it was tagged: loading it again")
-        _stream_load(ctx, config, frozenset())
+        present = ctx.engine.present_layers([layer.diff_id for layer in layers])   # shared layers stayed
+        try:
+            _stream_load(ctx, config, present)
+        except EngineError:
+            if not present:
+                raise
+            _stream_load(ctx, config, frozenset())
         ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")
     return image_id

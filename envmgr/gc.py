@@ -214,6 +214,7 @@ def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[st
             record = path.with_suffix(".json")
             if record.is_file():
                 result.remove.append(Item("layer", str(record), _size(record), "its layer's record"))
+    _plan_store(ctx, result, used)
     if _build_running(cache):
         result.keep.append(Item("work", str(cache / "work"), 0, "a build is running"))
         return
@@ -263,6 +264,32 @@ def _record_method(path: Path, kind: str) -> str | None:
         return json.loads(base64.b64decode(data["statement"])).get("method")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _plan_store(ctx: Context, result: Plan, used: set[str]) -> None:
+    """Layer store entries (shared by methods) that no remaining image uses, with their group records.
+
+    Left alone while any build runs: a build's new layers are in no image until it loads them.
+    """
+    from .layers import LayerStore
+
+    store = LayerStore(ctx.cache_dir / "store")
+    if not store.layers.is_dir():
+        return
+    if _build_running(ctx.cache_dir):
+        result.keep.append(Item("layer", str(store.layers), 0, "a build is running"))
+        return
+    records = store.recorded_diff_ids()
+    for path in sorted(store.layers.iterdir()):
+        if path.name.startswith(".new-"):
+            result.remove.append(Item("layer", str(path), _size(path), "unfinished layer"))
+            continue
+        diff_id = "sha256:" + path.name
+        if diff_id in used:
+            continue
+        result.remove.append(Item("layer", str(path), _size(path), "no kept image uses this stored layer"))
+        for record in records.get(diff_id, []):
+            result.remove.append(Item("layer", str(record), _size(record), "its layer's record"))
 
 
 def _diff_id(tar: Path) -> str:

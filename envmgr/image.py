@@ -51,6 +51,7 @@ class ExtraFile:
     path: str
     data: bytes
     mode: int = 0o644
+    link: str = ""      # a symbolic link to this target instead of a file
 
 
 @dataclass
@@ -122,6 +123,9 @@ def _write_entries(tmp: Path, entries: dict[str, tuple[str, Path | ExtraFile | N
                     tar.addfile(tarinfo(name, tarfile.DIRTYPE, 0o755))
                 elif kind == "extra":
                     assert isinstance(item, ExtraFile)
+                    if item.link:
+                        tar.addfile(tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=item.link))
+                        continue
                     tar.addfile(tarinfo(name, tarfile.REGTYPE, item.mode, len(item.data)), io.BytesIO(item.data))
                     if progress:
                         progress(len(item.data))

@@ -62,7 +62,7 @@ def sbom_bytes(ctx: Context, spec: MethodSpec, base: BaseImage, config: ImageCon
     cached = path_for(ctx, image_id)
     if cached.is_file():
         return cached.read_bytes()
-    data = generate(spec, base, config)
+    data = generate(spec, base, config, ctx)
     store(ctx, image_id, data)
     return data
 
@@ -71,20 +71,60 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def python_components(env_layer: Path, lock_hashes: dict[str, list[str]]) -> list[Component]:
-    metadata: dict[str, tuple[str, str]] = {}
+def layer_facts(path: Path) -> dict:
+    """What an SBOM needs from one environment layer, read in one pass: each dist-info's name, version and
+    RECORD sha256, and each conda-meta record's name, version, build, sha256 and subdir."""
+    metadata: dict[str, list[str]] = {}
     records: dict[str, str] = {}
-    with tarfile.open(env_layer, mode="r:") as tar:
+    conda: list[dict] = []
+    with tarfile.open(path, mode="r:") as tar:
         for info in tar:
-            match = _DIST_INFO.search(info.name)
-            if not match or not info.isfile():
+            if not info.isfile():
                 continue
-            body = tar.extractfile(info).read()  # type: ignore[union-attr]
-            if match.group(2) == "RECORD":
-                records[match.group(1)] = hashlib.sha256(body).hexdigest()
-            else:
-                headers = email.parser.BytesHeaderParser().parsebytes(body)
-                metadata[match.group(1)] = (str(headers.get("Name", "")), str(headers.get("Version", "")))
+            match = _DIST_INFO.search(info.name)
+            if match:
+                body = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if match.group(2) == "RECORD":
+                    records[match.group(1)] = hashlib.sha256(body).hexdigest()
+                else:
+                    headers = email.parser.BytesHeaderParser().parsebytes(body)
+                    metadata[match.group(1)] = [str(headers.get("Name", "")), str(headers.get("Version", ""))]
+            elif _CONDA_META.search(info.name):
+                try:
+                    record = json.loads(tar.extractfile(info).read())  # type: ignore[union-attr]
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "name" in record:
+                    conda.append({k: record.get(k) for k in ("name", "version", "build", "sha256", "subdir")})
+    return {"metadata": metadata, "records": records, "conda": conda}
+
+
+def _facts_of(layers: Path | list[Path] | list[dict]) -> list[dict]:
+    items = layers if isinstance(layers, list) else [layers]
+    return [item if isinstance(item, dict) else layer_facts(item) for item in items]
+
+
+def cached_layer_facts(ctx: Context, layer_path: Path, diff_id: str) -> dict:
+    """layer_facts, kept per diff ID in the cache: a layer's content never changes under its diff ID, so a
+    rebuild that changed one environment layer reads only that one."""
+    target = ctx.cache_dir / SBOM_DIR / "layers" / f"{diff_id.removeprefix('sha256:')}.json"
+    try:
+        return json.loads(target.read_text())
+    except (OSError, ValueError):
+        facts = layer_facts(layer_path)
+        from .files import atomic_write
+
+        atomic_write(target, json.dumps(facts, sort_keys=True))
+        return facts
+
+
+def python_components(env_layer: Path | list[Path] | list[dict], lock_hashes: dict[str, list[str]]) -> list[Component]:
+    """Every dist-info in the environment's layer(s) (a layered environment has one per distribution group)."""
+    metadata: dict[str, list[str]] = {}
+    records: dict[str, str] = {}
+    for facts in _facts_of(env_layer):
+        metadata.update(facts["metadata"])
+        records.update(facts["records"])
     found = []
     for dist, (name, version) in sorted(metadata.items()):
         properties = [Property(name="envmgr:installed-record-sha256", value=records.get(dist, "missing"))]
@@ -99,18 +139,10 @@ def python_components(env_layer: Path, lock_hashes: dict[str, list[str]]) -> lis
     return found
 
 
-def conda_components(env_layer: Path) -> list[Component]:
+def conda_components(env_layer: Path | list[Path] | list[dict]) -> list[Component]:
     found = []
-    with tarfile.open(env_layer, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile() or not _CONDA_META.search(info.name):
-                continue
-            try:
-                record = json.loads(tar.extractfile(info).read())  # type: ignore[union-attr]
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict) or "name" not in record:
-                continue
+    for facts in _facts_of(env_layer):
+        for record in facts["conda"]:
             purl = PackageURL("conda", None, record["name"], record.get("version"),
                               {"build": record["build"]} if record.get("build") else None)
             sha = record.get("sha256")
@@ -160,11 +192,14 @@ def lock_file_hashes(spec: MethodSpec) -> dict[str, list[str]]:
     return found
 
 
-def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig) -> bytes:
-    # base, [system packages,] environment, method: the system layer's dpkg status holds the base's packages too
-    below = 2 if spec.system.apt else 1
-    env_layer = config.layers[below].path
-    status = next((text for layer in reversed(config.layers[:below]) if (text := dpkg_status(layer.path))), "")
+def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Context | None = None) -> bytes:
+    # base, environment layers, [system packages,] method: the system layer's dpkg status holds the base's too
+    env_end = -2 if spec.system.apt else -1
+    env_slice = config.layers[1:env_end]
+    env_layer: list[Path] | list[dict] = [layer.path for layer in env_slice] if ctx is None else \
+        [cached_layer_facts(ctx, layer.path, layer.diff_id) for layer in env_slice]
+    status = next((text for layer in reversed([config.layers[0], *config.layers[env_end:-1]])
+                   if (text := dpkg_status(layer.path))), "")
     image_id = config.image_id()
     components = [*python_components(env_layer, lock_file_hashes(spec)), *conda_components(env_layer),
                   *debian_components(status)]

@@ -94,6 +94,16 @@ class PipBackend:
                 atomic_write(spec.lock_path / name, content)
         return [spec.lock_path / LOCK, spec.lock_path / EFFECTIVE]
 
+    def layer_entries(self, ctx: Context, spec: MethodSpec, base: BaseImage) -> tuple[list[str], list[str]]:
+        """(one requirement per distribution, mirrors of declared indexes): what build installs unit by unit."""
+        from ..layers import split_requirements
+
+        lock = spec.lock_path / LOCK
+        if not lock.is_file():
+            raise missing_lock(spec, LOCK)
+        _, extra, _ = self._effective(ctx.config.mirrors.sources, spec)
+        return split_requirements(lock.read_text(encoding="utf-8")), extra
+
     def install(self, ctx: Context, spec: MethodSpec, base: BaseImage, prefix: Path) -> None:
         lock = spec.lock_path / LOCK
         count = len(re.findall(r"^[A-Za-z0-9_.\-]+==", lock.read_text(), flags=re.M))

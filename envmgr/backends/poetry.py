@@ -163,8 +163,9 @@ class PoetryBackend:
         return select(self._lock_data(spec), self._pyproject(spec), target_environment(base, spec),
                       str(spec.lock_path / LOCK))
 
-    def requirements(self, spec: MethodSpec, base: BaseImage) -> str:
-        lines = []
+    def requirement_entries(self, spec: MethodSpec, base: BaseImage) -> list[str]:
+        """One exact, hashed requirement per locked distribution the target installs."""
+        entries = []
         unreachable = []
         for package in self.packages(spec, base):
             source = package.get("source", {})
@@ -175,12 +176,19 @@ class PoetryBackend:
             if not hashes:
                 raise StaleLockError(f"{spec.lock_path / LOCK}: package {package['name']} has no file hashes",
                                      hint=f"run `envmgr lock {spec.name}`")
-            lines.append(f"{package['name']}=={package['version']} \\\n"
-                         + " \\\n".join(f"    --hash={h}" for h in sorted(hashes)))
+            entries.append(f"{package['name']}=={package['version']} \\\n"
+                           + " \\\n".join(f"    --hash={h}" for h in sorted(hashes)))
         if unreachable:
             raise UsageError(f"{spec.name}: dependencies that cannot be installed from an index: "
                              + ", ".join(unreachable))
-        return "\n".join(lines) + "\n"
+        return entries
+
+    def requirements(self, spec: MethodSpec, base: BaseImage) -> str:
+        return "\n".join(self.requirement_entries(spec, base)) + "\n"
+
+    def layer_entries(self, ctx: Context, spec: MethodSpec, base: BaseImage) -> tuple[list[str], list[str]]:
+        """(one requirement per distribution, mirrors of declared indexes): what build installs unit by unit."""
+        return self.requirement_entries(spec, base), list(self._mapped_indexes(ctx, spec).values())
 
     def summary(self, spec: MethodSpec) -> dict:
         try:

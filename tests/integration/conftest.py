@@ -154,10 +154,14 @@ class Workspace:
         return proc
 
     def cleanup(self, engine) -> None:
-        """Remove the images of the methods this workspace added (and untagged leftovers)."""
+        """Remove the images of the methods this workspace added (and their untagged leftovers).
+
+        Only its own: on a shared engine another build's image is untagged between its load and its tag.
+        """
         ours = {f"envmgr/{p.name}" for p in (self.base_dir / "methods").iterdir()} if (self.base_dir / "methods").is_dir() else set()
         for image in engine.images.list(filters={"label": "org.envmgr.method"}):
-            if any(t.rsplit(":", 1)[0] in ours for t in image.tags) or not image.tags:
+            method = f"envmgr/{(image.labels or {}).get('org.envmgr.method', '')}"
+            if any(t.rsplit(":", 1)[0] in ours for t in image.tags) or (not image.tags and method in ours):
                 try:
                     engine.images.remove(image.id, force=True)
                 except Exception:  # noqa: BLE001 - already gone

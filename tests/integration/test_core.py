@@ -203,7 +203,8 @@ def test_image_config_is_gpu_ready_and_labels_name_no_mirror(workspace, engine, 
     with tarfile.open(fileobj=archive) as outer:
         layers = [tarfile.open(fileobj=outer.extractfile(m)) for m in outer.getmembers()
                   if m.name.endswith("layer.tar")]
-        env_layer = next(t for t in layers if "opt/envmgr/envs/tiny/bin/python" in t.getnames())
+        # the environment is one layer per distribution group: the one with envmgr-alpha's code
+        env_layer = next(t for t in layers if any(n.endswith("envmgr_alpha/__init__.py") for n in t.getnames()))
         pycs = [m for m in env_layer.getmembers() if m.name.endswith(".pyc")]
         assert pycs and all(m.mtime == 946684800 and m.uid == 0 for m in env_layer.getmembers())
         flags = int.from_bytes(env_layer.extractfile(pycs[0]).read()[4:8], "little")

@@ -7,6 +7,7 @@ tests/integration/test_engine_restart.py: the real dockerd stop runs alone, afte
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ NAME = "tiny-faults"   # its own image name: other engineers' tests on this engi
 TAG_REPO = f"envmgr/{NAME}"
 # (a line the build prints, seconds after it): the 1 s one lands while the install container runs
 KILL_POINTS = [(f"building {TAG_REPO}:", 0.0), ("installing ", 0.0), ("installing ", 1.0),
-               ("writing the environment layer", 0.0), ("loading the image into", 0.0)]
+               ("writing environment layer", 0.0), ("loading the image into", 0.0)]
 
 
 def _done(proc) -> dict:
@@ -66,7 +67,8 @@ def _build_until(ws, mirror: str, point: str, delay: float) -> tuple[bool, list[
 
 
 def _cache_is_sound(cache: Path) -> None:
-    """No file under a final name is partial: every cached layer hashes to its record."""
+    """No file under a final name is partial: every cached layer hashes to its record, every stored layer
+    to its name."""
     from envmgr.image import file_sha256
 
     layers = cache / "layers"
@@ -74,6 +76,10 @@ def _cache_is_sound(cache: Path) -> None:
         known = json.loads(record.read_text())
         tar = record.with_suffix(".tar")
         assert tar.is_file() and "sha256:" + file_sha256(tar)[0] == known["diff_id"], record.name
+    stored = cache / "store" / "layers"
+    for tar in stored.iterdir() if stored.is_dir() else []:
+        if not tar.name.startswith("."):
+            assert file_sha256(tar)[0] == tar.name, tar.name
 
 
 def _leftover_containers(engine) -> int:
@@ -90,8 +96,8 @@ def test_sigkill_during_build_leaves_no_partial_tag_and_the_next_build_completes
     for point, delay in KILL_POINTS:
         # each kill point from a cold environment layer: an attempt whose kill landed after the layer was
         # written (a fast machine, `installing` + 1 s) must not let the next one skip past its point
-        for made in (faults.cache_dir / "layers").glob(f"env-{NAME}-*"):
-            made.unlink()
+        for made in ("layers", "index"):
+            shutil.rmtree(faults.cache_dir / "store" / made, ignore_errors=True)
         killed, seen = _build_until(faults, mirror_a.url, point, delay)
         assert killed, f"never reached {point!r}: {seen}"
         tried += 1
@@ -109,7 +115,7 @@ def test_sigkill_during_build_leaves_no_partial_tag_and_the_next_build_completes
 
     # A damaged cache entry (same size, one byte changed) is found by its hash and made again: the
     # image is the same as before, not one built from the damaged bytes.
-    env_tar = next((faults.cache_dir / "layers").glob(f"env-{NAME}-*.tar"))
+    env_tar = max((faults.cache_dir / "store" / "layers").glob("[0-9a-f]*"), key=lambda p: p.stat().st_size)
     data = bytearray(env_tar.read_bytes())
     data[len(data) // 2] ^= 0x01
     env_tar.write_bytes(bytes(data))

@@ -196,3 +196,18 @@ def test_sbom_names_the_locked_torch_stack_and_the_base_images_debian_packages(s
     print(f"\nsd-demo SBOM: {len(sbom['components'])} components "
           f"({sum(1 for c in sbom['components'] if c['purl'].startswith('pkg:pypi/'))} Python, "
           f"{sum(1 for c in sbom['components'] if c['purl'].startswith('pkg:deb/'))} Debian)")
+
+
+def test_environment_layers_equal_the_recorded_ones(sd_base, engine):
+    """envs/sd-demo/env-layers.json holds sd-demo's environment layer digests; on a fresh machine (CI)
+    this build is a clean-cache rebuild, so equal digests prove the layers depend only on the lock,
+    the installer, Python and the layout. A lock or layout change updates the record: `make record-layers`."""
+    from envmgr.layer_record import env_diff_ids
+
+    _, _, tag = sd_base
+    record = json.loads((REPO / "envs" / "sd-demo" / "env-layers.json").read_text())
+    built = env_diff_ids(engine.images.get(tag).attrs["RootFS"]["Layers"])
+    labels = engine.images.get(tag).attrs["Config"]["Labels"]
+    assert record["lock"] == labels["org.envmgr.lock-hash"], "the lock changed: run `make record-layers`"
+    assert built == [layer["diff_id"] for layer in record["layers"]], \
+        "sd-demo's environment layers differ from envs/sd-demo/env-layers.json"

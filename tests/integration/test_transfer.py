@@ -357,6 +357,9 @@ def test_gc_removes_superseded_images_and_leftovers_but_nothing_in_use(source, e
     layers = source.cache_dir / "layers"
     stale = layers / f"method-{NAME}-{'0' * 32}.tar"
     stale.write_bytes(b"x" * 4096)
+    stored = source.cache_dir / "store" / "layers"
+    stale_stored = stored / ("0" * 64)   # a stored environment layer no image uses
+    stale_stored.write_bytes(b"z" * 4096)
     leftover = source.cache_dir / "work" / f"method-{NAME}-leftover"
     leftover.mkdir(parents=True)
     (leftover / "file").write_bytes(b"y" * 1000)
@@ -375,7 +378,10 @@ def test_gc_removes_superseded_images_and_leftovers_but_nothing_in_use(source, e
         assert ("layer", str(stale)) in removed and ("work", str(leftover)) in removed
         assert engine.images.get(current).id == current and engine.images.get(made[0]).id == made[0]
         assert not stale.exists() and not leftover.exists()
-        assert any(p.name.startswith(f"env-{NAME}-") for p in layers.iterdir()), "the current env layer went"
+        assert ("layer", str(stale_stored)) in removed and not stale_stored.exists()
+        env_layers = engine.images.get(current).attrs["RootFS"]["Layers"][1:-1]
+        assert env_layers and all((stored / d.split(":", 1)[1]).is_file() for d in env_layers), \
+            "a stored environment layer of the current image went"
         assert done["bytes_freed"] > 0
         plain = source.envmgr("gc", "--keep", "0", "--method", NAME, "--dry-run")
         assert "would remove image" in plain.stdout and "MB" in plain.stdout
