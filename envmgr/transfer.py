@@ -176,7 +176,8 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none",
     members = method_members(spec, in_layer=True)
     members.append(_from_bytes(SBOM_MEMBER, "SBOM", sbom.sbom_bytes(ctx, spec, base, config)))
     members.append(_from_bytes(f"{config.image_id().split(':')[1]}.json", "image config", config_bytes))
-    layer_parts = ["base layer", *["environment layer"] * (len(config.layers) - 2), "method layer"]
+    layer_parts = ["base layer", *["system packages layer" if line.startswith("envmgr system packages")
+                                   else "environment layer" for line in config.history[1:-1]], "method layer"]
     for name, layer, part in zip(layer_names, config.layers, layer_parts, strict=False):
         if layer.diff_id not in skipped and not any(m.name == name for m in members):
             members.append(Member(name, part, layer.size, layer.diff_id.split(":", 1)[1], path=layer.path))
