@@ -20,6 +20,7 @@ import pytest
 
 from tests.integration.conftest import TINY_MAIN, TINY_PYPROJECT, TINY_SPEC, Workspace
 from tests.integration.test_transfer import _start_registry
+from tests.support.pypi import Index, build_wheel
 
 pytestmark = pytest.mark.engine
 
@@ -32,11 +33,30 @@ def _done(proc) -> dict:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event": "done"')][-1]
 
 
+# A distribution only this module's methods lock: environment layers are shared by content across
+# methods (one prefix), so without it every environment layer of `tiny-wire` would also be held by
+# the other modules' `tiny` images, and no removal of this module's images could make one go missing.
+ONLY_HERE = "envmgr-wireonly"
+
+
+@pytest.fixture(scope="module")
+def wire_mirror(tmp_path_factory, wheels):
+    """mirror A's wheels plus one that only this module's methods depend on."""
+    root = tmp_path_factory.mktemp("wire-wheels")
+    for wheel in wheels.glob("*.whl"):
+        shutil.copy2(wheel, root / wheel.name)
+    build_wheel(root, ONLY_HERE, "1.0", body='WIRE = "only here"\n')
+    index = Index(root).start()
+    yield index
+    index.stop()
+
+
 def _add_method(ws: Workspace, name: str, main: str = TINY_MAIN) -> None:
     folder = ws.base_dir / "methods" / name
     folder.mkdir(parents=True)
     (folder / "envmgr.toml").write_text(TINY_SPEC.replace('name = "tiny"', f'name = "{name}"'))
-    (folder / "pyproject.toml").write_text(TINY_PYPROJECT)
+    pyproject = TINY_PYPROJECT.replace("dependencies = [", f'dependencies = ["{ONLY_HERE}>=1.0", ', 1)
+    (folder / "pyproject.toml").write_text(pyproject)
     (folder / "main.py").write_text(main)
 
 
@@ -71,17 +91,17 @@ def _server(root: Path, store: Path) -> Workspace:
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, store, engine, mirror_a):
+def source(tmp_path_factory, store, engine, wire_mirror):
     """tiny-wire v1 built and exported (full), then v2 (main.py changed) built: both images in the engine."""
     root = tmp_path_factory.mktemp("wire-source")
     ws = _server(root, store)
     _add_method(ws, NAME)
-    ws.envmgr("lock", NAME, mirror=mirror_a.url)
-    ws.v1 = _done(ws.envmgr("--json", "build", NAME, mirror=mirror_a.url))
+    ws.envmgr("lock", NAME, mirror=wire_mirror.url)
+    ws.v1 = _done(ws.envmgr("--json", "build", NAME, mirror=wire_mirror.url))
     ws.v1_archive = root / "v1.envmgr.tar"
     ws.envmgr("export", NAME, "-o", str(ws.v1_archive))
     (ws.method_dir / "main.py").write_text(TINY_MAIN + "print('v2')\n")
-    ws.v2 = _done(ws.envmgr("--json", "build", NAME, mirror=mirror_a.url))
+    ws.v2 = _done(ws.envmgr("--json", "build", NAME, mirror=wire_mirror.url))
     ws.full = root / "v2.envmgr.tar"
     ws.envmgr("export", NAME, "-o", str(ws.full))
     yield ws
@@ -205,14 +225,14 @@ def _blob_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in (root / "data").rglob("*") if p.is_file())
 
 
-def test_push_of_a_second_method_uploads_only_its_own_layers(source, engine, tmp_path, mirror_a):
+def test_push_of_a_second_method_uploads_only_its_own_layers(source, engine, tmp_path, wire_mirror):
     """Method A (tiny-wire v2), then method B (tiny-wire-b: same base, its own environment and method
     layers): the registry grows by B's own layers only; the shared base is not sent again."""
     _add_method(source, NAME_B)
-    source.envmgr("lock", NAME_B, mirror=mirror_a.url)
-    built_b = _done(source.envmgr("--json", "build", NAME_B, mirror=mirror_a.url))
+    source.envmgr("lock", NAME_B, mirror=wire_mirror.url)
+    built_b = _done(source.envmgr("--json", "build", NAME_B, mirror=wire_mirror.url))
     if not _has(engine, source.v2["image"]):
-        source.envmgr("build", NAME, mirror=mirror_a.url)
+        source.envmgr("build", NAME, mirror=wire_mirror.url)
     shared = set(_layers(engine, source.v2["image"])) & set(_layers(engine, built_b["image"]))
     assert shared, "A and B share their base layer"
     proc, registry = _start_registry(tmp_path / "registry")
@@ -240,18 +260,24 @@ def test_push_of_a_second_method_uploads_only_its_own_layers(source, engine, tmp
 def test_thin_import_is_refused_naming_the_missing_layers_when_the_engine_lacks_them(source, thin, engine,
                                                                                     tmp_path, store):
     """Runs last: it removes every image that holds the environment layer's chain (this module's own)."""
-    for image in engine.images.list(REPOS[0]):
-        _drop(engine, image.id)
+    for repo in REPOS:
+        for image in engine.images.list(repo):
+            _drop(engine, image.id)
     left = _export_json(thin["by_id"])["left_out"]
     env = [e for e in left if "environment" in e["history"]]
-    assert env, left
+    held = {layer for image in engine.images.list() for layer in image.attrs["RootFS"]["Layers"]}
+    # environment layers are shared by content: those no other image holds (the one with
+    # envmgr-wireonly at least) are surely missing now; the engine also lacks the ones above them in
+    # this chain (a layer is reused only with the same layers below it), so those may be named too
+    missing = [e for e in env if e["diff_id"] not in held]
+    assert missing, left
     dest = _server(tmp_path / "dest", store)
     proc = dest.envmgr("import", str(thin["by_id"]), check=False)
     assert proc.returncode == 2, proc.stderr
     message = " ".join(proc.stderr.split())
     assert "whose left-out layers this engine lacks" in message and "nothing was loaded" in message, message
-    for entry in env:
-        assert entry["diff_id"].split(":")[1][:12] in message and "envmgr environment tiny-wire" in message
+    for entry in missing:
+        assert entry["diff_id"].split(":")[1][:12] in message and entry["history"] in message, entry
     base = left[0]["diff_id"].split(":")[1][:12]
     assert base not in message, "the base layer is here (the base image holds it): not named"
     assert not _has(engine, source.v2["image"]) and not _has(engine, source.v1["image"])
