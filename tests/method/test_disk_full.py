@@ -82,3 +82,31 @@ def test_checkpoints_until_the_disk_is_full_leave_earlier_ones_whole_and_one_lin
               f"{len(metrics)} metric lines; last line: {last}; ({len(errors)} error lines)")
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_a_full_disk_under_the_encode_cache_is_one_line_and_leaves_no_temporary_file(tmp_path, tiny_model):
+    images = textfile_dataset(tmp_path / "images", count=2)
+    config = write_trainer_config(tmp_path / "run", tiny_model, images, max_train_steps=2, validation_steps=0)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    try:
+        with open(full / "filler", "wb", buffering=0) as filler:   # fill it to the last page
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:
+                pass
+        backends = tmp_path / "run" / "multidatabackend.json"
+        data = json.loads(backends.read_text())
+        data[0]["cache_dir_vae"] = str(full / "vae")
+        backends.write_text(json.dumps(data))
+        proc = _train(config)
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "cannot write the encode cache in " in last and "No space left on device" in last, last
+        assert "Traceback" not in proc.stderr, proc.stderr
+        leftovers = [p.name for p in full.rglob("*") if p.name.endswith(".tmp")]
+        assert not leftovers, leftovers
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 log = logging.getLogger("sd_trainer")
 CACHE_FORMAT = 2
@@ -52,10 +52,18 @@ def weights_signature(folder: Path) -> list:
 
 
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Serialized in memory and written here: safetensors' own writer raises a SafetensorError, not an
+    OSError, when the disk fills. A failed write leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({key: value.contiguous() for key, value in tensors.items()}, str(temporary))
-    os.replace(temporary, path)
+    data = save({key: value.contiguous() for key, value in tensors.items()})
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def read(path: Path) -> dict[str, torch.Tensor] | None:

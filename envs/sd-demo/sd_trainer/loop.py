@@ -8,6 +8,7 @@ SIGTERM/SIGINT (checkpoint, exit code 130).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -186,7 +187,14 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
     log.info("device %s, %d process(es), precision %s", accelerator.device, accelerator.num_processes, precision)
 
     # ---- cache latents and text embeddings once; VAE and text encoders are freed afterwards
-    training_set = data.build_training_set(config, accelerator, dtype, stop)
+    try:
+        training_set = data.build_training_set(config, accelerator, dtype, stop)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = Path(error.filename).parent if error.filename else "the cache folders"
+        raise TrainingError(f"cannot write the encode cache in {where}: {error.strerror} (nothing was trained; "
+                            "free space there or set cache_dir_vae / text_cache_dir to a larger disk)") from None
     if training_set is None:
         events.emit("interrupted", step=0, checkpoint=None)
         return EXIT_INTERRUPTED
