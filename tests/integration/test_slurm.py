@@ -104,6 +104,17 @@ def _wait_for(predicate, timeout=120.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _release_held_job(site, run_id: str) -> None:
+    """Open the held partition until the job queued there ends, then close it again."""
+    subprocess.run(["scontrol", "update", "PartitionName=held", "State=UP"], check=True,
+                   env={**os.environ, **site.cluster.env})
+    try:
+        _wait_for(lambda: _record(site, run_id)["status"] in ("succeeded", "failed"), what="the held job")
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=held", "State=DOWN"], check=True,
+                       env={**os.environ, **site.cluster.env})
+
+
 def test_submit_and_wait_runs_like_a_local_run_and_records_the_job(site, engine):
     proc = _run(site, "--json", "run", NAME, "--on", "slurm", "--wait", "--", "--steps=3")
     events = _events(proc)
@@ -138,13 +149,7 @@ def test_pending_state_then_the_node_imports_the_archive_when_it_lacks_the_image
     tag = _record(site, run_id)["image"]["tag"]
     for image in engine.images.list(REPO):            # the "node" lacks the image now
         engine.images.remove(image.id, force=True)
-    subprocess.run(["scontrol", "update", "PartitionName=held", "State=UP"], check=True,
-                   env={**os.environ, **site.cluster.env})
-    try:
-        _wait_for(lambda: _record(site, run_id)["status"] in ("succeeded", "failed"), what="the held job")
-    finally:
-        subprocess.run(["scontrol", "update", "PartitionName=held", "State=DOWN"], check=True,
-                       env={**os.environ, **site.cluster.env})
+    _release_held_job(site, run_id)
     record = _record(site, run_id)
     assert record["status"] == "succeeded", record
     assert "importing" in (site.base_dir / "runs" / NAME / run_id / f"slurm-{record['scheduler']['job_id']}.out"
@@ -340,13 +345,7 @@ def test_nodes_that_require_signatures_import_the_archive_submitted_with_sign(si
     tag = _record(site, run_id)["image"]["tag"]
     for image in engine.images.list(REPO):            # the node lacks the image: it must import the signed archive
         engine.images.remove(image.id, force=True)
-    subprocess.run(["scontrol", "update", "PartitionName=held", "State=UP"], check=True,
-                   env={**os.environ, **site.cluster.env})
-    try:
-        _wait_for(lambda: _record(site, run_id)["status"] in ("succeeded", "failed"), what="the held job")
-    finally:
-        subprocess.run(["scontrol", "update", "PartitionName=held", "State=DOWN"], check=True,
-                       env={**os.environ, **site.cluster.env})
+    _release_held_job(site, run_id)
     record = _record(site, run_id)
     out = (site.base_dir / "runs" / NAME / run_id / f"slurm-{record['scheduler']['job_id']}.out").read_text()
     assert record["status"] == "succeeded", (record, out)
