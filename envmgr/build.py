@@ -134,14 +134,17 @@ class BuildTarget:
         """Base + environment layers + [system packages +] method layer, from the cache (or made again)."""
         return self.config(ctx).layers
 
-    def config(self, ctx: Context) -> ImageConfig:
+    def config(self, ctx: Context, need_bytes: frozenset[str] = frozenset()) -> ImageConfig:
         """The image config of these inputs, its layers taken from the cache (or made again when missing).
+
+        An environment layer whose bytes were handed to the engine has no file; one whose diff ID is in
+        `need_bytes` is made again (see _assemble).
 
         The system layer sits above the environment layers: the engine shares a layer between images
         only when every layer below it is the same, so methods with and without system packages still
         share their torch layers.
         """
-        env = env_layers(ctx, self.spec, self.base, self.inputs)
+        env = env_layers(ctx, self.spec, self.base, self.inputs, need_bytes)
         system = system_layer(ctx, self.spec, self.base)
         layers = [self.base.layer, *env.layers, *([system] if system else []),
                   method_layer(ctx, self.spec, self.inputs, self.digest)]
@@ -243,27 +246,29 @@ def is_layered(spec: MethodSpec) -> bool:
     return hasattr(get_backend(spec), "layer_entries")
 
 
-def env_layers(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> EnvLayers:
+def env_layers(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str],
+               need_bytes: frozenset[str] = frozenset()) -> EnvLayers:
     """The environment's layers, bottom first: per distribution from the layer store (poetry, pip) or
     one layer (conda: rattler links the whole prefix with the method's own path in its files)."""
     entries_of = getattr(get_backend(spec), "layer_entries", None)
     if entries_of is None:
-        layer = env_layer(ctx, spec, base, data)
+        layer = env_layer(ctx, spec, base, data, need_bytes)
         record = _env_record(ctx, spec, data)
         archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
         return EnvLayers([layer], ["environment"], archs)
     entries, extra_indexes = entries_of(ctx, spec, base)
     return build_env_layers(ctx, spec.name, base, entries, extra_indexes, data["layout"], data["installer"],
-                            uv_version(ctx), bool(lock_facts(spec).torch))
+                            uv_version(ctx), bool(lock_facts(spec).torch), need_bytes)
 
 
-def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str]) -> Layer:
+def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str],
+              need_bytes: frozenset[str] = frozenset()) -> Layer:
     """The installed environment as one layer, cached by what determines it (lock, base, installer)."""
     record = _env_record(ctx, spec, data)
     tar = record.with_suffix(".tar")
-    if record.is_file() and tar.is_file():
+    if record.is_file():
         # a layer made before GPU facts were recorded is made again when it has torch (once)
-        cached = _cached_layer(ctx, record, tar, needs_archs=bool(lock_facts(spec).torch))
+        cached = _cached_layer(ctx, record, tar, needs_archs=bool(lock_facts(spec).torch), need_bytes=need_bytes)
         if cached is not None:
             return cached
     prefix_root = ctx.cache_dir / "envs"
@@ -287,11 +292,14 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def _cached_layer(ctx: Context, record: Path, tar: Path, needs_archs: bool = False) -> Layer | None:
+def _cached_layer(ctx: Context, record: Path, tar: Path, needs_archs: bool = False,
+                  need_bytes: frozenset[str] = frozenset()) -> Layer | None:
     """The cached layer if its bytes still hash to its recorded diff ID; else None (it is made again).
 
     A layer untouched since it was written (same size, mtime and inode as recorded) is reused without
     reading it, so a method-file rebuild of a multi-GB environment stays fast; any other is hashed.
+    A layer whose bytes were handed to the engine (released) is used without a file unless `need_bytes`
+    names it.
     """
     from .image import file_sha256
 
@@ -302,6 +310,11 @@ def _cached_layer(ctx: Context, record: Path, tar: Path, needs_archs: bool = Fal
         ctx.ui.warn(f"cached layer record {record.name} is unreadable: making the layer again")
         return None
     if needs_archs and "gpu_archs" not in known:
+        return None
+    if not tar.is_file():
+        if known.get("released") and diff_id not in need_bytes:
+            ctx.ui.step(f"environment layer for this lock is in the engine ({size / 1e6:.0f} MB)")
+            return Layer(path=tar, diff_id=diff_id, size=size)
         return None
     if known.get("stamp") != _stamp(tar):
         if tar.stat().st_size != size or "sha256:" + file_sha256(tar)[0] != diff_id:
@@ -385,14 +398,19 @@ def _assemble(ctx: Context, wanted: BuildTarget) -> str:
     tag = wanted.tag
     ctx.ui.step(f"building {tag}")
     config = wanted.config(ctx)
+    present = ctx.engine.present_layers([layer.diff_id for layer in config.layers])
+    lacking = _lacking_bytes(config, present)
+    if lacking:
+        # their bytes went to the engine, which holds them on another chain (or lost them): make them again
+        ctx.ui.step(f"{len(lacking)} environment layer(s) are not in the engine below this image: making "
+                    "them again")
+        config = wanted.config(ctx, need_bytes=lacking)
+        present = ctx.engine.present_layers([layer.diff_id for layer in config.layers])
+        if _lacking_bytes(config, present):
+            raise EnvmgrError(f"{wanted.spec.name}: environment layers left the engine during the build "
+                              "(a concurrent gc?)", hint="run the build again")
     layers = config.layers
-    present = ctx.engine.present_layers([layer.diff_id for layer in layers])
-    try:
-        image_id = _stream_load(ctx, config, present)
-    except EngineError:
-        if not present:
-            raise
-        image_id = _stream_load(ctx, config, frozenset())   # an engine that wants every layer's bytes
+    image_id = _load(ctx, config, present)
     if ctx.engine.image_id(image_id) != image_id:
         raise EnvmgrError(f"the engine did not report image {image_id} after loading it")
     from .sbom import sbom_bytes
@@ -403,16 +421,55 @@ def _assemble(ctx: Context, wanted: BuildTarget) -> str:
         ctx.engine.tag(image_id, repository, short)
     except ImageGone:   # removed between the load and the tag (a gc, another build's cleanup): load it again
         ctx.ui.warn(f"image {image_id[:19]} left the engine before it was tagged: loading it again")
-        present = ctx.engine.present_layers([layer.diff_id for layer in layers])   # shared layers stayed
-        try:
-            _stream_load(ctx, config, present)
-        except EngineError:
-            if not present:
-                raise
-            _stream_load(ctx, config, frozenset())
+        _load(ctx, config, ctx.engine.present_layers([layer.diff_id for layer in layers]))   # shared layers stayed
         ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")
+    _hand_over(ctx, wanted, config)
     return image_id
+
+
+def _lacking_bytes(config: ImageConfig, present: frozenset[str]) -> frozenset[str]:
+    """Diff IDs the load must send (the engine lacks their chain) but that have no file here."""
+    return frozenset(layer.diff_id for layer in config.layers
+                     if layer.diff_id not in present and not layer.path.is_file())
+
+
+def _load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> str:
+    """Load the image, sending only the layers the engine lacks; an engine that refuses a partial archive
+    gets every layer's bytes when they are all here."""
+    try:
+        return _stream_load(ctx, config, present)
+    except EngineError:
+        if not present or _lacking_bytes(config, frozenset()):
+            raise
+        return _stream_load(ctx, config, frozenset())
+
+
+def _hand_over(ctx: Context, wanted: BuildTarget, config: ImageConfig) -> None:
+    """The engine holds the environment layers now: drop the store's copies of the large ones (the
+    environment is not kept twice). Skipped while another build runs (it may be reading them)."""
+    from .gc import _build_running
+    from .layers import RELEASE_BYTES, store_for
+
+    if _build_running(ctx.cache_dir, besides=f"build-{wanted.spec.name}.lock"):
+        ctx.ui.log("another build is running: the stored environment layers stay until the next build or gc")
+        return
+    env = [layer for layer in config.layers[1:-1] if layer.path.is_file()]
+    freed = store_for(ctx).release([layer.diff_id for layer in env])
+    if not is_layered(wanted.spec):
+        record = _env_record(ctx, wanted.spec, wanted.inputs)
+        tar = record.with_suffix(".tar")
+        if tar.is_file() and tar.stat().st_size >= RELEASE_BYTES:
+            try:
+                known = json.loads(record.read_text())
+            except (OSError, ValueError):
+                known = None
+            if isinstance(known, dict) and any(layer.diff_id == known.get("diff_id") for layer in env):
+                atomic_write(record, json.dumps({**known, "released": True, "stamp": None}))
+                freed += tar.stat().st_size
+                tar.unlink()
+    if freed:
+        ctx.ui.step(f"environment layers are in the engine now: {freed / 1e9:.1f} GB of stored copies dropped")
 
 
 def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> str:

@@ -28,6 +28,7 @@ from .build import target
 from .context import Context
 from .errors import EngineError, UsageError
 from .image import file_sha256
+from .layers import RELEASE_BYTES, LayerStore
 from .sbom import SBOM_DIR
 from .spec import list_methods
 from .trust import SIGNATURES_DIR
@@ -43,7 +44,7 @@ CREATED_GRACE_S = 120
 
 @dataclass
 class Item:
-    kind: str          # image | container | layer | work | sbom | signature
+    kind: str          # image | container | layer | layer-copy | work | sbom | signature
     what: str
     bytes: int = 0
     why: str = ""
@@ -271,8 +272,6 @@ def _plan_store(ctx: Context, result: Plan, used: set[str]) -> None:
 
     Left alone while any build runs: a build's new layers are in no image until it loads them.
     """
-    from .layers import LayerStore
-
     store = LayerStore(ctx.cache_dir / "store")
     if not store.layers.is_dir():
         return
@@ -286,10 +285,17 @@ def _plan_store(ctx: Context, result: Plan, used: set[str]) -> None:
             continue
         diff_id = "sha256:" + path.name
         if diff_id in used:
+            if _size(path) >= RELEASE_BYTES:   # stored before builds handed large layers to the engine
+                result.remove.append(Item("layer-copy", str(path), _size(path),
+                                          "a second copy: a kept image holds this layer in the engine"))
             continue
         result.remove.append(Item("layer", str(path), _size(path), "no kept image uses this stored layer"))
         for record in records.get(diff_id, []):
             result.remove.append(Item("layer", str(record), _size(record), "its layer's record"))
+    for diff_id, found in records.items():   # records of layers handed to the engine, which no longer has them
+        if diff_id not in used and not store.layer_path(diff_id).exists():
+            result.remove.extend(Item("layer", str(record), _size(record), "its layer left the engine")
+                                 for record in found)
 
 
 def _diff_id(tar: Path) -> str:
@@ -304,8 +310,11 @@ def _diff_id(tar: Path) -> str:
     return "sha256:" + file_sha256(tar)[0]
 
 
-def _build_running(cache: Path) -> bool:
+def _build_running(cache: Path, besides: str = "") -> bool:
+    """Whether a build holds its lock (`besides`: the caller's own lock file name, not counted)."""
     for guard_path in (cache / "locks").glob("build-*.lock") if (cache / "locks").is_dir() else []:
+        if guard_path.name == besides:
+            continue
         with open(guard_path, "a") as guard:
             try:
                 fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -340,6 +349,9 @@ def apply(ctx: Context, result: Plan) -> Plan:
                     ctx.engine.remove_image(tag)
                 if ctx.engine.image_id(item.what):
                     ctx.engine.remove_image(item.what)
+            elif item.kind == "layer-copy":   # the record stays, marked released; the bytes go
+                path = Path(item.what)
+                LayerStore(path.parent.parent).release(["sha256:" + path.name])
             else:
                 path = Path(item.what)
                 if path.is_dir() and not path.is_symlink():

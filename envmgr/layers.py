@@ -54,6 +54,10 @@ PHYSICAL_PREFIX = f"{paths.CONTAINER_ENVS_ROOT}/.shared"
 BIG_BYTES = 32 * 1024 * 1024
 BUCKETS = 32
 MAX_ENV_LAYERS = 60
+# Stored layers this large or larger are dropped once the engine holds them (the environment is not kept
+# twice); smaller ones (the buckets, the skeleton) stay, so a pin bump that moves the buckets above the
+# changed one re-sends them from the store instead of installing them again.
+RELEASE_BYTES = 32 * 1024 * 1024
 STAGE_SKELETON = "skeleton"
 
 
@@ -198,8 +202,12 @@ class LayerStore:
     def layer_path(self, diff_id: str) -> Path:
         return self.layers / diff_id.split(":", 1)[1]
 
-    def group(self, key: str) -> Layer | None:
-        """The group's layer when its record and bytes agree; None when missing or damaged (removed then)."""
+    def group(self, key: str, need_bytes: frozenset[str] = frozenset()) -> Layer | None:
+        """The group's layer when its record and bytes agree; None when missing or damaged (removed then).
+
+        A layer whose bytes were handed to the engine (`release`) is returned without a file, unless its
+        diff ID is in `need_bytes` (the engine lacks it where the image needs it): then None, made again.
+        """
         record = self._group_record(key)
         try:
             known = json.loads(record.read_text())
@@ -211,6 +219,8 @@ class LayerStore:
             return None
         tar = self.layer_path(diff_id)
         if not tar.is_file():
+            if known.get("released") and diff_id not in need_bytes:
+                return Layer(path=tar, diff_id=diff_id, size=size)
             return None
         if known.get("stamp") != _stamp(tar):
             if tar.stat().st_size != size or "sha256:" + file_sha256(tar)[0] != diff_id:
@@ -242,6 +252,38 @@ class LayerStore:
             tmp.unlink(missing_ok=True)
         self._record_group(key, layer.diff_id, layer.size, final)
         return Layer(path=final, diff_id=layer.diff_id, size=layer.size)
+
+    def release(self, diff_ids: Iterable[str], at_least: int = RELEASE_BYTES) -> int:
+        """Drop the stored bytes of these layers (of `at_least` bytes or more): the engine holds them now.
+
+        Their records stay, marked released, so the next build still knows their diff IDs without
+        installing anything; a build that needs their bytes again (the engine lost them, or needs them on
+        another chain) makes them again, and an export reads them back from the engine. Returns the bytes
+        freed.
+        """
+        wanted = set(diff_ids)
+        freed = 0
+        for diff_id, records in self.recorded_diff_ids().items():
+            if diff_id not in wanted:
+                continue
+            tar = self.layer_path(diff_id)
+            try:
+                size = tar.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            if 0 <= size < at_least:
+                continue
+            for record in records:
+                try:
+                    known = json.loads(record.read_text())
+                except (OSError, ValueError):
+                    continue
+                if known.get("diff_id") == diff_id and not known.get("released"):
+                    atomic_write(record, json.dumps({**known, "released": True, "stamp": None}))
+            if size >= 0:
+                tar.unlink(missing_ok=True)
+                freed += size
+        return freed
 
     def dist(self, key: str) -> dict:
         try:
@@ -442,8 +484,12 @@ def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, li
 
 
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
-                     layout: str, installer: str, uv: str, has_torch: bool) -> EnvLayers:
-    """The environment's layers from the store, installing only the distributions a missing layer needs."""
+                     layout: str, installer: str, uv: str, has_torch: bool,
+                     need_bytes: frozenset[str] = frozenset()) -> EnvLayers:
+    """The environment's layers from the store, installing only the distributions a missing layer needs.
+
+    A layer whose bytes went to the engine counts as there, unless its diff ID is in `need_bytes`.
+    """
     store = store_for(ctx)
     python_version = base.python_version or ""
     dists = units(entries, python_version, installer, layout)
@@ -461,9 +507,9 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             groups = plan_groups(dists, sizes, layout)
             need: dict[str, Unit] = {u.key: u for u in dists if sizes[u.key] is None}
             for group in groups:
-                if store.group(group.key) is None:
+                if store.group(group.key, need_bytes) is None:
                     need.update({u.key: u for u in group.members})
-            want_skeleton = not skeleton_staged and store.group(skeleton.key) is None
+            want_skeleton = not skeleton_staged and store.group(skeleton.key, need_bytes) is None
             want_archs = False
             if has_torch and torch is not None and "gpu_archs" not in store.dist(torch.key):
                 want_archs = True
@@ -484,7 +530,7 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
         found_layers: dict[str, Layer] = {}
         missing: list[tuple[Group, list[tuple[Path, str]]]] = []
         for group in plan:
-            layer = store.group(group.key)
+            layer = store.group(group.key, need_bytes)
             if layer is not None:
                 found_layers[group.key] = layer
                 continue

@@ -34,7 +34,7 @@ from packageurl import PackageURL
 from . import __version__
 from .base import BaseImage
 from .context import Context
-from .image import ImageConfig
+from .image import ImageConfig, Layer
 from .spec import MethodSpec
 
 SBOM_DIR = "sbom"
@@ -104,14 +104,21 @@ def _facts_of(layers: Path | list[Path] | list[dict]) -> list[dict]:
     return [item if isinstance(item, dict) else layer_facts(item) for item in items]
 
 
-def cached_layer_facts(ctx: Context, layer_path: Path, diff_id: str) -> dict:
+def cached_layer_facts(ctx: Context, layer: Layer, image_id: str) -> dict:
     """layer_facts, kept per diff ID in the cache: a layer's content never changes under its diff ID, so a
-    rebuild that changed one environment layer reads only that one."""
-    target = ctx.cache_dir / SBOM_DIR / "layers" / f"{diff_id.removeprefix('sha256:')}.json"
+    rebuild that changed one environment layer reads only that one. A layer the store handed to the
+    engine is read back from the engine's image `image_id`."""
+    from .layer_bytes import layer_file
+
+    target = ctx.cache_dir / SBOM_DIR / "layers" / f"{layer.diff_id.removeprefix('sha256:')}.json"
     try:
         return json.loads(target.read_text())
     except (OSError, ValueError):
-        facts = layer_facts(layer_path)
+        if layer.path.is_file():
+            facts = layer_facts(layer.path)
+        else:
+            with layer_file(ctx, layer, image_id) as path:
+                facts = layer_facts(path)
         from .files import atomic_write
 
         atomic_write(target, json.dumps(facts, sort_keys=True))
@@ -197,7 +204,7 @@ def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Contex
     env_end = -2 if spec.system.apt else -1
     env_slice = config.layers[1:env_end]
     env_layer: list[Path] | list[dict] = [layer.path for layer in env_slice] if ctx is None else \
-        [cached_layer_facts(ctx, layer.path, layer.diff_id) for layer in env_slice]
+        [cached_layer_facts(ctx, layer, config.image_id()) for layer in env_slice]
     status = next((text for layer in reversed([config.layers[0], *config.layers[env_end:-1]])
                    if (text := dpkg_status(layer.path))), "")
     image_id = config.image_id()

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from .build import require_image
 from .context import Context
 from .errors import EnvmgrError, UsageError
+from .layer_bytes import with_layer_files
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -40,8 +41,9 @@ def export_squashfs(ctx: Context, method: str, out: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="envmgr-sqsh-", dir=out.parent) as scratch:
         root = Path(scratch) / "rootfs"
         root.mkdir()
-        with ctx.ui.progress(f"unpacking {len(config.layers)} layers", total=len(config.layers)) as task:
-            for layer in config.layers:
+        with with_layer_files(ctx, config, image_id) as full, \
+                ctx.ui.progress(f"unpacking {len(config.layers)} layers", total=len(config.layers)) as task:
+            for layer in full.layers:
                 apply_layer(layer.path, root)
                 task.advance(1)
         write_enroot_files(root, image.get("Env") or [], image.get("Entrypoint") or [], image.get("Cmd") or [],

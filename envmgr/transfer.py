@@ -45,6 +45,7 @@ from .build import _excluded, inputs, installer_id, lock_hash, require_image
 from .context import Context
 from .errors import EngineError, EnvmgrError, UsageError
 from .image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
+from .layer_bytes import with_layer_files
 from .spec import MethodSpec, find_method, load_spec
 from .trust import SBOM_MEMBER, SIGNATURE_MEMBER
 
@@ -172,39 +173,41 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none",
             ctx.ui.warn(f"--thin-for {thin_for}: {target_id[:19]} shares no leading layers with {tag}: "
                         "writing a full archive")
     skipped = {entry["diff_id"] for entry in left_out}
-    config_bytes, layer_names, docker_manifest = archive_parts(config, [tag])
-    members = method_members(spec, in_layer=True)
-    members.append(_from_bytes(SBOM_MEMBER, "SBOM", sbom.sbom_bytes(ctx, spec, base, config)))
-    members.append(_from_bytes(f"{config.image_id().split(':')[1]}.json", "image config", config_bytes))
-    layer_parts = ["base layer", *["system packages layer" if line.startswith("envmgr system packages")
-                                   else "environment layer" for line in config.history[1:-1]], "method layer"]
-    for name, layer, part in zip(layer_names, config.layers, layer_parts, strict=False):
-        if layer.diff_id not in skipped and not any(m.name == name for m in members):
-            members.append(Member(name, part, layer.size, layer.diff_id.split(":", 1)[1], path=layer.path))
-    members.append(_from_bytes("manifest.json", "docker-archive manifest", docker_manifest))
-    manifest = {
-        "format": FORMAT, "method": spec.name, "tag": tag, "image_id": image_id, "inputs_hash": digest,
-        "inputs": data, "architecture": config.architecture, "os": "linux", "builtin": spec.builtin,
-        "base": {k: v for k, v in asdict(base).items() if k != "layer_path"},
-        "members": [m.entry() for m in members],
-    }
-    if left_out:   # in export.json, so covered by the signature: the list cannot be edited unnoticed
-        manifest.update({"format": thin.THIN_FORMAT, thin.LEFT_OUT: left_out, thin.THIN_FOR: {"image_id": target_id}})
-    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    if key is not None:
-        members.insert(0, _from_bytes(SIGNATURE_MEMBER, "signature", signing.sign(manifest_bytes, key)))
-    total = sum(m.size for m in members)
-    if compress == "none":
-        free = shutil.disk_usage(out.resolve().parent).free
-        if free < total + (1 << 20):
-            raise EnvmgrError(f"not enough space for {out}: it needs {total / 1e6:.0f} MB, "
-                              f"{free / 1e6:.0f} MB free; nothing was written")
-    write_atomically(out, lambda fh: _write_members(fh, manifest_bytes, members, compress, ctx, out), ctx)
-    size = out.stat().st_size
-    return ExportResult(spec.name, out, tag, image_id, size, compress,
-                        signed_by=signing.key_id(key.public_key()) if key else None,
-                        thin_for=target_id, left_out=len(left_out),
-                        left_out_bytes=sum(entry["size"] for entry in left_out))
+    with with_layer_files(ctx, config, image_id, skip=frozenset(skipped)) as config:
+        config_bytes, layer_names, docker_manifest = archive_parts(config, [tag])
+        members = method_members(spec, in_layer=True)
+        members.append(_from_bytes(SBOM_MEMBER, "SBOM", sbom.sbom_bytes(ctx, spec, base, config)))
+        members.append(_from_bytes(f"{config.image_id().split(':')[1]}.json", "image config", config_bytes))
+        layer_parts = ["base layer", *["system packages layer" if line.startswith("envmgr system packages")
+                                       else "environment layer" for line in config.history[1:-1]], "method layer"]
+        for name, layer, part in zip(layer_names, config.layers, layer_parts, strict=False):
+            if layer.diff_id not in skipped and not any(m.name == name for m in members):
+                members.append(Member(name, part, layer.size, layer.diff_id.split(":", 1)[1], path=layer.path))
+        members.append(_from_bytes("manifest.json", "docker-archive manifest", docker_manifest))
+        manifest = {
+            "format": FORMAT, "method": spec.name, "tag": tag, "image_id": image_id, "inputs_hash": digest,
+            "inputs": data, "architecture": config.architecture, "os": "linux", "builtin": spec.builtin,
+            "base": {k: v for k, v in asdict(base).items() if k != "layer_path"},
+            "members": [m.entry() for m in members],
+        }
+        if left_out:   # in export.json, so covered by the signature: the list cannot be edited unnoticed
+            manifest.update({"format": thin.THIN_FORMAT, thin.LEFT_OUT: left_out,
+                             thin.THIN_FOR: {"image_id": target_id}})
+        manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        if key is not None:
+            members.insert(0, _from_bytes(SIGNATURE_MEMBER, "signature", signing.sign(manifest_bytes, key)))
+        total = sum(m.size for m in members)
+        if compress == "none":
+            free = shutil.disk_usage(out.resolve().parent).free
+            if free < total + (1 << 20):
+                raise EnvmgrError(f"not enough space for {out}: it needs {total / 1e6:.0f} MB, "
+                                  f"{free / 1e6:.0f} MB free; nothing was written")
+        write_atomically(out, lambda fh: _write_members(fh, manifest_bytes, members, compress, ctx, out), ctx)
+        size = out.stat().st_size
+        return ExportResult(spec.name, out, tag, image_id, size, compress,
+                            signed_by=signing.key_id(key.public_key()) if key else None,
+                            thin_for=target_id, left_out=len(left_out),
+                            left_out_bytes=sum(entry["size"] for entry in left_out))
 
 
 def _write_members(raw, manifest_bytes: bytes, members: list[Member], compress: str, ctx: Context,

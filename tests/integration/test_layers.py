@@ -60,6 +60,7 @@ def layer_index(tmp_path_factory):
     build_wheel(root, "lyr-ns-two", "1.0", extra={"lyr_shared/two.py": "TWO = 2\n"})
     build_wheel(root, "lyr-hook", "1.0", extra={"lyr_hook.pth": "import lyr_hook\n"})
     build_big_wheel(root, "lyr-bigtorch", "2.0")
+    build_big_wheel(root, "lyr-bigsolo", "1.0")   # used by one test only: no other image holds its chain
     index = Index(root).start()
     yield index
     index.stop()
@@ -166,8 +167,10 @@ def test_two_methods_share_the_big_layer_in_the_engine(methods, engine):
     # base, skeleton and the big layer are the same, so are their chain IDs: the engine keeps them once
     assert layers[0][:3] == layers[1][:3]
     assert _chain_ids(layers[0])[2] == _chain_ids(layers[1])[2]
+    # the engine holds the big layer; the store dropped its copy (the environment is not kept twice)
     big = Path(methods.cache_dir / "store" / "layers" / layers[0][2].split(":", 1)[1])
-    assert big.stat().st_size > BIG_MB << 20
+    assert not big.exists()
+    assert big.parent.is_dir() and any(big.parent.iterdir())   # the small ones stay for fast pin bumps
     layerdb = Path("/var/lib/docker/image/overlay2/layerdb/sha256") / _chain_ids(layers[0])[2].split(":", 1)[1]
     if layerdb.parent.is_dir():   # readable when the engine runs on this machine as root
         assert layerdb.is_dir() and (layerdb / "diff").read_text() == layers[0][2]
@@ -254,3 +257,32 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store):
     records = [k for k in got if k.endswith(".dist-info/RECORD")]
     assert len(records) == 6 and any("lyr_bigtorch" in k for k in records)
     assert got["bin/lyr-bigtorch-tool"].startswith(f"#!{PHYSICAL_PREFIX}/bin/python".encode())  # type: ignore[union-attr]
+
+
+def test_large_layers_live_only_in_the_engine_and_are_read_back_for_export(methods, engine, tmp_path):
+    name = methods.add(["lyr-bigsolo", "lyr-apple==1.0"])
+    methods.envmgr("lock", name)
+    first = methods.build(name)
+    assert "stored copies dropped" in first["stderr"]
+    diff_ids = _layers(engine, first["image"])
+    store = methods.cache_dir / "store" / "layers"
+    big = diff_ids[2]   # base, skeleton, then the big distribution (largest lowest)
+    assert not (store / big.split(":", 1)[1]).exists()
+    records = [json.loads(p.read_text()) for p in (methods.cache_dir / "store" / "index" / "groups").glob("*.json")]
+    assert any(r["diff_id"] == big and r.get("released") for r in records)
+
+    # export reads the big layer back from the engine, byte for byte, and leaves no copy behind
+    out = tmp_path / "solo.envmgr.tar"
+    methods.envmgr("export", name, "-o", str(out))
+    with tarfile.open(out) as tar:
+        member = tar.getmember(f"{big.split(':', 1)[1]}/layer.tar")
+        assert "sha256:" + hashlib.sha256(tar.extractfile(member).read()).hexdigest() == big
+    assert not (store / big.split(":", 1)[1]).exists()
+    assert not list((methods.cache_dir / "work").glob("from-engine-*"))
+
+    # the engine loses the image (and with it the only copy): a rebuild installs that layer again
+    engine.images.remove(first["image"], force=True)
+    second = methods.build(name, "--force")
+    assert "making them again" in second["stderr"], second["stderr"][-2000:]
+    assert second["image"] == first["image"]
+    assert not (store / big.split(":", 1)[1]).exists()   # handed over again

@@ -1,0 +1,136 @@
+"""Layer bytes read back from the engine (issue 16: the environment is not kept twice).
+
+Once an image is loaded, the layer store drops its copies of the large environment layers
+(`LayerStore.release`); the engine's copy is the only one. What needs those bytes again as files
+(`export`, the squashfs export, an SBOM whose facts are not cached) reads them back from the engine
+with `docker save`: the engine re-assembles each layer tar byte for byte (its tar-split metadata), so
+the bytes hash to the same diff ID. Each one is checked by hash; a mismatch is an error, never used.
+
+The copies live in a temporary folder under the cache for as long as the caller needs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .context import Context
+from .errors import EnvmgrError
+from .image import CHUNK, ImageConfig, Layer
+
+# a layer's member in `docker save` output: legacy `<v1 id>/layer.tar`, or an OCI blob `blobs/sha256/<hex>`
+_LAYER_MEMBER = re.compile(r"(^|/)layer\.tar$|^blobs/sha256/[0-9a-f]{64}$")
+
+
+class _ChunkReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (the engine's HTTP stream)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def save_layers(chunks: Iterable[bytes], wanted: dict[str, int], into: Path) -> dict[str, Path]:
+    """Pick the layers `wanted` (diff ID -> size) out of a `docker save` stream into `into/<hex>`.
+
+    Only members of a wanted size are written and hashed; the rest are skipped as they stream by.
+    Returns the layers found (diff ID -> file); one whose bytes hash to no wanted diff ID is dropped.
+    """
+    sizes = set(wanted.values())
+    found: dict[str, Path] = {}
+    reader = io.BufferedReader(_ChunkReader(chunks), buffer_size=CHUNK)
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile() or info.size not in sizes or not _LAYER_MEMBER.search(info.name):
+                continue
+            source = tar.extractfile(info)
+            if source is None:
+                continue
+            fd, tmp_name = tempfile.mkstemp(dir=into, prefix=".from-engine-")
+            sha = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(CHUNK):
+                    sha.update(chunk)
+                    out.write(chunk)
+            diff_id = "sha256:" + sha.hexdigest()
+            if diff_id in wanted and diff_id not in found:
+                final = into / sha.hexdigest()
+                os.replace(tmp_name, final)
+                found[diff_id] = final
+            else:
+                os.unlink(tmp_name)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+@contextlib.contextmanager
+def with_layer_files(ctx: Context, config: ImageConfig, image_id: str,
+                     skip: frozenset[str] = frozenset()) -> Iterator[ImageConfig]:
+    """`config` with a file behind every layer (but those in `skip`): missing ones read back from the
+    engine's image `image_id` into a temporary folder, removed when the block ends."""
+    missing = {layer.diff_id: layer.size for layer in config.layers
+               if layer.diff_id not in skip and not layer.path.is_file()}
+    if not missing:
+        yield config
+        return
+    work = ctx.cache_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    total = sum(missing.values())
+    free = shutil.disk_usage(work).free
+    if free < total + (64 << 20):
+        raise EnvmgrError(f"reading {len(missing)} layer(s) back from the engine needs {total / 1e9:.1f} GB in "
+                          f"{work}; {free / 1e9:.1f} GB free", hint="free space there, or set cache_dir "
+                          "(ENVMGR_CACHE_DIR) to a larger disk")
+    with tempfile.TemporaryDirectory(dir=work, prefix="from-engine-") as scratch:
+        with ctx.ui.progress(f"reading {len(missing)} layer(s) back from the engine ({total / 1e9:.1f} GB; the "
+                             "store keeps no second copy)", total=None, unit="bytes") as task:
+            def counted() -> Iterator[bytes]:
+                for chunk in ctx.engine.save_image(image_id):
+                    task.advance(len(chunk))
+                    yield chunk
+
+            found = save_layers(counted(), missing, Path(scratch))
+        lost = sorted(set(missing) - set(found))
+        if lost:
+            raise EnvmgrError(f"the engine's image {image_id[:19]} did not give back layer(s) "
+                              f"{', '.join(d[:19] for d in lost)} with their recorded bytes",
+                              hint="rebuild the image (`envmgr build --force METHOD`)")
+        layers = [dataclasses.replace(layer, path=found[layer.diff_id]) if layer.diff_id in found else layer
+                  for layer in config.layers]
+        yield dataclasses.replace(config, layers=layers)
+
+
+def layer_file(ctx: Context, layer: Layer, image_id: str) -> contextlib.AbstractContextManager[Path]:
+    """One layer's file (read back from the engine's `image_id` when the store dropped it)."""
+
+    @contextlib.contextmanager
+    def opened() -> Iterator[Path]:
+        config = ImageConfig(layers=[layer])
+        with with_layer_files(ctx, config, image_id) as full:
+            yield full.layers[0].path
+
+    return opened()
