@@ -3,6 +3,7 @@ through the Engine API, tagged by the content hash of its inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import fnmatch
@@ -134,17 +135,18 @@ class BuildTarget:
         """Base + environment layers + [system packages +] method layer, from the cache (or made again)."""
         return self.config(ctx).layers
 
-    def config(self, ctx: Context, need_bytes: frozenset[str] = frozenset()) -> ImageConfig:
+    def config(self, ctx: Context, need_bytes: frozenset[str] = frozenset(),
+               defer: contextlib.ExitStack | None = None) -> ImageConfig:
         """The image config of these inputs, its layers taken from the cache (or made again when missing).
 
         An environment layer whose bytes were handed to the engine has no file; one whose diff ID is in
-        `need_bytes` is made again (see _assemble).
+        `need_bytes` is made again (see _assemble). `defer`: see layers.build_env_layers.
 
         The system layer sits above the environment layers: the engine shares a layer between images
         only when every layer below it is the same, so methods with and without system packages still
         share their torch layers.
         """
-        env = env_layers(ctx, self.spec, self.base, self.inputs, need_bytes)
+        env = env_layers(ctx, self.spec, self.base, self.inputs, need_bytes, defer)
         system = system_layer(ctx, self.spec, self.base)
         layers = [self.base.layer, *env.layers, *([system] if system else []),
                   method_layer(ctx, self.spec, self.inputs, self.digest)]
@@ -247,7 +249,7 @@ def is_layered(spec: MethodSpec) -> bool:
 
 
 def env_layers(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str],
-               need_bytes: frozenset[str] = frozenset()) -> EnvLayers:
+               need_bytes: frozenset[str] = frozenset(), defer: contextlib.ExitStack | None = None) -> EnvLayers:
     """The environment's layers, bottom first: per distribution from the layer store (poetry, pip) or
     one layer (conda: rattler links the whole prefix with the method's own path in its files)."""
     entries_of = getattr(get_backend(spec), "layer_entries", None)
@@ -258,7 +260,7 @@ def env_layers(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, 
         return EnvLayers([layer], ["environment"], archs)
     entries, extra_indexes = entries_of(ctx, spec, base)
     return build_env_layers(ctx, spec.name, base, entries, extra_indexes, data["layout"], data["installer"],
-                            uv_version(ctx), bool(lock_facts(spec).torch), need_bytes)
+                            uv_version(ctx), bool(lock_facts(spec).torch), need_bytes, defer)
 
 
 def env_layer(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str],
@@ -395,16 +397,21 @@ def image_config(spec: MethodSpec, base: BaseImage, layers: list[Layer], data: d
 
 
 def _assemble(ctx: Context, wanted: BuildTarget) -> str:
+    with contextlib.ExitStack() as defer:   # new large layers go from their staging trees into the engine
+        return _assemble_in(ctx, wanted, defer)
+
+
+def _assemble_in(ctx: Context, wanted: BuildTarget, defer: contextlib.ExitStack) -> str:
     tag = wanted.tag
     ctx.ui.step(f"building {tag}")
-    config = wanted.config(ctx)
+    config = wanted.config(ctx, defer=defer)
     present = ctx.engine.present_layers([layer.diff_id for layer in config.layers])
     lacking = _lacking_bytes(config, present)
     if lacking:
         # their bytes went to the engine, which holds them on another chain (or lost them): make them again
         ctx.ui.step(f"{len(lacking)} environment layer(s) are not in the engine below this image: making "
                     "them again")
-        config = wanted.config(ctx, need_bytes=lacking)
+        config = wanted.config(ctx, need_bytes=lacking, defer=defer)
         present = ctx.engine.present_layers([layer.diff_id for layer in config.layers])
         if _lacking_bytes(config, present):
             raise EnvmgrError(f"{wanted.spec.name}: environment layers left the engine during the build "
@@ -431,7 +438,7 @@ def _assemble(ctx: Context, wanted: BuildTarget) -> str:
 def _lacking_bytes(config: ImageConfig, present: frozenset[str]) -> frozenset[str]:
     """Diff IDs the load must send (the engine lacks their chain) but that have no file here."""
     return frozenset(layer.diff_id for layer in config.layers
-                     if layer.diff_id not in present and not layer.path.is_file())
+                     if layer.diff_id not in present and not layer.path.is_file() and not layer.trees)
 
 
 def _load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> str:

@@ -7,15 +7,18 @@ sha256 of the config bytes) depends on nothing but the content.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import stat
 import tarfile
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, cast
 
 # 2000-01-01T00:00:00Z: a fixed time for every entry and the config (0 confuses some tools).
 EPOCH = 946684800
@@ -56,9 +59,10 @@ class ExtraFile:
 
 @dataclass
 class Layer:
-    path: Path          # the uncompressed layer tar on disk
+    path: Path          # the uncompressed layer tar on disk (absent for a measured or released layer)
     diff_id: str        # sha256:<hex> of the uncompressed tar
     size: int
+    trees: tuple[tuple[Path, str], ...] = ()   # a measured layer: the host trees its bytes are made from
 
 
 def _parents(target: str) -> list[str]:
@@ -78,13 +82,9 @@ def tarinfo(name: str, kind: bytes, mode: int, size: int = 0, linkname: str = ""
     return info
 
 
-def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: Iterable[ExtraFile] = (),
-                progress: Callable[[int], None] | None = None) -> Layer:
-    """Write a layer tar holding each host `tree` under its image path, plus `extra_files`.
-
-    Entries are sorted by path; hard links become plain files; sockets and devices are skipped.
-    The file is written under a temporary name and renamed when complete.
-    """
+def layer_entries(trees: Iterable[tuple[Path, str]] = (), extra_files: Iterable[ExtraFile] = ()
+                  ) -> dict[str, tuple[str, Path | ExtraFile | None]]:
+    """Every entry of a layer holding each host `tree` under its image path, plus `extra_files`, by name."""
     entries: dict[str, tuple[str, Path | ExtraFile | None]] = {}
     for source, target in trees:
         for parent in _parents(target):
@@ -100,11 +100,22 @@ def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: 
         for parent in _parents(str(PurePosixPath(extra.path).parent)):
             entries.setdefault(parent, ("dir", None))
         entries[extra.path.strip("/")] = ("extra", extra)
+    return entries
 
+
+def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: Iterable[ExtraFile] = (),
+                progress: Callable[[int], None] | None = None) -> Layer:
+    """Write a layer tar holding each host `tree` under its image path, plus `extra_files`.
+
+    Entries are sorted by path; hard links become plain files; sockets and devices are skipped.
+    The file is written under a temporary name and renamed when complete.
+    """
+    entries = layer_entries(trees, extra_files)
     tmp = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        writer = _write_entries(tmp, entries, progress)
+        with open(tmp, "wb") as raw:
+            writer = _write_entries(raw, entries, progress)
     except BaseException:
         tmp.unlink(missing_ok=True)   # a failed or interrupted write leaves no partial layer behind
         raise
@@ -112,35 +123,101 @@ def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: 
     return Layer(path=out, diff_id="sha256:" + writer.sha.hexdigest(), size=writer.size)
 
 
-def _write_entries(tmp: Path, entries: dict[str, tuple[str, Path | ExtraFile | None]],
+class _Discard(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+def measure_layer(trees: list[tuple[Path, str]], at: Path, progress: Callable[[int], None] | None = None) -> Layer:
+    """The layer of these host trees, hashed but not written: its bytes are made again from the trees when
+    they are sent (`open_layer`), so a layer that goes straight into the engine is never on disk twice.
+    `at` is where the layer's file would be (it does not exist)."""
+    writer = _write_entries(_Discard(), layer_entries(trees), progress)
+    return Layer(path=at, diff_id="sha256:" + writer.sha.hexdigest(), size=writer.size, trees=tuple(trees))
+
+
+@contextlib.contextmanager
+def open_layer(layer: Layer) -> Iterator[BinaryIO]:
+    """The layer's bytes: its file, or, for a measured layer, its tar made again from its trees (checked
+    against its diff ID as it goes: trees changed since they were measured fail the read)."""
+    if layer.path.is_file() or not layer.trees:
+        with open(layer.path, "rb") as fh:
+            yield fh
+        return
+    read_end, write_end = os.pipe()
+    result: dict = {}
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_end, "wb", buffering=CHUNK) as sink:
+                result["writer"] = _write_entries(sink, layer_entries(layer.trees), None)
+        except BaseException as exc:  # noqa: BLE001 - reported to the reader below
+            result["error"] = exc
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    source = os.fdopen(read_end, "rb", buffering=CHUNK)
+    try:
+        yield cast(BinaryIO, _Checked(source, layer, result, thread))
+    finally:
+        source.close()     # a producer still writing gets a broken pipe and stops
+        thread.join()
+
+
+class _Checked:
+    """Reads a measured layer's regenerated bytes; at their end, checks they are the measured ones."""
+
+    def __init__(self, source: BinaryIO, layer: Layer, result: dict, thread: threading.Thread):
+        self.source, self.layer, self.result, self.thread = source, layer, result, thread
+        self.left = layer.size
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size if size >= 0 else self.left)
+        self.left -= len(data)
+        if self.left <= 0 or not data:
+            self.thread.join()
+            writer = self.result.get("writer")
+            error = self.result.get("error")
+            if error is not None and not isinstance(error, BrokenPipeError):
+                raise error
+            if writer is None or "sha256:" + writer.sha.hexdigest() != self.layer.diff_id \
+                    or writer.size != self.layer.size:
+                raise OSError(f"layer {self.layer.diff_id[:19]} changed after it was measured "
+                              "(its files were modified meanwhile)")
+        return data
+
+
+def _write_entries(raw, entries: dict[str, tuple[str, Path | ExtraFile | None]],
                    progress: Callable[[int], None] | None) -> HashingWriter:
-    with open(tmp, "wb") as raw:
-        writer = HashingWriter(raw)
-        with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for name in sorted(entries):
-                kind, item = entries[name]
-                if kind == "dir":
-                    tar.addfile(tarinfo(name, tarfile.DIRTYPE, 0o755))
-                elif kind == "extra":
-                    assert isinstance(item, ExtraFile)
-                    if item.link:
-                        tar.addfile(tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=item.link))
-                        continue
-                    tar.addfile(tarinfo(name, tarfile.REGTYPE, item.mode, len(item.data)), io.BytesIO(item.data))
+    writer = HashingWriter(raw)
+    with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in sorted(entries):
+            kind, item = entries[name]
+            if kind == "dir":
+                tar.addfile(tarinfo(name, tarfile.DIRTYPE, 0o755))
+            elif kind == "extra":
+                assert isinstance(item, ExtraFile)
+                if item.link:
+                    tar.addfile(tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=item.link))
+                    continue
+                tar.addfile(tarinfo(name, tarfile.REGTYPE, item.mode, len(item.data)), io.BytesIO(item.data))
+                if progress:
+                    progress(len(item.data))
+            else:
+                assert isinstance(item, Path)
+                st = item.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    tar.addfile(tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=os.readlink(item)))
+                elif stat.S_ISDIR(st.st_mode):
+                    tar.addfile(tarinfo(name, tarfile.DIRTYPE, st.st_mode))
+                elif stat.S_ISREG(st.st_mode):
+                    with open(item, "rb") as fh:
+                        tar.addfile(tarinfo(name, tarfile.REGTYPE, st.st_mode, st.st_size), fh)
                     if progress:
-                        progress(len(item.data))
-                else:
-                    assert isinstance(item, Path)
-                    st = item.lstat()
-                    if stat.S_ISLNK(st.st_mode):
-                        tar.addfile(tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=os.readlink(item)))
-                    elif stat.S_ISDIR(st.st_mode):
-                        tar.addfile(tarinfo(name, tarfile.DIRTYPE, st.st_mode))
-                    elif stat.S_ISREG(st.st_mode):
-                        with open(item, "rb") as fh:
-                            tar.addfile(tarinfo(name, tarfile.REGTYPE, st.st_mode, st.st_size), fh)
-                        if progress:
-                            progress(st.st_size)
+                        progress(st.st_size)
     return writer
 
 
@@ -225,7 +302,7 @@ def write_archive(out, config: ImageConfig, repo_tags: list[str],
             if layer.diff_id in present:
                 continue
             tar.addfile(tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
-            with open(layer.path, "rb") as fh:
+            with open_layer(layer) as fh:
                 tar.addfile(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), CountingReader(fh, progress))
         tar.addfile(tarinfo("manifest.json", tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
     return "sha256:" + image_hex

@@ -30,6 +30,7 @@ stay one layer: see build.env_layer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ from .containers import BindMount
 from .context import Context
 from .errors import EnvmgrError
 from .files import atomic_write
-from .image import Layer, file_sha256, write_layer
+from .image import Layer, file_sha256, measure_layer, write_layer
 
 PHYSICAL_PREFIX = f"{paths.CONTAINER_ENVS_ROOT}/.shared"
 BIG_BYTES = 32 * 1024 * 1024
@@ -285,6 +286,14 @@ class LayerStore:
                 freed += size
         return freed
 
+    def record_sent(self, key: str, layer: Layer) -> None:
+        """Record a layer that goes from its trees straight into the engine (never written here): released.
+
+        Should the build fail before the engine holds it, the next build finds the engine lacking it and
+        makes it again (see build._assemble)."""
+        atomic_write(self._group_record(key), json.dumps({"diff_id": layer.diff_id, "size": layer.size,
+                                                          "stamp": None, "released": True}))
+
     def dist(self, key: str) -> dict:
         try:
             data = json.loads(self._dist_record(key).read_text())
@@ -455,10 +464,15 @@ def tree_size(root: Path) -> int:
     return total
 
 
-def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, list[tuple[Path, str]]]]
-                  ) -> dict[str, Layer]:
+def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, list[tuple[Path, str]]]],
+                  send: bool = False) -> dict[str, Layer]:
     """Write the missing layers, a few at a time (tar writing and hashing release the GIL), largest first;
-    each distribution's tree is removed once its layer is in the store (the env is not kept twice)."""
+    each distribution's tree is removed once its layer is in the store.
+
+    With `send` (a build that loads the image next), a layer of RELEASE_BYTES or more is only measured
+    (hashed, not written): the load makes its bytes again from its trees, which stay until then, and the
+    store never holds it (it would drop it right after the load anyway).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     if not missing:
@@ -474,6 +488,12 @@ def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, li
 
         def write(item: tuple[Group, list[tuple[Path, str]]]) -> None:
             group, trees = item
+            if send and sizes[group.key] >= RELEASE_BYTES:
+                layer = measure_layer(trees, store.layers / "measured", progress=advance)
+                layer.path = store.layer_path(layer.diff_id)
+                store.record_sent(group.key, layer)
+                written[group.key] = layer
+                return
             written[group.key] = store.put_group(group.key, trees, progress=advance)
             for tree, _ in trees:
                 shutil.rmtree(tree, ignore_errors=True)
@@ -485,10 +505,13 @@ def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, li
 
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
                      layout: str, installer: str, uv: str, has_torch: bool,
-                     need_bytes: frozenset[str] = frozenset()) -> EnvLayers:
+                     need_bytes: frozenset[str] = frozenset(),
+                     defer: contextlib.ExitStack | None = None) -> EnvLayers:
     """The environment's layers from the store, installing only the distributions a missing layer needs.
 
     A layer whose bytes went to the engine counts as there, unless its diff ID is in `need_bytes`.
+    `defer`: the build's exit stack, when it loads the image next: new large layers are then measured,
+    not written, and their staging trees stay until the stack closes (see _write_groups).
     """
     store = store_for(ctx)
     python_version = base.python_version or ""
@@ -499,6 +522,7 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
     stage_root.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=stage_root, prefix=f"{method}-units-"))
     staged: set[str] = set()
+    kept_for_load = False
     skeleton_staged = False
     archs: list[str] | None = None
     try:
@@ -540,14 +564,23 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
                 raise EnvmgrError(f"{method}: environment layer {group.label} left the layer store during "
                                   "the build (a concurrent gc?)", hint="run the build again")
             missing.append((group, trees))
-        found_layers.update(_write_groups(ctx, store, missing))
+        found_layers.update(_write_groups(ctx, store, missing, send=defer is not None))
         layers = [found_layers[group.key] for group in plan]
         labels = [group.label for group in plan]
         if torch is not None and has_torch:
             archs = store.dist(torch.key).get("gpu_archs", archs or [])
         ctx.ui.step(f"environment: {len(layers)} layers, {len(staged)} of {len(dists)} distributions installed "
                     "now, the rest from the layer store")
-        return EnvLayers(layers, labels, archs if has_torch else [], sorted(u.name for u in dists
-                                                                            if u.key in staged))
+        result = EnvLayers(layers, labels, archs if has_torch else [], sorted(u.name for u in dists
+                                                                              if u.key in staged))
+        sent = [layer for layer in layers if layer.trees]
+        if sent:
+            ctx.ui.step(f"{len(sent)} large environment layer(s) ({sum(la.size for la in sent) / 1e9:.1f} GB) go "
+                        "straight into the engine: the layer store keeps no copy")
+        if defer is not None and sent:
+            defer.callback(shutil.rmtree, stage, ignore_errors=True)   # after the load has read them
+            kept_for_load = True
+        return result
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if not kept_for_load:
+            shutil.rmtree(stage, ignore_errors=True)

@@ -74,28 +74,44 @@ def _normal(name: str) -> str:
 def layer_facts(path: Path) -> dict:
     """What an SBOM needs from one environment layer, read in one pass: each dist-info's name, version and
     RECORD sha256, and each conda-meta record's name, version, build, sha256 and subdir."""
+    with tarfile.open(path, mode="r:") as tar:
+        return _facts((info.name, lambda info=info: tar.extractfile(info).read())  # type: ignore[union-attr]
+                      for info in tar if info.isfile())
+
+
+def tree_layer_facts(trees) -> dict:
+    """layer_facts of a measured layer, from the host trees its bytes are made of (no tar made)."""
+    from .image import layer_entries
+
+    return _facts((name, lambda item=item: Path(item).read_bytes())
+                  for name, (kind, item) in sorted(layer_entries(trees).items()) if kind == "host"
+                  and _wanted(name) and Path(item).is_file() and not Path(item).is_symlink())  # type: ignore[arg-type]
+
+
+def _wanted(name: str) -> bool:
+    return bool(_DIST_INFO.search(name) or _CONDA_META.search(name))
+
+
+def _facts(files) -> dict:
     metadata: dict[str, list[str]] = {}
     records: dict[str, str] = {}
     conda: list[dict] = []
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
+    for name, read in files:
+        match = _DIST_INFO.search(name)
+        if match:
+            body = read()
+            if match.group(2) == "RECORD":
+                records[match.group(1)] = hashlib.sha256(body).hexdigest()
+            else:
+                headers = email.parser.BytesHeaderParser().parsebytes(body)
+                metadata[match.group(1)] = [str(headers.get("Name", "")), str(headers.get("Version", ""))]
+        elif _CONDA_META.search(name):
+            try:
+                record = json.loads(read())
+            except json.JSONDecodeError:
                 continue
-            match = _DIST_INFO.search(info.name)
-            if match:
-                body = tar.extractfile(info).read()  # type: ignore[union-attr]
-                if match.group(2) == "RECORD":
-                    records[match.group(1)] = hashlib.sha256(body).hexdigest()
-                else:
-                    headers = email.parser.BytesHeaderParser().parsebytes(body)
-                    metadata[match.group(1)] = [str(headers.get("Name", "")), str(headers.get("Version", ""))]
-            elif _CONDA_META.search(info.name):
-                try:
-                    record = json.loads(tar.extractfile(info).read())  # type: ignore[union-attr]
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and "name" in record:
-                    conda.append({k: record.get(k) for k in ("name", "version", "build", "sha256", "subdir")})
+            if isinstance(record, dict) and "name" in record:
+                conda.append({k: record.get(k) for k in ("name", "version", "build", "sha256", "subdir")})
     return {"metadata": metadata, "records": records, "conda": conda}
 
 
@@ -116,6 +132,8 @@ def cached_layer_facts(ctx: Context, layer: Layer, image_id: str) -> dict:
     except (OSError, ValueError):
         if layer.path.is_file():
             facts = layer_facts(layer.path)
+        elif layer.trees:
+            facts = tree_layer_facts(layer.trees)
         else:
             with layer_file(ctx, layer, image_id) as path:
                 facts = layer_facts(path)

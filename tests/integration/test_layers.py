@@ -263,7 +263,7 @@ def test_large_layers_live_only_in_the_engine_and_are_read_back_for_export(metho
     name = methods.add(["lyr-bigsolo", "lyr-apple==1.0"])
     methods.envmgr("lock", name)
     first = methods.build(name)
-    assert "stored copies dropped" in first["stderr"]
+    assert "straight into the engine" in first["stderr"]
     diff_ids = _layers(engine, first["image"])
     store = methods.cache_dir / "store" / "layers"
     big = diff_ids[2]   # base, skeleton, then the big distribution (largest lowest)

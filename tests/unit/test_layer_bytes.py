@@ -113,3 +113,40 @@ def test_gc_drops_second_copies_and_records_of_layers_gone_from_the_engine(tmp_p
     assert store.group("big") is not None           # still known: its record stays, marked released
     assert store.group("small") is not None and store.layer_path(trees["small"]).is_file()
     assert store.group("gone") is None
+
+
+def _site_tree(root):
+    site = root / "lib" / "python3.11" / "site-packages"
+    (site / "pkg").mkdir(parents=True)
+    (site / "pkg" / "__init__.py").write_text("X = 1\n")
+    (site / "pkg" / "data.bin").write_bytes(bytes(range(256)) * 500)
+    info = site / "pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pkg\nVersion: 1.0\n")
+    (info / "RECORD").write_text("pkg/__init__.py,,\n")
+    (root / "bin").mkdir()
+    (root / "bin" / "tool").symlink_to("../lib/python3.11/site-packages/pkg/__init__.py")
+    return [(root, "/opt/envmgr/envs/.shared")]
+
+
+def test_a_measured_layer_is_the_written_one_made_again_from_its_trees(tmp_path):
+    import pytest
+
+    from envmgr.image import measure_layer, open_layer, write_layer
+    from envmgr.sbom import layer_facts, tree_layer_facts
+
+    trees = _site_tree(tmp_path / "tree")
+    written = write_layer(tmp_path / "written.tar", trees=trees)
+    measured = measure_layer(trees, tmp_path / "absent.tar")
+    assert (measured.diff_id, measured.size) == (written.diff_id, written.size)
+    assert not measured.path.exists()
+    with open_layer(measured) as fh:
+        assert fh.read(written.size) == written.path.read_bytes()
+    assert tree_layer_facts(trees) == layer_facts(written.path)
+    assert tree_layer_facts(trees)["metadata"]
+    # a tree changed after it was measured never passes for the measured layer
+    (tmp_path / "tree" / "lib" / "python3.11" / "site-packages" / "pkg" / "__init__.py").write_text("X = 2\n")
+    with pytest.raises(OSError, match="changed after it was measured"):
+        with open_layer(measured) as fh:
+            while fh.read(1 << 16):
+                pass
