@@ -37,7 +37,7 @@ from .gpu import GpuRequest, parse_gpus
 from .gpu_plan import preflight as gpu_preflight
 from .image import file_sha256
 from .records import check_run_id, write_record
-from .run_datasets import prepare_dataset, record as dataset_record
+from .run_datasets import RunDataset, prepare_dataset, record as dataset_record
 from .run_inputs import RunInput, copy_method, parse_env, parse_inputs, recorded_env, recorded_inputs
 from .spec import MethodSpec, find_method
 from .ui import TrainingProgress
@@ -269,6 +269,51 @@ def _recorded_input(base_dir: Path, record: dict, key: str, folder: str) -> Path
     return path
 
 
+@dataclass(frozen=True)
+class RunData:
+    """A run's model and dataset on this host: as given, or (--resume, a scheduler's job step) as its record
+    says. A local run and a Slurm submission (envmgr/slurm.py) resolve, prepare and record them here."""
+
+    model: Path | None
+    dataset: Path | None
+    recorded_mode: str | None = None     # the record's dataset_mode, kept while the dataset is not named again
+
+    def prepare(self, spec: MethodSpec, run_dir: Path, user: str) -> RunDataset | None:
+        """The dataset as the run sees it (run_datasets.py): extracted or copied into the run dir once. The
+        writable copy lives in rank 0's work/, so a scheduler's job steps all find the one its submission made."""
+        if self.dataset is None:
+            return None
+        work = run_dir / records.WORK
+        if work.is_symlink():
+            raise UsageError(f"{work} is a symbolic link; envmgr will not mount it")
+        work.mkdir(exist_ok=True)
+        _hand_to(work, user)
+        return prepare_dataset(spec, self.dataset, run_dir, work, user, self.recorded_mode)
+
+    def record(self, prepared: RunDataset | None, run_dir: Path, cache_dir: Path) -> dict:
+        """run.json's `model` and `dataset`: name, path and content hash; the dataset's mode and copy."""
+        model, dataset = self.model, self.dataset
+        return {
+            "model": {"name": model.name, "path": str(model), "hash": content_hash(model, cache_dir)}
+            if model else None,
+            "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset, cache_dir),
+                        **dataset_record(prepared, run_dir)}
+            if dataset and prepared else None,
+        }
+
+
+def run_data(base_dir: Path, request: RunRequest, previous: dict | None) -> RunData:
+    """The model and dataset a run uses: `--model`/`--dataset` when given (or for a new run), else the
+    record's, accepted only inside the base dir's folders."""
+    spec = request.method
+    model = (resolve_model(base_dir, request.model, spec) if request.model or previous is None
+             else _recorded_input(base_dir, previous, "model", "models"))
+    dataset = (resolve_dataset(base_dir, request.dataset) if request.dataset or previous is None
+               else _recorded_input(base_dir, previous, "dataset", "datasets"))
+    mode = ((previous or {}).get("dataset") or {}).get("mode") if request.dataset is None else None
+    return RunData(model, dataset, mode if isinstance(mode, str) else None)
+
+
 def _resume(ctx: Context, request: RunRequest, base_dir: Path) -> tuple[Path, dict]:
     spec = request.method
     run_id = check_run_id(request.resume or "")
@@ -345,10 +390,6 @@ def run(ctx: Context, request: RunRequest) -> dict:
     if request.resume or node:
         run_dir, previous = _node_record(base_dir, spec, node) if node else _resume(ctx, request, base_dir)
         run_id = previous["run_id"]
-        model = (resolve_model(base_dir, request.model, spec) if request.model
-                 else _recorded_input(base_dir, previous, "model", "models"))
-        dataset = (resolve_dataset(base_dir, request.dataset) if request.dataset
-                   else _recorded_input(base_dir, previous, "dataset", "datasets"))
         recorded_args = previous.get("arguments")
         if not isinstance(recorded_args, list) or not all(isinstance(a, str) for a in recorded_args):
             raise UsageError(f"{run_dir / records.RECORD}: its arguments are not a list of strings")
@@ -356,13 +397,13 @@ def run(ctx: Context, request: RunRequest) -> dict:
         gpu_text = request.gpus if request.gpus is not None else previous.get("gpus")
         as_root = request.as_root or bool(previous.get("as_root"))
     else:
-        model = resolve_model(base_dir, request.model, spec)
-        dataset = resolve_dataset(base_dir, request.dataset)
         run_id = new_run_id()
         run_dir = base_dir / "runs" / spec.name / run_id
         args = list(request.args)
         gpu_text = request.gpus
         as_root = request.as_root
+    data = run_data(base_dir, request, previous)
+    model = data.model
 
     gpus = resolve_gpus(ctx, spec, gpu_text if isinstance(gpu_text, str) else None)
     device_requests = gpu_devices(gpus)
@@ -376,7 +417,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
 
     inputs, user_env = _given(request, previous, run_dir)
     user = _run_user(ctx, as_root)
-    _check_inputs_readable([("model", model), ("dataset", dataset)]
+    _check_inputs_readable([("model", model), ("dataset", data.dataset)]
                            + [(f"input {i.name}", i.path) for i in inputs], user)
     result = build_image(ctx, spec)
     gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
@@ -389,8 +430,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         _hand_to(folder, user)
     if spec.workdir == "method":
         copy_method(spec, work, user, _excluded(spec))
-    recorded_mode = ((previous or {}).get("dataset") or {}).get("mode") if request.dataset is None else None
-    prepared = prepare_dataset(spec, dataset, run_dir, work, user, recorded_mode) if dataset else None
+    prepared = data.prepare(spec, run_dir, user)
 
     # Only output/ and the scratch work/ are writable by the method; run.json and log.txt are not mounted.
     mounts = [BindMount(work, paths.CONTAINER_RUN, read_only=False),
@@ -432,11 +472,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "layout": records.LAYOUT,
         "run_id": run_id, "method": spec.name, "image": {"id": result.image_id, "tag": result.tag},
         "lock_hash": result.lock_hash, "inputs_hash": result.inputs_hash,
-        "model": {"name": model.name, "path": str(model), "hash": content_hash(model, ctx.cache_dir)}
-        if model else None,
-        "dataset": {"name": dataset.name, "path": str(dataset), "hash": content_hash(dataset, ctx.cache_dir),
-                    **dataset_record(prepared, run_dir)}
-        if dataset and prepared else None,
+        **data.record(prepared, run_dir, ctx.cache_dir),
         "inputs": [{"name": i.name, "path": str(i.path), "hash": content_hash(i.path, ctx.cache_dir)}
                    for i in inputs],
         "env": user_env,

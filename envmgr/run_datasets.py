@@ -113,6 +113,20 @@ def _give(folder: Path, user: str, writable: bool) -> None:
         path.chmod(path.stat().st_mode | bits)
 
 
+def recorded(entry: dict, run_dir: Path) -> RunDataset:
+    """The dataset a run's record describes, as it is mounted: its copy in the run dir, or the file as given
+    (a scheduler's container runtime mounts it from the record; a copy outside the run dir is refused)."""
+    mode = entry.get("mode") or "archive"
+    target = entry.get("mounted_at") or f"{paths.CONTAINER_DATA}/{entry['name']}"
+    copy = entry.get("copy")
+    if not copy:
+        return RunDataset(mode, target.rsplit("/", 1)[-1], Path(entry["path"]))
+    path = run_dir / copy
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        raise UsageError(f"the run record's dataset copy ({copy!r}) is not inside {run_dir}; envmgr will not mount it")
+    return RunDataset(mode, target.rsplit("/", 1)[-1], path)
+
+
 def record(prepared: RunDataset, run_dir: Path) -> dict[str, str]:
     """What run.json says about how the dataset was handed to the run."""
     where = str(prepared.path.relative_to(run_dir)) if prepared.path.is_relative_to(run_dir) else None

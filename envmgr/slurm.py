@@ -141,7 +141,7 @@ def node_address(node: str) -> str:
 def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     """Check, write run.json + job.sbatch into a run dir, sbatch it; with --wait follow it to the end."""
     from .build import build as build_image, target
-    from .run import content_hash, new_run_id, prepare_base_dir, resolve_dataset, resolve_model
+    from .run import _run_user, new_run_id, prepare_base_dir, run_data
 
     spec: MethodSpec = request.method
     gpus_per_node = _check_request(request, spec, slurm)
@@ -157,21 +157,18 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     previous: dict | None = None
     if request.resume:
         run_id, run_dir, previous, args = _resubmit(ctx, spec, request.resume)
-        model, dataset = previous.get("model"), previous.get("dataset")
     else:
-        model_path = resolve_model(base_dir, request.model, spec)
-        dataset_path = resolve_dataset(base_dir, request.dataset)
         run_id = new_run_id()
         run_dir = base_dir / "runs" / spec.name / run_id
         args = list(request.args)
-        model = ({"name": model_path.name, "path": str(model_path), "hash": content_hash(model_path, ctx.cache_dir)}
-                 if model_path else None)
-        dataset = ({"name": dataset_path.name, "path": str(dataset_path),
-                    "hash": content_hash(dataset_path, ctx.cache_dir)} if dataset_path else None)
+    data = run_data(base_dir, request, previous)
+    as_root = request.as_root or bool(previous and previous.get("as_root"))
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
     if slurm.runtime == "pyxis":      # a docker step makes them itself, owned by the user its container runs as
         for sub in (records.OUTPUT, records.WORK):
             (run_dir / sub).mkdir(exist_ok=True)
+    # the dataset as the method's dataset_mode asks, extracted here into the shared run dir: the steps find it
+    prepared = data.prepare(spec, run_dir, _run_user(ctx, as_root))
 
     network = "host" if slurm.machines > 1 else request.network
     record = previous or {}
@@ -183,10 +180,10 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
                  "script": SCRIPT, "submitted": _now()}
     record.update({
         "run_id": run_id, "method": spec.name, "image": {"id": image_id, "tag": tag},
-        "layout": records.LAYOUT, "lock_hash": wanted.lock_hash, "inputs_hash": inputs_hash, "model": model,
-        "dataset": dataset, "arguments": args, "gpus": f"{gpus_per_node} per node", "network": network,
-        "shm_size": request.shm_size, "memory": request.memory,
-        "as_root": request.as_root or bool(previous and previous.get("as_root")),
+        "layout": records.LAYOUT, "lock_hash": wanted.lock_hash, "inputs_hash": inputs_hash,
+        **data.record(prepared, run_dir, ctx.cache_dir),
+        "arguments": args, "gpus": f"{gpus_per_node} per node", "network": network,
+        "shm_size": request.shm_size, "memory": request.memory, "as_root": as_root,
         "variant": request.variant or (previous or {}).get("variant"),
         "status": "pending", "exit_code": None, "reason": None, "ended": None, "scheduler": scheduler,
     })
@@ -216,8 +213,6 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
 
 def _resubmit(ctx: Context, spec: MethodSpec, resume: str) -> tuple[str, Path, dict, list[str]]:
     """`--resume RUN --on slurm`: the run's record (read as on a local --resume), not active in Slurm."""
-    from .run import _recorded_input
-
     run_id = records.check_run_id(resume)
     run_dir = ctx.config.base_dir / "runs" / spec.name / run_id
     if run_dir.is_symlink() or not (run_dir / records.RECORD).is_file():
@@ -231,8 +226,6 @@ def _resubmit(ctx: Context, spec: MethodSpec, resume: str) -> tuple[str, Path, d
         if state and state[0] in SLURM_ACTIVE:
             raise UsageError(f"run {run_id} is still {state[0].lower()} as Slurm job {job_id}",
                              hint=f"`envmgr runs cancel {run_id}` first")
-    for key, folder in (("model", "models"), ("dataset", "datasets")):
-        _recorded_input(ctx.config.base_dir, previous, key, folder)   # refused here, not on the nodes
     recorded = previous.get("arguments")
     if not isinstance(recorded, list) or not all(isinstance(a, str) for a in recorded):
         raise UsageError(f"{run_dir / records.RECORD}: its arguments are not a list of strings")
@@ -358,6 +351,7 @@ def pyxis_step(spec: MethodSpec, record: dict, run_dir: Path) -> list[str]:
     Not run here: pyxis and enroot cannot be installed on the machines envmgr is tested on.
     """
     from .run import _entry_command
+    from .run_datasets import recorded as recorded_dataset
 
     image = record["scheduler"]["image_source"]["file"]
     # as a local run: only output/ and the scratch work/ are writable; run.json and log.txt are not mounted
@@ -365,12 +359,15 @@ def pyxis_step(spec: MethodSpec, record: dict, run_dir: Path) -> list[str]:
               f"{run_dir / records.OUTPUT}:{paths.CONTAINER_RUN}/output"]
     if record.get("model"):
         mounts.append(f"{record['model']['path']}:{paths.CONTAINER_MODELS}/{record['model']['name']}:ro")
+    exports = f"export ENVMGR_RUN_ID={_quote(record['run_id'])} ENVMGR_OUTPUT_DIR={paths.CONTAINER_RUN}/output " \
+              "HF_HUB_OFFLINE=1"
     if record.get("dataset"):
-        mounts.append(f"{record['dataset']['path']}:{paths.CONTAINER_DATA}/{record['dataset']['name']}:ro")
+        dataset = recorded_dataset(record["dataset"], run_dir)    # the copy its dataset_mode made, or as given
+        mounts.append(f"{dataset.path}:{dataset.target}" + (":ro" if dataset.read_only else ""))
+        exports += f" ENVMGR_DATASET_PATH={_quote(dataset.target)}"
     command = _entry_command(spec) + [f"--train_id={record['run_id']}",
                                       f"--output_dir={paths.CONTAINER_RUN}/output"] + record["arguments"]
-    return [f"export ENVMGR_RUN_ID={_quote(record['run_id'])} ENVMGR_OUTPUT_DIR={paths.CONTAINER_RUN}/output "
-            "HF_HUB_OFFLINE=1",
+    return [exports,
             f"srun --container-image={_quote(image)} --container-mounts={_quote(','.join(mounts))} "
             f"--container-workdir={paths.CONTAINER_RUN} --no-container-mount-home "
             + " ".join(_quote(word) for word in command) + f" >> {_quote(str(run_dir / 'log.txt'))} 2>&1"]

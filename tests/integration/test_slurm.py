@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,9 @@ print("container started at", repr(time.time()), flush=True)
 print(envmgr_alpha.GREETING, "rank", os.environ.get("ENVMGR_MACHINE_RANK"), "of",
       os.environ.get("ENVMGR_NUM_MACHINES"), "extra", os.environ.get("ACCELERATE_EXTRA_ARGS"),
       "world", os.environ.get("WORLD_SIZE"), flush=True)
+data = os.environ.get("ENVMGR_DATASET_PATH")
+if data:
+    print("dataset", data, sorted(os.listdir(data)), "writable", os.access(data, os.W_OK), flush=True)
 steps = int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--steps=")), "3"))
 delay = float(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--delay=")), "0.05"))
 out = os.environ["ENVMGR_OUTPUT_DIR"]
@@ -223,6 +227,34 @@ def test_two_machines_of_one_run_share_the_run_dir_with_ranks_and_host_network(s
     assert (run_dir / "work").is_dir() and (run_dir / "work-rank1").is_dir()
     assert rank1["container"] == record["container"] + "-rank1"
     assert _no_run_containers(engine, run_id)
+
+
+def test_an_added_methods_archive_dataset_is_extracted_at_submission_and_the_base_dir_keeps_its_zip(site):
+    """dataset_mode under Slurm as on a local run: `tiny-slurm` is an added method, so an archive is extracted."""
+    datasets = site.base_dir / "datasets"
+    datasets.mkdir(parents=True, exist_ok=True)
+    archive = datasets / "slurm-pets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("slurm-pets/images/1.jpg", "jpg")
+        zf.writestr("slurm-pets/metadata.jsonl", "{}\n")
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in datasets.iterdir()}
+    proc = _run(site, "--json", "run", NAME, "--on", "slurm", "--partition", "held", "--dataset", "slurm-pets.zip",
+                "--", "--steps=1")
+    run_id = [e for e in _events(proc) if e.get("event") == "done"][-1]["run_id"]
+    run_dir = site.base_dir / "runs" / NAME / run_id
+    pending = _record(site, run_id)
+    assert pending["status"] == "pending"       # extracted on the submitting host, before any step ran
+    assert {k: pending["dataset"][k] for k in ("mode", "mounted_at", "copy")} == {
+        "mode": "extracted", "mounted_at": "/envmgr/data/slurm-pets", "copy": "dataset/slurm-pets/slurm-pets"}
+    assert sorted(p.name for p in (run_dir / "dataset" / "slurm-pets" / "slurm-pets").iterdir()) == \
+        ["images", "metadata.jsonl"]
+    _release_held_job(site, run_id)
+    record = _record(site, run_id)
+    assert record["status"] == "succeeded", record
+    assert record["dataset"]["mode"] == "extracted" and record["dataset"]["copy"] == pending["dataset"]["copy"]
+    assert "dataset /envmgr/data/slurm-pets ['images', 'metadata.jsonl'] writable False" in \
+        (run_dir / "log.txt").read_text()
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in datasets.iterdir()} == before
 
 
 # ---------------------------------------------------------------------- bad input: one clear line each
