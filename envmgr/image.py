@@ -178,6 +178,12 @@ class _Checked:
         data = self.source.read(size if size >= 0 else self.left)
         self.left -= len(data)
         if self.left <= 0 or not data:
+            if self.left <= 0:
+                extra = self.source.read(1)   # the measured size is the whole tar: nothing may follow
+                self.source.close()           # a producer writing more stops on a broken pipe
+                if extra:
+                    self.result.setdefault("writer", None)
+                    self.result["error"] = OSError("more bytes than measured")
             self.thread.join()
             writer = self.result.get("writer")
             error = self.result.get("error")

@@ -150,3 +150,18 @@ def test_a_measured_layer_is_the_written_one_made_again_from_its_trees(tmp_path)
         with open_layer(measured) as fh:
             while fh.read(1 << 16):
                 pass
+
+
+def test_a_tree_that_grew_after_it_was_measured_fails_the_read(tmp_path):
+    import pytest
+
+    from envmgr.image import measure_layer, open_layer
+
+    trees = _site_tree(tmp_path / "tree")
+    measured = measure_layer(trees, tmp_path / "absent.tar")
+    (tmp_path / "tree" / "lib" / "python3.11" / "site-packages" / "pkg" / "more.bin").write_bytes(b"m" * 100_000)
+    with pytest.raises(OSError):
+        with open_layer(measured) as fh:
+            left = measured.size
+            while left > 0 and (chunk := fh.read(min(left, 1 << 16))):
+                left -= len(chunk)
