@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .context import Context
 from .errors import EnvmgrError
-from .image import CHUNK, ImageConfig, Layer
+from .image import CHUNK, ImageConfig
 
 # a layer's member in `docker save` output: legacy `<v1 id>/layer.tar`, or an OCI blob `blobs/sha256/<hex>`
 _LAYER_MEMBER = re.compile(r"(^|/)layer\.tar$|^blobs/sha256/[0-9a-f]{64}$")
@@ -122,15 +122,3 @@ def with_layer_files(ctx: Context, config: ImageConfig, image_id: str,
         layers = [dataclasses.replace(layer, path=found[layer.diff_id]) if layer.diff_id in found else layer
                   for layer in config.layers]
         yield dataclasses.replace(config, layers=layers)
-
-
-def layer_file(ctx: Context, layer: Layer, image_id: str) -> contextlib.AbstractContextManager[Path]:
-    """One layer's file (read back from the engine's `image_id` when the store dropped it)."""
-
-    @contextlib.contextmanager
-    def opened() -> Iterator[Path]:
-        config = ImageConfig(layers=[layer])
-        with with_layer_files(ctx, config, image_id) as full:
-            yield full.layers[0].path
-
-    return opened()

@@ -120,27 +120,31 @@ def _facts_of(layers: Path | list[Path] | list[dict]) -> list[dict]:
     return [item if isinstance(item, dict) else layer_facts(item) for item in items]
 
 
-def cached_layer_facts(ctx: Context, layer: Layer, image_id: str) -> dict:
-    """layer_facts, kept per diff ID in the cache: a layer's content never changes under its diff ID, so a
-    rebuild that changed one environment layer reads only that one. A layer the store handed to the
-    engine is read back from the engine's image `image_id`."""
-    from .layer_bytes import layer_file
+def _facts_file(ctx: Context, diff_id: str) -> Path:
+    return ctx.cache_dir / SBOM_DIR / "layers" / f"{diff_id.removeprefix('sha256:')}.json"
 
-    target = ctx.cache_dir / SBOM_DIR / "layers" / f"{layer.diff_id.removeprefix('sha256:')}.json"
-    try:
-        return json.loads(target.read_text())
-    except (OSError, ValueError):
-        if layer.path.is_file():
-            facts = layer_facts(layer.path)
-        elif layer.trees:
-            facts = tree_layer_facts(layer.trees)
-        else:
-            with layer_file(ctx, layer, image_id) as path:
-                facts = layer_facts(path)
-        from .files import atomic_write
 
-        atomic_write(target, json.dumps(facts, sort_keys=True))
-        return facts
+def cached_layer_facts(ctx: Context, layers: list[Layer], image_id: str) -> list[dict]:
+    """layer_facts of each layer, kept per diff ID in the cache: a layer's content never changes under its
+    diff ID, so a rebuild that changed one environment layer reads only that one. Layers the store handed
+    to the engine are read back from the engine's image `image_id`, all in one pass."""
+    from .files import atomic_write
+    from .layer_bytes import with_layer_files
+
+    found: dict[str, dict] = {}
+    for layer in layers:
+        try:
+            found[layer.diff_id] = json.loads(_facts_file(ctx, layer.diff_id).read_text())
+        except (OSError, ValueError):
+            pass
+    todo = [layer for layer in layers if layer.diff_id not in found]
+    with with_layer_files(ctx, ImageConfig(layers=[la for la in todo if not la.trees]), image_id) as fetched:
+        files = {layer.diff_id: layer.path for layer in fetched.layers}
+        for layer in todo:
+            facts = tree_layer_facts(layer.trees) if layer.trees else layer_facts(files[layer.diff_id])
+            atomic_write(_facts_file(ctx, layer.diff_id), json.dumps(facts, sort_keys=True))
+            found[layer.diff_id] = facts
+    return [found[layer.diff_id] for layer in layers]
 
 
 def python_components(env_layer: Path | list[Path] | list[dict], lock_hashes: dict[str, list[str]]) -> list[Component]:
@@ -222,7 +226,7 @@ def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Contex
     env_end = -2 if spec.system.apt else -1
     env_slice = config.layers[1:env_end]
     env_layer: list[Path] | list[dict] = [layer.path for layer in env_slice] if ctx is None else \
-        [cached_layer_facts(ctx, layer, config.image_id()) for layer in env_slice]
+        cached_layer_facts(ctx, env_slice, config.image_id())
     status = next((text for layer in reversed([config.layers[0], *config.layers[env_end:-1]])
                    if (text := dpkg_status(layer.path))), "")
     image_id = config.image_id()
