@@ -304,6 +304,18 @@ class LayerStore:
     def put_dist(self, key: str, **data: object) -> None:
         atomic_write(self._dist_record(key), json.dumps(dict(sorted(data.items()))))
 
+    def recorded_sizes(self) -> dict[str, int]:
+        """diff ID -> size, for every layer a record names (its bytes here or in the engine)."""
+        found: dict[str, int] = {}
+        root = self.root / "index" / "groups"
+        for record in sorted(root.glob("*.json")) if root.is_dir() else []:
+            try:
+                known = json.loads(record.read_text())
+                found[str(known["diff_id"])] = int(known["size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return found
+
     def recorded_diff_ids(self) -> dict[str, list[Path]]:
         """diff ID -> the group records that name it (gc)."""
         found: dict[str, list[Path]] = {}

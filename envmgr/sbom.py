@@ -227,8 +227,14 @@ def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Contex
     env_slice = config.layers[1:env_end]
     env_layer: list[Path] | list[dict] = [layer.path for layer in env_slice] if ctx is None else \
         cached_layer_facts(ctx, env_slice, config.image_id())
-    status = next((text for layer in reversed([config.layers[0], *config.layers[env_end:-1]])
-                   if (text := dpkg_status(layer.path))), "")
+    system = [config.layers[0], *config.layers[env_end:-1]]
+    if ctx is not None and not all(layer.path.is_file() for layer in system):   # read back from the engine
+        from .layer_bytes import with_layer_files
+
+        with with_layer_files(ctx, ImageConfig(layers=system), config.image_id()) as fetched:
+            status = next((text for layer in reversed(fetched.layers) if (text := dpkg_status(layer.path))), "")
+    else:
+        status = next((text for layer in reversed(system) if (text := dpkg_status(layer.path))), "")
     image_id = config.image_id()
     components = [*python_components(env_layer, lock_file_hashes(spec)), *conda_components(env_layer),
                   *debian_components(status)]
@@ -259,8 +265,7 @@ def for_method(ctx: Context, method: str, fmt: str = "cyclonedx-json") -> tuple[
     cached = path_for(ctx, image_id)
     if cached.is_file():
         return image_id, cached.read_bytes()
-    config = wanted.config(ctx)
-    if config.image_id() != image_id:
-        raise UsageError(f"{wanted.spec.name}: the cached layers do not make {image_id[:19]}: no SBOM to show",
-                         hint=f"`envmgr build --force {wanted.spec.name}` writes one")
+    from .layer_bytes import exported_config
+
+    config = exported_config(ctx, wanted, image_id)
     return image_id, sbom_bytes(ctx, wanted.spec, wanted.base, config)

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from .build import require_image
 from .context import Context
 from .errors import EnvmgrError, UsageError
-from .layer_bytes import with_layer_files
+from .layer_bytes import exported_config, with_layer_files
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -31,10 +31,7 @@ def export_squashfs(ctx: Context, method: str, out: Path | None = None) -> dict:
         raise UsageError("mksquashfs not found", hint="apt-get install squashfs-tools")
     wanted, image_id = require_image(ctx, method)
     spec, digest, tag = wanted.spec, wanted.digest, wanted.tag
-    config = wanted.config(ctx)
-    if config.image_id() != image_id:
-        raise EnvmgrError(f"{spec.name}: the cached layers make {config.image_id()[:19]}, not the engine's "
-                          f"{image_id[:19]} for {tag}", hint=f"rebuild with `envmgr build --force {spec.name}`")
+    config = exported_config(ctx, wanted, image_id)
     image = (ctx.engine.inspect_image(image_id) or {}).get("Config") or {}
     out = out or Path(f"{spec.name}-{digest[:16]}.sqsh")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from .build import _excluded, inputs, installer_id, lock_hash, require_image
 from .context import Context
 from .errors import EngineError, EnvmgrError, UsageError
 from .image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
-from .layer_bytes import with_layer_files
+from .layer_bytes import exported_config, with_layer_files
 from .spec import MethodSpec, find_method, load_spec
 from .trust import SBOM_MEMBER, SIGNATURE_MEMBER
 
@@ -153,10 +153,7 @@ def export(ctx: Context, method: str, out: Path | None, compress: str = "none",
            sign: Path | None = None, thin_for: str | None = None) -> ExportResult:
     wanted, image_id = require_image(ctx, method)
     spec, base, data, digest, tag = wanted.spec, wanted.base, wanted.inputs, wanted.digest, wanted.tag
-    config = wanted.config(ctx)
-    if config.image_id() != image_id:
-        raise EnvmgrError(f"{spec.name}: the cached layers make {config.image_id()[:19]}, not the engine's "
-                          f"{image_id[:19]} for {tag}", hint=f"rebuild with `envmgr build --force {spec.name}`")
+    config = exported_config(ctx, wanted, image_id)
     if compress not in ("none", "gzip"):
         raise UsageError(f"--compress {compress!r}: expected none or gzip")
     out = out or Path(f"{spec.name}-{digest[:16]}.envmgr.tar" + (".gz" if compress == "gzip" else ""))

@@ -280,6 +280,16 @@ def test_large_layers_live_only_in_the_engine_and_are_read_back_for_export(metho
     assert not (store / big.split(":", 1)[1]).exists()
     assert not list((methods.cache_dir / "work").glob("from-engine-*"))
 
+    # what the engine holds is enough: a fresh cache (no layer store) and no reachable index (as on a
+    # server that imported the image) export the same bytes
+    env = {**methods.env(tmp_path / "fresh-cache"), "ENVMGR_MIRRORS_PYPI": "http://127.0.0.1:9/simple"}
+    again = tmp_path / "again.envmgr.tar"
+    proc = subprocess.run([sys.executable, "-m", "envmgr", "export", name, "-o", str(again)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert hashlib.sha256(again.read_bytes()).hexdigest() == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert not (tmp_path / "fresh-cache" / "store" / "layers").exists()
+
     # the engine loses the image (and with it the only copy): a rebuild installs that layer again
     engine.images.remove(first["image"], force=True)
     second = methods.build(name, "--force")
