@@ -163,7 +163,8 @@ def test_ctrl_c_during_build_leaves_no_container_and_no_tag(workspace, engine, m
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if engine.containers.list(all=True, filters={"label": ["org.envmgr.kind=step", "org.envmgr.method=tiny"]}):
+        # the low-level list: containers.list inspects each container and fails on one removed meanwhile
+        if engine.api.containers(all=True, filters={"label": ["org.envmgr.kind=step", "org.envmgr.method=tiny"]}):
             break
         time.sleep(0.05)
     else:
