@@ -310,6 +310,7 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
     present: set[str] = set()
     dropped = {_name(n) for n in adapt.drop}
     pins = {_name(n): v for n, v in adapt.pin.items()}
+    to_default = False     # an index of the repository mapped to the default index: its local labels go
     raw_lines = _logical_lines(text, base or where.parent, where)
     for line in raw_lines:
         stripped = line.split(" #", 1)[0].strip()
@@ -321,6 +322,7 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
             name = _index_name(url)
             mapped = adapt.sources.get(name)
             if mapped == "default":
+                to_default = True
                 continue
             if mapped == "mirror" and name in site_sources:
                 mirrors.append(site_sources[name])
@@ -353,6 +355,9 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
             problems.append(f"{req.name} comes from {req.url} → [adapt] pin = {{ {req.name} = \"<version>\" }}")
             continue
         lines.append(str(req))
+    if to_default and not mirrors:
+        # `torch==2.5.1+cu124` from an index mapped to the default index: the default index's release
+        lines = [strip_local(line) if not line.startswith("-") else line for line in lines]
     for name in [*adapt.pin, *adapt.drop]:
         if _name(name) not in present:
             raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on")
