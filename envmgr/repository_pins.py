@@ -43,6 +43,14 @@ class RepositoryPins:
     pins: tuple[Pin, ...]
     indexes: tuple[str, ...]      # --index-url / --extra-index-url / --find-links URLs it declares
 
+    def versions(self) -> dict[str, str]:
+        """name -> version (one name pinned once per marker: its versions joined with ', ')."""
+        found: dict[str, list[str]] = {}
+        for pin in self.pins:
+            if pin.version not in found.setdefault(pin.name, []):
+                found[pin.name].append(pin.version)
+        return {name: ", ".join(versions) for name, versions in found.items()}
+
     @property
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.path.read_bytes()).hexdigest()

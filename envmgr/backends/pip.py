@@ -3,7 +3,8 @@
 Resolved with `uv pip compile --generate-hashes` inside a container of the method's base image,
 so the target's own Python and platform decide every marker and wheel — uv because it is
 already envmgr's installer (one pinned binary), resolves fast, and writes hashed, exact
-requirements without recording the index it used. Installed with hashes required.
+requirements without recording the index it used. Installed with hashes required. A repository's
+own exact pins (envmgr/repository_pins.py) seed the first lock: uv keeps what it can of them.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ class PipBackend:
     def lock_files(self, spec: MethodSpec) -> list[Path]:
         return [spec.lock_path / LOCK]
 
-    def _effective(self, ctx_sources: dict[str, str], spec: MethodSpec) -> tuple[str, list[str], list[str]]:
+    def _effective(self, ctx_sources: dict[str, str], spec: MethodSpec,
+                   theirs: RepositoryPins | None = None) -> tuple[str, list[str], list[str]]:
         path = spec.source_path / MANIFEST
         if not path.is_file():
             raise UsageError(f"{path}: missing (a pip method needs requirements.txt)")
         return effective_requirements(path.read_text(encoding="utf-8"), spec.adapt, path, ctx_sources,
-                                      base=spec.source_path)
+                                      base=spec.source_path, locked=theirs.versions() if theirs else None)
 
     def _inputs_hash(self, effective: str, spec: MethodSpec) -> str:
         return hashlib.sha256(f"{effective}\0{spec.python}\0{spec.platform}".encode()).hexdigest()
@@ -100,8 +102,8 @@ class PipBackend:
                           as_lock(lock_pins(lock.read_text(encoding="utf-8"))))
 
     def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
-        effective, extra, problems = self._effective(ctx.config.mirrors.sources, spec)
         theirs = self._repository_pins(spec)
+        effective, extra, problems = self._effective(ctx.config.mirrors.sources, spec, theirs)
         raise_if_unreachable(spec.name, problems)
         spec.lock_path.mkdir(parents=True, exist_ok=True)
         work_root = ctx.cache_dir / "work"

@@ -101,6 +101,18 @@ def test_local_labels_go_when_the_repository_index_maps_to_the_default(tmp_path)
     assert effective == "torch==2.5.1+cu124\nalpha>=1\n" and extra == ["http://127.0.0.1:9/cu/"] and not problems
 
 
+
+def test_a_git_requirement_is_offered_the_version_the_repository_pins(tmp_path):
+    text = "diffusers @ git+https://git.example.invalid/diffusers.git@abc\nalpha>=1\n"
+    where = tmp_path / "requirements.txt"
+    (tmp_path / "constraints.txt").write_text("Diffusers==0.32.0.dev0\nalpha==1.0\n")
+    theirs = find_pins(tmp_path, Adaptations(), tmp_path / "envmgr.toml")
+    _, _, problems = effective_requirements(text, Adaptations(), where, {}, locked=theirs.versions())
+    assert problems == ["diffusers comes from git+https://git.example.invalid/diffusers.git@abc → [adapt] "
+                        'pin = { diffusers = "0.32.0" } (its lock has 0.32.0.dev0)']
+    _, _, unknown = effective_requirements(text, Adaptations(), where, {})
+    assert unknown[0].endswith('pin = { diffusers = "<version>" }')
+
 # ---------------------------------------------------------------------- the real lock step, uv on this machine
 
 BASE = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,
