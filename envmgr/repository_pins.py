@@ -111,6 +111,11 @@ def _all_exact(path: Path) -> bool:
     return requirements > 0
 
 
+def _inside(path: Path, source: Path) -> bool:
+    """A third-party repository's link must not make envmgr read a file of the host."""
+    return source.resolve() in path.resolve().parents
+
+
 def find_pins(source: Path, adapt: Adaptations, where: Path, detect: bool = True) -> RepositoryPins | None:
     """The repository's pins: the file `[adapt] repository_pins` names (false: none), else the first of the
     common names in `source`, else `requirements.txt` when it is itself all `==` pins; None without one."""
@@ -119,6 +124,8 @@ def find_pins(source: Path, adapt: Adaptations, where: Path, detect: bool = True
         return None
     if isinstance(named, str):
         path = source / named
+        if not _inside(path, source):
+            raise UsageError(f"{where}: key 'adapt.repository_pins': {named!r} leads out of the repository")
         if not path.is_file():
             raise UsageError(f"{where}: key 'adapt.repository_pins': {named!r} is not a file of the method "
                              f"(looked in {source})",
@@ -128,7 +135,7 @@ def find_pins(source: Path, adapt: Adaptations, where: Path, detect: bool = True
         return None
     for name in (*PINS_FILES, REQUIREMENTS):
         path = source / name
-        if path.is_file() and (name != REQUIREMENTS or _all_exact(path)):
+        if path.is_file() and _inside(path, source) and (name != REQUIREMENTS or _all_exact(path)):
             found = read_pins(path, name)
             if found.pins:
                 return found

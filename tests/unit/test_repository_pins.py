@@ -66,6 +66,13 @@ def test_the_spec_names_the_pins_file_else_the_common_names_are_detected(tmp_pat
     assert find_pins(tmp_path, Adaptations(), where, detect=False) is None
     with pytest.raises(UsageError, match="adapt.repository_pins.*'pins/nope.txt' is not a file"):
         find_pins(tmp_path, Adaptations(repository_pins="pins/nope.txt"), where)
+    outside = tmp_path.parent / f"{tmp_path.name}-host-file.txt"
+    outside.write_text("secret==1.0\n")
+    (tmp_path / "requirements-lock.txt").unlink()
+    (tmp_path / "requirements-lock.txt").symlink_to(outside)
+    assert find_pins(tmp_path, Adaptations(), where).relative == "constraints.txt", "a link out is not followed"
+    with pytest.raises(UsageError, match="leads out of the repository"):
+        find_pins(tmp_path, Adaptations(repository_pins="requirements-lock.txt"), where)
 
 
 def test_a_requirements_txt_of_only_exact_pins_is_its_own_pins_file(tmp_path):
