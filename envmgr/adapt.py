@@ -72,17 +72,6 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
     """Each dependency the site cannot fetch, with its fix; `locked` (name -> version from the repository's
     own lock) turns the proposed pins into the versions its authors used."""
     locked = {_name(n): v for n, v in (locked or {}).items()}
-
-    def pin(name: str) -> str:
-        """`pin = { name = "<release>" }`: the release the repository's lock points at (`0.32.0.dev0` built from
-        git -> `0.32.0`, with the locked version noted)."""
-        recorded = locked.get(_name(name))
-        if recorded is None or ", " in recorded:
-            return f"pin = {{ {name} = \"<version>\" }}"
-        release = index_release(recorded)
-        note = "" if release == recorded else f" (its lock has {recorded})"
-        return f"pin = {{ {name} = \"{release}\" }}{note}"
-
     problems = []
     pinned = {_name(n) for n in adapt.pin} | {_name(n) for n in adapt.drop}
     for table in _poetry_tables(data):
@@ -92,7 +81,8 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
                 if isinstance(entry, dict) and _name(name) not in pinned:
                     kind = next((k for k in VCS_KEYS if k in entry), None)
                     if kind:
-                        problems.append(f"{name} comes from {kind} {entry[kind]} → [adapt] {pin(name)} "
+                        problems.append(f"{name} comes from {kind} {entry[kind]} → [adapt] "
+                                        f"{proposed_pin(name, locked)} "
                                         f"(or drop = [\"{name}\"])")
     for lst in _pep508_lists(data):
         for text in lst:
@@ -101,7 +91,7 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
             except InvalidRequirement:
                 continue
             if req.url and _name(req.name) not in pinned:
-                problems.append(f"{req.name} comes from {req.url} → [adapt] {pin(req.name)}")
+                problems.append(f"{req.name} comes from {req.url} → [adapt] {proposed_pin(req.name, locked)}")
     for source in _declared_sources(data):
         name = source.get("name", "")
         mapped = adapt.sources.get(name)
@@ -115,6 +105,17 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
                else f"[adapt] sources = {{ {name} = \"default\" }} (or \"mirror\" with [mirrors] sources.{name})")
         problems.append(f"index {name!r} ({source.get('url', '?')}) has no site mirror → {fix}")
     return problems
+
+
+def proposed_pin(name: str, locked: dict[str, str]) -> str:
+    """`pin = { name = "<release>" }`: the release the repository's lock (canonical name -> version) points at
+    (`0.32.0.dev0` built from git -> `0.32.0`, with the locked version noted)."""
+    recorded = locked.get(_name(name))
+    if recorded is None or ", " in recorded:
+        return f"pin = {{ {name} = \"<version>\" }}"
+    release = index_release(recorded)
+    note = "" if release == recorded else f" (its lock has {recorded})"
+    return f"pin = {{ {name} = \"{release}\" }}{note}"
 
 
 def _set_pep508_version(text: str, version: str) -> str:
@@ -302,14 +303,17 @@ def _index_name(url: str) -> str:
 
 
 def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sources: dict[str, str],
-                           base: Path | None = None) -> tuple[str, list[str], list[str]]:
-    """(effective requirements text, mapped mirror URLs for extra indexes, unreachable problems)."""
+                           base: Path | None = None,
+                           locked: dict[str, str] | None = None) -> tuple[str, list[str], list[str]]:
+    """(effective requirements text, mapped mirror URLs for extra indexes, unreachable problems); `locked`
+    (name -> version the repository pins) turns the proposed pins into its versions."""
     lines: list[str] = []
     problems: list[str] = []
     mirrors: list[str] = []
     present: set[str] = set()
     dropped = {_name(n) for n in adapt.drop}
     pins = {_name(n): v for n, v in adapt.pin.items()}
+    to_default = False     # an index of the repository mapped to the default index: its local labels go
     raw_lines = _logical_lines(text, base or where.parent, where)
     for line in raw_lines:
         stripped = line.split(" #", 1)[0].strip()
@@ -321,6 +325,7 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
             name = _index_name(url)
             mapped = adapt.sources.get(name)
             if mapped == "default":
+                to_default = True
                 continue
             if mapped == "mirror" and name in site_sources:
                 mirrors.append(site_sources[name])
@@ -350,9 +355,13 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
                                              pins[key]))
             continue
         if req.url:
-            problems.append(f"{req.name} comes from {req.url} → [adapt] pin = {{ {req.name} = \"<version>\" }}")
+            problems.append(f"{req.name} comes from {req.url} → [adapt] "
+                            f"{proposed_pin(req.name, {_name(n): v for n, v in (locked or {}).items()})}")
             continue
         lines.append(str(req))
+    if to_default and not mirrors:
+        # `torch==2.5.1+cu124` from an index mapped to the default index: the default index's release
+        lines = [strip_local(line) if not line.startswith("-") else line for line in lines]
     for name in [*adapt.pin, *adapt.drop]:
         if _name(name) not in present:
             raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on")

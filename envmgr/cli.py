@@ -232,16 +232,20 @@ def lock(
     if result.current:
         ctx.ui.success(f"{result.method}: lock is current", method=result.method, current=True)
         return
+    if result.seeded_from:
+        ctx.ui.info(f"{result.method}: started from the repository's pins in {result.seeded_from}")
     if result.drift is not None:
         from .adapt import describe_drift
 
         moved = describe_drift(result.drift)
+        theirs = result.seeded_from or "own lock"
         ctx.ui.info(f"{result.method}: {len(moved)} change{'' if len(moved) == 1 else 's'} against the "
-                    f"repository's own lock" + (":" if moved else " (every version kept)"))
+                    f"repository's {theirs}" + (":" if moved else " (every version kept)"))
         for line in moved:
             ctx.ui.info(f"  {line}")
     ctx.ui.success(f"{result.method}: locked → {', '.join(str(p) for p in result.files)}",
-                   method=result.method, files=[str(p) for p in result.files], drift=result.drift)
+                   method=result.method, files=[str(p) for p in result.files], drift=result.drift,
+                   seeded_from=result.seeded_from)
 
 
 @app.command()

@@ -20,6 +20,7 @@ class LockResult:
     files: list[Path] = field(default_factory=list)  # the lock files written
     # what moved against the method's own lock: {"package", "theirs", "ours"} (None: it has no lock of its own)
     drift: list[dict[str, str | None]] | None = None
+    seeded_from: str | None = None                  # the repository's pins file the lock started from (pip)
 
 
 def lock(ctx: Context, method: str, *, check: bool = False, regenerate: bool = False,
@@ -38,4 +39,6 @@ def lock(ctx: Context, method: str, *, check: bool = False, regenerate: bool = F
     written = backend.lock(ctx, spec, base, regenerate=regenerate)
     backend.check(spec)
     drift = getattr(backend, "drift", None)
-    return LockResult(spec.name, current=False, files=written, drift=drift(spec) if drift else None)
+    seeded_from = getattr(backend, "seeded_from", None)
+    return LockResult(spec.name, current=False, files=written, drift=drift(spec) if drift else None,
+                      seeded_from=seeded_from(spec) if seeded_from else None)

@@ -40,6 +40,17 @@ class Adaptations(BaseModel):
     drop: list[str] = Field(default_factory=list)          # dependencies removed
     add: dict[str, str] = Field(default_factory=dict)      # name -> constraint ("*" for any)
     sources: dict[str, str] = Field(default_factory=dict)  # a declared index -> "default" or "mirror"
+    # pip methods: the repository's file of exact pins its lock starts from (envmgr/repository_pins.py);
+    # None: the common names are detected, false: none (a fresh solve)
+    repository_pins: str | Literal[False] | None = None
+
+    @field_validator("repository_pins")
+    @classmethod
+    def _repository_pins(cls, value: str | Literal[False] | None) -> str | Literal[False] | None:
+        if isinstance(value, str) and (not value.strip() or Path(value).is_absolute() or ".." in Path(value).parts):
+            raise ValueError(f"{value!r}: a file of the repository, relative to its folder (e.g. "
+                             "\"requirements-lock.txt\"), or false for none")
+        return value
 
     def is_empty(self) -> bool:
         return not (self.pin or self.drop or self.add or self.sources)
@@ -50,6 +61,10 @@ class Adaptations(BaseModel):
         lines += [f"add {name} {constraint}" for name, constraint in sorted(self.add.items())]
         lines += [f"index {name!r} -> {'the default index' if target == 'default' else 'its site mirror'}"
                   for name, target in sorted(self.sources.items())]
+        if self.repository_pins is False:
+            lines.append("the repository's pins ignored (a fresh solve)")
+        elif self.repository_pins:
+            lines.append(f"start from the repository's pins in {self.repository_pins}")
         return lines
 
 

@@ -3,7 +3,8 @@
 Resolved with `uv pip compile --generate-hashes` inside a container of the method's base image,
 so the target's own Python and platform decide every marker and wheel — uv because it is
 already envmgr's installer (one pinned binary), resolves fast, and writes hashed, exact
-requirements without recording the index it used. Installed with hashes required.
+requirements without recording the index it used. Installed with hashes required. A repository's
+own exact pins (envmgr/repository_pins.py) seed the first lock: uv keeps what it can of them.
 """
 
 from __future__ import annotations
@@ -13,15 +14,25 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .. import paths
-from ..adapt import effective_requirements, raise_if_unreachable
+from ..adapt import effective_requirements, lock_drift, raise_if_unreachable
 from ..base import BaseImage
 from ..containers import BindMount
 from ..context import Context
 from ..errors import EnvmgrError, StaleLockError, UsageError
 from ..files import atomic_write
 from ..mirrors import mirror_hosts
+from ..repository_pins import (
+    SEED_RECORD,
+    RepositoryPins,
+    as_lock,
+    find_pins,
+    lock_pins,
+    recorded_seed,
+    seed_requirements,
+)
 from ..spec import MethodSpec
 from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
 
@@ -37,12 +48,13 @@ class PipBackend:
     def lock_files(self, spec: MethodSpec) -> list[Path]:
         return [spec.lock_path / LOCK]
 
-    def _effective(self, ctx_sources: dict[str, str], spec: MethodSpec) -> tuple[str, list[str], list[str]]:
+    def _effective(self, ctx_sources: dict[str, str], spec: MethodSpec,
+                   theirs: RepositoryPins | None = None) -> tuple[str, list[str], list[str]]:
         path = spec.source_path / MANIFEST
         if not path.is_file():
             raise UsageError(f"{path}: missing (a pip method needs requirements.txt)")
         return effective_requirements(path.read_text(encoding="utf-8"), spec.adapt, path, ctx_sources,
-                                      base=spec.source_path)
+                                      base=spec.source_path, locked=theirs.versions() if theirs else None)
 
     def _inputs_hash(self, effective: str, spec: MethodSpec) -> str:
         return hashlib.sha256(f"{effective}\0{spec.python}\0{spec.platform}".encode()).hexdigest()
@@ -64,32 +76,73 @@ class PipBackend:
         pins = dict(re.findall(r"^([A-Za-z0-9_.\-\[\],]+)==(\S+)", lock.read_text(), flags=re.M))
         return {"lock": str(lock), "packages": len(pins), "pins": pins, "adaptations": spec.adapt.describe()}
 
+    def _repository_pins(self, spec: MethodSpec) -> RepositoryPins | None:
+        """The repository's own exact pins (what its authors tested); detected only when envmgr writes its lock
+        elsewhere (a method whose folder holds envmgr's lock is envmgr's own)."""
+        found = find_pins(spec.source_path, spec.adapt, spec.folder / "envmgr.toml",
+                          detect=spec.lock_path != spec.source_path)
+        if found is not None and found.path.resolve() == (spec.lock_path / LOCK).resolve():
+            raise UsageError(f"{spec.folder / 'envmgr.toml'}: key 'adapt.repository_pins': {found.relative} is "
+                             "envmgr's own lock of this method", hint="name the repository's pins file")
+        return found
+
+    def seeded_from(self, spec: MethodSpec) -> str | None:
+        """The repository's file the lock started from (None: it has none, or no lock yet)."""
+        lock = spec.lock_path / LOCK
+        recorded = recorded_seed(lock.read_text(encoding="utf-8")) if lock.is_file() else None
+        return recorded.rsplit(" ", 1)[0] if recorded else None
+
+    def drift(self, spec: MethodSpec) -> list[dict[str, str | None]] | None:
+        """What envmgr's lock changed against the repository's pins (None: no pins of its own, or no lock)."""
+        theirs = self._repository_pins(spec)
+        lock = spec.lock_path / LOCK
+        if theirs is None or not lock.is_file():
+            return None
+        return lock_drift(as_lock([(p.name, p.version) for p in theirs.pins]),
+                          as_lock(lock_pins(lock.read_text(encoding="utf-8"))))
+
     def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
-        effective, extra, problems = self._effective(ctx.config.mirrors.sources, spec)
+        theirs = self._repository_pins(spec)
+        effective, extra, problems = self._effective(ctx.config.mirrors.sources, spec, theirs)
         raise_if_unreachable(spec.name, problems)
         spec.lock_path.mkdir(parents=True, exist_ok=True)
         work_root = ctx.cache_dir / "work"
         work_root.mkdir(parents=True, exist_ok=True)
+        previous = spec.lock_path / LOCK
+        previous_text = previous.read_text(encoding="utf-8") if previous.is_file() else None
+        # uv keeps the versions already in its output file: envmgr's previous lock, else (first lock, the
+        # repository's pins changed, --regenerate) the repository's pins; a method without them solves afresh
+        reseed = theirs is not None and (regenerate or previous_text is None
+                                         or recorded_seed(previous_text) != theirs.record[len(SEED_RECORD):])
         with tempfile.TemporaryDirectory(dir=work_root, prefix=f"lock-{spec.name}-") as work:
             (Path(work) / EFFECTIVE).write_text(effective)
-            previous = spec.lock_path / LOCK
-            upgrade = "--upgrade" if regenerate or not previous.is_file() else ""
-            if previous.is_file():
+            upgrade = ""
+            if reseed and theirs is not None:
+                # a +cu124 label is kept only where a mirror of a repository's index may serve it (its index
+                # mapped to the default one has no local versions: uv would drop the preference, not the label)
+                (Path(work) / LOCK).write_text(seed_requirements(theirs, spec.adapt, strip_labels=not extra))
+            elif previous_text is not None and not regenerate:
                 shutil.copy2(previous, Path(work) / LOCK)
+            else:
+                upgrade = "--upgrade"
             command = (f"{paths.CONTAINER_UV} pip compile --quiet --generate-hashes --no-header "
                        f"--python {base.python} {upgrade} -o {paths.CONTAINER_WORK}/{LOCK} "
                        f"{paths.CONTAINER_WORK}/{EFFECTIVE}")
-            with ctx.ui.progress(f"locking {spec.name} with uv pip compile in {base.tag}", total=1,
-                                 unit="steps") as task:
+            with ctx.ui.progress(f"locking {spec.name} with uv pip compile in {base.tag}"
+                                 + (f", starting from the repository's {theirs.relative}" if reseed and theirs
+                                    else ""), total=1, unit="steps") as task:
                 run_step(ctx, base, f"locking {spec.name}", command,
                          [BindMount(Path(work), paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)],
                          uv_step_env(ctx, extra), workdir=paths.CONTAINER_WORK, method=spec.name)
                 task.advance(1)
             body = (Path(work) / LOCK).read_text(encoding="utf-8")
-            body = "\n".join(line for line in body.splitlines() if not line.startswith(HEADER)) + "\n"
-            if [host for host in mirror_hosts(ctx.config.mirrors) if host in body] or "--index-url" in body:
+            body = "\n".join(line for line in body.splitlines()
+                             if not line.startswith((HEADER, SEED_RECORD))) + "\n"
+            declared_hosts = [urlsplit(url).hostname for url in (theirs.indexes if theirs else ())]
+            if [host for host in [*mirror_hosts(ctx.config.mirrors), *declared_hosts] if host and host in body] \
+                    or re.search(r"^\s*(-i|--index-url|--extra-index-url|-f|--find-links)\b", body, re.M):
                 raise EnvmgrError(f"{spec.name}: the resolver recorded an index in the lock; it was not written")
-            text = HEADER + self._inputs_hash(effective, spec) + "\n" + body
+            text = HEADER + self._inputs_hash(effective, spec) + "\n" + (theirs.record + "\n" if theirs else "") + body
             for name, content in ((EFFECTIVE, effective), (LOCK, text)):
                 atomic_write(spec.lock_path / name, content)
         return [spec.lock_path / LOCK, spec.lock_path / EFFECTIVE]

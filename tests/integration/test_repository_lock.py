@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tomllib
 import zipfile
@@ -157,6 +158,53 @@ def test_a_failed_solve_shows_poetrys_reason(workspace, indexes, tmp_path):
     assert "envmgr-alpha (==7.0)" in failed.stderr and "Deprecat" not in failed.stderr
     assert not (method / "lock" / "poetry.lock").exists()
 
+
+
+@pytest.fixture(scope="module")
+def pins_index(tmp_path_factory):
+    """A default index with newer releases than a pip repository pinned (names of this test only: a shared uv
+    cache must not mix them with other tests' wheels)."""
+    root = tmp_path_factory.mktemp("pins-index")
+    for version in ("1.0", "1.1"):
+        build_wheel(root, "envmgr-pinseed-app", version, requires=["envmgr-pinseed-lib>=1.0"])
+        build_wheel(root, "envmgr-pinseed-lib", version)
+    for version in ("2.0", "2.1", "2.2"):
+        build_wheel(root, "envmgr-pinseed-tool", version)
+    served = Index(root).start()
+    yield served
+    served.stop()
+
+
+def test_pip_repository_locks_on_top_of_its_own_pins(workspace, pins_index, tmp_path):
+    archive = tmp_path / "pinseed.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path, text in {"requirements.txt": "envmgr-pinseed-app>=1.0\nenvmgr-pinseed-tool\n",
+                           "requirements-lock.txt": "envmgr-pinseed-app==1.0\nenvmgr-pinseed-lib==1.0\n"
+                                                    "envmgr-pinseed-tool==2.0\n",
+                           "train.py": "import envmgr_pinseed_app\n"}.items():
+            zf.writestr(f"pinseed-main/{path}", text)
+    workspace.envmgr("method", "add", str(archive), "--name", "pinseed")
+    method = workspace.base_dir / "methods" / "pinseed"
+    theirs = {"envmgr-pinseed-app": "1.0", "envmgr-pinseed-lib": "1.0", "envmgr-pinseed-tool": "2.0"}
+
+    def versions() -> dict[str, str]:
+        return dict(re.findall(r"^(envmgr-pinseed-[a-z]+)==(\S+)", (method / "lock" / "requirements.lock.txt")
+                               .read_text(), re.M))
+
+    shown = workspace.envmgr("lock", "pinseed", mirror=pins_index.url)
+    said = shown.stdout + shown.stderr
+    # a fresh solve would take app 1.1, lib 1.1, tool 2.2
+    assert versions() == theirs
+    assert "started from the repository's pins in requirements-lock.txt" in said
+    assert "0 changes against the repository's requirements-lock.txt (every version kept)" in said
+
+    _adapt(method, pin={"envmgr-pinseed-tool": "2.1"})
+    locked = _done(workspace.envmgr("--json", "lock", "pinseed", mirror=pins_index.url))
+    assert versions() == {**theirs, "envmgr-pinseed-tool": "2.1"}
+    assert locked["drift"] == [{"package": "envmgr-pinseed-tool", "theirs": "2.0", "ours": "2.1"}]
+    assert locked["seeded_from"] == "requirements-lock.txt"
+    assert "127.0.0.1" not in (method / "lock" / "requirements.lock.txt").read_text()
+    assert workspace.envmgr("lock", "pinseed", "--check").returncode == 0
 
 # Shaped like a real launcher: writes a log beside itself, reads its config relative to itself (or the one
 # handed in at run time), writes an index beside its dataset's images, needs a system library, exits 0 always.
