@@ -211,8 +211,25 @@ def _tree(root: Path) -> dict[str, bytes | str]:
     return found
 
 
-def test_layered_environment_equals_a_single_install(methods, tmp_path, store):
-    """Same files, byte for byte (pycs, RECORDs, .pth files, scripts), as one uv install of the same lock."""
+def _assert_cache_holds_the_wheels_unchanged(uv_cache: Path, wheels: list[Path]) -> int:
+    """Each wheel uv unpacked into its cache still has its files byte for byte (hard links written through
+    would show here); returns how many wheels were found there."""
+    archives = [p for p in (uv_cache / "archive-v0").iterdir() if p.is_dir()]
+    found = 0
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            homes = [a for a in archives if all((a / n).is_file() for n in names)
+                     and (a / names[0]).read_bytes() == zf.read(names[0])]
+            for home in homes[:1]:
+                found += 1
+                assert {n: (home / n).read_bytes() for n in names} == {n: zf.read(n) for n in names}, wheel.name
+    return found
+
+
+def test_layered_environment_equals_a_single_install(methods, tmp_path, store, layer_index, monkeypatch):
+    """Same files, byte for byte (pycs, RECORDs, .pth files, scripts), as one uv install of the same lock;
+    uv hard-linked them from its cache, and the cache's files are unchanged."""
     from envmgr import paths
     from envmgr.backends.common import install_requirements_script, run_step, uv_mounts, uv_step_env
     from envmgr.base import ensure_base
@@ -231,7 +248,12 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store):
                                       "mirrors": {"pypi": methods.mirror}}, files=[]), ui=Reporter("plain"))
     spec = find_method(name, methods.base_dir)
     base = ensure_base(ctx, spec.base_image)
+    logged: list[str] = []
+    monkeypatch.setattr(ctx.ui, "log", logged.append)
     config = target(ctx, spec, base).config(ctx)
+    assert "uv cache: hard links from the lent cache" in logged
+    assert not [line for line in logged if "hardlink" in line.lower() and "fail" in line.lower()]
+    assert _assert_cache_holds_the_wheels_unchanged(methods.cache_dir / "uv", layer_index.files()) >= 6
     layered = tmp_path / "layered"
     layered.mkdir()
     for layer in config.layers[1:-1]:
