@@ -59,6 +59,8 @@ def layer_index(tmp_path_factory):
     build_wheel(root, "lyr-ns-one", "1.0", extra={"lyr_shared/one.py": "ONE = 1\n"})
     build_wheel(root, "lyr-ns-two", "1.0", extra={"lyr_shared/two.py": "TWO = 2\n"})
     build_wheel(root, "lyr-hook", "1.0", extra={"lyr_hook.pth": "import lyr_hook\n"})
+    build_wheel(root, "lyr-broken", "1.0", extra={"lyr_broken/bad.py": "def broken(:\n",
+                                                  "lyr_broken/zz_good.py": "GOOD = 1\n"})
     build_big_wheel(root, "lyr-bigtorch", "2.0")
     index = Index(root).start()
     yield index
@@ -241,7 +243,8 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store, l
     from envmgr.spec import find_method
     from envmgr.ui import Reporter
 
-    name = methods.add(["lyr-apple==1.0", "lyr-ns-one", "lyr-ns-two", "lyr-hook", "lyr-bigtorch", "lyr-kiwi"])
+    name = methods.add(["lyr-apple==1.0", "lyr-ns-one", "lyr-ns-two", "lyr-hook", "lyr-bigtorch", "lyr-kiwi",
+                        "lyr-broken"])
     methods.envmgr("lock", name)
     os.environ["ENVMGR_STORE_DIR"] = str(store)
     ctx = Context(config=load_config({"cache_dir": str(methods.cache_dir), "base_dir": str(methods.base_dir),
@@ -274,5 +277,8 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store, l
     assert sorted(got) == sorted(want)
     assert got == want
     records = [k for k in got if k.endswith(".dist-info/RECORD")]
-    assert len(records) == 6 and any("lyr_bigtorch" in k for k in records)
+    assert len(records) == 7 and any("lyr_bigtorch" in k for k in records)
+    # a source that does not compile fails neither build, and the sources after it in its run still compile
+    broken = sorted(k for k in got if k.split("site-packages/")[-1].startswith("lyr_broken/"))
+    assert [k.rsplit("/", 1)[-1].split(".")[0] for k in broken if k.endswith(".pyc")] == ["__init__", "zz_good"]
     assert got["bin/lyr-bigtorch-tool"].startswith(f"#!{PHYSICAL_PREFIX}/bin/python".encode())  # type: ignore[union-attr]
