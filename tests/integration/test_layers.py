@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from envmgr.layers import COMPILE_CHUNK_FILES
 from tests.support.pypi import FIXED_TIME, Index, build_wheel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +60,14 @@ def layer_index(tmp_path_factory):
     build_wheel(root, "lyr-ns-one", "1.0", extra={"lyr_shared/one.py": "ONE = 1\n"})
     build_wheel(root, "lyr-ns-two", "1.0", extra={"lyr_shared/two.py": "TWO = 2\n"})
     build_wheel(root, "lyr-hook", "1.0", extra={"lyr_hook.pth": "import lyr_hook\n"})
+    # more sources than one compiling run holds, sharing names and constants: the layered build compiles
+    # them in several runs, the single install in one process; their pycs must still be the same bytes
+    build_wheel(root, "lyr-many", "1.0", extra={
+        f"lyr_many/m{i:03d}.py": (f'"""Module {i}."""\nSHARED = ("shared", {i % 7}, frozenset({{"a", "b{i % 3}"}}))\n'
+                                  f"def common(x=SHARED):\n    return ('common', x, {i})\n"
+                                  f"class Thing{i % 5}:\n    name = 'thing'\n    def go(self):\n"
+                                  f"        return common(), '{'m' * (i % 40)}'\n")
+        for i in range(2 * COMPILE_CHUNK_FILES + 50)})
     build_wheel(root, "lyr-broken", "1.0", extra={"lyr_broken/bad.py": "def broken(:\n",
                                                   "lyr_broken/zz_good.py": "GOOD = 1\n"})
     build_big_wheel(root, "lyr-bigtorch", "2.0")
@@ -244,7 +253,7 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store, l
     from envmgr.ui import Reporter
 
     name = methods.add(["lyr-apple==1.0", "lyr-ns-one", "lyr-ns-two", "lyr-hook", "lyr-bigtorch", "lyr-kiwi",
-                        "lyr-broken"])
+                        "lyr-broken", "lyr-many"])
     methods.envmgr("lock", name)
     os.environ["ENVMGR_STORE_DIR"] = str(store)
     ctx = Context(config=load_config({"cache_dir": str(methods.cache_dir), "base_dir": str(methods.base_dir),
@@ -277,7 +286,8 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store, l
     assert sorted(got) == sorted(want)
     assert got == want
     records = [k for k in got if k.endswith(".dist-info/RECORD")]
-    assert len(records) == 7 and any("lyr_bigtorch" in k for k in records)
+    assert len(records) == 8 and any("lyr_bigtorch" in k for k in records)
+    assert len([k for k in got if "/lyr_many/__pycache__/m" in k]) == 2 * COMPILE_CHUNK_FILES + 50
     # a source that does not compile fails neither build, and the sources after it in its run still compile
     broken = sorted(k for k in got if k.split("site-packages/")[-1].startswith("lyr_broken/"))
     assert [k.rsplit("/", 1)[-1].split(".")[0] for k in broken if k.endswith(".pyc")] == ["__init__", "zz_good"]
