@@ -403,8 +403,8 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
         "echo ENVMGR-PHASE installed",
     ]
     if read_archs:   # torch imports only in a whole environment: read it before the split, writing no pyc
-        lines.append(f"CUDA_VISIBLE_DEVICES= PYTHONDONTWRITEBYTECODE=1 {prefix}/bin/python -B {work}/archs.py "
-                     f"|| echo '{ARCH_MARK}[]'")
+        lines += [f"CUDA_VISIBLE_DEVICES= PYTHONDONTWRITEBYTECODE=1 {prefix}/bin/python -B {work}/archs.py "
+                  f"|| echo '{ARCH_MARK}[]'", "echo ENVMGR-PHASE gpu-facts"]
     lines += [
         "mkdir -p /tmp/bytecode",
         f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt /tmp/skeleton-files /tmp/bytecode/plan",

@@ -78,8 +78,9 @@ def main() -> int:
         results["noop_build_s"] = round(noop, 3)
 
         requirements = requirements_file(ctx, work)
-        # a warm rebuild: the uv cache stays, the environment layers (the store and its records) go
-        shutil.rmtree(cache / "store", ignore_errors=True)
+        # a warm rebuild: the uv cache and the base image stay, the environment layers and their records go
+        for folder in ("layers", "index"):
+            shutil.rmtree(cache / "store" / folder, ignore_errors=True)
         warm = envmgr("build", "sd-demo", "--force", env=env)
         baseline = uv_install(requirements, cache / "uv", work / "venv-warm")
         results.update(warm_env_rebuild_s=round(warm, 1), warm_uv_install_s=round(baseline, 1),
