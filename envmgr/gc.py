@@ -32,6 +32,7 @@ from .layers import RELEASE_BYTES, LayerStore
 from .sbom import SBOM_DIR
 from .spec import list_methods
 from .trust import SIGNATURES_DIR
+from .uv_cache import shared_uv_cache
 from .variants import all_variants
 
 # env-<method>-<key>, method-<method>-<key>, and system-<key> (shared by the methods naming the same packages)
@@ -219,6 +220,8 @@ def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[st
     if _build_running(cache):
         result.keep.append(Item("work", str(cache / "work"), 0, "a build is running"))
         return
+    with shared_uv_cache(cache):   # a uv cache a killed build left in its stage goes home before the stage goes
+        pass
     for folder in ("work", "envs"):
         root = cache / folder
         if root.is_dir():

@@ -50,6 +50,7 @@ from .context import Context
 from .errors import EnvmgrError
 from .files import atomic_write
 from .image import Layer, file_sha256, measure_layer, write_layer
+from .uv_cache import lend_uv_cache
 
 PHYSICAL_PREFIX = f"{paths.CONTAINER_ENVS_ROOT}/.shared"
 BIG_BYTES = 32 * 1024 * 1024
@@ -348,9 +349,45 @@ class EnvLayers:
 ARCH_MARK = "ENVMGR-GPU-FACTS "
 
 
+# Sources per compiling process: fixed, so a unit's bytes never depend on the machine. 500: torch's ~2,300
+# sources run as 5 processes; smaller runs cost more process starts than they gain on 2 cores (measured).
+COMPILE_CHUNK_FILES = 500
+
+
+def bytecode_sources(rows: list[str]) -> list[str]:
+    """The sources compileall compiles of a unit: `.py` files outside `__pycache__`, as `./path` from site-packages.
+
+    A name the `-i` list cannot carry (a newline, not UTF-8) is left uncompiled: Python compiles it on import.
+    """
+    found: set[str] = set()
+    for rel in rows:
+        parts = rel.split("/")
+        if not rel.endswith(".py") or "__pycache__" in parts or ".." in parts or "\n" in rel:
+            continue
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        found.add("./" + rel)
+    return sorted(found)
+
+
+def bytecode_chunks(sources: list[str], size: int = COMPILE_CHUNK_FILES) -> list[list[str]]:
+    """`sources` in byte order (as `LC_ALL=C sort`), cut into runs of `size`: one fresh interpreter each."""
+    ordered = sorted(set(sources), key=lambda rel: rel.encode("utf-8"))
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
+def _source_of(*functions: object) -> str:
+    import inspect
+    import textwrap
+
+    return "\n\n".join(textwrap.dedent(inspect.getsource(function)) for function in functions)  # type: ignore[arg-type]
+
+
 SPLIT_SCRIPT = r"""
 import csv, os, re, sys
-prefix, envs, units_file, skeleton_file = sys.argv[1:5]
+prefix, envs, units_file, skeleton_file, plan_file = sys.argv[1:6]
 normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 keys = dict(reversed(line.split()) for line in open(units_file) if line.strip())
 skeleton = {line.strip()[2:] for line in open(skeleton_file) if line.strip()}
@@ -365,6 +402,7 @@ for entry in sorted(os.listdir(site)):
     key = keys.pop(normal(name))
     with open(os.path.join(info, "RECORD"), newline="", encoding="utf-8") as fh:
         rows = [row[0] for row in csv.reader(fh) if row]
+    in_site = []
     for rel in rows:
         source = os.path.normpath(os.path.join(site, rel))
         inner = os.path.relpath(source, prefix)
@@ -373,6 +411,10 @@ for entry in sorted(os.listdir(site)):
         target = os.path.join(envs, "d-" + key, inner)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.rename(source, target)
+        if os.path.isfile(target) and not os.path.relpath(source, site).startswith(".."):
+            in_site.append(os.path.relpath(source, site))
+    unit_site = os.path.join(envs, "d-" + key, os.path.relpath(site, prefix))
+    plans.append((unit_site, key, bytecode_chunks(bytecode_sources(in_site))))
 if keys:
     sys.exit("installed without a dist-info: " + " ".join(sorted(keys)))
 if os.path.exists(os.path.join(prefix, ".lock")):
@@ -381,22 +423,37 @@ left = [os.path.relpath(os.path.join(d, f), prefix) for d, _, files in os.walk(p
 left = sorted(p for p in left if p not in skeleton)
 if left:
     sys.exit("files no RECORD names (cannot be given to a distribution's layer): " + " ".join(left[:10]))
+lists = os.path.dirname(plan_file)
+with open(plan_file, "w") as plan:
+    for unit_site, key, chunks in sorted(plans, key=lambda plan: -len(plan[2])):   # the longest work first
+        for index, chunk in enumerate(chunks):
+            listing = os.path.join(lists, f"{key}-{index:04d}.txt")
+            with open(listing, "w", encoding="utf-8") as fh:
+                fh.write("".join(rel + "\n" for rel in chunk))
+            plan.write(f"{unit_site} {listing}\n")
 """
+SPLIT_SCRIPT = (f"from __future__ import annotations\nCOMPILE_CHUNK_FILES = {COMPILE_CHUNK_FILES}\n"
+                + _source_of(bytecode_sources, bytecode_chunks) + "\nplans = []\n" + SPLIT_SCRIPT)
 
 
 def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
     """Install every listed unit in one container, then give each distribution its own tree.
 
     One `uv pip install` of all the units (uv installs each wheel on its own, in parallel) into the
-    prefix; then each distribution's files, as its RECORD names them, are renamed into stage/d-<key>
-    (the staging folder is mounted at the prefix's parent: renames, not copies), and its bytecode is
-    compiled there by fresh interpreters that load only the standard library (-S), one per top-level
-    entry, so a unit's bytes depend on the unit alone. A file no RECORD names stops the build, except
-    uv's empty install-time `.lock`, which no layer holds (a single install leaves it in the prefix).
+    prefix, hard-linking from its cache when the cache is lent to the stage (envmgr.uv_cache); then
+    each distribution's files, as its RECORD names them, are renamed into stage/d-<key> (the staging
+    folder is mounted at the prefix's parent: renames, not copies), and its bytecode is compiled
+    there by fresh interpreters that load only the standard library (-S), each given a fixed run of
+    COMPILE_CHUNK_FILES of the unit's sources, so a unit's bytes depend on the unit alone, whatever
+    the machine's core count. Nothing writes into an installed file: renames, and new pyc files
+    (compileall writes a temporary file and renames it), so the cache's linked files stay intact.
+    A file no RECORD names stops the build, except uv's empty install-time `.lock`, which no layer
+    holds (a single install leaves it in the prefix). A source that does not compile stays without
+    a pyc, as in a single install.
     """
     uv, work, envs, prefix = paths.CONTAINER_UV, paths.CONTAINER_WORK, paths.CONTAINER_ENVS_ROOT, PHYSICAL_PREFIX
     compile_one = (f'cd "$1" && exec env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q '
-                   f'--invalidation-mode unchecked-hash "$2" >/dev/null')
+                   f'--invalidation-mode unchecked-hash -i "$2" >/dev/null')
     lines = [
         f"rm -rf {prefix}",
         f"{uv} venv --quiet --python {python} {prefix}",
@@ -411,18 +468,13 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
         "echo ENVMGR-PHASE installed",
     ]
     if read_archs:   # torch imports only in a whole environment: read it before the split, writing no pyc
-        lines.append(f"CUDA_VISIBLE_DEVICES= PYTHONDONTWRITEBYTECODE=1 {prefix}/bin/python -B {work}/archs.py "
-                     f"|| echo '{ARCH_MARK}[]'")
+        lines += [f"CUDA_VISIBLE_DEVICES= PYTHONDONTWRITEBYTECODE=1 {prefix}/bin/python -B {work}/archs.py "
+                  f"|| echo '{ARCH_MARK}[]'", "echo ENVMGR-PHASE gpu-facts"]
     lines += [
-        f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt /tmp/skeleton-files",
+        "mkdir -p /tmp/bytecode",
+        f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt /tmp/skeleton-files /tmp/bytecode/plan",
         "echo ENVMGR-PHASE split",
-        "while read -r key name; do",
-        f"  site=$(echo {envs}/d-$key/lib/python*/site-packages)",
-        "  [ -d \"$site\" ] || continue",
-        "  (cd \"$site\" && for e in $(ls -A | LC_ALL=C sort); do",
-        "     if [ -n \"$(find \"$e\" -name '*.py' -print -quit 2>/dev/null)\" ]; then "
-        "printf '%s\\0%s\\0' \"$site\" \"./$e\"; fi; done)",
-        f"done < {work}/units.txt | xargs -0 -r -n 2 -P \"$(nproc)\" sh -c '{compile_one}' compile || true",
+        f"xargs -r -n 2 -P \"$(nproc)\" sh -c '{compile_one}' compile < /tmp/bytecode/plan || true",
         "echo ENVMGR-PHASE compiled",
         f"rm -rf {prefix}",
     ]
@@ -457,10 +509,19 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
                 elif line.startswith("ENVMGR-PHASE "):
                     ctx.ui.log(f"{line} at {time.monotonic() - started:.1f} s")
 
-            run_step(ctx, base, f"installing {method}'s environment", script,
-                     [BindMount(stage, paths.CONTAINER_ENVS_ROOT, read_only=False),
-                      BindMount(Path(work), paths.CONTAINER_WORK, read_only=True), *uv_mounts(ctx)],
-                     uv_step_env(ctx, extra_indexes), on_line=on_line, method=method)
+            mounts = [BindMount(stage, paths.CONTAINER_ENVS_ROOT, read_only=False),
+                      BindMount(Path(work), paths.CONTAINER_WORK, read_only=True)]
+            env = uv_step_env(ctx, extra_indexes)
+            with lend_uv_cache(ctx.cache_dir, stage, on_wait=lambda: ctx.ui.step(
+                    "waiting for the uv cache (another build is installing with it)")) as lent:
+                if lent is None:   # uv copies from a cache mounted on its own
+                    mounts += uv_mounts(ctx)
+                else:              # cache and prefix on one mount: uv hard-links
+                    mounts.append(BindMount(ctx.uv_binary(), paths.CONTAINER_UV, read_only=True))
+                    env.update(UV_CACHE_DIR=f"{paths.CONTAINER_ENVS_ROOT}/{lent}", UV_LINK_MODE="hardlink")
+                ctx.ui.log(f"uv cache: {'hard links from the lent cache' if lent else 'copies (cache not movable)'}")
+                run_step(ctx, base, f"installing {method}'s environment", script, mounts, env, on_line=on_line,
+                         method=method)
     if not read_archs:
         return None
     found = [line[len(ARCH_MARK):] for line in lines if line.startswith(ARCH_MARK)]

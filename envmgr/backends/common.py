@@ -13,6 +13,7 @@ from ..errors import StaleLockError
 from ..mirrors import ca_mounts, uv_env
 from ..spec import MethodSpec
 from ..steps import Step
+from ..uv_cache import shared_uv_cache, uv_cache_dir
 
 
 def describe_step(ctx: Context, base: BaseImage, title: str, script: str, mounts: list[BindMount],
@@ -25,8 +26,15 @@ def describe_step(ctx: Context, base: BaseImage, title: str, script: str, mounts
 def run_step(ctx: Context, base: BaseImage, step: str, script: str, mounts: list[BindMount],
              env: dict[str, str], workdir: str | None = None, on_line: Callable[[str], None] | None = None,
              method: str = "") -> list[str]:
-    """Describe the step and hand it to the context's step runner (the build layer's, or a test's)."""
-    return ctx.step_runner(ctx, describe_step(ctx, base, step, script, mounts, env, workdir, method), on_line)
+    """Describe the step and hand it to the context's step runner (the build layer's, or a test's).
+
+    A step that mounts the uv cache holds it shared while it runs (see envmgr.uv_cache).
+    """
+    described = describe_step(ctx, base, step, script, mounts, env, workdir, method)
+    if not any(mount.source == uv_cache_dir(ctx.cache_dir) for mount in mounts):
+        return ctx.step_runner(ctx, described, on_line)
+    with shared_uv_cache(ctx.cache_dir):
+        return ctx.step_runner(ctx, described, on_line)
 
 
 def missing_lock(spec: MethodSpec, lock_name: str) -> StaleLockError:
@@ -35,7 +43,7 @@ def missing_lock(spec: MethodSpec, lock_name: str) -> StaleLockError:
 
 
 def uv_mounts(ctx: Context) -> list[BindMount]:
-    uv_cache = ctx.cache_dir / "uv"
+    uv_cache = uv_cache_dir(ctx.cache_dir)
     uv_cache.mkdir(parents=True, exist_ok=True)
     return [BindMount(ctx.uv_binary(), paths.CONTAINER_UV, read_only=True),
             BindMount(uv_cache, f"{paths.CONTAINER_CACHE}/uv", read_only=False)]

@@ -39,6 +39,7 @@ from ..context import Context
 from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from ..mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from ..spec import MethodSpec
+from ..uv_cache import shared_uv_cache, uv_cache_dir
 from .common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env
 
 ENVIRONMENT = "environment.yml"
@@ -404,11 +405,12 @@ class CondaBackend:
             (Path(work) / "requirements.in").write_text("\n".join(env.pip) + "\n")
             environ = {**{k: v for k, v in os.environ.items() if not k.startswith("UV_")},
                        **on_host(uv_env(ctx.config.mirrors), ctx.config.mirrors),
-                       "UV_CACHE_DIR": str(ctx.cache_dir / "uv")}
+                       "UV_CACHE_DIR": str(uv_cache_dir(ctx.cache_dir))}
             command = [str(ctx.uv_binary()), "pip", "compile", "--quiet", "--generate-hashes", "--no-header",
                        "--format", "pylock.toml", "--python-version", python_version, "--python-platform", target,
                        "-o", str(Path(work) / "pylock.toml"), str(Path(work) / "requirements.in")]
-            proc = subprocess.run(command, capture_output=True, text=True, env=environ, cwd=work)
+            with shared_uv_cache(ctx.cache_dir):   # not while a layered install has lent it out
+                proc = subprocess.run(command, capture_output=True, text=True, env=environ, cwd=work)
             for line in (proc.stdout + proc.stderr).splitlines():
                 ctx.ui.log(line)
             if proc.returncode != 0:

@@ -91,8 +91,7 @@ def main() -> int:
         results["noop_build_s"] = round(noop, 3)
 
         requirements = requirements_file(ctx, work)
-        # a warm rebuild: the uv cache stays, the environment layers (the layer store and its records) go;
-        # the base image stays (store/base)
+        # a warm rebuild: the uv cache and the base image stay, the environment layers and their records go
         empty_layer_store(cache)
         warm = envmgr("build", "sd-demo", "--force", env=env)
         baseline = uv_install(requirements, cache / "uv", work / "venv-warm")

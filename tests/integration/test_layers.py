@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from envmgr.layers import COMPILE_CHUNK_FILES
 from tests.support.pypi import FIXED_TIME, Index, build_wheel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +60,16 @@ def layer_index(tmp_path_factory):
     build_wheel(root, "lyr-ns-one", "1.0", extra={"lyr_shared/one.py": "ONE = 1\n"})
     build_wheel(root, "lyr-ns-two", "1.0", extra={"lyr_shared/two.py": "TWO = 2\n"})
     build_wheel(root, "lyr-hook", "1.0", extra={"lyr_hook.pth": "import lyr_hook\n"})
+    # more sources than one compiling run holds, sharing names and constants: the layered build compiles
+    # them in several runs, the single install in one process; their pycs must still be the same bytes
+    build_wheel(root, "lyr-many", "1.0", extra={
+        f"lyr_many/m{i:03d}.py": (f'"""Module {i}."""\nSHARED = ("shared", {i % 7}, frozenset({{"a", "b{i % 3}"}}))\n'
+                                  f"def common(x=SHARED):\n    return ('common', x, {i})\n"
+                                  f"class Thing{i % 5}:\n    name = 'thing'\n    def go(self):\n"
+                                  f"        return common(), '{'m' * (i % 40)}'\n")
+        for i in range(COMPILE_CHUNK_FILES + 50)})
+    build_wheel(root, "lyr-broken", "1.0", extra={"lyr_broken/bad.py": "def broken(:\n",
+                                                  "lyr_broken/zz_good.py": "GOOD = 1\n"})
     build_big_wheel(root, "lyr-bigtorch", "2.0")
     build_big_wheel(root, "lyr-bigsolo", "1.0")   # used by one test only: no other image holds its chain
     index = Index(root).start()
@@ -214,8 +225,25 @@ def _tree(root: Path) -> dict[str, bytes | str]:
     return found
 
 
-def test_layered_environment_equals_a_single_install(methods, tmp_path, store):
-    """Same files, byte for byte (pycs, RECORDs, .pth files, scripts), as one uv install of the same lock."""
+def _assert_cache_holds_the_wheels_unchanged(uv_cache: Path, wheels: list[Path]) -> int:
+    """Each wheel uv unpacked into its cache still has its files byte for byte (hard links written through
+    would show here); returns how many wheels were found there."""
+    archives = [p for p in (uv_cache / "archive-v0").iterdir() if p.is_dir()]
+    found = 0
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            homes = [a for a in archives if all((a / n).is_file() for n in names)
+                     and (a / names[0]).read_bytes() == zf.read(names[0])]
+            for home in homes[:1]:
+                found += 1
+                assert {n: (home / n).read_bytes() for n in names} == {n: zf.read(n) for n in names}, wheel.name
+    return found
+
+
+def test_layered_environment_equals_a_single_install(methods, tmp_path, store, layer_index, monkeypatch):
+    """Same files, byte for byte (pycs, RECORDs, .pth files, scripts), as one uv install of the same lock;
+    uv hard-linked them from its cache, and the cache's files are unchanged."""
     from envmgr import paths
     from envmgr.backends.common import install_requirements_script, run_step, uv_mounts, uv_step_env
     from envmgr.base import ensure_base
@@ -227,14 +255,20 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store):
     from envmgr.spec import find_method
     from envmgr.ui import Reporter
 
-    name = methods.add(["lyr-apple==1.0", "lyr-ns-one", "lyr-ns-two", "lyr-hook", "lyr-bigtorch", "lyr-kiwi"])
+    name = methods.add(["lyr-apple==1.0", "lyr-ns-one", "lyr-ns-two", "lyr-hook", "lyr-bigtorch", "lyr-kiwi",
+                        "lyr-broken", "lyr-many"])
     methods.envmgr("lock", name)
     os.environ["ENVMGR_STORE_DIR"] = str(store)
     ctx = Context(config=load_config({"cache_dir": str(methods.cache_dir), "base_dir": str(methods.base_dir),
                                       "mirrors": {"pypi": methods.mirror}}, files=[]), ui=Reporter("plain"))
     spec = find_method(name, methods.base_dir)
     base = ensure_base(ctx, spec.base_image)
+    logged: list[str] = []
+    monkeypatch.setattr(ctx.ui, "log", logged.append)
     config = target(ctx, spec, base).config(ctx)
+    assert "uv cache: hard links from the lent cache" in logged
+    assert not [line for line in logged if "hardlink" in line.lower() and "fail" in line.lower()]
+    assert _assert_cache_holds_the_wheels_unchanged(methods.cache_dir / "uv", layer_index.files()) >= 6
     layered = tmp_path / "layered"
     layered.mkdir()
     for layer in config.layers[1:-1]:
@@ -255,7 +289,11 @@ def test_layered_environment_equals_a_single_install(methods, tmp_path, store):
     assert sorted(got) == sorted(want)
     assert got == want
     records = [k for k in got if k.endswith(".dist-info/RECORD")]
-    assert len(records) == 6 and any("lyr_bigtorch" in k for k in records)
+    assert len(records) == 8 and any("lyr_bigtorch" in k for k in records)
+    assert len([k for k in got if "/lyr_many/__pycache__/m" in k]) == COMPILE_CHUNK_FILES + 50
+    # a source that does not compile fails neither build, and the sources after it in its run still compile
+    broken = sorted(k for k in got if k.split("site-packages/")[-1].startswith("lyr_broken/"))
+    assert [k.rsplit("/", 1)[-1].split(".")[0] for k in broken if k.endswith(".pyc")] == ["__init__", "zz_good"]
     assert got["bin/lyr-bigtorch-tool"].startswith(f"#!{PHYSICAL_PREFIX}/bin/python".encode())  # type: ignore[union-attr]
 
 
