@@ -61,9 +61,9 @@ def uv_step_env(ctx: Context, extra_indexes: list[str] | None = None) -> dict[st
 def compile_bytecode_script(python: str) -> list[str]:
     """Compile site-packages to unchecked-hash pycs (no source mtimes inside), reproducibly and in parallel.
 
-    Each top-level entry is compiled by a fresh interpreter with a fixed hash seed: marshal's output
-    depends on what the process compiled before, so one process per entry gives the same bytes
-    whatever the scheduling. -B: a .pth import at start-up (setuptools' _distutils_hack) must not
+    Each top-level entry is compiled by a fresh interpreter with a fixed hash seed, so the bytes are the
+    same whatever the scheduling (measured on the base's Python 3.11 with -S: a pyc does not depend on
+    what the process compiled before; fresh processes keep that true should an interpreter differ). -B: a .pth import at start-up (setuptools' _distutils_hack) must not
     leave a timestamped pyc; -f: rewrite every pyc. A deliberately broken file must not fail the build.
     """
     return [
