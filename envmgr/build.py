@@ -26,7 +26,7 @@ from .engine import ImageGone
 from .errors import EngineError, EnvmgrError, UsageError
 from .files import atomic_write
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
-from .image import ExtraFile, HashingWriter, ImageConfig, Layer, tree_hash, write_archive, write_layer
+from .image import CountingWriter, ExtraFile, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
 from .spec import MethodSpec
 from .system_layer import history as system_history, system_key, system_layer
@@ -489,7 +489,9 @@ def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> 
         try:
             with os.fdopen(write_end, "wb", buffering=1 << 20) as sink:
                 # tarfile asks where it is (tell), which a pipe cannot answer: count the bytes instead
-                result["id"] = write_archive(HashingWriter(sink), config, [], progress=task.advance,
+                # the engine checks every layer's diff ID as it registers it: no second hash here
+                result["id"] = write_archive(CountingWriter(sink), config, [], progress=task.advance,
+                                             verify_measured=False,
                                              present=present)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
             result["error"] = exc

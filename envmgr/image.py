@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, cast
+from typing import BinaryIO, cast, overload
 
 # 2000-01-01T00:00:00Z: a fixed time for every entry and the config (0 confuses some tools).
 EPOCH = 946684800
@@ -26,12 +26,11 @@ CREATED = "2000-01-01T00:00:00Z"
 CHUNK = 1 << 20
 
 
-class HashingWriter(io.RawIOBase):
-    """A file wrapper that hashes what goes through it."""
+class CountingWriter(io.RawIOBase):
+    """A file wrapper that counts what goes through it (and answers `tell`, which a pipe cannot)."""
 
     def __init__(self, raw):
         self.raw = raw
-        self.sha = hashlib.sha256()
         self.size = 0
 
     def writable(self) -> bool:
@@ -41,10 +40,21 @@ class HashingWriter(io.RawIOBase):
         return self.size
 
     def write(self, data) -> int:
-        self.sha.update(data)
         self.size += len(data)
         self.raw.write(data)
         return len(data)
+
+
+class HashingWriter(CountingWriter):
+    """A file wrapper that hashes what goes through it."""
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.sha = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return super().write(data)
 
 
 @dataclass
@@ -140,9 +150,11 @@ def measure_layer(trees: list[tuple[Path, str]], at: Path, progress: Callable[[i
 
 
 @contextlib.contextmanager
-def open_layer(layer: Layer) -> Iterator[BinaryIO]:
+def open_layer(layer: Layer, verify: bool = True) -> Iterator[BinaryIO]:
     """The layer's bytes: its file, or, for a measured layer, its tar made again from its trees (checked
-    against its diff ID as it goes: trees changed since they were measured fail the read)."""
+    against its size, and with `verify` its diff ID, as it goes: trees changed since they were measured
+    fail the read). Without `verify` the reader must check the digest itself: the engine's loader does,
+    for every layer it registers, so a load need not hash the bytes twice."""
     if layer.path.is_file() or not layer.trees:
         with open(layer.path, "rb") as fh:
             yield fh
@@ -153,7 +165,7 @@ def open_layer(layer: Layer) -> Iterator[BinaryIO]:
     def produce() -> None:
         try:
             with os.fdopen(write_end, "wb", buffering=CHUNK) as sink:
-                result["writer"] = _write_entries(sink, layer_entries(layer.trees), None)
+                result["writer"] = _write_entries(sink, layer_entries(layer.trees), None, hashing=verify)
         except BaseException as exc:  # noqa: BLE001 - reported to the reader below
             result["error"] = exc
 
@@ -189,17 +201,29 @@ class _Checked:
             error = self.result.get("error")
             if error is not None and not isinstance(error, BrokenPipeError):
                 raise error
-            if writer is None or "sha256:" + writer.sha.hexdigest() != self.layer.diff_id \
-                    or writer.size != self.layer.size:
+            if writer is None or writer.size != self.layer.size or \
+                    (isinstance(writer, HashingWriter) and "sha256:" + writer.sha.hexdigest() != self.layer.diff_id):
                 raise OSError(f"layer {self.layer.diff_id[:19]} changed after it was measured "
                               "(its files were modified meanwhile)")
         return data
 
 
+@overload
 def _write_entries(raw, entries: dict[str, tuple[str, Path | ExtraFile | None]],
-                   progress: Callable[[int], None] | None) -> HashingWriter:
-    writer = HashingWriter(raw)
+                   progress: Callable[[int], None] | None) -> HashingWriter: ...
+
+
+@overload
+def _write_entries(raw, entries: dict[str, tuple[str, Path | ExtraFile | None]],
+                   progress: Callable[[int], None] | None, hashing: bool) -> CountingWriter: ...
+
+
+def _write_entries(raw, entries: dict[str, tuple[str, Path | ExtraFile | None]],
+                   progress: Callable[[int], None] | None, hashing: bool = True) -> CountingWriter:
+    writer = HashingWriter(raw) if hashing else CountingWriter(raw)
+    # 1 MiB copies: a few GB of files go through here, and 16 KiB ones cost as much again in Python calls
     with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # a TarFile attribute typeshed omits
         for name in sorted(entries):
             kind, item = entries[name]
             if kind == "dir":
@@ -288,7 +312,8 @@ def archive_parts(config: ImageConfig, repo_tags: list[str]) -> tuple[bytes, lis
 
 
 def write_archive(out, config: ImageConfig, repo_tags: list[str],
-                  progress: Callable[[int], None] | None = None, present: frozenset[str] = frozenset()) -> str:
+                  progress: Callable[[int], None] | None = None, present: frozenset[str] = frozenset(),
+                  verify_measured: bool = True) -> str:
     """Write a docker-archive (manifest.json + config + layer tars) to a binary file object.
 
     Returns the image ID. The archive bytes depend only on the config, layers and tags.
@@ -308,7 +333,7 @@ def write_archive(out, config: ImageConfig, repo_tags: list[str],
             if layer.diff_id in present:
                 continue
             tar.addfile(tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
-            with open_layer(layer) as fh:
+            with open_layer(layer, verify=verify_measured) as fh:
                 tar.addfile(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), CountingReader(fh, progress))
         tar.addfile(tarinfo("manifest.json", tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
     return "sha256:" + image_hex

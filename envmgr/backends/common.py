@@ -63,7 +63,8 @@ def compile_bytecode_script(python: str) -> list[str]:
 
     Each top-level entry is compiled by a fresh interpreter with a fixed hash seed, so the bytes are the
     same whatever the scheduling (measured on the base's Python 3.11 with -S: a pyc does not depend on
-    what the process compiled before; fresh processes keep that true should an interpreter differ). -B: a .pth import at start-up (setuptools' _distutils_hack) must not
+    what the process compiled before; fresh processes keep that true should an interpreter differ).
+    -B: a .pth import at start-up (setuptools' _distutils_hack) must not
     leave a timestamped pyc; -f: rewrite every pyc. A deliberately broken file must not fail the build.
     """
     return [
