@@ -160,8 +160,11 @@ class Workspace:
         """
         ours = {f"envmgr/{p.name}" for p in (self.base_dir / "methods").iterdir()} if (self.base_dir / "methods").is_dir() else set()
         for image in engine.images.list(filters={"label": "org.envmgr.method"}):
-            method = f"envmgr/{(image.labels or {}).get('org.envmgr.method', '')}"
-            if any(t.rsplit(":", 1)[0] in ours for t in image.tags) or (not image.tags and method in ours):
+            labels = image.labels or {}
+            method = f"envmgr/{labels.get('org.envmgr.method', '')}"
+            variant = method in ours and "org.envmgr.variant" in labels   # tagged envmgr/<method>-<variant>
+            if any(t.rsplit(":", 1)[0] in ours for t in image.tags) or (not image.tags and method in ours) \
+                    or variant:
                 try:
                     engine.images.remove(image.id, force=True)
                 except Exception:  # noqa: BLE001 - already gone
