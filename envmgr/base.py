@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from . import paths
 from .context import Context
 from .errors import EnvmgrError, MirrorError, UsageError
+from .files import open_lock
 from .image import ImageConfig, file_layer, write_archive
 from .tomlfile import load_model
 
@@ -130,7 +131,7 @@ def build_base(ctx: Context, name: str) -> BaseImage:
                           f"{definition.suite!r} and [mirrors] apt is not set", hint="set [mirrors] apt")
     out_dir = ctx.store_dir / "base" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
+    with open_lock(out_dir / ".lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _build_locked(ctx, definition, mirror, out_dir)
 
