@@ -165,3 +165,22 @@ def test_trust_follows_the_whole_public_key_not_its_short_id(tmp_path, monkeypat
     assert signing.refusal(found, trusted) is not None
     genuine = signing.sign(statement, signing.load_private_key(tmp_path / "site"))
     assert signing.check(statement, genuine, trusted).state == "trusted"
+
+
+def test_a_spec_with_a_newline_or_option_looking_apt_name_is_refused_before_any_step(tmp_path):
+    """The hostile spec of the apt step: `build` stops at the spec, naming the field; no engine is asked."""
+    import subprocess
+    import sys
+
+    for bad in ('"acl\\n", "id"', '"-oAPT::Update::Pre-Invoke::=id"', '"acl id"'):
+        method = tmp_path / "base" / "methods" / "hostile"
+        method.mkdir(parents=True, exist_ok=True)
+        (method / "envmgr.toml").write_text(f'name = "hostile"\nbackend = "pip"\nentry = ["true"]\n'
+                                            f"[system]\napt = [{bad}]\n")
+        env = {**os.environ, "ENVMGR_CONFIG": "/dev/null", "ENVMGR_BASE_DIR": str(tmp_path / "base"),
+               "ENVMGR_CACHE_DIR": str(tmp_path / "cache"), "DOCKER_HOST": "unix:///nonexistent.sock"}
+        proc = subprocess.run([sys.executable, "-m", "envmgr", "build", "hostile"], capture_output=True,
+                              text=True, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "apt" in proc.stderr and "Debian package name" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
