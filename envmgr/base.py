@@ -17,11 +17,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import BaseModel, ConfigDict
 
 from . import paths
 from .context import Context
 from .errors import EnvmgrError, MirrorError, UsageError
+from .files import open_lock
 from .image import ImageConfig, file_layer, write_archive
 from .tomlfile import load_model
 
@@ -66,6 +68,52 @@ def load_definition(name: str) -> BaseDefinition:
         known = ", ".join(sorted(p.parent.name for p in paths.BASE_IMAGES_DIR.glob("*/image.toml"))) or "none"
         raise UsageError(f"unknown base image {name!r} (known: {known})")
     return load_model(BaseDefinition, path)
+
+
+DEFAULT_BASE = "bookworm-py311"
+
+
+def definitions() -> list[BaseDefinition]:
+    """Every base image definition envmgr has (`images/*/image.toml`), the default first."""
+    found = [load_definition(p.parent.name) for p in sorted(paths.BASE_IMAGES_DIR.glob("*/image.toml"))]
+    return sorted(found, key=lambda d: (d.name != DEFAULT_BASE, d.name))
+
+
+def python_series(definition: BaseDefinition) -> str:
+    """`3.13` for a base whose interpreter is /usr/bin/python3.13."""
+    found = re.fullmatch(r"python(\d+\.\d+)", Path(definition.python).name)
+    if not found:
+        raise UsageError(f"base image {definition.name}: python = {definition.python!r} does not name its "
+                         "version (e.g. /usr/bin/python3.13)")
+    return found.group(1)
+
+
+def fits(requires_python: str, series: str) -> bool:
+    """Whether a Python `series` (3.13) can satisfy a PEP 440 `requires_python`: some release of it
+    does (its .0 or a late patch release), as Debian's patch release is known only once built."""
+    try:
+        wanted = SpecifierSet(requires_python)
+    except InvalidSpecifier:
+        raise UsageError(f"requires-python {requires_python!r} is not a version specifier") from None
+    return any(wanted.contains(f"{series}.{patch}", prereleases=True) for patch in (0, 99))
+
+
+def pick_base(requires_python: str | None, where: str) -> BaseDefinition:
+    """The base image for a method whose Python must satisfy `requires_python`: the default base when
+    it fits, else the fitting one with the oldest Python. Says clearly when none fits."""
+    found = definitions()
+    if not requires_python:
+        return found[0]
+    for definition in sorted(found, key=lambda d: (d.name != DEFAULT_BASE, _series_key(python_series(d)))):
+        if fits(requires_python, python_series(definition)):
+            return definition
+    have = ", ".join(f"{d.name} (Python {python_series(d)})" for d in found)
+    raise UsageError(f"{where} needs Python {requires_python}, and no base image has one: {have}",
+                     hint="add a base image definition under images/ whose Debian suite ships that Python")
+
+
+def _series_key(series: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in series.split("."))
 
 
 def _state_file(ctx: Context, name: str) -> Path:
@@ -130,7 +178,7 @@ def build_base(ctx: Context, name: str) -> BaseImage:
                           f"{definition.suite!r} and [mirrors] apt is not set", hint="set [mirrors] apt")
     out_dir = ctx.store_dir / "base" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
+    with open_lock(out_dir / ".lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _build_locked(ctx, definition, mirror, out_dir)
 

@@ -24,7 +24,7 @@ from .base import BaseImage, ensure_base
 from .context import Context
 from .engine import ImageGone
 from .errors import EngineError, EnvmgrError, UsageError
-from .files import atomic_write
+from .files import atomic_write, open_lock
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import CountingWriter, ExtraFile, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
@@ -198,7 +198,7 @@ def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult
 
     locks = ctx.cache_dir / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"build-{spec.name}.lock", "w") as guard:
+    with open_lock(locks / f"build-{spec.name}.lock") as guard:
         if not _try_lock(guard):
             ctx.ui.step(f"another build of {spec.name} is running: waiting for it")
             fcntl.flock(guard, fcntl.LOCK_EX)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from .errors import UsageError
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -22,3 +25,18 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def open_lock(path: Path):
+    """Open (creating it) a lock file for `fcntl.flock`, never through a link: lock files may sit in a
+    shared folder such as /tmp, where anyone can plant `path` as a link to a file of theirs or ours."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot open the lock file {path}: {exc.strerror}"
+                         + (" (it is a symbolic link)" if path.is_symlink() else "")) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"the lock file {path} is not a regular file")
+    return os.fdopen(fd, "r+")

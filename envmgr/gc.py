@@ -27,6 +27,7 @@ from .base import current_base
 from .build import target
 from .context import Context
 from .errors import EngineError, UsageError
+from .files import open_lock
 from .image import file_sha256
 from .layers import RELEASE_BYTES, LayerStore
 from .sbom import SBOM_DIR
@@ -318,7 +319,7 @@ def _build_running(cache: Path, besides: str = "") -> bool:
     for guard_path in (cache / "locks").glob("build-*.lock") if (cache / "locks").is_dir() else []:
         if guard_path.name == besides:
             continue
-        with open(guard_path, "a") as guard:
+        with open_lock(guard_path) as guard:
             try:
                 fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 fcntl.flock(guard, fcntl.LOCK_UN)

@@ -9,6 +9,7 @@ Layout of an added method in the base dir:
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import tomllib
@@ -20,6 +21,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from .archive import extract, single_top_folder
+from .base import pick_base, python_series
 from .errors import UsageError
 from .records import OUTPUT as OUTPUT_DIR
 from .spec import MethodSpec, find_method, name_problem
@@ -57,15 +59,20 @@ def _names_in_pyproject(data: dict) -> set[str]:
     return pyproject_names(data)
 
 
+def _pyproject_data(root: Path) -> dict:
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    try:
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{pyproject}: not valid TOML: {exc}") from None
+
+
 def detect_backend(root: Path, choice: str | None) -> Detected:
     found: dict[str, str] = {}
-    pyproject = root / "pyproject.toml"
-    data: dict = {}
-    if pyproject.is_file():
-        try:
-            data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{pyproject}: not valid TOML: {exc}") from None
+    data = _pyproject_data(root)
+    if data:
         if "poetry" in data.get("tool", {}) or (root / "poetry.lock").is_file() or data.get("project", {}).get(
                 "dependencies"):
             found["poetry"] = "pyproject.toml" + (" + poetry.lock" if (root / "poetry.lock").is_file() else "")
@@ -94,6 +101,50 @@ def detect_backend(root: Path, choice: str | None) -> Detected:
                                  hint="choose one with --backend poetry or --backend pip")
         return Detected(winner, found[winner], note + " (choose another with --backend)")
     return Detected(winner, found[winner])
+
+
+_POETRY_CARET = re.compile(r"\^(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+_POETRY_TILDE = re.compile(r"~(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def _poetry_python(constraint: str) -> str:
+    """poetry's `python = "^3.12"` (or `~3.10`, `>=3.10,<3.13`, `3.12.*`) as a PEP 440 specifier; `||`
+    alternatives keep the first (they are rare for python and only widen it)."""
+    first = constraint.split("||")[0].strip()
+    parts = []
+    for part in re.split(r"[,\s]+", first):
+        if not part or part == "*":
+            continue
+        if caret := _POETRY_CARET.fullmatch(part):
+            major, minor = int(caret.group(1)), int(caret.group(2) or 0)
+            upper = f"{major + 1}" if major else f"0.{minor + 1}"
+            parts += [f">={part[1:]}", f"<{upper}"]
+        elif tilde := _POETRY_TILDE.fullmatch(part):
+            parts += [f">={part[1:]}", f"<{tilde.group(1)}.{int(tilde.group(2)) + 1}"]
+        elif part[0].isdigit():
+            parts.append(f"=={part}")
+        else:
+            parts.append(part)
+    return ",".join(parts)
+
+
+def requires_python(root: Path, data: dict) -> tuple[str | None, str]:
+    """The Python a repository declares, as a PEP 440 specifier, and where it was read: pyproject's
+    [project] requires-python, poetry's python dependency, or setup.cfg's / setup.py's python_requires
+    (read as text: nothing of the repository is executed)."""
+    declared = data.get("project", {}).get("requires-python")
+    if isinstance(declared, str):
+        return declared, "pyproject.toml [project] requires-python"
+    for table in (data.get("tool", {}).get("poetry", {}).get("dependencies", {}),):
+        if isinstance(table.get("python"), str):
+            return _poetry_python(table["python"]), "pyproject.toml [tool.poetry.dependencies] python"
+    for name in ("setup.cfg", "setup.py"):
+        path = root / name
+        if path.is_file():
+            found = re.search(r"python_requires\s*=\s*[\"']?([<>=!~.,\d\s*]+)", path.read_text(errors="replace"))
+            if found and found.group(1).strip():
+                return found.group(1).strip().rstrip(","), f"{name} python_requires"
+    return None, ""
 
 
 def detect_entry(root: Path, entry: str | None) -> list[str]:
@@ -137,6 +188,8 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             raise UsageError(f"{source}: holds no files (only macOS junk?)")
         detected = detect_backend(root, backend)
         command = detect_entry(root, entry)
+        wanted, declared_in = requires_python(root, _pyproject_data(root))
+        base = pick_base(wanted, f"{source.name} ({declared_in})")
         shutil.move(str(root), str(staging / SOURCE_DIR))
         shutil.rmtree(unpacked, ignore_errors=True)
         (staging / LOCK_DIR).mkdir()
@@ -144,6 +197,8 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             "name": name,
             "description": f"added from {source.name}",
             "backend": detected.backend,
+            "python": python_series(base),
+            "base_image": base.name,
             "source_dir": SOURCE_DIR,
             "lock_dir": LOCK_DIR,
             "entry": command,

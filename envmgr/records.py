@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import names
 from .errors import UsageError
 from .files import atomic_write
 
@@ -25,12 +25,12 @@ OUTPUT = "output"
 WORK = "work"
 LAYOUT = 2            # 2: only output/ and work/ are mounted; run.json and log.txt are envmgr's alone
 
-RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4}$")
+RUN_ID_RE = names.RUN_ID
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def check_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.match(run_id):
+    if not names.is_valid(RUN_ID_RE, run_id):
         raise UsageError(f"{run_id!r} is not a run id (they look like 20261129-204839-1a2b)",
                          hint="`envmgr runs` lists them")
     return run_id
@@ -88,7 +88,7 @@ def iter_records(runs_root: Path, method: str | None = None) -> Iterator[tuple[P
         if not method_dir.is_dir() or method_dir.is_symlink():
             continue
         for run_dir in sorted(method_dir.iterdir()):
-            if not RUN_ID_RE.match(run_dir.name) or run_dir.is_symlink() or not run_dir.is_dir():
+            if not names.is_valid(RUN_ID_RE, run_dir.name) or run_dir.is_symlink() or not run_dir.is_dir():
                 continue
             try:
                 yield run_dir, read_record(run_dir)

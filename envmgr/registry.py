@@ -23,7 +23,7 @@ from .build import require_image, target
 from .context import Context
 from .engine import PushPullRefused
 from .errors import EnvmgrError, Exit, UsageError
-from .files import atomic_write
+from .files import atomic_write, open_lock
 from .spec import MethodSpec, find_method
 
 USER_VAR = "ENVMGR_REGISTRY_USER"
@@ -208,7 +208,7 @@ def _pull_signature(ctx: Context, registry: str, remote: str, short: str, auth: 
 
 def _record_push(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as guard:
+    with open_lock(path.with_name(path.name + ".lock")) as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         known = json.loads(path.read_text()) if path.is_file() else {}
         known[record["reference"]] = record

@@ -5,18 +5,17 @@ and, for `workdir = "method"`, the run's own writable copy of the method's files
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import paths, records
+from . import names, paths, records
 from .errors import UsageError
 from .spec import MethodSpec
 
-INPUT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+INPUT_NAME_RE = names.INPUT
+ENV_NAME_RE = names.ENV_VAR
 # What envmgr sets itself for every run (or the image for the environment): `--env` cannot change it.
 RESERVED_ENV = frozenset({"HOME", "PATH", "VIRTUAL_ENV", "HF_HUB_OFFLINE", "MPLCONFIGDIR", "TRAINING_NUM_PROCESSES",
                           "CUDA_VISIBLE_DEVICES"})
@@ -35,7 +34,7 @@ class RunInput:
 
 
 def _input_name(name: str, given: str) -> str:
-    if not INPUT_NAME_RE.match(name) or name in (".", ".."):
+    if not names.is_valid(INPUT_NAME_RE, name) or name in (".", ".."):
         raise UsageError(f"--input {given}: {name!r} is not a usable name (letters, digits, '.', '_', '-')",
                          hint="name it: --input PATH:NAME")
     return name
@@ -44,7 +43,7 @@ def _input_name(name: str, given: str) -> str:
 def parse_input(text: str) -> RunInput:
     """`PATH` or `PATH:NAME` (a path that itself holds a colon is taken whole when it exists)."""
     head, sep, tail = text.rpartition(":")
-    if sep and head and INPUT_NAME_RE.match(tail) and Path(head).expanduser().exists():
+    if sep and head and names.is_valid(INPUT_NAME_RE, tail) and Path(head).expanduser().exists():
         raw, name = head, tail
     else:
         raw, name = text, None
@@ -65,7 +64,7 @@ def parse_inputs(texts: list[str]) -> list[RunInput]:
 
 
 def env_problem(name: str) -> str | None:
-    if not ENV_NAME_RE.match(name):
+    if not names.is_valid(ENV_NAME_RE, name):
         return "not a variable name (letters, digits and '_', not starting with a digit)"
     if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
         return "envmgr sets it itself"
@@ -99,7 +98,7 @@ def recorded_inputs(record: dict[str, Any], run_dir: Path) -> list[RunInput]:
     for entry in entries:
         name = entry.get("name") if isinstance(entry, dict) else None
         raw = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not INPUT_NAME_RE.match(name) or name in (".", ".."):
+        if not isinstance(name, str) or not names.is_valid(INPUT_NAME_RE, name) or name in (".", ".."):
             raise UsageError(f"{where}: an input without a valid name ({entry!r})")
         if not isinstance(raw, str) or not Path(raw).is_absolute():
             raise UsageError(f"{where}: input {name!r} has no absolute path ({raw!r})")

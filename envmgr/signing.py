@@ -144,11 +144,18 @@ def check(statement: bytes, signature: bytes | None, trust: TrustConfig) -> Sign
     real_id = key_id(public)
     if claimed != real_id:
         return SignatureCheck("invalid", real_id)
+    # Trust is decided by the whole public key, never by its short ID, and a trusted signer's
+    # signature is checked with the key from the site's own file, not the one the document carries.
+    trusted = next((k for k in trusted_keys(trust).values() if _raw(k) == _raw(public)), None)
     try:
-        public.verify(raw_signature, statement)
+        (trusted or public).verify(raw_signature, statement)
     except InvalidSignature:
         return SignatureCheck("invalid", real_id)
-    return SignatureCheck("trusted" if real_id in trusted_keys(trust) else "untrusted", real_id)
+    return SignatureCheck("trusted" if trusted is not None else "untrusted", real_id)
+
+
+def _raw(public: Ed25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def refusal(check_: SignatureCheck, trust: TrustConfig) -> str | None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import paths, records
 from .context import Context
 from .errors import EnvmgrError, Exit, Interrupted, UsageError
+from .files import open_lock
 from .spec import MethodSpec
 
 if TYPE_CHECKING:
@@ -624,7 +625,7 @@ def ensure_image(ctx: Context, spec: MethodSpec, record: dict) -> None:
         return
     source = record["scheduler"]["image_source"]
     lock = Path("/tmp") / f"envmgr-image-{want['tag'].rsplit(':', 1)[-1]}.lock"
-    with open(lock, "w") as guard:
+    with open_lock(lock) as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)   # several tasks of a node: one fetch
         if _have(ctx, want):
             return
@@ -677,8 +678,7 @@ def _read(run_dir: Path) -> dict:
 
 def _update(run_dir: Path, change: Callable[[dict], Any]) -> dict:
     """Read, change and write run.json under a lock the submitter, the steps and `runs cancel` share."""
-    fd = os.open(run_dir / ".run.json.lock", os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    with os.fdopen(fd, "w") as guard:
+    with open_lock(run_dir / ".run.json.lock") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         record = _read(run_dir)
         change(record)

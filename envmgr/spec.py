@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from . import paths
+from . import names, paths
 from .errors import UsageError
 from .tomlfile import load_model
 
 # A method name is an image repository path component (`envmgr/<name>`): lower-case alphanumerics
 # joined by one '.', one or two '_', or dashes; envmgr's own repositories (`envmgr/base-*`) are reserved.
-NAME_RE = re.compile(r"^(?=.{1,63}$)[a-z0-9]+(?:(?:\.|_{1,2}|-+)[a-z0-9]+)*$")
+NAME_RE = names.METHOD
 RESERVED_PREFIXES = ("base-",)
 NAME_RULE = ("lower-case letters and digits, joined by single '.', '_' or '-' (no leading, trailing or "
              "doubled dots), at most 63 characters, not starting with 'base-' (envmgr's base images)")
 
 
 def name_problem(name: str) -> str | None:
-    if not NAME_RE.match(name):
+    if not names.is_valid(NAME_RE, name):
         return NAME_RULE
     if name.startswith(RESERVED_PREFIXES):
         return f"{name!r} clashes with envmgr's own images (envmgr/base-*)"
@@ -68,7 +67,7 @@ class Adaptations(BaseModel):
         return lines
 
 
-DEB_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
+DEB_PACKAGE_RE = names.DEB_PACKAGE
 
 
 class SystemPackages(BaseModel):
@@ -83,7 +82,7 @@ class SystemPackages(BaseModel):
     @classmethod
     def _apt(cls, value: list[str]) -> list[str]:
         for name in value:
-            if not DEB_PACKAGE_RE.match(name):
+            if not names.is_valid(DEB_PACKAGE_RE, name):
                 raise ValueError(f"{name!r}: a Debian package name (e.g. \"libgl1\", or \"libgl1=1.6.0-1\")")
         return value
 
@@ -182,7 +181,7 @@ class MethodSpec(BaseModel):
     @classmethod
     def _variants(cls, value: dict[str, Variant]) -> dict[str, Variant]:
         for name, variant in value.items():
-            if not NAME_RE.match(name):
+            if not names.is_valid(NAME_RE, name):
                 raise ValueError(f"{name!r}: lower-case letters, digits, '.', '_' and '-'")
             if not variant.pin:
                 raise ValueError(f"{name!r}: a variant changes pins: pin = {{ torch = \"<version>\" }}")

@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
 
+from . import names as names_
 from .base import BaseImage, load_definition
 from .containers import BindMount
 from .context import Context
@@ -96,11 +98,13 @@ def _install(ctx: Context, spec: MethodSpec, base: BaseImage, out: Path, sources
     apt = ("apt-get -q -o APT::Sandbox::User=root -o Debug::NoLocking=1 -o Dir::State::Lists=/tmp/apt/lists "
            f"-o Dir::Cache=/tmp/apt/cache -o Dir::Etc::SourceList={_SOURCES} -o Dir::Etc::SourceParts=/dev/null "
            "-o Acquire::Retries=3")
-    names = " ".join(sorted(set(spec.system.apt)))
+    wanted = [names_.check(names_.DEB_PACKAGE, name, "[system] apt package", "a Debian package name")
+              for name in sorted(set(spec.system.apt))]
+    names = " ".join(wanted)
     script = "\n".join([
         "mkdir -p /tmp/apt/lists/partial /tmp/apt/cache/archives/partial",
         f"{apt} update",
-        f"{apt} install -y --no-install-recommends --download-only {names}",
+        f"{apt} install -y --no-install-recommends --download-only {' '.join(map(shlex.quote, wanted))}",
         f"mkdir -p {_APT_OUT}/var/lib/dpkg",
         f"cp /var/lib/dpkg/status {_APT_OUT}/var/lib/dpkg/status",
         "for deb in $(ls /tmp/apt/cache/archives/*.deb | LC_ALL=C sort); do",

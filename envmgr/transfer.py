@@ -37,7 +37,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from . import paths
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from . import names, paths
 from .archive import contained
 from .backends import get_backend
 from .base import BaseImage, _load as load_base_image, current_base
@@ -46,7 +48,7 @@ from .context import Context
 from .errors import EngineError, EnvmgrError, UsageError
 from .image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
 from .layer_bytes import exported_config, with_layer_files
-from .spec import MethodSpec, find_method, load_spec
+from .spec import MethodSpec, find_method, load_spec, name_problem
 from .trust import SBOM_MEMBER, SIGNATURE_MEMBER
 
 FORMAT = "envmgr-export/2"   # 2: method files once (in the method layer), SBOM, signature
@@ -302,6 +304,65 @@ def read_signed_manifest(path: Path) -> tuple[dict, bytes, bytes | None]:
     return manifest, manifest_bytes, signature
 
 
+class _MemberEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: names.MemberName
+    part: str
+    link: str | None = None
+    size: int = Field(default=0, ge=0)
+    sha256: names.Sha256Hex | None = None
+    mode: int = Field(default=0o644, ge=0, le=0o7777)
+
+    @model_validator(mode="after")
+    def _file_or_link(self) -> "_MemberEntry":
+        if (self.link is None) == (self.sha256 is None):
+            raise ValueError("a member is either a link or a file with its sha256")
+        return self
+
+
+class _BaseEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: names.BaseImageName
+    image_id: names.Digest
+    diff_id: names.Digest
+    python: str
+    python_version: str
+    packages: dict[str, str]
+
+
+class _ExportManifest(BaseModel):
+    """What export.json must be before any of its values names a path, a tag or a member."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    method: names.MethodName
+    tag: names.ImageTag
+    image_id: names.Digest
+    architecture: names.Architecture
+    inputs: dict[str, str]
+    base: _BaseEntry
+    members: list[_MemberEntry]
+
+
+def check_manifest_fields(path: Path, manifest: dict) -> None:
+    """Every field of export.json that envmgr uses has its type and, for names, its full form; a name
+    that would climb out of a folder (`../x`, `/root/.ssh`) or end in a newline is refused here,
+    before anything is created."""
+    try:
+        _ExportManifest.model_validate(manifest)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "export.json"
+        raise ArchiveError(f"{path}: its export.json is malformed at {where!r}: {first['msg']}; "
+                           "nothing was loaded") from None
+    problem = name_problem(manifest["method"])
+    if problem:
+        raise ArchiveError(f"{path}: its method name {manifest['method']!r} is not valid ({problem}); "
+                           "nothing was loaded")
+
+
 def engine_architecture(ctx: Context) -> str:
     machine = ctx.engine.architecture()
     return ENGINE_ARCH.get(machine, machine)
@@ -326,9 +387,11 @@ def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Conte
     try:
         with ctx.ui.progress(f"checking {path.name}", total=total, unit="bytes") as task, \
                 tarfile.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
+            for position, info in enumerate(tar):
                 current = f"member {info.name}"
-                if info.name in (MANIFEST, SIGNATURE_MEMBER):
+                # the head members are read from their own places only (trust.read_head): a second
+                # export.json or signature further on is an unlisted member like any other
+                if (position, info.name) in ((0, MANIFEST), (1, SIGNATURE_MEMBER)):
                     continue
                 if info.isdir() and f"{info.name}/layer.tar" in expected:
                     continue
@@ -420,6 +483,7 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
     from . import sbom, thin, trust
 
     manifest, manifest_bytes, signature = read_signed_manifest(path)
+    check_manifest_fields(path, manifest)   # before any of its names is used
     signed = trust.check_signature(ctx, str(path), manifest_bytes, signature)   # before anything else
     trust.check_structure(path, manifest)
     thin.check_listing(path, manifest)
@@ -513,7 +577,7 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
             load_base_image(ctx, new_base)
             (base_dir / "current.json").write_text(json.dumps(asdict(new_base), indent=1, sort_keys=True))
         if register:
-            final = methods_root / name
+            final = names.beneath(methods_root, name)
             if final.exists():
                 old = methods_root / f".replaced-{name}-{os.getpid()}"
                 os.replace(final, old)
@@ -540,7 +604,7 @@ def _verify_and_stage(ctx: Context, path: Path, manifest: dict, staging: Path, b
     from .build import _digest, image_tag, method_layer
 
     name, tag, image_id, want = manifest["method"], manifest["tag"], manifest["image_id"], manifest["inputs"]
-    folder = staging / name
+    folder = names.beneath(staging, name)
     keep, links = _stage_targets(manifest, folder)
     layer_names = {m["part"]: m["name"] for m in manifest["members"] if m["name"].endswith("/layer.tar")}
     method_tar, sbom_tmp = staging / "method-layer.tar", staging / "sbom.cdx.json"
@@ -593,7 +657,7 @@ def _finish_staging(manifest: dict, targets: dict[str, Path], links: list[tuple[
 
 
 def base_info_dir(ctx: Context, name: str) -> Path:
-    folder = ctx.store_dir / "base" / name
+    folder = names.beneath(ctx.store_dir / "base", name)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

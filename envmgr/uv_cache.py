@@ -58,7 +58,7 @@ def recover_lent_cache(cache_dir: Path) -> Path | None:
 @contextmanager
 def _locked(cache_dir: Path, mode: int, on_wait: Callable[[], None] | None = None) -> Iterator[int]:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)

@@ -34,7 +34,7 @@ from ..base import BaseImage
 from ..containers import BindMount
 from ..context import Context
 from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
-from ..files import atomic_write
+from ..files import atomic_write, open_lock
 from ..mirrors import mirror_hosts, poetry_env
 from ..spec import MethodSpec
 from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
@@ -209,7 +209,7 @@ class PoetryBackend:
         done = root / name / ".complete"
         if done.exists():
             return root / name
-        with open(root / f"{name}.lock", "w") as guard:
+        with open_lock(root / f"{name}.lock") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             if done.exists():
                 return root / name

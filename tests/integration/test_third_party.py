@@ -287,3 +287,33 @@ def test_a_bar_redrawn_with_carriage_returns_reaches_the_display_before_its_newl
     assert [text for text, _ in partial] == ["1/3", "2/3", "3/3"]
     assert partial[0][1] < done - 1.5, "the first segment came while the container still ran"
     assert lines == ["\r1/3\r2/3\r3/3", "after"]
+
+
+NEWER_PYTHON_REPO = {
+    "pyproject.toml": '[project]\nname = "newer"\nversion = "1.0"\nrequires-python = ">=3.12"\n',
+    "requirements.txt": "envmgr-alpha>=1.0\n",
+    "train.py": "import os, pathlib, sys, envmgr_alpha\n"
+                "print('python', '.'.join(map(str, sys.version_info[:2])), envmgr_alpha.GREETING)\n"
+                "pathlib.Path(os.environ['ENVMGR_OUTPUT_DIR'], 'lora.safetensors').write_bytes(b'weights')\n",
+}
+
+
+def test_a_repository_that_needs_a_newer_python_gets_the_base_image_that_has_it(workspace, engine, mirror_a,
+                                                                                tmp_path):
+    """requires-python >= 3.12 excludes the default base (Python 3.11): `method add` picks trixie-py313,
+    and the method locks, builds and runs on Python 3.13. A Python no base has is refused by name."""
+    workspace.envmgr("method", "add", str(_zip(tmp_path / "newer.zip", NEWER_PYTHON_REPO)), "--name", "newer")
+    spec = tomllib.loads((workspace.base_dir / "methods" / "newer" / "envmgr.toml").read_text())
+    assert (spec["python"], spec["base_image"]) == ("3.13", "trixie-py313")
+    workspace.envmgr("lock", "newer", mirror=mirror_a.url)
+    built = _done(workspace.envmgr("--json", "build", "newer", mirror=mirror_a.url))
+    assert engine.images.get(built["image"]).labels.get("org.envmgr.method") == "newer"
+    ran = workspace.envmgr("-v", "run", "newer", "--gpus", "none")
+    assert "python 3.13 alpha+beta-1.1" in ran.stderr + ran.stdout
+
+    future = {**NEWER_PYTHON_REPO, "pyproject.toml": NEWER_PYTHON_REPO["pyproject.toml"].replace(">=3.12", ">=3.99")}
+    refused = workspace.envmgr("method", "add", str(_zip(tmp_path / "future.zip", future)), "--name", "future",
+                               check=False)
+    assert refused.returncode == 2 and "needs Python >=3.99, and no base image has one" in refused.stderr
+    assert "bookworm-py311 (Python 3.11)" in refused.stderr and "trixie-py313 (Python 3.13)" in refused.stderr
+    assert not (workspace.base_dir / "methods" / "future").exists()

@@ -223,6 +223,57 @@ def test_damaged_or_foreign_archives_load_nothing_and_name_the_part(source, arch
         _assert_nothing_loaded(target, engine)
 
 
+def _with_manifest(archive: Path, out: Path, change=None, append_copy: bool = False) -> None:
+    """The archive with its export.json changed by `change` (every other member as it is), and, with
+    `append_copy`, a second member named envmgr/export.json at the end (unlisted)."""
+    with tarfile.open(archive) as tar:
+        items = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    manifest = json.loads(items[0][1])
+    if change:
+        change(manifest)
+    with tarfile.open(out, "w") as tar:
+        for member, body in items:
+            if member.name == "envmgr/export.json":
+                body = json.dumps(manifest).encode()
+                member.size = len(body)
+            tar.addfile(member, io.BytesIO(body) if body is not None else None)
+        if append_copy:
+            extra = tarfile.TarInfo("envmgr/export.json")
+            extra.size = len(items[0][1])
+            tar.addfile(extra, io.BytesIO(items[0][1]))
+
+
+def test_a_forged_export_json_creates_nothing_outside_the_base_dir(source, archive, tmp_path, engine):
+    """Names in export.json become host paths only after they are checked whole: an absolute or `..`
+    method or base name, or one ending in a newline, is refused before any folder is made."""
+    _remove_images(engine)
+    target = _new_server(tmp_path / "server2")
+    outside = tmp_path / "outside"   # where an absolute name would have written method files
+    forged = {
+        "absolute": lambda m: m.update(method=str(outside / ".ssh")),
+        "climbing": lambda m: m.update(method="../../../outside-climb"),
+        "newline": lambda m: m.update(method=NAME + "\n"),
+        "base": lambda m: m["base"].update(name="../../outside-base"),
+    }
+    for label, change in forged.items():
+        path = tmp_path / f"{label}.tar"
+        _with_manifest(archive, path, change)
+        proc = target.envmgr("import", str(path), check=False)
+        assert proc.returncode == 2, (label, proc.stderr)
+        assert "export.json is malformed" in proc.stderr and "nothing was loaded" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+        _assert_nothing_loaded(target, engine)
+    assert not outside.exists()
+    assert not list(tmp_path.rglob("outside-*")) and not list(target.base_dir.parent.rglob("outside-*"))
+
+    # a second, unlisted export.json at the end is a member like any other: refused
+    doubled = tmp_path / "doubled.tar"
+    _with_manifest(archive, doubled, append_copy=True)
+    proc = target.envmgr("import", str(doubled), check=False)
+    assert proc.returncode == 2 and "unexpected member 'envmgr/export.json'" in proc.stderr, proc.stderr
+    _assert_nothing_loaded(target, engine)
+
+
 def test_import_on_a_wiped_server_registers_the_method_and_runs_offline(source, archive, tmp_path, engine,
                                                                         mirror_a):
     _remove_images(engine)
