@@ -323,6 +323,10 @@ def run(
     env_vars: Annotated[Optional[list[str]], typer.Option(
         "--env", help="K=V for the method's environment, recorded in run.json, never part of the image. "
                       "Repeatable.")] = None,
+    files: Annotated[Optional[list[str]], typer.Option(
+        "--file", help="SRC:REL: a host file or folder placed in the method's folder at REL for this run (its "
+                       "writable copy with workdir = \"method\", else mounted read-only), hashed in run.json and "
+                       "placed again on --resume. Repeatable.")] = None,
 ):
     """Run a method in its image. Arguments after `--` go to the method's entry
     (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
@@ -334,7 +338,7 @@ def run(
     request = RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
                          args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
                          memory=memory, as_root=as_root, variant=variant,
-                         inputs=list(inputs or []), env=list(env_vars or []))
+                         inputs=list(inputs or []), env=list(env_vars or []), files=list(files or []))
     if on == "slurm":
         from .slurm import SlurmRequest, submit
 
