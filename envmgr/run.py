@@ -40,6 +40,7 @@ from .records import check_run_id, write_record
 from .run_datasets import RunDataset, prepare_dataset, record as dataset_record
 from .run_files import given_files, mounts_over_image, place_files
 from .run_inputs import RunInput, copy_method, parse_env, parse_inputs, recorded_env, recorded_inputs
+from .sonames import runtime_hint
 from .spec import MethodSpec, find_method
 from .ui import TrainingProgress
 from .verdict import missing_outputs
@@ -355,7 +356,7 @@ def _given(request: RunRequest, previous: dict | None, run_dir: Path) -> tuple[l
     return inputs, env
 
 
-def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str]) -> EnvmgrError:
+def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_dir: Path | None = None) -> EnvmgrError:
     if record.get("reason") == "no outputs":
         why = "no outputs"
         detail = f"  it exited 0 but wrote nothing that matches {', '.join(record.get('missing_outputs') or [])}\n"
@@ -365,7 +366,8 @@ def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str]) -> Envmg
         detail = ""
     last = "\n".join(f"    {line}" for line in tail)
     return EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n{detail}  last lines:\n{last}",
-                       hint="the spec's `success` names what a run must write" if detail else None)
+                       hint="the spec's `success` names what a run must write" if detail
+                       else runtime_hint(tail, cache_dir) if cache_dir else None)
 
 
 def resolve_gpus(ctx: Context, spec: MethodSpec, given: str | None) -> GpuRequest:
@@ -542,7 +544,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
     if status == "failed":
-        raise _failure(run_id, run_dir, record, tail)
+        raise _failure(run_id, run_dir, record, tail, ctx.cache_dir)
     return record
 
 
