@@ -570,6 +570,9 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Only these methods (repeatable).")]
     = None,
+    everything: Annotated[bool, typer.Option("--all", help="Also empty the download caches (uv, poetry, conda) "
+                                                           "and envmgr's memos, not only what no current lock "
+                                                           "names.")] = False,
 ):
     """Remove superseded method images, stopped envmgr containers and stale cache entries (never what is in use)."""
     from .gc import apply, plan
@@ -578,7 +581,7 @@ def gc(
     ctx = _context()
     if not dry_run:
         list_runs(ctx)    # settle runs whose envmgr was killed, before their stopped containers go
-    result = plan(ctx, keep=keep, methods=method)
+    result = plan(ctx, keep=keep, methods=method, everything=everything)
     if not dry_run:
         result = apply(ctx, result)
     verb_word = "would remove" if dry_run else "removed"
@@ -642,9 +645,12 @@ def doctor():
     rows = diagnose.settings(ctx.config)
     checks = diagnose.checks(ctx)
     disk = usage(ctx)
+    from .caches import usage as cache_usage
+
+    caches = cache_usage(ctx)
     if ctx.ui.mode == "json":
         ctx.ui.event("doctor", settings=[vars(row) for row in rows], checks=[vars(check) for check in checks],
-                     disk=[entry.as_dict() for entry in disk])
+                     disk=[entry.as_dict() for entry in disk], caches=[entry.as_dict() for entry in caches])
     else:
         from rich.table import Table
 
@@ -659,6 +665,12 @@ def doctor():
             ctx.ui.console.print("disk use per method:", markup=False)
             for entry in disk:
                 ctx.ui.console.print(f"    {describe(entry)}", markup=False)
+        if caches:
+            ctx.ui.console.print(f"caches ({sum(c.bytes for c in caches) / 1e9:.2f} GB; `envmgr gc` trims them):",
+                                 markup=False)
+            for cache in caches:
+                ctx.ui.console.print(f"    {cache.name:<13} {cache.bytes / 1e6:>10.1f} MB  {cache.holds or cache.path}",
+                                     markup=False)
     code = diagnose.exit_code(checks)
     if code != Exit.OK:
         raise typer.Exit(int(code))
