@@ -126,3 +126,14 @@ def test_a_tampered_record_is_refused(tmp_path, entry):
 def test_without_a_copy_files_are_mounted_over_the_image_method_folder(cfg):
     assert mounts_over_image(parse_files([f"{cfg}:config/my/config.json"])) == [
         (cfg, "/opt/envmgr/method/config/my/config.json")]
+
+
+def test_slurm_refuses_file_before_anything_is_submitted(cfg, tmp_path):
+    from envmgr.run import RunRequest
+    from envmgr.slurm import SlurmRequest, _check_request
+    from envmgr.spec import MethodSpec
+
+    spec = MethodSpec(name="m", entry=["bash", "train.sh"], workdir="method")
+    request = RunRequest(method=spec, files=[f"{cfg}:config/my/config.json"])
+    with pytest.raises(UsageError, match="--file is for local runs"):
+        _check_request(request, spec, SlurmRequest())
