@@ -51,7 +51,7 @@ def scan_image(ctx: Context, image_id: str, python: str, prefix: str) -> dict[st
     result = ctx.engine.run(container, on_line=lines.append)
     found = [line[len(MISSING_LINE):] for line in lines if line.startswith(MISSING_LINE)]
     if result.exit_code != 0 or not found:
-        return {}
+        raise EnvmgrError(f"the scan exited {result.exit_code}: {' | '.join(lines[-3:])[:300]}")
     return dict(json.loads(found[-1]))
 
 

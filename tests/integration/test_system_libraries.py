@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.apt_contents import ContentsMirror
 from tests.support.pypi import Index, build_wheel
-from tests.unit.test_sonames import _Mirror
 
 pytestmark = [pytest.mark.engine, pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")]
 
@@ -41,7 +41,7 @@ def test_a_missing_system_library_is_named_at_build_and_at_run(workspace, tmp_pa
     with zipfile.ZipFile(repo, "w") as zf:
         zf.writestr("glrepo/requirements.txt", "envmgr-glneed==1.0\n")
         zf.writestr("glrepo/train.py", "import envmgr_glneed\n")
-    index, apt = Index(wheels).start(), _Mirror(gzip.compress(CONTENTS.encode()))
+    index, apt = Index(wheels).start(), ContentsMirror(gzip.compress(CONTENTS.encode()))
     try:
         mirrors = {"mirror": index.url, "ENVMGR_MIRRORS_APT": f"http://127.0.0.1:{apt.port}/debian"}
         workspace.envmgr("method", "add", str(repo), "--name", "glneed")

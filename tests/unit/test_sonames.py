@@ -5,7 +5,6 @@ and the run-time hint for `cannot open shared object file`."""
 from __future__ import annotations
 
 import gzip
-import http.server
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,9 +15,8 @@ import pytest
 from envmgr.elf_needed import dynamic_info, missing
 from envmgr.run import _failure
 from envmgr.sonames import apt_line, fetch_index, reduce_contents, report, runtime_hint
-from tests.support.loopback import LoopbackServer
+from tests.support.apt_contents import ContentsMirror
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build tiny ELF files")
 SITE = "lib/python3.11/site-packages"
 
 
@@ -30,6 +28,8 @@ def _gcc(*args: str, cwd: Path) -> None:
 def env(tmp_path: Path) -> Path:
     """A prefix whose extension module needs libenvmgrmissing.so.1 and libcuda.so.1 (the driver's), and
     libbundled.so.1, which its wheel bundles in `pkg.libs/` (found by RUNPATH $ORIGIN)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build tiny ELF files")
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     (stubs / "stub.c").write_text("int stub(void) { return 1; }\n")
@@ -83,29 +83,6 @@ def test_a_contents_index_is_reduced_to_library_files():
                      "libenvmgrmissing.so.1": "libenvmgr-missing1", "libglib-2.0.so.0": "libglib2.0-0"}
 
 
-class _Mirror(LoopbackServer):
-    def __init__(self, body: bytes):
-        self.username = self.password = None
-        self.requests: list[str] = []
-        mirror = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                mirror.requests.append(self.path)
-                if self.path != "/debian/dists/bookworm/main/Contents-amd64.gz":
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self._serve(Handler)
-
-
 def _ctx(tmp_path: Path, apt: str | None) -> SimpleNamespace:
     warnings: list[str] = []
     return SimpleNamespace(cache_dir=tmp_path / "cache", config=SimpleNamespace(mirrors=SimpleNamespace(
@@ -113,7 +90,7 @@ def _ctx(tmp_path: Path, apt: str | None) -> SimpleNamespace:
 
 
 def test_the_apt_line_names_the_packages_from_the_mirrors_contents_index(tmp_path):
-    mirror = _Mirror(gzip.compress(CONTENTS.encode()))
+    mirror = ContentsMirror(gzip.compress(CONTENTS.encode()))
     try:
         ctx = _ctx(tmp_path, f"http://127.0.0.1:{mirror.port}/debian")
         lacking = {"libenvmgrmissing.so.1": ["a.so", "b.so"], "libGL.so.1": ["cv2/cv2.abi3.so"]}
@@ -128,7 +105,7 @@ def test_the_apt_line_names_the_packages_from_the_mirrors_contents_index(tmp_pat
 
 
 def test_without_a_contents_index_the_built_in_list_answers(tmp_path):
-    mirror = _Mirror(b"")
+    mirror = ContentsMirror(b"")
     try:
         ctx = _ctx(tmp_path, f"http://127.0.0.1:{mirror.port}/elsewhere")     # 404
         lacking = {"libGL.so.1": ["cv2.so"], "libgthread-2.0.so.0": ["cv2.so"], "libenvmgrmissing.so.1": ["x.so"]}
