@@ -3,7 +3,7 @@
 Runs inside a container of the built image (`python3 -S -c <this file> PREFIX`), so it imports the
 standard library only. It reads each `*.so*` file's dynamic section (DT_NEEDED, DT_SONAME, DT_RPATH,
 DT_RUNPATH) itself — a few dozen lines of `struct` rather than a dependency in every image — and prints
-one line: `ENVMGR-MISSING {"soname": ["file that needs it", ...], ...}`.
+one line: `ENVMGR-MISSING {"needed": {"soname": ["file that needs it", ...]}, "optional": {...}}`.
 
 A soname counts as provided when a file of that name (or a library whose DT_SONAME it is) is anywhere in
 the environment (wheels bundle theirs in `<pkg>.libs/`, torch finds the nvidia wheels' by RPATH), in the
@@ -114,17 +114,27 @@ def _names_in(folder: str) -> set[str]:
         return set()
 
 
-def missing(prefix: str, system_dirs: list[str] | None = None) -> dict[str, list[str]]:
-    """soname -> the files under `prefix` that need it, for each soname nothing here provides."""
+def is_extension_module(name: str) -> bool:
+    """What Python imports: `*.so` that is not a `lib*` library (`_C.cpython-311-x86_64-linux-gnu.so`,
+    `cv2.abi3.so`, `_gl.so`). Versioned `*.so.N` files and `lib*.so` are libraries or plugins."""
+    return name.endswith(".so") and (not name.startswith("lib") or ".cpython-" in name or name.endswith(".abi3.so"))
+
+
+def missing(prefix: str, system_dirs: list[str] | None = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(needed, optional): soname -> the files under `prefix` that need it, for each soname nothing here
+    provides. `needed` counts what an extension module loads, directly or through the environment's own
+    libraries; `optional` what only plugins need that no extension module links (NVIDIA's nvshmem and
+    cuFile RDMA transports, Qt platform plugins): they are loaded on demand, if ever."""
     root = os.path.realpath(prefix)
     system: set[str] = set()
     for folder in _library_dirs() if system_dirs is None else system_dirs:
         system |= _names_in(folder)
     found: dict[str, tuple[list[str], list[str]]] = {}
-    provided: set[str] = set()
+    provided: dict[str, list[str]] = {}      # file name or SONAME -> the environment's files of that name
+    names: set[str] = set()
     for folder, _dirs, files in os.walk(root):
         for name in files:
-            provided.add(name)
+            names.add(name)
             if ".so" not in name:
                 continue
             path = os.path.join(folder, name)
@@ -132,20 +142,30 @@ def missing(prefix: str, system_dirs: list[str] | None = None) -> dict[str, list
             if info is None:
                 continue
             needed, soname, search = info
-            if soname:
-                provided.add(soname)
+            rel = os.path.relpath(path, root)
+            for key in {name, soname} - {None}:
+                provided.setdefault(str(key), []).append(rel)
             dirs = [d.replace("$ORIGIN", folder).replace("${ORIGIN}", folder) for d in search]
-            found[os.path.relpath(path, root)] = (needed, dirs)
-    lacking: dict[str, list[str]] = {}
+            found[rel] = (needed, dirs)
+    reached, todo = set(), sorted(rel for rel in found if is_extension_module(os.path.basename(rel)))
+    while todo:     # what importing the extension modules loads
+        rel = todo.pop()
+        if rel in reached:
+            continue
+        reached.add(rel)
+        todo += [dep for soname in found[rel][0] for dep in provided.get(soname, []) if dep in found]
+    needed_by: dict[str, list[str]] = {}
+    optional: dict[str, list[str]] = {}
     for rel, (needed, dirs) in sorted(found.items()):
         for soname in needed:
-            if soname in provided or soname in system or is_driver_library(soname) or "/" in soname:
+            if soname in provided or soname in names or soname in system or is_driver_library(soname) or "/" in soname:
                 continue
             if any(os.path.exists(os.path.join(d, soname)) for d in dirs):
                 continue
-            lacking.setdefault(soname, []).append(rel)
-    return lacking
+            (needed_by if rel in reached else optional).setdefault(soname, []).append(rel)
+    return needed_by, {soname: files for soname, files in optional.items() if soname not in needed_by}
 
 
 if __name__ == "__main__":
-    print("ENVMGR-MISSING " + json.dumps(missing(sys.argv[1]), sort_keys=True), flush=True)
+    needed, optional = missing(sys.argv[1])
+    print("ENVMGR-MISSING " + json.dumps({"needed": needed, "optional": optional}, sort_keys=True), flush=True)

@@ -42,8 +42,9 @@ _ENV_INPUTS = ("layout", "base", "lock", "installer", "system")   # what the env
 _DEBIAN_ARCH = {"amd64": "amd64", "x86_64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
 
 
-def scan_image(ctx: Context, image_id: str, python: str, prefix: str) -> dict[str, list[str]]:
-    """soname -> files needing it, for what the image's environment needs and nothing in the image provides."""
+def scan_image(ctx: Context, image_id: str, python: str, prefix: str) -> dict[str, dict[str, list[str]]]:
+    """{"needed": soname -> files, "optional": soname -> plugins} for what nothing in the image provides
+    (envmgr/elf_needed.py says which is which)."""
     lines: list[str] = []
     container = ContainerSpec(image=image_id, command=[python, "-S", "-B", "-c", _scanner_source(), prefix],
                               env={}, mounts=[], workdir="/", user="0:0", network="none",
@@ -164,17 +165,22 @@ def check_image(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str,
                                      "prefix": spec.env_prefix, **{k: data.get(k, "") for k in _ENV_INPUTS}},
                                     sort_keys=True).encode()).hexdigest()[:32]
     memo = ctx.cache_dir / "system-libs" / f"{spec.name}-{key}.json"
-    lacking: dict[str, list[str]] | None = None
+    lacking: dict[str, list[str]] | None = None      # soname -> files an extension module's import loads
     if memo.is_file():
         try:
-            lacking = dict(json.loads(memo.read_text()))
-        except (OSError, ValueError):
+            lacking = dict(json.loads(memo.read_text())["needed"])
+        except (OSError, ValueError, KeyError, TypeError):
             lacking = None
     if lacking is None:
         try:
-            lacking = scan_image(ctx, image_id, base.python, spec.env_prefix)
+            found = scan_image(ctx, image_id, base.python, spec.env_prefix)
         except EnvmgrError as exc:
             ctx.ui.warn(f"{spec.name}: could not read which system libraries the environment needs ({exc.message})")
             return None
-        atomic_write(memo, json.dumps(lacking, sort_keys=True))
+        atomic_write(memo, json.dumps(found, sort_keys=True))
+        lacking = dict(found.get("needed") or {})
+        optional = found.get("optional") or {}
+        if optional:     # plugins loaded on demand (NVIDIA's nvshmem/cuFile transports, Qt platforms): -v only
+            ctx.ui.log(f"{spec.name}: plugins no extension module links need libraries the image lacks (not "
+                       "counted): " + "; ".join(f"{name} ({files[0]})" for name, files in sorted(optional.items())))
     return report(ctx, spec.name, lacking, load_definition(base.name).suite, platform.machine(), spec.system.apt)

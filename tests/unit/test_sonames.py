@@ -60,11 +60,34 @@ def test_only_what_nothing_provides_is_missing(env, tmp_path):
     system = tmp_path / "usr-lib"
     system.mkdir()
     (system / "libc.so.6").write_text("")
-    lacking = missing(str(env), [str(system)])
-    assert lacking == {"libenvmgrmissing.so.1": [f"{SITE}/pkg/_ext.cpython-311-x86_64-linux-gnu.so"]}, \
+    needed, optional = missing(str(env), [str(system)])
+    assert needed == {"libenvmgrmissing.so.1": [f"{SITE}/pkg/_ext.cpython-311-x86_64-linux-gnu.so"]}, \
         "bundled (by SONAME), system and driver libraries are not missing"
+    assert optional == {}
     (system / "libenvmgrmissing.so.1").write_text("")      # the system layer brought it
-    assert missing(str(env), [str(system)]) == {}
+    assert missing(str(env), [str(system)]) == ({}, {})
+
+
+def test_what_an_extension_loads_through_a_bundled_library_counts_a_plugins_needs_do_not(env, tmp_path):
+    stubs = tmp_path / "stubs"
+    (stubs / "plugin.c").write_text("int stub(void); int p(void) { return stub(); }\n")
+    libs = env / SITE / "pkg.libs"
+    _gcc("-o", str(libs / "libbundled-1a2b3c.so.1"), "-Wl,-soname,libbundled.so.1", "plugin.c", "-Wl,--no-as-needed",
+         f"-L{stubs}", "-l:libenvmgrmissing.so.1", cwd=stubs)          # now the bundled library needs it
+    _gcc("-o", str(env / SITE / "pkg" / "libtransport_rdma.so.1"), "plugin.c", "-Wl,--no-as-needed", f"-L{stubs}",
+         "-l:libcuda.so.1", cwd=stubs)
+    (stubs / "libibverbs.c").write_text("int stub(void) { return 2; }\n")
+    _gcc("-o", "libibverbs.so.1", "-Wl,-soname,libibverbs.so.1", "libibverbs.c", cwd=stubs)
+    _gcc("-o", str(env / SITE / "pkg" / "libtransport_ib.so.3"), "plugin.c", "-Wl,--no-as-needed", f"-L{stubs}",
+         "-l:libibverbs.so.1", "-l:libenvmgrmissing.so.1", cwd=stubs)   # a plugin nothing links
+    system = tmp_path / "usr-lib"
+    system.mkdir()
+    (system / "libc.so.6").write_text("")
+    needed, optional = missing(str(env), [str(system)])
+    assert needed == {"libenvmgrmissing.so.1": [f"{SITE}/pkg.libs/libbundled-1a2b3c.so.1",
+                                                f"{SITE}/pkg/_ext.cpython-311-x86_64-linux-gnu.so"]}
+    assert optional == {"libibverbs.so.1": [f"{SITE}/pkg/libtransport_ib.so.3"]}, \
+        "what only a plugin needs is optional, and only once nothing an extension loads needs it"
 
 
 CONTENTS = """\
