@@ -28,6 +28,7 @@ from .files import atomic_write, open_lock
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import CountingWriter, ExtraFile, ImageConfig, Layer, tree_hash, write_archive, write_layer
 from .layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
+from .sonames import check_image
 from .spec import MethodSpec
 from .system_layer import history as system_history, system_key, system_layer
 
@@ -207,6 +208,7 @@ def build(ctx: Context, spec: MethodSpec, *, force: bool = False) -> BuildResult
             ctx.engine.tag(existing, spec.image_repository, "latest")
             return BuildResult(spec.name, existing, tag, digest, data["lock"], True, time.monotonic() - started)
         image_id = _assemble_or_say_disk_full(ctx, wanted)
+    check_image(ctx, spec, base, data, image_id)     # system libraries the environment needs and the image lacks
     return BuildResult(spec.name, image_id, tag, digest, data["lock"], False, time.monotonic() - started)
 
 

@@ -323,6 +323,10 @@ def run(
     env_vars: Annotated[Optional[list[str]], typer.Option(
         "--env", help="K=V for the method's environment, recorded in run.json, never part of the image. "
                       "Repeatable.")] = None,
+    files: Annotated[Optional[list[str]], typer.Option(
+        "--file", help="SRC:REL: a host file or folder placed in the method's folder at REL for this run (its "
+                       "writable copy with workdir = \"method\", else mounted read-only), hashed in run.json and "
+                       "placed again on --resume. Repeatable.")] = None,
 ):
     """Run a method in its image. Arguments after `--` go to the method's entry
     (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
@@ -334,7 +338,7 @@ def run(
     request = RunRequest(method=spec, model=model, dataset=dataset, gpus=gpus, network=network,
                          args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
                          memory=memory, as_root=as_root, variant=variant,
-                         inputs=list(inputs or []), env=list(env_vars or []))
+                         inputs=list(inputs or []), env=list(env_vars or []), files=list(files or []))
     if on == "slurm":
         from .slurm import SlurmRequest, submit
 
@@ -566,6 +570,9 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Only these methods (repeatable).")]
     = None,
+    everything: Annotated[bool, typer.Option("--all", help="Also empty the download caches (uv, poetry, conda) "
+                                                           "and envmgr's memos, not only what no current lock "
+                                                           "names.")] = False,
 ):
     """Remove superseded method images, stopped envmgr containers and stale cache entries (never what is in use)."""
     from .gc import apply, plan
@@ -574,7 +581,7 @@ def gc(
     ctx = _context()
     if not dry_run:
         list_runs(ctx)    # settle runs whose envmgr was killed, before their stopped containers go
-    result = plan(ctx, keep=keep, methods=method)
+    result = plan(ctx, keep=keep, methods=method, everything=everything)
     if not dry_run:
         result = apply(ctx, result)
     verb_word = "would remove" if dry_run else "removed"
@@ -638,9 +645,12 @@ def doctor():
     rows = diagnose.settings(ctx.config)
     checks = diagnose.checks(ctx)
     disk = usage(ctx)
+    from .caches import usage as cache_usage
+
+    caches = cache_usage(ctx)
     if ctx.ui.mode == "json":
         ctx.ui.event("doctor", settings=[vars(row) for row in rows], checks=[vars(check) for check in checks],
-                     disk=[entry.as_dict() for entry in disk])
+                     disk=[entry.as_dict() for entry in disk], caches=[entry.as_dict() for entry in caches])
     else:
         from rich.table import Table
 
@@ -655,6 +665,12 @@ def doctor():
             ctx.ui.console.print("disk use per method:", markup=False)
             for entry in disk:
                 ctx.ui.console.print(f"    {describe(entry)}", markup=False)
+        if caches:
+            ctx.ui.console.print(f"caches ({sum(c.bytes for c in caches) / 1e9:.2f} GB; `envmgr gc` trims them):",
+                                 markup=False)
+            for cache in caches:
+                ctx.ui.console.print(f"    {cache.name:<13} {cache.bytes / 1e6:>10.1f} MB  {cache.holds or cache.path}",
+                                     markup=False)
     code = diagnose.exit_code(checks)
     if code != Exit.OK:
         raise typer.Exit(int(code))

@@ -3,7 +3,9 @@
 Removed: method images (label org.envmgr.method) that are not their method's current image and not
 among its N most recently tagged ones; stopped envmgr containers; cached layers no kept image uses;
 leftovers of interrupted builds in the cache; SBOMs and signature records (`<cache>/sbom/`,
-`<cache>/signatures/`) whose image is gone or removed by this gc. Kept, always: the current image of every method, any
+`<cache>/signatures/`) whose image is gone or removed by this gc; download caches trimmed to what current
+locks name, superseded base rootfs and lock tools (envmgr/caches.py has the rule; `--all` empties the
+download caches). Kept, always: the current image of every method, any
 image a container uses (running or stopped, envmgr's or not), the images of methods this base dir
 does not know (another base dir's), and work folders while a build holds its lock. Removal goes tag
 by tag without force, so an image that a container started to use meanwhile is refused by the
@@ -46,10 +48,11 @@ CREATED_GRACE_S = 120
 
 @dataclass
 class Item:
-    kind: str          # image | container | layer | layer-copy | work | sbom | signature
+    kind: str          # image | container | layer | layer-copy | work | sbom | signature | cache
     what: str
     bytes: int = 0
     why: str = ""
+    paths: list[str] = field(default_factory=list)   # a cache trim: the entries it removes
 
 
 @dataclass
@@ -83,7 +86,7 @@ def _image_group(method: str, variant: str | None) -> str:
     return f"{method}/{variant}" if variant else method
 
 
-def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
+def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None, everything: bool = False) -> Plan:
     if keep < 0:
         raise UsageError("--keep must be 0 or more")
     only = set(methods or [])
@@ -144,7 +147,23 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None) -> Plan:
     _count_image_bytes(ctx, result)
     _plan_cache(ctx, result, kept_images, only)
     _plan_image_records(ctx, result, only)
+    _plan_caches(ctx, result, only, everything)
     return result
+
+
+def _plan_caches(ctx: Context, result: Plan, only: set[str], everything: bool) -> None:
+    """The download caches, base rootfs and lock tools, by caches.py's rule (shared: not with --method)."""
+    from . import caches
+
+    if only:
+        return
+    why_not = caches.busy(ctx)
+    if why_not:
+        result.keep.append(Item("cache", str(ctx.cache_dir), 0, why_not))
+        return
+    for trim in caches.plan(ctx, everything):
+        result.remove.append(Item("cache", f"{trim.cache}: {len(trim.paths)} entries, {trim.why}", trim.bytes,
+                                  trim.why, [str(p) for p in trim.paths]))
 
 
 def _last_tagged(ctx: Context, image_id: str) -> str:
@@ -353,6 +372,18 @@ def apply(ctx: Context, result: Plan) -> Plan:
                     ctx.engine.remove_image(tag)
                 if ctx.engine.image_id(item.what):
                     ctx.engine.remove_image(item.what)
+            elif item.kind == "cache":
+                from .caches import held
+
+                with held(ctx.cache_dir) as free:   # no lock or build step starts using a cache meanwhile
+                    if not free:
+                        done.keep.append(Item(item.kind, item.what, 0, "a step is using the caches now"))
+                        continue
+                    for entry in map(Path, item.paths):
+                        if entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry, ignore_errors=True)
+                        else:
+                            entry.unlink(missing_ok=True)
             elif item.kind == "layer-copy":   # the record stays, marked released; the bytes go
                 path = Path(item.what)
                 LayerStore(path.parent.parent).release(["sha256:" + path.name])

@@ -38,7 +38,9 @@ from .gpu_plan import preflight as gpu_preflight
 from .image import file_sha256
 from .records import check_run_id, write_record
 from .run_datasets import RunDataset, prepare_dataset, record as dataset_record
+from .run_files import given_files, mounts_over_image, place_files
 from .run_inputs import RunInput, copy_method, parse_env, parse_inputs, recorded_env, recorded_inputs
+from .sonames import runtime_hint
 from .spec import MethodSpec, find_method
 from .ui import TrainingProgress
 from .verdict import missing_outputs
@@ -61,6 +63,7 @@ class RunRequest:
     variant: str | None = None     # None: the newest variant this host's GPUs can use (envmgr/gpu_plan.py)
     inputs: list[str] = field(default_factory=list)   # `--input PATH[:NAME]`
     env: list[str] = field(default_factory=list)      # `--env K=V`
+    files: list[str] = field(default_factory=list)    # `--file SRC:REL` (envmgr/run_files.py)
     node: NodeStep | None = None   # set only by a scheduler's job step (envmgr/slurm.py)
 
 
@@ -353,7 +356,7 @@ def _given(request: RunRequest, previous: dict | None, run_dir: Path) -> tuple[l
     return inputs, env
 
 
-def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str]) -> EnvmgrError:
+def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_dir: Path | None = None) -> EnvmgrError:
     if record.get("reason") == "no outputs":
         why = "no outputs"
         detail = f"  it exited 0 but wrote nothing that matches {', '.join(record.get('missing_outputs') or [])}\n"
@@ -363,7 +366,8 @@ def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str]) -> Envmg
         detail = ""
     last = "\n".join(f"    {line}" for line in tail)
     return EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n{detail}  last lines:\n{last}",
-                       hint="the spec's `success` names what a run must write" if detail else None)
+                       hint="the spec's `success` names what a run must write" if detail
+                       else runtime_hint(tail, cache_dir) if cache_dir else None)
 
 
 def resolve_gpus(ctx: Context, spec: MethodSpec, given: str | None) -> GpuRequest:
@@ -416,9 +420,11 @@ def run(ctx: Context, request: RunRequest) -> dict:
     spec = gpu_plan.spec
 
     inputs, user_env = _given(request, previous, run_dir)
+    files = given_files(request.files, previous, run_dir)
     user = _run_user(ctx, as_root)
     _check_inputs_readable([("model", model), ("dataset", data.dataset)]
-                           + [(f"input {i.name}", i.path) for i in inputs], user)
+                           + [(f"input {i.name}", i.path) for i in inputs]
+                           + ([] if spec.workdir == "method" else [(f"file {f.path}", f.source) for f in files]), user)
     result = build_image(ctx, spec)
     gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None or node is not None)
@@ -429,7 +435,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         folder.mkdir(exist_ok=True)
         _hand_to(folder, user)
     if spec.workdir == "method":
-        copy_method(spec, work, user, _excluded(spec))
+        place_files(files, copy_method(spec, work, user, _excluded(spec)), user)
     prepared = data.prepare(spec, run_dir, user)
 
     # Only output/ and the scratch work/ are writable by the method; run.json and log.txt are not mounted.
@@ -443,6 +449,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         mounts.append(BindMount(prepared.path, prepared.target, read_only=prepared.read_only))
         platform_args.insert(1, f"--pic_relative_path={prepared.target}")
     mounts += [BindMount(i.path, i.target, read_only=True) for i in inputs]
+    if spec.workdir != "method":    # no per-run copy: each --file over the image's method folder
+        mounts += [BindMount(source, target, read_only=True) for source, target in mounts_over_image(files)]
     given = {a.split("=", 1)[0] for a in args}
     command = _entry_command(spec) + ([a for a in platform_args if a.split("=", 1)[0] not in given]
                                       if spec.platform_args else []) + args
@@ -475,6 +483,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         **data.record(prepared, run_dir, ctx.cache_dir),
         "inputs": [{"name": i.name, "path": str(i.path), "hash": content_hash(i.path, ctx.cache_dir)}
                    for i in inputs],
+        "files": [{"source": str(f.source), "path": f.path, "hash": content_hash(f.source, ctx.cache_dir)}
+                  for f in files],
         "env": user_env,
         "arguments": args, "command": command, "gpus": gpus.env_value(), "network": request.network,
         "host": socket.gethostname(), "user": getpass.getuser(), "run_as": user, "as_root": user == "0:0",
@@ -534,7 +544,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
     if status == "failed":
-        raise _failure(run_id, run_dir, record, tail)
+        raise _failure(run_id, run_dir, record, tail, ctx.cache_dir)
     return record
 
 

@@ -244,6 +244,9 @@ def _check_request(request: RunRequest, spec: MethodSpec, slurm: SlurmRequest) -
     if request.gpus:
         raise UsageError("--gpus is for local runs; with --on slurm GPUs come from the allocation: "
                          "--gpus-per-node G")
+    if request.files:
+        raise UsageError("--file is for local runs for now: a Slurm job's steps do not place files into the "
+                         "method's folder", hint="run it on this host (without --on slurm)")
     if slurm.runtime not in ("docker", "pyxis"):
         raise UsageError(f"--node-runtime {slurm.runtime!r}: expected docker or pyxis")
     known = partitions()

@@ -317,3 +317,62 @@ def test_a_repository_that_needs_a_newer_python_gets_the_base_image_that_has_it(
     assert refused.returncode == 2 and "needs Python >=3.99, and no base image has one" in refused.stderr
     assert "bookworm-py311 (Python 3.11)" in refused.stderr and "trixie-py313 (Python 3.13)" in refused.stderr
     assert not (workspace.base_dir / "methods" / "future").exists()
+
+
+# Shaped like SimpleTuner's train.sh: reads config/<ENV>/config.json relative to itself, nothing else.
+CONFIG_READER_REPO = {
+    "requirements.txt": "envmgr-alpha>=1.0\n",
+    "config/examples/config.json": '{"steps": 1}\n',
+    "train.sh": """\
+#!/usr/bin/env bash
+HERE="$(cd "$(dirname "$0")" && pwd)"
+CONFIG="$HERE/config/$ENV/config.json"
+[ -f "$CONFIG" ] || { echo "no $CONFIG"; exit 2; }
+if [ "${CRASH_ONCE:-}" = 1 ] && [ ! -f "$ENVMGR_OUTPUT_DIR/attempted" ]; then
+  touch "$ENVMGR_OUTPUT_DIR/attempted"; echo garbage > "$CONFIG"; echo "crashed"; exit 3
+fi
+python - "$CONFIG" <<'PY'
+import json, os, pathlib, sys
+steps = json.loads(pathlib.Path(sys.argv[1]).read_text())["steps"]
+pathlib.Path(os.environ["ENVMGR_OUTPUT_DIR"], "model.safetensors").write_text(f"steps={steps}")
+PY
+""",
+}
+
+
+def test_a_file_placed_with_file_reaches_the_method_folder_and_is_placed_again_on_resume(
+        workspace, mirror_a, tmp_path):
+    workspace.envmgr("method", "add", str(_zip(tmp_path / "reader.zip", CONFIG_READER_REPO)), "--name", "reader")
+    method = workspace.base_dir / "methods" / "reader"
+    source_digest = _tree_digest(method / "source")
+    workspace.envmgr("lock", "reader", mirror=mirror_a.url)
+    workspace.envmgr("build", "reader", mirror=mirror_a.url)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"steps": 4}\n')
+    cfg.chmod(0o644)
+
+    missing = workspace.envmgr("run", "reader", "--gpus", "none", "--env", "ENV=my", check=False)
+    assert missing.returncode == 1 and "no /envmgr/run/method/config/my/config.json" in missing.stderr
+
+    crashed = workspace.envmgr("run", "reader", "--gpus", "none", "--env", "ENV=my", "--env", "CRASH_ONCE=1",
+                               "--file", f"{cfg}:config/my/config.json", check=False)
+    assert crashed.returncode == 1 and "crashed" in crashed.stderr, crashed.stderr
+    run_dir = max((workspace.base_dir / "runs" / "reader").iterdir(), key=lambda p: p.name)
+    placed = run_dir / "work" / "method" / "config" / "my" / "config.json"
+    assert placed.read_text() == "garbage\n", "the method saw (and overwrote) the placed file"
+    [given] = json.loads((run_dir / "run.json").read_text())["files"]
+    assert given["source"] == str(cfg) and given["path"] == "config/my/config.json"
+    assert given["hash"].startswith("sha256:")
+
+    workspace.envmgr("run", "reader", "--resume", run_dir.name, "--gpus", "none")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "succeeded" and record["files"] == [given]
+    assert placed.read_text() == '{"steps": 4}\n', "resume places the recorded file again"
+    assert (run_dir / "output" / "model.safetensors").read_text() == "steps=4"
+    assert _tree_digest(method / "source") == source_digest, "the method's own files changed"
+
+    spec_path = method / "envmgr.toml"                 # no per-run copy: mounted over the image's folder
+    spec_path.write_text(spec_path.read_text().replace('workdir = "method"', 'workdir = "run"'))
+    mounted = workspace.envmgr("--json", "run", "reader", "--gpus", "none", "--env", "ENV=my",
+                               "--file", f"{cfg}:config/my/config.json", mirror=mirror_a.url)
+    assert (Path(_done(mounted)["run_dir"]) / "output" / "model.safetensors").read_text() == "steps=4"

@@ -16,13 +16,13 @@ FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 
 
 def build_wheel(out_dir: Path, name: str, version: str, requires: list[str] = (), body: str = "",
-                extra: dict[str, str] | None = None) -> Path:
+                extra: dict[str, str | bytes] | None = None) -> Path:
     """A minimal, valid, pure-Python wheel with one module (byte-identical on every call)."""
     module = name.replace("-", "_")
     dist = f"{module}-{version}"
     files = {
         f"{module}/__init__.py": (body or f'VERSION = "{version}"\n').encode(),
-        **{path: text.encode() for path, text in (extra or {}).items()},
+        **{path: text if isinstance(text, bytes) else text.encode() for path, text in (extra or {}).items()},
         f"{dist}.dist-info/METADATA": ("Metadata-Version: 2.1\n"
                                        f"Name: {name}\nVersion: {version}\n"
                                        + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode(),
