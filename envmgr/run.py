@@ -13,18 +13,19 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import paths, records
+from . import owned, paths, records, run_outputs
 from .backends import entry_command
 from .base import ensure_base
 from .build import _excluded, build as build_image
@@ -168,19 +169,8 @@ def new_run_id() -> str:
 
 
 def artifacts(output: Path) -> dict[str, list[str]]:
-    def rel(items):
-        return sorted(str(p.relative_to(output.parent)) for p in items)
-
-    if not output.is_dir():
-        return {}
-    return {
-        "lora": rel(output.glob("*.safetensors")),
-        "checkpoints": rel(p for p in output.glob("checkpoint-*") if p.is_dir()),
-        "validation_images": rel((output / "validation_images").glob("*"))
-        if (output / "validation_images").is_dir() else [],
-        "loss_plot": rel(output.glob("loss.png")),
-        "metrics": rel(output.glob("metrics.jsonl")),
-    }
+    """The run's artifacts under `output` (its run dir's output/): folders and files only, no link followed."""
+    return run_outputs.artifacts(output.parent)
 
 
 def _method_dir(spec: MethodSpec) -> str:
@@ -209,10 +199,9 @@ def _run_user(ctx: Context, as_root: bool) -> str:
     return ctx.config.run.run_as
 
 
-def _hand_to(path: Path, user: str) -> None:
+def _ids(user: str) -> tuple[int, int]:
     uid, gid = (int(x) for x in user.split(":"))
-    if os.getuid() == 0 and (uid, gid) != (0, 0):
-        os.chown(path, uid, gid, follow_symlinks=False)
+    return uid, gid
 
 
 def _unreadable(path: Path, user: str) -> Path | None:
@@ -283,11 +272,7 @@ class RunData:
         writable copy lives in rank 0's work/, so a scheduler's job steps all find the one its submission made."""
         if self.dataset is None:
             return None
-        work = run_dir / records.WORK
-        if work.is_symlink():
-            raise UsageError(f"{work} is a symbolic link; envmgr will not mount it")
-        work.mkdir(exist_ok=True)
-        _hand_to(work, user)
+        work = owned.ensure_folder(run_dir, records.WORK, _ids(user))   # a link there is refused
         return prepare_dataset(spec, self.dataset, run_dir, work, user, self.recorded_mode)
 
     def record(self, prepared: RunDataset | None, run_dir: Path, cache_dir: Path) -> dict:
@@ -344,6 +329,66 @@ def _node_record(base_dir: Path, spec: MethodSpec, node: NodeStep) -> tuple[Path
     if node.rank == 0 and previous["status"] not in ("pending", "running"):   # e.g. cancelled while pending
         raise UsageError(f"run {run_id} is {previous['status']}, not waiting for its job steps")
     return run_dir, previous
+
+
+@contextlib.contextmanager
+def _refusal_recorded(run_dir: Path, record: dict | None, record_file: str) -> Iterator[None]:
+    """A run dir the method changed into links (owned.Refused): recorded as a failed attempt, refused. A new run
+    that fails here (nothing recorded yet: its dataset would not extract) leaves no run dir behind."""
+    try:
+        yield
+    except owned.Refused as exc:
+        if record is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        now = _now()
+        attempts = record.setdefault("attempts", [])
+        if not (attempts and isinstance(attempts[-1], dict) and attempts[-1].get("status") == "running"):
+            attempts.append({"started": now})
+        attempts[-1].update(ended=now, status="failed")
+        record.update(status="failed", reason=f"refused: {exc.message}", ended=now)
+        with contextlib.suppress(OSError, UsageError), records.open_log(run_dir) as log:
+            log.write(f"# envmgr: refused to start: {exc.message}\n")
+        _write_record(run_dir, record, record_file, "after refusing the run")
+        raise
+    except BaseException:
+        if record is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _check_owned_mounts(mounts: list[BindMount], run_dir: Path) -> None:
+    """Every mount source as the engine will follow it: in the run's own trees, a folder reached without a link
+    at any level (owned.mount_source); anything else still the resolved path it was when it was chosen."""
+    real_run = os.path.realpath(run_dir)
+    for mount in mounts:
+        source = str(mount.source)
+        inside = next((source[len(base):].lstrip("/") for base in (str(run_dir), real_run)
+                       if source.startswith(base + "/")), None)
+        if inside is not None:
+            mount.source = owned.mount_source(run_dir, inside)
+        elif os.path.realpath(source) != os.path.normpath(source):
+            raise owned.Refused(f"{source} is reached through a symbolic link now (it was a resolved path when it "
+                                f"was chosen); envmgr will not mount it at {mount.target}",
+                                hint="name it again (e.g. `--input PATH:NAME` with --resume)")
+
+
+def _inspect_outputs(ctx: Context, run_dir: Path, handover: run_outputs.Handover | None,
+                     log_file: str = records.LOG) -> run_outputs.Outputs:
+    """output/ as the method left it (run_outputs.py): what is listed, refused and changed, named in the log."""
+    try:
+        outputs = run_outputs.inspect(run_dir, handover)
+    except (OSError, UsageError) as exc:
+        reason = exc.message if isinstance(exc, UsageError) else str(exc)
+        outputs = run_outputs.Outputs(refused=[{"path": records.OUTPUT, "reason": f"not inspected: {reason}"}])
+    notes = ([f"{r['path']} is not listed as an output: {r['reason']}" for r in outputs.refused]
+             + [f"{c['path']}: {c['change']}" for c in outputs.changed])
+    if notes:
+        with contextlib.suppress(OSError, UsageError), records.open_log(run_dir, log_file) as log:
+            log.writelines(f"# envmgr: {note}\n" for note in notes)
+        for note in notes:
+            ctx.ui.warn(note)
+    return outputs
 
 
 def _given(request: RunRequest, previous: dict | None, run_dir: Path) -> tuple[list[RunInput], dict[str, str]]:
@@ -423,14 +468,13 @@ def run(ctx: Context, request: RunRequest) -> dict:
     gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None or node is not None)
     output, work = run_dir / records.OUTPUT, run_dir / (node.work_dir if node else records.WORK)
-    for folder in (output, work):
-        if folder.is_symlink():
-            raise UsageError(f"{folder} is a symbolic link; envmgr will not mount it")
-        folder.mkdir(exist_ok=True)
-        _hand_to(folder, user)
-    if spec.workdir == "method":
-        copy_method(spec, work, user, _excluded(spec))
-    prepared = data.prepare(spec, run_dir, user)
+    record_file = node.record_file if node else records.RECORD
+    with _refusal_recorded(run_dir, previous, record_file):   # the method's own trees: never through a link
+        for folder in (output, work):
+            owned.ensure_folder(run_dir, folder.name, _ids(user))
+        if spec.workdir == "method":
+            copy_method(spec, work, user, _excluded(spec))
+        prepared = data.prepare(spec, run_dir, user)
 
     # Only output/ and the scratch work/ are writable by the method; run.json and log.txt are not mounted.
     mounts = [BindMount(work, paths.CONTAINER_RUN, read_only=False),
@@ -467,6 +511,9 @@ def run(ctx: Context, request: RunRequest) -> dict:
         env.update(node.env)
 
     container_name = f"envmgr-run-{spec.name}-{run_id}" + (f"-rank{node.rank}" if node and node.rank else "")
+    with _refusal_recorded(run_dir, previous, record_file):
+        _check_owned_mounts(mounts, run_dir)
+    handover = run_outputs.Handover.for_invoker()
     record = previous or {}
     record.update({
         "layout": records.LAYOUT,
@@ -480,7 +527,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "host": socket.gethostname(), "user": getpass.getuser(), "run_as": user, "as_root": user == "0:0",
         "status": "running", "exit_code": None, "reason": None, "missing_outputs": None, "container": container_name,
         "envmgr": {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()},
-        "gpu": gpu_plan.record(), "variant": spec.variant,
+        "gpu": gpu_plan.record(), "variant": spec.variant, "outputs_for": handover.recorded(),
     })
     attempts = record.setdefault("attempts", [])
     if node and attempts:    # the attempt the submission opened for this job
@@ -488,7 +535,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     else:
         attempts.append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
-    record_file, log_file = (node.record_file, node.log_file) if node else (records.RECORD, records.LOG)
+    log_file = node.log_file if node else records.LOG
     records.open_log(run_dir, log_file).close()     # a link planted over log.txt stops the run before it starts
     _write_record(run_dir, record, record_file, "before the container started")
     reserve = _reserve_space(run_dir, node.rank if node else 0)
@@ -504,7 +551,10 @@ def run(ctx: Context, request: RunRequest) -> dict:
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
     started_ns = time.time_ns()
+    with _refusal_recorded(run_dir, record, record_file):
+        _check_owned_mounts(mounts, run_dir)    # again, right before the engine gets them
     ended = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
+    outputs = _inspect_outputs(ctx, run_dir, handover, log_file)
     status, code, tail = ended.status, ended.code, ended.tail
     # exit 0, but not what the spec says a run writes: a launcher that hides a crash (rank 0 judges a run)
     missing = missing_outputs(spec, run_dir, started_ns) if status == "succeeded" and not (node and node.rank) else []
@@ -516,8 +566,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         record.update(reason=f"engine unreachable: {ended.engine_gone.message}", container_left=True)
     elif disk_full:
         record.update(reason="disk full", disk_full=disk_full)
-    record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
-                  oom_killed=ended.oom_killed)
+    record.update(status=status, exit_code=code, ended=_now(), artifacts=outputs.artifacts(),
+                  refused_outputs=outputs.refused, changed_outputs=outputs.changed, oom_killed=ended.oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
     reserve.unlink(missing_ok=True)   # the room kept for this record, should the method have filled the disk
     _write_record(run_dir, record, record_file, f"after it {status}")
@@ -773,8 +823,10 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
     if missing:
         status, reason = "failed", "no outputs"
         record["missing_outputs"] = missing
-    record.update(status=status, reason=reason, exit_code=code, ended=_now(),
-                  artifacts=artifacts(run_dir / records.OUTPUT))
+    outputs = _inspect_outputs(ctx, run_dir, run_outputs.Handover.from_record(record["outputs_for"])
+                               if "outputs_for" in record else None)
+    record.update(status=status, reason=reason, exit_code=code, ended=_now(), artifacts=outputs.artifacts(),
+                  refused_outputs=outputs.refused, changed_outputs=outputs.changed)
     if record.get("attempts"):
         record["attempts"][-1].update(ended=record["ended"], status=status)
     write_record(run_dir, record)
