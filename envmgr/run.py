@@ -426,9 +426,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     spec = request.method
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
-    shm = parse_size(request.shm_size, "--shm-size") if request.shm_size else _default_shm()
-    memory_text = request.memory or ctx.config.run.memory
-    memory = parse_size(memory_text, "--memory") if memory_text else None
+    limits = Limits.of(ctx, request)
 
     previous: dict | None = None
     node = request.node
@@ -528,6 +526,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "status": "running", "exit_code": None, "reason": None, "missing_outputs": None, "container": container_name,
         "envmgr": {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()},
         "gpu": gpu_plan.record(), "variant": spec.variant, "outputs_for": handover.recorded(),
+        "limits": limits.record(),
     })
     attempts = record.setdefault("attempts", [])
     if node and attempts:    # the attempt the submission opened for this job
@@ -543,11 +542,11 @@ def run(ctx: Context, request: RunRequest) -> dict:
     container = ContainerSpec(
         image=result.image_id, command=command, env=env, mounts=mounts,
         workdir=paths.CONTAINER_RUN if spec.workdir == "run" else _method_dir(spec),
-        user=user, network=request.network, shm_size=shm, name=container_name,
+        user=user, network=request.network, shm_size=limits.shm, name=container_name,
         device_requests=device_requests, labels={paths.LABEL_METHOD: spec.name, paths.LABEL_KIND: "run",
                                                  paths.LABEL_PREFIX + "run-id": run_id},
         stop_timeout=120,
-    ).hardened(pids_limit=ctx.config.run.pids_limit, mem_limit=memory)
+    ).hardened(pids_limit=ctx.config.run.pids_limit, mem_limit=limits.memory, tmp_size=limits.tmp)
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
     started_ns = time.time_ns()
@@ -754,13 +753,50 @@ def parse_size(text: str, flag: str) -> str:
     return text.strip().lower()
 
 
-def _default_shm() -> str:
-    """Data loaders share tensors through /dev/shm: a quarter of the host's memory, at most 16 GiB."""
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def size_bytes(text: str) -> int:
+    """A size parse_size accepted, in bytes."""
+    return int(text.rstrip("bkmg")) * _UNITS[text[-1] if text[-1] in "bkmg" else ""]
+
+
+def _host_memory() -> int:
     try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return "2g"
-    return f"{max(1, min(16, total // (4 << 30)))}g"
+        return 8 << 30
+
+
+def _mib(size: int) -> str:
+    return f"{max(1, size >> 20)}m"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much memory a run container may use, and how large its tmpfs /tmp and its /dev/shm may grow: the
+    flag, else the site's `[run]` setting, else a default that follows the host: memory 7/8 of the host's RAM,
+    /dev/shm a quarter of the host's RAM (at most 16 GiB), /tmp a quarter of the memory limit (at most 8 GiB);
+    neither tmpfs larger than the memory limit (their pages count against it)."""
+
+    memory: str
+    shm: str
+    tmp: str
+
+    @classmethod
+    def of(cls, ctx: Context, request: RunRequest) -> Limits:
+        run = ctx.config.run
+        host = _host_memory()
+        given_memory = request.memory or run.memory
+        memory = parse_size(given_memory, "--memory") if given_memory else _mib(host // 8 * 7)
+        cap = size_bytes(memory)
+        given_shm = request.shm_size or run.shm_size
+        shm = parse_size(given_shm, "--shm-size") if given_shm else _mib(min(16 << 30, host // 4, cap))
+        tmp = parse_size(run.tmp_size, "[run] tmp_size") if run.tmp_size else _mib(min(8 << 30, cap // 4))
+        return cls(memory, shm, tmp)
+
+    def record(self) -> dict[str, str]:
+        return {"memory": self.memory, "shm": self.shm, "tmp": self.tmp}
 
 
 def _now() -> str:
