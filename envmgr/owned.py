@@ -144,16 +144,17 @@ def walk(root: Path, relative: str | PurePosixPath = "") -> Iterator[Entry]:
     """Everything below `root/relative`, parents before children, in name order; links are listed, never
     followed, and a folder swapped for something else while it is walked is not entered."""
     with folder(root, relative) as fd:
-        yield from _walk(fd, "")
+        yield from (entry for entry, _, _ in _walk(fd, ""))
 
 
-def _walk(fd: int, prefix: str) -> Iterator[Entry]:
+def _walk(fd: int, prefix: str) -> Iterator[tuple[Entry, int, str]]:
+    """Entries with their parent folder's descriptor (open while the entry is looked at) and their name."""
     with os.scandir(fd) as listing:
         entries = sorted(listing, key=lambda e: e.name)
     for entry in entries:
         st = entry.stat(follow_symlinks=False)
         rel = f"{prefix}{entry.name}"
-        yield Entry(rel, st)
+        yield Entry(rel, st), fd, entry.name
         if stat.S_ISDIR(st.st_mode):
             try:
                 child = os.open(entry.name, _DIR, dir_fd=fd)
@@ -172,12 +173,19 @@ def change(root: Path, entry: Entry, mode: int | None = None, owner: tuple[int, 
     parts = _parts(entry.relative)
     try:
         with folder(root, PurePosixPath(*parts[:-1]) if parts[:-1] else "") as parent:
-            fd = os.open(parts[-1], _PATH, dir_fd=parent)
+            return _change_at(parent, parts[-1], entry.st, mode, owner)
     except (FileNotFoundError, Refused):
+        return False
+
+
+def _change_at(parent: int, name: str, seen: os.stat_result, mode: int | None, owner: tuple[int, int] | None) -> bool:
+    try:
+        fd = os.open(name, _PATH, dir_fd=parent)
+    except FileNotFoundError:
         return False
     try:
         now = os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (entry.st.st_dev, entry.st.st_ino) or not (
+        if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino) or not (
                 stat.S_ISDIR(now.st_mode) or stat.S_ISREG(now.st_mode)):
             return False
         inode = f"/proc/self/fd/{fd}"   # the O_PATH descriptor's own inode: no name is looked up again
@@ -195,13 +203,25 @@ def give(root: Path, relative: str | PurePosixPath, owner: tuple[int, int] | Non
     """A tree envmgr made for a run (a dataset copy, a method copy) handed to the run's user: `dir_bits` and
     `file_bits` added to its folders' and files' modes, owned by `owner` when given (and envmgr is root);
     links and special files are left as they are, never followed."""
-    rel = PurePosixPath(relative)
-    top = lstat(root, rel)
-    if top is None:
-        return
+    parts = _parts(relative)
     chown = owner if owner is not None and os.getuid() == 0 and owner != (0, 0) else None
-    for entry in [Entry("", top), *walk(root, rel)]:
-        is_dir = stat.S_ISDIR(entry.st.st_mode)
-        if is_dir or stat.S_ISREG(entry.st.st_mode):
-            full = Entry(str(rel / entry.relative) if entry.relative else str(rel), entry.st)
-            change(root, full, stat.S_IMODE(entry.st.st_mode) | (dir_bits if is_dir else file_bits), chown)
+
+    def add(parent: int, name: str, st: os.stat_result) -> None:
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if is_dir or stat.S_ISREG(st.st_mode):
+            _change_at(parent, name, st, stat.S_IMODE(st.st_mode) | (dir_bits if is_dir else file_bits), chown)
+
+    with folder(root, PurePosixPath(*parts[:-1]) if parts[:-1] else "") as parent:
+        try:
+            top = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        add(parent, parts[-1], top)
+        if not stat.S_ISDIR(top.st_mode):
+            return
+        fd = _open_child(parent, parts[-1], root.joinpath(*parts))
+        try:
+            for entry, at, name in _walk(fd, ""):
+                add(at, name, entry.st)
+        finally:
+            os.close(fd)

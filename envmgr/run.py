@@ -537,6 +537,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
     log_file = node.log_file if node else records.LOG
     records.open_log(run_dir, log_file).close()     # a link planted over log.txt stops the run before it starts
     _write_record(run_dir, record, record_file, "before the container started")
+    with _refusal_recorded(run_dir, record, record_file):
+        _check_owned_mounts(mounts, run_dir)    # again, as late as can be: nothing runs between this and the engine
     reserve = _reserve_space(run_dir, node.rank if node else 0)
 
     container = ContainerSpec(
@@ -550,8 +552,6 @@ def run(ctx: Context, request: RunRequest) -> dict:
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
     started_ns = time.time_ns()
-    with _refusal_recorded(run_dir, record, record_file):
-        _check_owned_mounts(mounts, run_dir)    # again, right before the engine gets them
     ended = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
     outputs = _inspect_outputs(ctx, run_dir, handover, log_file)
     status, code, tail = ended.status, ended.code, ended.tail

@@ -635,7 +635,12 @@ def ensure_image(ctx: Context, spec: MethodSpec, record: dict) -> None:
         return
     source = record["scheduler"]["image_source"]
     lock = Path("/tmp") / f"envmgr-image-{want['tag'].rsplit(':', 1)[-1]}.lock"
-    with open(lock, "w") as guard:
+    try:   # anyone can write /tmp: never opened through a link planted there, never truncated
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UsageError(f"{lock}: envmgr will not use it as its lock ({exc.strerror}: a link planted there?)",
+                         hint="remove it, then run the step again") from None
+    with os.fdopen(fd, "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)   # several tasks of a node: one fetch
         if _have(ctx, want):
             return

@@ -353,3 +353,19 @@ def test_the_run_containers_tmp_has_a_size():
 
     spec = ContainerSpec(image="x", command=["true"]).hardened(tmp_size="512m", mem_limit="4g")
     assert spec.tmpfs["/tmp"].endswith(",size=512m") and spec.mem_limit == "4g"
+
+
+def test_a_nodes_image_lock_in_tmp_is_never_opened_through_a_link(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.write_text("host file\n")
+    tag = "envmgr/t:linkedlock" + str(os.getpid())
+    lock = Path("/tmp") / f"envmgr-image-linkedlock{os.getpid()}.lock"
+    lock.symlink_to(victim)
+    try:
+        ctx = SimpleNamespace(engine=SimpleNamespace(image_id=lambda tag: None))
+        record = {"image": {"tag": tag, "id": "sha256:1"}, "scheduler": {"image_source": {"kind": "none"}}}
+        with pytest.raises(UsageError, match="will not use it"):
+            slurm.ensure_image(ctx, _spec(), record)
+        assert victim.read_text() == "host file\n"
+    finally:
+        lock.unlink()
