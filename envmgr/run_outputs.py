@@ -68,6 +68,7 @@ class Outputs:
     kept: list[owned.Entry] = field(default_factory=list)      # folders and regular files (relative to output/)
     refused: list[dict[str, str]] = field(default_factory=list)
     changed: list[dict[str, str]] = field(default_factory=list)
+    present: bool = False                                        # output/ is there (a real folder)
 
     def artifacts(self) -> dict[str, list[str]]:
         """run.json's `artifacts`, from what was kept only (paths relative to the run dir, as before)."""
@@ -79,7 +80,7 @@ class Outputs:
 
         images = sorted(f"{records.OUTPUT}/{rel}" for rel in kinds
                         if rel.startswith("validation_images/") and rel.count("/") == 1)
-        if not kinds:
+        if not self.present:
             return {}
         return {"lora": top("*.safetensors"), "checkpoints": top("checkpoint-*", folders=True),
                 "validation_images": images if kinds.get("validation_images") else [],
@@ -95,6 +96,7 @@ def inspect(run_dir: Path, handover: Handover | None = None) -> Outputs:
         if top is not None:
             found.refused.append({"path": records.OUTPUT, "reason": owned.kind_of(top.st_mode)})
         return found
+    found.present = True
     entries = list(owned.walk(run_dir, records.OUTPUT))
     names = Counter((e.st.st_dev, e.st.st_ino) for e in entries if stat.S_ISREG(e.st.st_mode))
     for entry in entries:

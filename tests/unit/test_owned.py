@@ -181,6 +181,13 @@ def test_links_and_special_files_in_output_are_refused_by_name_never_listed(tmp_
     assert stat.S_IMODE((out / "tool").stat().st_mode) == 0o6755    # inspecting alone changes nothing
 
 
+def test_an_empty_output_lists_no_artifacts_and_a_missing_one_none_at_all(tmp_path):
+    assert run_outputs.artifacts(tmp_path) == {}
+    (tmp_path / "output").mkdir()
+    assert run_outputs.artifacts(tmp_path) == {"lora": [], "checkpoints": [], "validation_images": [],
+                                               "loss_plot": [], "metrics": []}
+
+
 def test_outputs_are_handed_over_with_setuid_dropped_and_links_untouched(tmp_path):
     run_dir = tmp_path / "run"
     out = _hostile_output(run_dir, tmp_path / "outside")
