@@ -775,9 +775,11 @@ def _mib(size: int) -> str:
 @dataclass(frozen=True)
 class Limits:
     """How much memory a run container may use, and how large its tmpfs /tmp and its /dev/shm may grow: the
-    flag, else the site's `[run]` setting, else a default that follows the host: memory 7/8 of the host's RAM,
-    /dev/shm a quarter of the host's RAM (at most 16 GiB), /tmp a quarter of the memory limit (at most 8 GiB);
-    neither tmpfs larger than the memory limit (their pages count against it)."""
+    flag, else the site's `[run]` setting, else the spec's `[limits]` (memory at most the host's default, a
+    tmpfs at most the memory limit), else a
+    default that follows the host: memory 7/8 of the host's RAM, /dev/shm a quarter of the host's RAM (at most
+    16 GiB), /tmp a quarter of the memory limit (at most 8 GiB); neither tmpfs larger than the memory limit
+    (their pages count against it)."""
 
     memory: str
     shm: str
@@ -785,14 +787,22 @@ class Limits:
 
     @classmethod
     def of(cls, ctx: Context, request: RunRequest) -> Limits:
-        run = ctx.config.run
+        site, spec = ctx.config.run, request.method.limits
         host = _host_memory()
-        given_memory = request.memory or run.memory
-        memory = parse_size(given_memory, "--memory") if given_memory else _mib(host // 8 * 7)
+
+        def pick(flag: str | None, configured: str | None, wanted: str | None, name: str, default: int,
+                 ceiling: int) -> str:
+            if flag or configured:
+                return parse_size(str(flag or configured), f"--{name.replace('_', '-')}" if flag else f"[run] {name}")
+            if wanted:
+                return _mib(min(size_bytes(parse_size(wanted, f"the spec's [limits] {name}")), ceiling))
+            return _mib(default)
+
+        most = host // 8 * 7
+        memory = pick(request.memory, site.memory, spec.memory, "memory", most, most)
         cap = size_bytes(memory)
-        given_shm = request.shm_size or run.shm_size
-        shm = parse_size(given_shm, "--shm-size") if given_shm else _mib(min(16 << 30, host // 4, cap))
-        tmp = parse_size(run.tmp_size, "[run] tmp_size") if run.tmp_size else _mib(min(8 << 30, cap // 4))
+        shm = pick(request.shm_size, site.shm_size, spec.shm_size, "shm_size", min(16 << 30, host // 4, cap), cap)
+        tmp = pick(None, site.tmp_size, spec.tmp_size, "tmp_size", min(8 << 30, cap // 4), cap)
         return cls(memory, shm, tmp)
 
     def record(self) -> dict[str, str]:

@@ -325,14 +325,15 @@ def test_a_slurm_submission_records_input_and_env_for_its_steps(tmp_path, monkey
 # ---------------------------------------------------------------- bounded by default
 
 
-def _limits(monkeypatch, host_gib: int, request_fields: dict | None = None, **site):
+def _limits(monkeypatch, host_gib: int, request_fields: dict | None = None, spec_limits: dict | None = None,
+            **site):
     from envmgr import run as run_module
     from envmgr.run import Limits, RunRequest
 
     monkeypatch.setattr(run_module, "_host_memory", lambda: host_gib << 30)
     run_config = SimpleNamespace(**{"memory": None, "shm_size": None, "tmp_size": None, **site})
     ctx = SimpleNamespace(config=SimpleNamespace(run=run_config))
-    return Limits.of(ctx, RunRequest(method=_spec(), **(request_fields or {})))
+    return Limits.of(ctx, RunRequest(method=_spec(limits=spec_limits or {}), **(request_fields or {})))
 
 
 def test_memory_shm_and_tmp_are_bounded_by_default_following_the_host(monkeypatch):
@@ -347,6 +348,16 @@ def test_limits_follow_the_flags_and_the_site_config(monkeypatch):
     assert _limits(monkeypatch, 64, {"shm_size": "1g"}).shm == "1g"
     with pytest.raises(UsageError, match="tmp_size"):
         _limits(monkeypatch, 64, tmp_size="lots")
+
+
+def test_a_spec_says_what_its_runs_need_within_what_the_host_and_the_site_allow(monkeypatch):
+    wants = {"memory": "500g", "shm_size": "32g", "tmp_size": "20g"}
+    assert _limits(monkeypatch, 256, spec_limits=wants) == _limits_of("229376m", "32768m", "20480m")
+    assert _limits(monkeypatch, 64, spec_limits=wants) == _limits_of("57344m", "32768m", "20480m")
+    assert _limits(monkeypatch, 64, spec_limits=wants, memory="16g") == _limits_of("16g", "16384m", "16384m")
+    assert _limits(monkeypatch, 64, {"shm_size": "1g"}, spec_limits=wants).shm == "1g"
+    spec = _spec()
+    assert _spec(limits=wants).spec_hash() == spec.spec_hash()     # no rebuild for a run's limits
 
 
 def _limits_of(memory: str, shm: str, tmp: str):
