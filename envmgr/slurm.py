@@ -141,7 +141,7 @@ def node_address(node: str) -> str:
 def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     """Check, write run.json + job.sbatch into a run dir, sbatch it; with --wait follow it to the end."""
     from .build import build as build_image, target
-    from .run import _given, _ids, _run_user, content_hash, new_run_id, prepare_base_dir, run_data
+    from .run import _given, _ids, _refusal_recorded, _run_user, content_hash, new_run_id, prepare_base_dir, run_data
 
     spec: MethodSpec = request.method
     gpus_per_node = _check_request(request, spec, slurm)
@@ -166,11 +166,12 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     inputs, user_env = _given(request, previous, run_dir)
     as_root = request.as_root or bool(previous and previous.get("as_root"))
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
-    if slurm.runtime == "pyxis":      # a docker step makes them itself, owned by the user its container runs as
-        for sub in (records.OUTPUT, records.WORK):
-            owned.ensure_folder(run_dir, sub, _ids(_run_user(ctx, as_root)))   # never through a link
-    # the dataset as the method's dataset_mode asks, extracted here into the shared run dir: the steps find it
-    prepared = data.prepare(spec, run_dir, _run_user(ctx, as_root))
+    with _refusal_recorded(run_dir, previous, records.RECORD):   # a new run that fails here leaves no run dir
+        if slurm.runtime == "pyxis":      # a docker step makes them itself, owned by the user its container runs as
+            for sub in (records.OUTPUT, records.WORK):
+                owned.ensure_folder(run_dir, sub, _ids(_run_user(ctx, as_root)))   # never through a link
+        # the dataset as the method's dataset_mode asks, extracted here into the shared run dir: the steps find it
+        prepared = data.prepare(spec, run_dir, _run_user(ctx, as_root))
 
     network = "host" if slurm.machines > 1 else request.network
     record = previous or {}

@@ -147,3 +147,13 @@ def test_outputs_are_inspected_before_they_are_reported_and_handed_to_the_invoke
     assert (lora.st_uid, lora.st_gid) == (4321, 4322) and stat.S_IMODE(lora.st_mode) & 0o400
     assert (output.stat().st_uid, output.stat().st_gid) == (4321, 4322)
     assert os.lstat(output / "stolen.safetensors").st_uid == 0     # a link is not handed over either
+
+    # a dataset zip holding `a` and `a/b`: one line, exit 2, and no run dir without its run.json
+    with zipfile.ZipFile(ws.base_dir / "datasets" / "clash.zip", "w") as zf:
+        zf.writestr("a", "file")
+        zf.writestr("a/b", "under it")
+    runs = sorted((ws.base_dir / "runs" / "tiny").iterdir())
+    clash = ws.envmgr("run", "tiny", "--dataset", "clash.zip", "--", "leave", check=False)
+    assert clash.returncode == 2 and "both a file and a folder" in clash.stderr, clash.stderr
+    assert "internal error" not in clash.stderr
+    assert sorted((ws.base_dir / "runs" / "tiny").iterdir()) == runs

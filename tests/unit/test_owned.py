@@ -296,12 +296,11 @@ def test_pyxis_step_applies_the_recorded_inputs_and_env(tmp_path):
     assert "WANDB_MODE='offline now'" in lines
 
 
-def test_a_slurm_submission_records_input_and_env_for_its_steps(tmp_path, monkeypatch):
+def _submit(tmp_path, monkeypatch, **request_fields) -> dict:
+    """What `submit` does before sbatch, with Slurm, the engine and the image left out."""
     from envmgr import build
+    from envmgr.run import RunRequest
 
-    base = tmp_path / "base"
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
     monkeypatch.setattr(slurm, "_check_request", lambda request, spec, s: 0)
     monkeypatch.setattr(slurm, "_image_source", lambda *a: {"kind": "archive", "file": "x"})
     monkeypatch.setattr(slurm, "batch_script", lambda *a: "#!/bin/bash\n")
@@ -309,17 +308,32 @@ def test_a_slurm_submission_records_input_and_env_for_its_steps(tmp_path, monkey
                                                                                    stderr=""))
     monkeypatch.setattr(build, "target", lambda ctx, spec: SimpleNamespace(digest="sha256:1", tag="envmgr/t:1",
                                                                           lock_hash="sha256:2"))
-    ctx = SimpleNamespace(config=SimpleNamespace(base_dir=base, run=SimpleNamespace(run_as="65534:65534")),
+    ctx = SimpleNamespace(config=SimpleNamespace(base_dir=tmp_path / "base",
+                                                 run=SimpleNamespace(run_as="65534:65534")),
                           cache_dir=tmp_path / "cache", engine=SimpleNamespace(image_id=lambda tag: "sha256:3"),
                           ui=SimpleNamespace(step=lambda *a, **k: None))
-    from envmgr.run import RunRequest
+    return slurm.submit(ctx, RunRequest(method=_spec(), **request_fields), slurm.SlurmRequest())
 
-    request = RunRequest(method=_spec(), inputs=[f"{ckpt}:start"], env=["WANDB_MODE=offline"])
-    record = slurm.submit(ctx, request, slurm.SlurmRequest())
+
+def test_a_slurm_submission_records_input_and_env_for_its_steps(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    record = _submit(tmp_path, monkeypatch, inputs=[f"{ckpt}:start"], env=["WANDB_MODE=offline"])
     assert [(i["name"], i["path"]) for i in record["inputs"]] == [("start", str(ckpt))]
     assert record["env"] == {"WANDB_MODE": "offline"}
-    run_dir = base / "runs" / "third" / record["run_id"]
+    run_dir = tmp_path / "base" / "runs" / "third" / record["run_id"]
     assert json.loads((run_dir / "run.json").read_text())["env"] == {"WANDB_MODE": "offline"}
+
+
+def test_a_slurm_submission_whose_dataset_will_not_extract_leaves_no_run_dir(tmp_path, monkeypatch):
+    datasets = tmp_path / "base" / "datasets"
+    datasets.mkdir(parents=True)
+    with zipfile.ZipFile(datasets / "bad.zip", "w") as zf:
+        zf.writestr("a", "file")
+        zf.writestr("a/b", "under it")
+    with pytest.raises(UsageError, match="both a file and a folder"):
+        _submit(tmp_path, monkeypatch, dataset="bad.zip")
+    assert list((tmp_path / "base" / "runs" / "third").iterdir()) == []
 
 
 # ---------------------------------------------------------------- bounded by default
