@@ -37,6 +37,21 @@ def _safe_target(dest: Path, name: str, archive: Path) -> Path | None:
     return dest.joinpath(*parts)
 
 
+def _check_layout(archive: Path, entries: list[tuple[Path, bool]], dest: Path) -> None:
+    """Refuse an archive that holds one path both as a file (or link) and as a folder (`a`, then `a/b`):
+    extracting it would fail half way, or write through what an earlier entry made."""
+    files: set[tuple[str, ...]] = set()
+    folders: set[tuple[str, ...]] = set()
+    for target, is_dir in entries:
+        parts = target.relative_to(dest).parts
+        folders.update(parts[:i] for i in range(1, len(parts)))
+        (folders if is_dir else files).add(parts)
+    clash = files & folders
+    if clash:
+        raise UsageError(f"{archive}: {'/'.join(min(clash))!r} is both a file and a folder in the archive; "
+                         "nothing was extracted", hint="repack the archive so each path is one or the other")
+
+
 def contained(folder: Path, relative: str) -> Path | None:
     """`folder/relative` with its parent folders made, or None when it would leave `folder` (an absolute
     path, `..`, or a link on the way); nothing is created outside `folder`."""
@@ -156,6 +171,7 @@ def _extract_zip(source: Path, dest: Path, account: _Budget) -> None:
                 if mode == stat.S_IFLNK:
                     raise UsageError(f"{source}: entry {info.filename!r} is a symbolic link; refusing it")
                 plan.append((info, target))
+            _check_layout(source, [(target, info.is_dir()) for info, target in plan], dest)
             for info, target in plan:
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
@@ -168,6 +184,8 @@ def _extract_zip(source: Path, dest: Path, account: _Budget) -> None:
                     target.chmod(0o755)
     except zipfile.BadZipFile as exc:
         raise UsageError(f"{source}: corrupt zip archive ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"{source}: cannot extract it ({exc.strerror or exc}); nothing was kept") from None
 
 
 def _extract_tar(source: Path, dest: Path, account: _Budget) -> None:
@@ -176,34 +194,53 @@ def _extract_tar(source: Path, dest: Path, account: _Budget) -> None:
             members = tf.getmembers()
             if len(members) > MAX_ENTRIES:
                 raise UsageError(f"{source}: too many entries ({len(members)})")
+            plan = []
             for member in members:
                 if is_junk(member.name):
                     continue
                 target = _safe_target(dest, member.name, source)
-                if target is None:
-                    continue
-                if member.issym() or member.islnk():
-                    link = member.linkname
-                    if os.path.isabs(link) or ".." in PurePosixPath(link).parts:
-                        raise UsageError(f"{source}: entry {member.name!r} links outside the archive; refusing it")
-                    if member.issym():
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.symlink_to(link)
-                    continue
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                elif member.isfile():
-                    account(member.size)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = tf.extractfile(member)
-                    if src is None:  # a regular file always has contents; nothing to copy otherwise
-                        continue
-                    with src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
-                    if member.mode & 0o111:
-                        target.chmod(0o755)
+                if target is not None:
+                    plan.append((member, target))
+            _check_layout(source, [(target, member.isdir()) for member, target in plan], dest)
+            written: set[Path] = set()      # the regular files extracted so far
+            for member, target in plan:
+                _extract_member(tf, member, target, source, dest, account, written)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UsageError(f"{source}: corrupt or truncated tar archive ({exc})") from None
+
+
+def _extract_member(tf: tarfile.TarFile, member: tarfile.TarInfo, target: Path, source: Path, dest: Path,
+                    account: _Budget, written: set[Path]) -> None:
+    if member.issym() or member.islnk():
+        link = member.linkname
+        if os.path.isabs(link) or ".." in PurePosixPath(link).parts:
+            raise UsageError(f"{source}: entry {member.name!r} links outside the archive; refusing it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if member.issym():
+            target.symlink_to(link)
+            return
+        # a hard link names a file earlier in the archive: extracted as a copy of it
+        original = _safe_target(dest, link, source)
+        if original is None or original not in written:
+            raise UsageError(f"{source}: entry {member.name!r} is a hard link to {link!r}, which is not a file "
+                             "earlier in the archive; nothing was extracted")
+        account(original.stat().st_size)
+        shutil.copyfile(original, target, follow_symlinks=False)
+        target.chmod(stat.S_IMODE(original.stat().st_mode))
+        written.add(target)
+    elif member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+    elif member.isfile():
+        account(member.size)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = tf.extractfile(member)
+        if src is None:  # a regular file always has contents; nothing to copy otherwise
+            return
+        with src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
+        if member.mode & 0o111:
+            target.chmod(0o755)
+        written.add(target)
 
 
 def single_top_folder(root: Path) -> Path:

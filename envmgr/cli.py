@@ -288,7 +288,8 @@ def run(
                                                      "for GPU methods.")] = None,
     network: Annotated[str, typer.Option(help="Container network: none (default), host, bridge.")] = "none",
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its run id).")] = None,
-    shm_size: Annotated[Optional[str], typer.Option(help="/dev/shm size, e.g. 8g (default: 1/4 of RAM).")] = None,
+    shm_size: Annotated[Optional[str], typer.Option(help="/dev/shm size, e.g. 8g (default: the site's [run] "
+                                                            "shm_size, else 1/4 of RAM, at most 16g).")] = None,
     on: Annotated[str, typer.Option("--on", help="Where: local (this engine, default) or slurm (submit to the "
                                                  "site's Slurm; the base dir must be shared).")] = "local",
     nodes: Annotated[int, typer.Option(help="[slurm] Nodes (machines of one accelerate run).")] = 1,
@@ -310,7 +311,7 @@ def run(
                                                                "the nodes import (for nodes with [trust] "
                                                                "require_signature).")] = None,
     memory: Annotated[Optional[str], typer.Option(help="Memory limit of the run's container, e.g. 64g "
-                                                       "(default: the site's [run] memory, else none).")] = None,
+                                                       "(default: the site's [run] memory, else 7/8 of RAM).")] = None,
     as_root: Annotated[bool, typer.Option("--as-root", help="Run the method as root inside its container "
                                                             "(recorded in run.json). Default when envmgr is root: "
                                                             "the sudo caller, else the site's [run] run_as "

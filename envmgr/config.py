@@ -49,7 +49,9 @@ class RunConfig(_Strict):
 
     run_as: str = "65534:65534"               # uid:gid a method runs as when envmgr is invoked as root
     pids_limit: int = 4096                    # processes a run container may have (data loader workers included)
-    memory: str | None = None                 # memory limit of a run container, e.g. "64g" (default: none)
+    memory: str | None = None                 # memory limit of a run container, e.g. "64g" (default: 7/8 of RAM)
+    shm_size: str | None = None               # its /dev/shm (default: 1/4 of RAM, at most 16g and the memory limit)
+    tmp_size: str | None = None               # its tmpfs /tmp (default: 1/4 of the memory limit, at most 8g)
 
     @field_validator("run_as")
     @classmethod

@@ -47,14 +47,16 @@ class ContainerSpec:
     mem_limit: str | None = None
 
     def hardened(self, *, read_only: bool = True, pids_limit: int = 4096, mem_limit: str | None = None,
-                 cap_add: list[str] | None = None) -> ContainerSpec:
-        """No capabilities (but those named), no privilege gain, a read-only root with tmpfs /tmp."""
+                 cap_add: list[str] | None = None, tmp_size: str | None = None) -> ContainerSpec:
+        """No capabilities (but those named), no privilege gain, a read-only root with tmpfs /tmp (of at most
+        `tmp_size`: the engine's default is half the host's RAM)."""
         self.cap_drop = ["ALL"]
         self.cap_add = list(cap_add or [])
         self.security_opt = ["no-new-privileges"]
         self.read_only = read_only
         if read_only:
-            self.tmpfs = {"/tmp": "rw,nosuid,nodev,exec,mode=1777", **self.tmpfs}
+            size = f",size={tmp_size}" if tmp_size else ""
+            self.tmpfs = {"/tmp": f"rw,nosuid,nodev,exec,mode=1777{size}", **self.tmpfs}
         self.pids_limit = pids_limit
         self.mem_limit = mem_limit
         return self

@@ -13,18 +13,19 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import paths, records
+from . import owned, paths, records, run_outputs
 from .backends import entry_command
 from .base import ensure_base
 from .build import _excluded, build as build_image
@@ -171,19 +172,8 @@ def new_run_id() -> str:
 
 
 def artifacts(output: Path) -> dict[str, list[str]]:
-    def rel(items):
-        return sorted(str(p.relative_to(output.parent)) for p in items)
-
-    if not output.is_dir():
-        return {}
-    return {
-        "lora": rel(output.glob("*.safetensors")),
-        "checkpoints": rel(p for p in output.glob("checkpoint-*") if p.is_dir()),
-        "validation_images": rel((output / "validation_images").glob("*"))
-        if (output / "validation_images").is_dir() else [],
-        "loss_plot": rel(output.glob("loss.png")),
-        "metrics": rel(output.glob("metrics.jsonl")),
-    }
+    """The run's artifacts under `output` (its run dir's output/): folders and files only, no link followed."""
+    return run_outputs.artifacts(output.parent)
 
 
 def _method_dir(spec: MethodSpec) -> str:
@@ -212,10 +202,9 @@ def _run_user(ctx: Context, as_root: bool) -> str:
     return ctx.config.run.run_as
 
 
-def _hand_to(path: Path, user: str) -> None:
+def _ids(user: str) -> tuple[int, int]:
     uid, gid = (int(x) for x in user.split(":"))
-    if os.getuid() == 0 and (uid, gid) != (0, 0):
-        os.chown(path, uid, gid, follow_symlinks=False)
+    return uid, gid
 
 
 def _unreadable(path: Path, user: str) -> Path | None:
@@ -286,11 +275,7 @@ class RunData:
         writable copy lives in rank 0's work/, so a scheduler's job steps all find the one its submission made."""
         if self.dataset is None:
             return None
-        work = run_dir / records.WORK
-        if work.is_symlink():
-            raise UsageError(f"{work} is a symbolic link; envmgr will not mount it")
-        work.mkdir(exist_ok=True)
-        _hand_to(work, user)
+        work = owned.ensure_folder(run_dir, records.WORK, _ids(user))   # a link there is refused
         return prepare_dataset(spec, self.dataset, run_dir, work, user, self.recorded_mode)
 
     def record(self, prepared: RunDataset | None, run_dir: Path, cache_dir: Path) -> dict:
@@ -349,6 +334,66 @@ def _node_record(base_dir: Path, spec: MethodSpec, node: NodeStep) -> tuple[Path
     return run_dir, previous
 
 
+@contextlib.contextmanager
+def _refusal_recorded(run_dir: Path, record: dict | None, record_file: str) -> Iterator[None]:
+    """A run dir the method changed into links (owned.Refused): recorded as a failed attempt, refused. A new run
+    that fails here (nothing recorded yet: its dataset would not extract) leaves no run dir behind."""
+    try:
+        yield
+    except owned.Refused as exc:
+        if record is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        now = _now()
+        attempts = record.setdefault("attempts", [])
+        if not (attempts and isinstance(attempts[-1], dict) and attempts[-1].get("status") == "running"):
+            attempts.append({"started": now})
+        attempts[-1].update(ended=now, status="failed")
+        record.update(status="failed", reason=f"refused: {exc.message}", ended=now)
+        with contextlib.suppress(OSError, UsageError), records.open_log(run_dir) as log:
+            log.write(f"# envmgr: refused to start: {exc.message}\n")
+        _write_record(run_dir, record, record_file, "after refusing the run")
+        raise
+    except BaseException:
+        if record is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _check_owned_mounts(mounts: list[BindMount], run_dir: Path) -> None:
+    """Every mount source as the engine will follow it: in the run's own trees, a folder reached without a link
+    at any level (owned.mount_source); anything else still the resolved path it was when it was chosen."""
+    real_run = os.path.realpath(run_dir)
+    for mount in mounts:
+        source = str(mount.source)
+        inside = next((source[len(base):].lstrip("/") for base in (str(run_dir), real_run)
+                       if source.startswith(base + "/")), None)
+        if inside is not None:
+            mount.source = owned.mount_source(run_dir, inside)
+        elif os.path.realpath(source) != os.path.normpath(source):
+            raise owned.Refused(f"{source} is reached through a symbolic link now (it was a resolved path when it "
+                                f"was chosen); envmgr will not mount it at {mount.target}",
+                                hint="name it again (e.g. `--input PATH:NAME` with --resume)")
+
+
+def _inspect_outputs(ctx: Context, run_dir: Path, handover: run_outputs.Handover | None,
+                     log_file: str = records.LOG) -> run_outputs.Outputs:
+    """output/ as the method left it (run_outputs.py): what is listed, refused and changed, named in the log."""
+    try:
+        outputs = run_outputs.inspect(run_dir, handover)
+    except (OSError, UsageError) as exc:
+        reason = exc.message if isinstance(exc, UsageError) else str(exc)
+        outputs = run_outputs.Outputs(refused=[{"path": records.OUTPUT, "reason": f"not inspected: {reason}"}])
+    notes = ([f"{r['path']} is not listed as an output: {r['reason']}" for r in outputs.refused]
+             + [f"{c['path']}: {c['change']}" for c in outputs.changed])
+    if notes:
+        with contextlib.suppress(OSError, UsageError), records.open_log(run_dir, log_file) as log:
+            log.writelines(f"# envmgr: {note}\n" for note in notes)
+        for note in notes:
+            ctx.ui.warn(note)
+    return outputs
+
+
 def _given(request: RunRequest, previous: dict | None, run_dir: Path) -> tuple[list[RunInput], dict[str, str]]:
     """`--input` and `--env` as given, or on --resume without them, as the run's record says."""
     inputs = parse_inputs(request.inputs) if request.inputs or previous is None else recorded_inputs(previous, run_dir)
@@ -385,9 +430,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
     spec = request.method
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
-    shm = parse_size(request.shm_size, "--shm-size") if request.shm_size else _default_shm()
-    memory_text = request.memory or ctx.config.run.memory
-    memory = parse_size(memory_text, "--memory") if memory_text else None
+    limits = Limits.of(ctx, request)
 
     previous: dict | None = None
     node = request.node
@@ -429,14 +472,13 @@ def run(ctx: Context, request: RunRequest) -> dict:
     gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None or node is not None)
     output, work = run_dir / records.OUTPUT, run_dir / (node.work_dir if node else records.WORK)
-    for folder in (output, work):
-        if folder.is_symlink():
-            raise UsageError(f"{folder} is a symbolic link; envmgr will not mount it")
-        folder.mkdir(exist_ok=True)
-        _hand_to(folder, user)
-    if spec.workdir == "method":
-        place_files(files, copy_method(spec, work, user, _excluded(spec)), user)
-    prepared = data.prepare(spec, run_dir, user)
+    record_file = node.record_file if node else records.RECORD
+    with _refusal_recorded(run_dir, previous, record_file):   # the method's own trees: never through a link
+        for folder in (output, work):
+            owned.ensure_folder(run_dir, folder.name, _ids(user))
+        if spec.workdir == "method":
+            place_files(files, copy_method(spec, work, user, _excluded(spec)), user)
+        prepared = data.prepare(spec, run_dir, user)
 
     # Only output/ and the scratch work/ are writable by the method; run.json and log.txt are not mounted.
     mounts = [BindMount(work, paths.CONTAINER_RUN, read_only=False),
@@ -475,6 +517,9 @@ def run(ctx: Context, request: RunRequest) -> dict:
         env.update(node.env)
 
     container_name = f"envmgr-run-{spec.name}-{run_id}" + (f"-rank{node.rank}" if node and node.rank else "")
+    with _refusal_recorded(run_dir, previous, record_file):
+        _check_owned_mounts(mounts, run_dir)
+    handover = run_outputs.Handover.for_invoker()
     record = previous or {}
     record.update({
         "layout": records.LAYOUT,
@@ -490,7 +535,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "host": socket.gethostname(), "user": getpass.getuser(), "run_as": user, "as_root": user == "0:0",
         "status": "running", "exit_code": None, "reason": None, "missing_outputs": None, "container": container_name,
         "envmgr": {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()},
-        "gpu": gpu_plan.record(), "variant": spec.variant,
+        "gpu": gpu_plan.record(), "variant": spec.variant, "outputs_for": handover.recorded(),
+        "limits": limits.record(),
     })
     attempts = record.setdefault("attempts", [])
     if node and attempts:    # the attempt the submission opened for this job
@@ -498,23 +544,26 @@ def run(ctx: Context, request: RunRequest) -> dict:
     else:
         attempts.append({"started": _now(), "ended": None, "status": "running"})
     record["started"] = record.get("started") or _now()
-    record_file, log_file = (node.record_file, node.log_file) if node else (records.RECORD, records.LOG)
+    log_file = node.log_file if node else records.LOG
     records.open_log(run_dir, log_file).close()     # a link planted over log.txt stops the run before it starts
     _write_record(run_dir, record, record_file, "before the container started")
+    with _refusal_recorded(run_dir, record, record_file):
+        _check_owned_mounts(mounts, run_dir)    # again, as late as can be: nothing runs between this and the engine
     reserve = _reserve_space(run_dir, node.rank if node else 0)
 
     container = ContainerSpec(
         image=result.image_id, command=command, env=env, mounts=mounts,
         workdir=paths.CONTAINER_RUN if spec.workdir == "run" else _method_dir(spec),
-        user=user, network=request.network, shm_size=shm, name=container_name,
+        user=user, network=request.network, shm_size=limits.shm, name=container_name,
         device_requests=device_requests, labels={paths.LABEL_METHOD: spec.name, paths.LABEL_KIND: "run",
                                                  paths.LABEL_PREFIX + "run-id": run_id},
         stop_timeout=120,
-    ).hardened(pids_limit=ctx.config.run.pids_limit, mem_limit=memory)
+    ).hardened(pids_limit=ctx.config.run.pids_limit, mem_limit=limits.memory, tmp_size=limits.tmp)
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
     started_ns = time.time_ns()
     ended = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
+    outputs = _inspect_outputs(ctx, run_dir, handover, log_file)
     status, code, tail = ended.status, ended.code, ended.tail
     # exit 0, but not what the spec says a run writes: a launcher that hides a crash (rank 0 judges a run)
     missing = missing_outputs(spec, run_dir, started_ns) if status == "succeeded" and not (node and node.rank) else []
@@ -526,8 +575,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         record.update(reason=f"engine unreachable: {ended.engine_gone.message}", container_left=True)
     elif disk_full:
         record.update(reason="disk full", disk_full=disk_full)
-    record.update(status=status, exit_code=code, ended=_now(), artifacts=artifacts(output),
-                  oom_killed=ended.oom_killed)
+    record.update(status=status, exit_code=code, ended=_now(), artifacts=outputs.artifacts(),
+                  refused_outputs=outputs.refused, changed_outputs=outputs.changed, oom_killed=ended.oom_killed)
     record["attempts"][-1].update(ended=record["ended"], status=status)
     reserve.unlink(missing_ok=True)   # the room kept for this record, should the method have filled the disk
     _write_record(run_dir, record, record_file, f"after it {status}")
@@ -714,13 +763,60 @@ def parse_size(text: str, flag: str) -> str:
     return text.strip().lower()
 
 
-def _default_shm() -> str:
-    """Data loaders share tensors through /dev/shm: a quarter of the host's memory, at most 16 GiB."""
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def size_bytes(text: str) -> int:
+    """A size parse_size accepted, in bytes."""
+    return int(text.rstrip("bkmg")) * _UNITS[text[-1] if text[-1] in "bkmg" else ""]
+
+
+def _host_memory() -> int:
     try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return "2g"
-    return f"{max(1, min(16, total // (4 << 30)))}g"
+        return 8 << 30
+
+
+def _mib(size: int) -> str:
+    return f"{max(1, size >> 20)}m"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much memory a run container may use, and how large its tmpfs /tmp and its /dev/shm may grow: the
+    flag, else the site's `[run]` setting, else the spec's `[limits]` (memory at most the host's default, a
+    tmpfs at most the memory limit), else a
+    default that follows the host: memory 7/8 of the host's RAM, /dev/shm a quarter of the host's RAM (at most
+    16 GiB), /tmp a quarter of the memory limit (at most 8 GiB); neither tmpfs larger than the memory limit
+    (their pages count against it)."""
+
+    memory: str
+    shm: str
+    tmp: str
+
+    @classmethod
+    def of(cls, ctx: Context, request: RunRequest) -> Limits:
+        site, spec = ctx.config.run, request.method.limits
+        host = _host_memory()
+
+        def pick(flag: str | None, configured: str | None, wanted: str | None, name: str, default: int,
+                 ceiling: int) -> str:
+            if flag or configured:
+                return parse_size(str(flag or configured), f"--{name.replace('_', '-')}" if flag else f"[run] {name}")
+            if wanted:
+                return _mib(min(size_bytes(parse_size(wanted, f"the spec's [limits] {name}")), ceiling))
+            return _mib(default)
+
+        most = host // 8 * 7
+        memory = pick(request.memory, site.memory, spec.memory, "memory", most, most)
+        cap = size_bytes(memory)
+        shm = pick(request.shm_size, site.shm_size, spec.shm_size, "shm_size", min(16 << 30, host // 4, cap), cap)
+        tmp = pick(None, site.tmp_size, spec.tmp_size, "tmp_size", min(8 << 30, cap // 4), cap)
+        return cls(memory, shm, tmp)
+
+    def record(self) -> dict[str, str]:
+        return {"memory": self.memory, "shm": self.shm, "tmp": self.tmp}
 
 
 def _now() -> str:
@@ -783,8 +879,10 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
     if missing:
         status, reason = "failed", "no outputs"
         record["missing_outputs"] = missing
-    record.update(status=status, reason=reason, exit_code=code, ended=_now(),
-                  artifacts=artifacts(run_dir / records.OUTPUT))
+    outputs = _inspect_outputs(ctx, run_dir, run_outputs.Handover.from_record(record["outputs_for"])
+                               if "outputs_for" in record else None)
+    record.update(status=status, reason=reason, exit_code=code, ended=_now(), artifacts=outputs.artifacts(),
+                  refused_outputs=outputs.refused, changed_outputs=outputs.changed)
     if record.get("attempts"):
         record["attempts"][-1].update(ended=record["ended"], status=status)
     write_record(run_dir, record)

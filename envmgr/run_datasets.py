@@ -14,13 +14,12 @@ extracted copy belongs to its run (a resumed run keeps it).
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from . import archive, paths
+from . import archive, owned, paths
 from .errors import UsageError
 from .spec import MethodSpec
 
@@ -66,23 +65,22 @@ def prepare_dataset(spec: MethodSpec, dataset: Path, run_dir: Path, work: Path, 
     if mode == "extracted" and dataset.is_dir():
         return RunDataset(mode, dataset.name, dataset)    # a folder is already extracted: mounted as given
     name = _stem(dataset)
-    root = (work if mode == "writable" else run_dir) / EXTRACTED
-    if root.is_symlink():
-        raise UsageError(f"{root} is a symbolic link; envmgr will not use it")
-    dest = root / name
-    if not dest.exists():       # a resumed run keeps the copy its method may have written to
-        root.mkdir(exist_ok=True)
+    # relative to the run dir, every level checked without following a link: work/ is the method's
+    root = PurePosixPath(work.relative_to(run_dir).as_posix() if mode == "writable" else "", EXTRACTED)
+    if not owned.is_folder(run_dir, root / name):   # a resumed run keeps the copy its method may have written to
+        owned.ensure_folder(run_dir, root)
         # one folder per extraction: Slurm ranks on one machine share the run dir; the first rename wins
-        partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.partial-"))
+        partial = Path(tempfile.mkdtemp(dir=run_dir / root, prefix=f".{name}.partial-"))
         try:
             archive.extract(dataset, partial)
-            _give(partial, user, writable=mode == "writable")
-            partial.rename(dest)
+            _give(run_dir, root / partial.name, user, writable=mode == "writable")
+            partial.rename(run_dir / root / name)
         except OSError:
-            if not dest.is_dir():
+            if not owned.is_folder(run_dir, root / name):
                 raise
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+    dest = run_dir / root / name
     return RunDataset(mode, name, dest if dataset.is_dir() else dataset_root(dest))
 
 
@@ -101,16 +99,11 @@ def dataset_root(folder: Path) -> Path:
     return top
 
 
-def _give(folder: Path, user: str, writable: bool) -> None:
-    """Readable by the run's user; for a writable dataset, owned by it and writable."""
+def _give(run_dir: Path, folder: PurePosixPath, user: str, writable: bool) -> None:
+    """Readable by the run's user; for a writable dataset, owned by it and writable (owned.give: no link followed)."""
     uid, gid = (int(x) for x in user.split(":"))
-    for path in [folder, *folder.rglob("*")]:
-        if path.is_symlink():
-            continue
-        if writable and os.getuid() == 0 and (uid, gid) != (0, 0):
-            os.chown(path, uid, gid)
-        bits = (0o755 if path.is_dir() else 0o644) | ((0o700 if path.is_dir() else 0o600) if writable else 0)
-        path.chmod(path.stat().st_mode | bits)
+    owned.give(run_dir, folder, (uid, gid) if writable else None,
+               dir_bits=0o755 | (0o700 if writable else 0), file_bits=0o644 | (0o600 if writable else 0))
 
 
 def recorded(entry: dict, run_dir: Path) -> RunDataset:
@@ -121,10 +114,9 @@ def recorded(entry: dict, run_dir: Path) -> RunDataset:
     copy = entry.get("copy")
     if not copy:
         return RunDataset(mode, target.rsplit("/", 1)[-1], Path(entry["path"]))
-    path = run_dir / copy
-    if not path.resolve().is_relative_to(run_dir.resolve()):
+    if not isinstance(copy, str) or PurePosixPath(copy).is_absolute() or ".." in PurePosixPath(copy).parts:
         raise UsageError(f"the run record's dataset copy ({copy!r}) is not inside {run_dir}; envmgr will not mount it")
-    return RunDataset(mode, target.rsplit("/", 1)[-1], path)
+    return RunDataset(mode, target.rsplit("/", 1)[-1], owned.mount_source(run_dir, copy))   # no link on its way
 
 
 def record(prepared: RunDataset, run_dir: Path) -> dict[str, str]:

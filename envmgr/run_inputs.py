@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import names, paths, records
+from . import names, owned, paths, records
 from .errors import UsageError
 from .spec import MethodSpec
 
@@ -43,7 +43,9 @@ def _input_name(name: str, given: str) -> str:
 def parse_input(text: str) -> RunInput:
     """`PATH` or `PATH:NAME` (a path that itself holds a colon is taken whole when it exists)."""
     head, sep, tail = text.rpartition(":")
-    if sep and head and names.is_valid(INPUT_NAME_RE, tail) and Path(head).expanduser().exists():
+    whole = Path(text).expanduser()
+    if sep and head and names.is_valid(INPUT_NAME_RE, tail) and not (whole.exists() or whole.is_symlink()) \
+            and Path(head).expanduser().exists():
         raw, name = head, tail
     else:
         raw, name = text, None
@@ -105,7 +107,10 @@ def recorded_inputs(record: dict[str, Any], run_dir: Path) -> list[RunInput]:
         if not Path(raw).exists():
             raise UsageError(f"the input {name!r} this run used is gone: {raw}",
                              hint="give it again: `--input PATH:NAME` with --resume")
-        found.append(RunInput(name, Path(raw).resolve()))
+        if os.path.realpath(raw) != os.path.normpath(raw):   # recorded resolved: a link there now is someone's
+            raise owned.Refused(f"the input {name!r} this run used is reached through a symbolic link now: {raw}",
+                                hint="give it again: `--input PATH:NAME` with --resume")
+        found.append(RunInput(name, Path(os.path.normpath(raw))))
     if len({i.name for i in found}) != len(found):
         raise UsageError(f"{where}: an input name appears twice")
     return found
@@ -129,18 +134,12 @@ def copy_method(spec: MethodSpec, work: Path, user: str, excluded: Any) -> Path:
     kept as the method left it.
     """
     dest = work / METHOD_COPY
-    if dest.is_symlink():
-        raise UsageError(f"{dest} is a symbolic link; envmgr will not use it")
-    if dest.exists():
+    if owned.is_folder(work, METHOD_COPY):   # a link there (or on its way) is refused, never followed
         return dest
     source = spec.source_path
     shutil.copytree(source, dest, symlinks=True,
                     ignore=lambda d, names: [n for n in names if excluded(str(Path(d, n).relative_to(source)))])
     uid, gid = (int(x) for x in user.split(":"))
-    if os.getuid() == 0 and (uid, gid) != (0, 0):
-        for path in [dest, *dest.rglob("*")]:
-            os.chown(path, uid, gid, follow_symlinks=False)
-    for path in [dest, *dest.rglob("*")]:
-        if not path.is_symlink():   # the owner can write what it was given, whatever the repository's modes
-            path.chmod(path.stat().st_mode | (0o700 if path.is_dir() else 0o600))
+    # the owner can write what it was given, whatever the repository's modes
+    owned.give(work, METHOD_COPY, (uid, gid), dir_bits=0o700, file_bits=0o600)
     return dest

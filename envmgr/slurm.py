@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import paths, records
+from . import owned, paths, records
 from .context import Context
 from .errors import EnvmgrError, Exit, Interrupted, UsageError
 from .files import open_lock
@@ -142,7 +142,7 @@ def node_address(node: str) -> str:
 def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     """Check, write run.json + job.sbatch into a run dir, sbatch it; with --wait follow it to the end."""
     from .build import build as build_image, target
-    from .run import _run_user, new_run_id, prepare_base_dir, run_data
+    from .run import _given, _ids, _refusal_recorded, _run_user, content_hash, new_run_id, prepare_base_dir, run_data
 
     spec: MethodSpec = request.method
     gpus_per_node = _check_request(request, spec, slurm)
@@ -163,13 +163,16 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
         run_dir = base_dir / "runs" / spec.name / run_id
         args = list(request.args)
     data = run_data(base_dir, request, previous)
+    # --input and --env as given (on --resume without them: as recorded), recorded for the job steps to apply
+    inputs, user_env = _given(request, previous, run_dir)
     as_root = request.as_root or bool(previous and previous.get("as_root"))
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
-    if slurm.runtime == "pyxis":      # a docker step makes them itself, owned by the user its container runs as
-        for sub in (records.OUTPUT, records.WORK):
-            (run_dir / sub).mkdir(exist_ok=True)
-    # the dataset as the method's dataset_mode asks, extracted here into the shared run dir: the steps find it
-    prepared = data.prepare(spec, run_dir, _run_user(ctx, as_root))
+    with _refusal_recorded(run_dir, previous, records.RECORD):   # a new run that fails here leaves no run dir
+        if slurm.runtime == "pyxis":      # a docker step makes them itself, owned by the user its container runs as
+            for sub in (records.OUTPUT, records.WORK):
+                owned.ensure_folder(run_dir, sub, _ids(_run_user(ctx, as_root)))   # never through a link
+        # the dataset as the method's dataset_mode asks, extracted here into the shared run dir: the steps find it
+        prepared = data.prepare(spec, run_dir, _run_user(ctx, as_root))
 
     network = "host" if slurm.machines > 1 else request.network
     record = previous or {}
@@ -183,6 +186,9 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
         "run_id": run_id, "method": spec.name, "image": {"id": image_id, "tag": tag},
         "layout": records.LAYOUT, "lock_hash": wanted.lock_hash, "inputs_hash": inputs_hash,
         **data.record(prepared, run_dir, ctx.cache_dir),
+        "inputs": [{"name": i.name, "path": str(i.path), "hash": content_hash(i.path, ctx.cache_dir)}
+                   for i in inputs],
+        "env": user_env,
         "arguments": args, "gpus": f"{gpus_per_node} per node", "network": network,
         "shm_size": request.shm_size, "memory": request.memory, "as_root": as_root,
         "variant": request.variant or (previous or {}).get("variant"),
@@ -356,6 +362,7 @@ def pyxis_step(spec: MethodSpec, record: dict, run_dir: Path) -> list[str]:
     """
     from .run import _entry_command
     from .run_datasets import recorded as recorded_dataset
+    from .run_inputs import recorded_env, recorded_inputs
 
     image = record["scheduler"]["image_source"]["file"]
     # as a local run: only output/ and the scratch work/ are writable; run.json and log.txt are not mounted
@@ -369,6 +376,11 @@ def pyxis_step(spec: MethodSpec, record: dict, run_dir: Path) -> list[str]:
         dataset = recorded_dataset(record["dataset"], run_dir)    # the copy its dataset_mode made, or as given
         mounts.append(f"{dataset.path}:{dataset.target}" + (":ro" if dataset.read_only else ""))
         exports += f" ENVMGR_DATASET_PATH={_quote(dataset.target)}"
+    inputs = recorded_inputs(record, run_dir)
+    mounts += [f"{i.path}:{i.target}:ro" for i in inputs]
+    if inputs:
+        exports += f" ENVMGR_INPUTS_DIR={paths.CONTAINER_INPUTS}"
+    exports += "".join(f" {name}={_quote(value)}" for name, value in recorded_env(record, run_dir).items())
     command = _entry_command(spec) + [f"--train_id={record['run_id']}",
                                       f"--output_dir={paths.CONTAINER_RUN}/output"] + record["arguments"]
     return [exports,

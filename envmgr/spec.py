@@ -98,6 +98,17 @@ class Variant(BaseModel):
     description: str = ""
 
 
+class RunLimits(BaseModel):
+    """`[limits]`: what a run of the method needs (sizes such as "32g"); the flags and the site's `[run]` win,
+    and none goes past what the host allows (envmgr/run.py `Limits`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory: str | None = None
+    shm_size: str | None = None
+    tmp_size: str | None = None
+
+
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -129,6 +140,7 @@ class MethodSpec(BaseModel):
     adapt: Adaptations = Field(default_factory=Adaptations)
     system: SystemPackages = Field(default_factory=SystemPackages)
     gpu_memory_gb: float | None = Field(default=None, gt=0)   # the least memory (GB, 10^9 bytes) a GPU needs
+    limits: RunLimits = Field(default_factory=RunLimits)     # memory, /dev/shm and /tmp a run needs
     variants: dict[str, Variant] = Field(default_factory=dict)
 
     # Which variant this spec was derived for (envmgr/variants.py), not part of the file.
@@ -230,6 +242,7 @@ class MethodSpec(BaseModel):
         data.pop("variants", None)
         data.pop("gpu_memory_gb", None)
         data.pop("dataset_mode", None)    # how a run mounts its dataset, not what the image holds
+        data.pop("limits", None)          # how large a run's container may grow, not what the image holds
         if not self.system.apt:
             data.pop("system", None)       # specs without system packages keep the hash they had
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

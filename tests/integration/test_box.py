@@ -170,6 +170,10 @@ def test_run_container_is_least_privilege(hostile, engine):
         assert "no-new-privileges" in host["SecurityOpt"]
         assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"]
         assert host["PidsLimit"] and host["PidsLimit"] > 0
+        # bounded by default: a memory limit, and /tmp and /dev/shm no larger than it
+        assert host["Memory"] > 0 and 0 < host["ShmSize"] <= host["Memory"] and "size=" in host["Tmpfs"]["/tmp"]
+        record = json.loads((run_dir / "run.json").read_text())
+        assert set(record["limits"]) == {"memory", "shm", "tmp"}
         assert attrs["Config"]["User"] == "65534:65534"
         mounts = {m["Destination"]: m for m in attrs["Mounts"]}
         assert set(mounts) == {"/envmgr/run", "/envmgr/run/output"}
