@@ -34,9 +34,11 @@ def open_lock(path: Path):
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        raise UsageError(f"cannot open the lock file {path}: {exc.strerror}"
-                         + (" (it is a symbolic link)" if path.is_symlink() else "")) from None
+        raise UsageError(f"{path}: envmgr will not use it as its lock ({exc.strerror}"
+                         + ("; it is a symbolic link" if path.is_symlink() else "") + ")",
+                         hint="remove it, then run the command again") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise UsageError(f"the lock file {path} is not a regular file")
+        raise UsageError(f"{path}: envmgr will not use it as its lock (not a regular file)",
+                         hint="remove it, then run the command again")
     return os.fdopen(fd, "r+")
