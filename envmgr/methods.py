@@ -21,7 +21,6 @@ from packaging.utils import canonicalize_name
 
 from .archive import extract, single_top_folder
 from .errors import UsageError
-from .records import OUTPUT as OUTPUT_DIR
 from .spec import MethodSpec, find_method, name_problem
 
 SOURCE_DIR = "source"
@@ -150,7 +149,6 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             "gpu": gpu,
             "platform_args": False,
             "workdir": "method",
-            "success": [f"{OUTPUT_DIR}/*"],
             "env": {"DISABLE_UPDATES": "1", "HF_HUB_OFFLINE": "1"},
             "adapt": {"pin": {}, "drop": [], "add": {}, "sources": {}},
         }
@@ -158,8 +156,9 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
                   "# adapt it here instead. [adapt] pin = { pkg = \"1.2.3\" } replaces a range, git or URL source;\n"
                   "# drop = [\"pkg\"]; add = { pkg = \">=1\" }; sources = { index-name = \"default\" | \"mirror\" }.\n"
                   "# [env] is set for the entry (DISABLE_UPDATES stops launchers that install at start).\n"
-                  "# success: globs (relative to the run dir) that must each match a file the run wrote, else an\n"
-                  "# exit 0 is recorded as failed (no outputs); e.g. [\"output/*.safetensors\"].\n"
+                  "# An exit 0 succeeds when the run wrote weights or a checkpoint under output/ and its log does\n"
+                  "# not end in a traceback (caches and logs do not count). success = [\"output/lora.safetensors\"]:\n"
+                  "# globs (relative to the run dir) that must each match a file the run wrote, instead.\n"
                   "# workdir = \"method\": the entry runs in a writable copy of source/ made for each run.\n"
                   "# [system] apt = [\"libgl1\"]: Debian packages from the site's apt mirror, in their own layer.\n"
                   "# dataset_mode = \"archive\" | \"extracted\" | \"writable\": the dataset as given, extracted\n"
