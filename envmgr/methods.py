@@ -149,6 +149,7 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             "gpu": gpu,
             "platform_args": False,
             "workdir": "method",
+            "verdict": "training",
             "env": {"DISABLE_UPDATES": "1", "HF_HUB_OFFLINE": "1"},
             "adapt": {"pin": {}, "drop": [], "add": {}, "sources": {}},
         }
@@ -156,9 +157,10 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
                   "# adapt it here instead. [adapt] pin = { pkg = \"1.2.3\" } replaces a range, git or URL source;\n"
                   "# drop = [\"pkg\"]; add = { pkg = \">=1\" }; sources = { index-name = \"default\" | \"mirror\" }.\n"
                   "# [env] is set for the entry (DISABLE_UPDATES stops launchers that install at start).\n"
-                  "# An exit 0 succeeds when the run wrote weights or a checkpoint under output/ and its log does\n"
-                  "# not end in a traceback (caches and logs do not count). success = [\"output/lora.safetensors\"]:\n"
-                  "# globs (relative to the run dir) that must each match a file the run wrote, instead.\n"
+                  "# verdict = \"training\": an exit 0 succeeds when the run wrote weights or a checkpoint under\n"
+                  "# output/ and its log does not end in a traceback (caches and logs do not count).\n"
+                  "# success = [\"output/lora.safetensors\"]: globs (relative to the run dir) that must each match\n"
+                  "# a file the run wrote, instead.\n"
                   "# workdir = \"method\": the entry runs in a writable copy of source/ made for each run.\n"
                   "# [system] apt = [\"libgl1\"]: Debian packages from the site's apt mirror, in their own layer.\n"
                   "# dataset_mode = \"archive\" | \"extracted\" | \"writable\": the dataset as given, extracted\n"

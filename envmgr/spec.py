@@ -124,6 +124,9 @@ class MethodSpec(BaseModel):
     workdir: Literal["run", "method"] = "run"
     # globs relative to the run dir that must each match a file the run wrote, else exit 0 is `failed (no outputs)`
     success: list[str] | None = None
+    # without `success`: "training" (what `method add` writes) fails an exit 0 whose log ends in a traceback or
+    # that wrote no weights/checkpoint under output/; "exit-code" (the default) lets the exit status decide
+    verdict: Literal["training", "exit-code"] | None = None
     # how a run sees its dataset (envmgr/run_datasets.py): as given, extracted read-only, or a writable copy;
     # default: added methods get an archive extracted, anything else as given
     dataset_mode: Literal["archive", "extracted", "writable"] | None = None

@@ -4,17 +4,20 @@ Launchers that always exit 0 (a shell script ending in `echo done`) are common. 
 `judge`, decides for local runs, Slurm steps and runs settled after envmgr died, by the first rule
 that applies (its name is recorded in `run.json` as `verdict.rule`):
 
-- `exit code`: a non-zero exit is a failure; a built-in method without `success` globs succeeds on 0.
+- `exit code`: a non-zero exit is a failure; so is nothing else for a spec without `success` globs
+  whose `verdict` is "exit-code" (the default for hand-written specs).
 - `success`: the spec's `success = ["output/*.safetensors"]` globs, relative to the run directory,
   must each match a file this attempt wrote (a folder matched counts when a file under it was).
-- `traceback` (added methods without `success` globs): an exit 0 whose log ends in an uncaught
-  Python traceback (`Traceback (most recent call last):`, frames, `SomeError: ...`) is a failure.
-- `training files` (added methods without `success` globs): an exit 0 succeeds only if this attempt
-  wrote weights or a checkpoint under `output/` (WEIGHT_SUFFIXES, or a file in a `checkpoint*`
-  folder); files under cache and log folders do not count.
+- `traceback` (`verdict = "training"`, what `method add` writes, and no `success` globs): an exit 0
+  whose log ends in an uncaught Python traceback (`Traceback (most recent call last):`, frames,
+  `SomeError: ...`) is a failure.
+- `training files` (the same specs): an exit 0 succeeds only if this attempt wrote weights or a
+  checkpoint under `output/` (WEIGHT_SUFFIXES, or a file in a `checkpoint*` folder); files under
+  cache and log folders do not count.
 
 `success = ["output/*"]` in an added method is what `envmgr method add` wrote before these rules
-existed: any file, caches and logs included. It is read as "no explicit rule" (LEGACY_DEFAULT).
+existed: met by any file, caches and logs included. It is read as `verdict = "training"` with no
+globs (LEGACY_DEFAULT), so methods added before get the same verdicts.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ LOG_TAIL_BYTES = 256 << 10        # how much of the log's end the traceback and 
 
 RULE_EXIT, RULE_SUCCESS, RULE_TRACEBACK, RULE_TRAINING = "exit code", "success", "traceback", "training files"
 TRAINING_KINDS = ", ".join(f"*{s}" for s in WEIGHT_SUFFIXES) + " or a checkpoint* folder"
+
+
+def default_rule(spec: MethodSpec) -> str:
+    """What decides an exit 0 when the spec has no `success` globs: "training" or "exit-code"."""
+    if spec.verdict:
+        return spec.verdict
+    return "training" if not spec.builtin and spec.success == LEGACY_DEFAULT else "exit-code"
 
 
 def explicit_globs(spec: MethodSpec) -> list[str] | None:
@@ -201,7 +211,7 @@ def judge(spec: MethodSpec | None, run_dir: Path, exit_code: int | None, started
                            reason="no outputs", missing=tuple(missing),
                            hint=hint or "the spec's `success` names what a run must write")
         return Verdict("succeeded", RULE_SUCCESS, f"exit 0 and it wrote {', '.join(globs)}" if globs else "exit 0")
-    if spec.builtin:
+    if default_rule(spec) != "training":
         return Verdict("succeeded", RULE_EXIT, "exit 0")
     crash = uncaught_traceback(lines)
     if crash:

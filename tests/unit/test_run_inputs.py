@@ -80,7 +80,7 @@ def test_method_add_writes_no_success_rule_a_cache_file_could_meet(tmp_path):
     (repo / "requirements.txt").write_text("envmgr-alpha\n")
     (repo / "train.py").write_text("print(1)\n")
     spec, _ = add_method(tmp_path / "base", repo, "pipper")
-    assert spec.success is None and spec.workdir == "method" and not spec.builtin
+    assert spec.success is None and spec.verdict == "training" and spec.workdir == "method" and not spec.builtin
     written = (tmp_path / "base" / "methods" / "pipper" / "envmgr.toml").read_text()
     assert 'success = ["output/lora.safetensors"]' in written                  # documented in a comment
     assert not any(line.startswith("success") for line in written.splitlines())

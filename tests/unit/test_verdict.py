@@ -15,6 +15,7 @@ from envmgr.run import _failure
 from envmgr.spec import MethodSpec
 from envmgr.verdict import (
     LEGACY_DEFAULT,
+    default_rule,
     describe,
     explicit_globs,
     judge,
@@ -37,7 +38,8 @@ DATASET = {"mode": "extracted", "mounted_at": "/envmgr/data/pets"}
 
 
 def _added(tmp_path: Path, **extra) -> MethodSpec:
-    spec = MethodSpec(name="m", entry=["bash", "train.sh"], **extra)
+    """A spec as `envmgr method add` writes it."""
+    spec = MethodSpec(name="m", entry=["bash", "train.sh"], **{"verdict": "training", **extra})
     spec.folder, spec.builtin = tmp_path, False
     return spec
 
@@ -103,8 +105,8 @@ def test_weights_or_a_checkpoint_written_by_this_attempt_succeed(tmp_path, writt
 
 
 def test_the_old_method_add_default_counts_as_no_rule(tmp_path):
-    old = _added(tmp_path, success=LEGACY_DEFAULT)
-    assert explicit_globs(old) is None
+    old = _added(tmp_path, success=LEGACY_DEFAULT, verdict=None)    # written before `verdict` existed
+    assert explicit_globs(old) is None and default_rule(old) == "training"
     run_dir, log = _run(tmp_path)
     started = time.time_ns()
     _write(run_dir / "output" / "cache.json")       # met `output/*` before: any file at all
@@ -125,10 +127,13 @@ def test_explicit_success_globs_keep_deciding_as_before(tmp_path):
         "succeeded", "success")
 
 
-def test_a_builtin_method_without_globs_is_judged_by_its_exit_code(tmp_path):
+def test_a_hand_written_spec_without_globs_is_judged_by_its_exit_code(tmp_path):
     run_dir, log = _run(tmp_path, READ_ONLY_CRASH)
     verdict = judge(_builtin(tmp_path), run_dir, 0, time.time_ns(), log)
     assert (verdict.status, verdict.rule) == ("succeeded", "exit code")
+    hand_written = _added(tmp_path, verdict=None)              # under <base_dir>/methods, written by hand
+    assert default_rule(hand_written) == "exit-code"
+    assert judge(hand_written, run_dir, 0, time.time_ns(), log).status == "succeeded"
     failed = judge(_builtin(tmp_path), run_dir, 2, time.time_ns(), log)
     assert (failed.status, failed.rule, failed.detail) == ("failed", "exit code", "exit 2")
 
