@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .logs import uncaught_traceback
 from .spec import MethodSpec
 
 # Filesystem timestamps come from a coarse kernel clock: a file written just after the container
@@ -103,9 +104,6 @@ def training_files(output: Path, started_ns: int) -> list[str]:
 
 # ---------------------------------------------------------------------- the log
 
-_TRACEBACK = "Traceback (most recent call last):"
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: .*)?$")
-_NOT_THE_PROCESS = ("Exception ignored", "Exception in thread")   # printed, and the process goes on
 
 
 def log_lines(log: Path, start: int = 0) -> list[str]:
@@ -121,34 +119,6 @@ def log_lines(log: Path, start: int = 0) -> list[str]:
         text = fh.read().decode("utf-8", errors="replace")
     lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
     return [line for line in lines if not line.startswith("# envmgr:")]
-
-
-def uncaught_traceback(lines: list[str]) -> str | None:
-    """The exception line (`OSError: ...`) when `lines` end in an uncaught Python traceback, else None.
-
-    The last `Traceback (most recent call last):` must be followed by its frames (`  File ...`), then one
-    exception line, then nothing but blank lines. A prefix before the marker that every following line
-    repeats (`[rank0]: `) is taken off; a traceback the interpreter prints and goes on from
-    (`Exception ignored in ...`, `Exception in thread ...`) is not the process's end."""
-    at = next((i for i in range(len(lines) - 1, -1, -1) if _TRACEBACK in lines[i]), None)
-    if at is None:
-        return None
-    prefix = lines[at][:lines[at].index(_TRACEBACK)]
-    rest = lines[at + 1:]
-    if not prefix.strip() or not all(line.startswith(prefix) or not line.strip() for line in rest):
-        prefix = ""
-    rest = [line[len(prefix):] if prefix and line.startswith(prefix) else line for line in rest]
-    before = lines[at - 1].removeprefix(prefix).strip() if at else ""
-    if before.startswith(_NOT_THE_PROCESS):
-        return None
-    while rest and not rest[-1].strip():
-        rest.pop()
-    if len(rest) < 2 or not rest[0].lstrip().startswith("File "):
-        return None
-    frames, last = rest[:-1], rest[-1]
-    if not _EXCEPTION_LINE.match(last) or not all(not line.strip() or line[:1].isspace() for line in frames):
-        return None
-    return last.strip()
 
 
 _READ_ONLY = re.compile(r"Read-only file system|Errno 30\b|EROFS|PermissionError|Permission denied")

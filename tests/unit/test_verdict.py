@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from envmgr import records, slurm
+from envmgr.logs import uncaught_traceback
 from envmgr.run import _failure
 from envmgr.spec import MethodSpec
 from envmgr.verdict import (
@@ -20,7 +21,6 @@ from envmgr.verdict import (
     explicit_globs,
     judge,
     training_files,
-    uncaught_traceback,
 )
 
 OLD_NS = 1_000_000_000_000_000_000   # 2001: a file from an earlier attempt
@@ -244,3 +244,18 @@ def test_a_pyxis_job_gets_the_same_verdict(tmp_path):
     done = json.loads((run_dir / "run.json").read_text())
     assert (done["status"], done["reason"], done["verdict"]["rule"]) == ("failed", "uncaught traceback", "traceback")
     assert done["attempts"][-1]["status"] == "failed"
+
+
+def test_sd_demo_is_judged_by_its_own_success_glob(tmp_path):
+    from envmgr.spec import find_method
+
+    spec = find_method("sd-demo", tmp_path / "base")
+    assert spec.builtin and explicit_globs(spec) == ["output/pytorch_lora_weights.safetensors"]
+    run_dir, log = _run(tmp_path, "step 10/10 loss 0.1\nsaved\n")
+    started = time.time_ns()
+    _write(run_dir / "output" / "checkpoint-10" / "model.safetensors")
+    assert (judge(spec, run_dir, 0, started, log).status, judge(spec, run_dir, 0, started, log).rule) == (
+        "failed", "success")
+    _write(run_dir / "output" / "pytorch_lora_weights.safetensors")
+    assert (judge(spec, run_dir, 0, started, log).status, judge(spec, run_dir, 0, started, log).rule) == (
+        "succeeded", "success")
