@@ -2,8 +2,8 @@
 
 A method can print anything, e.g. a 100 MB line from a huge caption. Lines are split as the bytes
 arrive (each byte looked at once), and a line longer than `max_line` keeps its head and tail with
-a note of how much was dropped, so envmgr's memory and time stay bounded whatever a method prints. `uncaught_traceback` reads
-whether a process's lines end in the traceback of an exception nothing caught.
+a note of how much was dropped, so envmgr's memory and time stay bounded whatever a method prints.
+`uncaught_traceback` reads whether a process's lines end in the traceback of an exception nothing caught.
 """
 
 from __future__ import annotations
