@@ -122,7 +122,8 @@ def _internal_error(exc: BaseException) -> None:
     rerun = mask_credentials(" ".join(["envmgr", "-v", *(shlex.quote(a) for a in args)]))
     log = _write_internal_log(ui.redact(mask_credentials(f"$ {rerun}\n{text}")))
     where = f"the traceback is in {log}; " if log else ""
-    _fail(EnvmgrError(message, hint=f"{where}rerun with `{rerun}` to see it, and report it"))
+    again = "report it" if STATE.get("verbose") else f"rerun with `{rerun}` to see it, and report it"
+    _fail(EnvmgrError(message, hint=where + again))
 
 
 def _write_internal_log(text: str) -> Path | None:

@@ -664,10 +664,10 @@ def finish(run_dir: Path, status: int) -> None:
         if status in (130, 143):
             _mark(run_dir, "interrupted", f"exit {status}", exit_code=status, artifacts=artifacts(run_dir / "output"))
             return
-        verdict = _pyxis_verdict(run_dir, record, status)
-        _mark(run_dir, verdict.status, verdict.reason or (None if status == 0 else f"exit {status}"),
+        judged = _pyxis_verdict(run_dir, record, status)
+        _mark(run_dir, judged.status, judged.reason or (None if status == 0 else f"exit {status}"),
               exit_code=status, artifacts=artifacts(run_dir / "output"),
-              **{k: v for k, v in verdict.fields().items() if k != "reason"})
+              **{k: v for k, v in judged.fields().items() if k != "reason"})
         return
     if status in (130, 143):
         _mark(run_dir, "interrupted", "stopped before its container ran", exit_code=status)
