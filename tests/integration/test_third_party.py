@@ -83,6 +83,8 @@ echo "launch $(id -u) mode=${MODE:-unset}" >> "$HERE/debug.log"
 CONFIG="${CONFIG_FILE:-$HERE/config/defaults.json}"
 python - "$CONFIG" <<'PY'
 import json, os, sys, pathlib, envmgr_alpha
+if os.environ.get("MODE") == "crash":   # one stream: the engine may interleave stdout and stderr out of order
+    sys.stdout = sys.stderr
 config = json.loads(pathlib.Path(sys.argv[1]).read_text())
 for step in range(1, config["steps"] + 1):
     sys.stdout.write(f"\\r{step * 100 // config['steps']:3d}%|{'#' * step}| {step}/{config['steps']}")
