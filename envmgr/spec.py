@@ -234,6 +234,7 @@ class MethodSpec(BaseModel):
         data.pop("variants", None)
         data.pop("gpu_memory_gb", None)
         data.pop("dataset_mode", None)    # how a run mounts its dataset, not what the image holds
+        data.pop("verdict", None)         # how a run is judged, not what the image holds
         if not self.system.apt:
             data.pop("system", None)       # specs without system packages keep the hash they had
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

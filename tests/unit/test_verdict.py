@@ -259,3 +259,8 @@ def test_sd_demo_is_judged_by_its_own_success_glob(tmp_path):
     _write(run_dir / "output" / "pytorch_lora_weights.safetensors")
     assert (judge(spec, run_dir, 0, started, log).status, judge(spec, run_dir, 0, started, log).rule) == (
         "succeeded", "success")
+
+
+def test_the_verdict_key_leaves_the_image_hash_as_it_was(tmp_path):
+    plain = _builtin(tmp_path)
+    assert _builtin(tmp_path, verdict="training").spec_hash() == plain.spec_hash()
