@@ -389,5 +389,6 @@ def _logical_lines(text: str, base: Path, where: Path, depth: int = 0) -> list[s
 def raise_if_unreachable(method: str, problems: list[str]) -> None:
     if problems:
         raise UnreachableSources(f"{method}: {len(problems)} dependenc{'y' if len(problems) == 1 else 'ies'} "
-                                 "cannot be fetched through the site's mirrors: " + "; ".join(problems),
+                                 "cannot be fetched through the site's mirrors, one fix a line:"
+                                 + "".join(f"\n  - {problem}" for problem in problems),
                                  hint=f"add the overrides to the method's envmgr.toml, then `envmgr lock {method}`")

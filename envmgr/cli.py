@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -99,15 +100,55 @@ def verb(function):
             _fail(Interrupted("nothing was tagged; containers were removed"))
         except typer.Exit:
             raise
-        except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback with -v
-            if STATE.get("verbose"):
-                import traceback
-
-                traceback.print_exc()
-            _fail(EnvmgrError(f"internal error: {type(exc).__name__}: {exc}",
-                              hint="re-run with -v for the traceback and report it"))
+        except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in a log file (and with -v)
+            _internal_error(exc)
 
     return wrapper
+
+
+def _internal_error(exc: BaseException) -> None:
+    """An exception envmgr did not expect: one line, the traceback in a log file, the command to rerun with -v."""
+    import traceback
+
+    from .config import mask_credentials
+
+    ui = STATE.get("ui") or Reporter(STATE.get("mode"))
+    text = "".join(traceback.format_exception(exc))
+    if STATE.get("verbose"):
+        sys.stderr.write(ui.redact(mask_credentials(text)))
+    said = (str(exc).strip().splitlines() or [""])[0]
+    message = mask_credentials(f"internal error: {type(exc).__name__}" + (f": {said}" if said else ""))
+    args = [a for a in sys.argv[1:] if a not in ("-v", "--verbose")]
+    rerun = mask_credentials(" ".join(["envmgr", "-v", *(shlex.quote(a) for a in args)]))
+    log = _write_internal_log(ui.redact(mask_credentials(f"$ {rerun}\n{text}")))
+    where = f"the traceback is in {log}; " if log else ""
+    again = "report it" if STATE.get("verbose") else f"rerun with `{rerun}` to see it, and report it"
+    _fail(EnvmgrError(message, hint=where + again))
+
+
+def _write_internal_log(text: str) -> Path | None:
+    """`<cache_dir>/logs/internal-<time>-<pid>.log` (mode 0600), or under the temp dir when the cache is unusable."""
+    import datetime as dt
+    import os
+    import tempfile
+
+    name = f"internal-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    folders = []
+    try:
+        folders.append(load_config(STATE.get("flags")).cache_dir / "logs")
+    except Exception:  # noqa: BLE001 - a config that cannot be read must not hide the first error
+        pass
+    folders.append(Path(tempfile.gettempdir()) / f"envmgr-{os.getuid()}")
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as fh:
+                fh.write(text)
+            return folder / name
+        except OSError:
+            continue
+    return None
 
 
 # ---------------------------------------------------------------------- verbs
@@ -414,7 +455,13 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id (from `envmgr r
     if ctx.ui.mode == "json":
         ctx.ui.event("run", **record)
     else:
+        from .verdict import describe
+
         ctx.ui.console.print_json(json.dumps(record))
+        ctx.ui.console.print(describe(record), markup=False, highlight=False)
+        hint = record["verdict"].get("hint") if isinstance(record.get("verdict"), dict) else None
+        if hint:
+            ctx.ui.console.print(f"  {hint}", markup=False, highlight=False)
 
 
 @runs_app.command("cancel")
@@ -684,4 +731,9 @@ def entry() -> None:
     except EnvmgrError as exc:  # raised while parsing the config, before a verb ran
         Reporter(STATE.get("mode")).error(str(exc.message), exc.hint)
         sys.exit(int(exc.exit_code))
+    except Exception as exc:  # noqa: BLE001 - outside a verb too: one line, the traceback in a log file
+        try:
+            _internal_error(exc)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
 

@@ -23,7 +23,6 @@ from packaging.utils import canonicalize_name
 from .archive import extract, single_top_folder
 from .base import pick_base, python_series
 from .errors import UsageError
-from .records import OUTPUT as OUTPUT_DIR
 from .spec import MethodSpec, find_method, name_problem
 
 SOURCE_DIR = "source"
@@ -205,7 +204,7 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             "gpu": gpu,
             "platform_args": False,
             "workdir": "method",
-            "success": [f"{OUTPUT_DIR}/*"],
+            "verdict": "training",
             "env": {"DISABLE_UPDATES": "1", "HF_HUB_OFFLINE": "1"},
             "adapt": {"pin": {}, "drop": [], "add": {}, "sources": {}},
         }
@@ -213,8 +212,10 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
                   "# adapt it here instead. [adapt] pin = { pkg = \"1.2.3\" } replaces a range, git or URL source;\n"
                   "# drop = [\"pkg\"]; add = { pkg = \">=1\" }; sources = { index-name = \"default\" | \"mirror\" }.\n"
                   "# [env] is set for the entry (DISABLE_UPDATES stops launchers that install at start).\n"
-                  "# success: globs (relative to the run dir) that must each match a file the run wrote, else an\n"
-                  "# exit 0 is recorded as failed (no outputs); e.g. [\"output/*.safetensors\"].\n"
+                  "# verdict = \"training\": an exit 0 succeeds when the run wrote weights or a checkpoint under\n"
+                  "# output/ and its log does not end in a traceback (caches and logs do not count).\n"
+                  "# success = [\"output/lora.safetensors\"]: globs (relative to the run dir) that must each match\n"
+                  "# a file the run wrote, instead.\n"
                   "# workdir = \"method\": the entry runs in a writable copy of source/ made for each run.\n"
                   "# [system] apt = [\"libgl1\"]: Debian packages from the site's apt mirror, in their own layer.\n"
                   "# dataset_mode = \"archive\" | \"extracted\" | \"writable\": the dataset as given, extracted\n"

@@ -44,7 +44,7 @@ from .run_inputs import RunInput, copy_method, parse_env, parse_inputs, recorded
 from .sonames import runtime_hint
 from .spec import MethodSpec, find_method
 from .ui import TrainingProgress
-from .verdict import missing_outputs
+from .verdict import Verdict, describe as describe_verdict, judge
 
 SUBDIRS = ("models", "datasets", "methods", "runs", "cache")
 
@@ -402,17 +402,19 @@ def _given(request: RunRequest, previous: dict | None, run_dir: Path) -> tuple[l
 
 
 def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_dir: Path | None = None) -> EnvmgrError:
-    if record.get("reason") == "no outputs":
-        why = "no outputs"
-        detail = f"  it exited 0 but wrote nothing that matches {', '.join(record.get('missing_outputs') or [])}\n"
+    verdict: dict = record["verdict"] if isinstance(record.get("verdict"), dict) else {}
+    if record.get("exit_code") == 0 and record.get("reason"):   # an exit 0 that a rule of verdict.py turned failed
+        why = record["reason"]
+        detail = f"  {describe_verdict(record)}\n"
     else:
         why = ("the container was killed for lack of memory (OOM)" if record.get("oom_killed")
                else f"exit {record.get('exit_code')}")
         detail = ""
     last = "\n".join(f"    {line}" for line in tail)
     return EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n{detail}  last lines:\n{last}",
-                       hint="the spec's `success` names what a run must write" if detail
-                       else runtime_hint(tail, cache_dir) if cache_dir else None)
+                       hint=verdict.get("hint") or ("the spec's `success` names what a run must write"
+                                                    if record.get("reason") == "no outputs" else None)
+                       or (runtime_hint(tail, cache_dir) if cache_dir else None))
 
 
 def resolve_gpus(ctx: Context, spec: MethodSpec, given: str | None) -> GpuRequest:
@@ -533,7 +535,8 @@ def run(ctx: Context, request: RunRequest) -> dict:
         "env": user_env,
         "arguments": args, "command": command, "gpus": gpus.env_value(), "network": request.network,
         "host": socket.gethostname(), "user": getpass.getuser(), "run_as": user, "as_root": user == "0:0",
-        "status": "running", "exit_code": None, "reason": None, "missing_outputs": None, "container": container_name,
+        "status": "running", "exit_code": None, "reason": None, "missing_outputs": None, "verdict": None,
+        "container": container_name,
         "envmgr": {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()},
         "gpu": gpu_plan.record(), "variant": spec.variant, "outputs_for": handover.recorded(),
         "limits": limits.record(),
@@ -561,15 +564,17 @@ def run(ctx: Context, request: RunRequest) -> dict:
     ).hardened(pids_limit=ctx.config.run.pids_limit, mem_limit=limits.memory, tmp_size=limits.tmp)
     ctx.ui.step(f"run {run_id}: {spec.name} in {result.tag} (gpus {gpus}, network {request.network}, "
                 f"as {'root' if user == '0:0' else user})", run_id=run_id, run_dir=str(run_dir))
-    started_ns = time.time_ns()
+    started_ns, log_start = time.time_ns(), (run_dir / log_file).lstat().st_size   # this attempt's log follows
     ended = _follow(ctx, container, run_dir, log_file, node.on_start if node else None)
     outputs = _inspect_outputs(ctx, run_dir, handover, log_file)
     status, code, tail = ended.status, ended.code, ended.tail
-    # exit 0, but not what the spec says a run writes: a launcher that hides a crash (rank 0 judges a run)
-    missing = missing_outputs(spec, run_dir, started_ns) if status == "succeeded" and not (node and node.rank) else []
-    if missing:
-        status = "failed"
-        record.update(reason="no outputs", missing_outputs=missing)
+    # exit 0 judged by what it wrote and how its log ends: a launcher that hides a crash (rank 0 judges a run)
+    verdict = judge(spec, run_dir, code, started_ns, run_dir / log_file, log_start, record.get("dataset"),
+                    outputs=not (node and node.rank)) if status in ("succeeded", "failed") else None
+    if verdict:
+        status = verdict.status
+        record.update(verdict.fields())
+    missing = bool(verdict and verdict.reason)   # an exit 0 turned failed: its rule says why, not the disk
     disk_full = _disk_full(output, ended) if status == "failed" and not missing and ended.engine_gone is None else None
     if ended.engine_gone is not None:   # its container may still be in the engine: settled once it is back
         record.update(reason=f"engine unreachable: {ended.engine_gone.message}", container_left=True)
@@ -875,12 +880,12 @@ def settle(ctx: Context, run_dir: Path, record: dict) -> dict:
     for reserve in run_dir.glob(".envmgr-reserve-*"):   # the space its envmgr held for the final record
         reserve.unlink(missing_ok=True)
     code = state["exit_code"] if state else None
-    missing = _missing_after_kill(ctx, run_dir, record) if status == "succeeded" else []
-    if missing:
-        status, reason = "failed", "no outputs"
-        record["missing_outputs"] = missing
     outputs = _inspect_outputs(ctx, run_dir, run_outputs.Handover.from_record(record["outputs_for"])
-                               if "outputs_for" in record else None)
+                               if "outputs_for" in record else None)   # before the verdict reads them
+    verdict = _verdict_after_kill(ctx, run_dir, record) if status == "succeeded" else None
+    if verdict:
+        record.update(verdict.fields())
+        status, reason = verdict.status, verdict.reason or reason
     record.update(status=status, reason=reason, exit_code=code, ended=_now(), artifacts=outputs.artifacts(),
                   refused_outputs=outputs.refused, changed_outputs=outputs.changed)
     if record.get("attempts"):
@@ -911,8 +916,9 @@ def _remove_left_container(ctx: Context, run_dir: Path, record: dict) -> dict:
     return record
 
 
-def _missing_after_kill(ctx: Context, run_dir: Path, record: dict) -> list[str]:
-    """The spec's success globs against what the last attempt wrote, for a run settled after envmgr died."""
+def _verdict_after_kill(ctx: Context, run_dir: Path, record: dict) -> Verdict | None:
+    """verdict.judge on an exit 0 (what the last attempt wrote, how the log ends), for a run settled after
+    envmgr died."""
     attempts = record.get("attempts")
     started = attempts[-1].get("started") if isinstance(attempts, list) and attempts and isinstance(
         attempts[-1], dict) else None
@@ -920,8 +926,8 @@ def _missing_after_kill(ctx: Context, run_dir: Path, record: dict) -> list[str]:
         spec = find_method(str(record.get("method")), ctx.config.base_dir)
         started_ns = int(dt.datetime.fromisoformat(str(started)).timestamp()) * 1_000_000_000
     except (UsageError, ValueError):
-        return []        # the method is gone or the record has no start: the exit code alone decides
-    return missing_outputs(spec, run_dir, started_ns)
+        return None      # the method is gone or the record has no start: the exit code alone decides
+    return judge(spec, run_dir, 0, started_ns, run_dir / records.LOG, dataset=record.get("dataset"))
 
 
 def list_runs(ctx: Context, method: str | None = None) -> list[dict]:

@@ -33,6 +33,7 @@ from .context import Context
 from .errors import EnvmgrError, Exit, Interrupted, UsageError
 from .files import open_lock
 from .spec import MethodSpec
+from .verdict import Verdict, describe as describe_verdict, judge
 
 if TYPE_CHECKING:
     from .run import RunRequest
@@ -476,8 +477,10 @@ def verdict(run_dir: Path) -> dict:
     why = record.get("reason") or f"exit {record.get('exit_code')}"
     tail = _tail(run_dir / "log.txt", 8) or _tail(run_dir / f"slurm-{record['scheduler'].get('job_id')}.out", 8)
     last = "".join(f"\n    {line}" for line in tail)
+    judged: dict = record["verdict"] if isinstance(record.get("verdict"), dict) else {}
     raise EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}"
-                      + (f"\n  last lines:{last}" if last else ""))
+                      + (f"\n  {describe_verdict(record)}" if record.get("exit_code") == 0 else "")
+                      + (f"\n  last lines:{last}" if last else ""), hint=judged.get("hint"))
 
 
 def _tail(path: Path, count: int) -> list[str]:
@@ -674,14 +677,34 @@ def finish(run_dir: Path, status: int) -> None:
     if record.get("scheduler", {}).get("runtime") == "pyxis":
         from .run import artifacts
 
-        _mark(run_dir, "succeeded" if status == 0 else "interrupted" if status in (130, 143) else "failed",
-              None if status == 0 else f"exit {status}", exit_code=status, artifacts=artifacts(run_dir / "output"))
+        if status in (130, 143):
+            _mark(run_dir, "interrupted", f"exit {status}", exit_code=status, artifacts=artifacts(run_dir / "output"))
+            return
+        judged = _pyxis_verdict(run_dir, record, status)
+        _mark(run_dir, judged.status, judged.reason or (None if status == 0 else f"exit {status}"),
+              exit_code=status, artifacts=artifacts(run_dir / "output"),
+              **{k: v for k, v in judged.fields().items() if k != "reason"})
         return
     if status in (130, 143):
         _mark(run_dir, "interrupted", "stopped before its container ran", exit_code=status)
         return
     _mark(run_dir, "failed", f"the job step ended (exit {status}) without writing the run's record; "
           f"see {run_dir}/slurm-{os.environ.get('SLURM_JOB_ID', '')}.out", exit_code=status)
+
+
+def _pyxis_verdict(run_dir: Path, record: dict, status: int) -> Verdict:
+    """verdict.judge for a pyxis job (no envmgr ran on its node): files written since it was submitted."""
+    import datetime as dt
+
+    from .spec import find_method
+
+    submitted = (record.get("scheduler") or {}).get("submitted")
+    try:
+        spec = find_method(str(record.get("method")), run_dir.parents[2])     # <base_dir>/runs/<method>/<run id>
+        started_ns = int(dt.datetime.fromisoformat(str(submitted)).timestamp()) * 1_000_000_000
+    except (UsageError, ValueError, IndexError):
+        spec, started_ns = None, 0                                            # the exit code alone decides
+    return judge(spec, run_dir, status, started_ns, run_dir / records.LOG, dataset=record.get("dataset"))
 
 
 # ---------------------------------------------------------------------- run.json

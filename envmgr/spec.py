@@ -134,6 +134,9 @@ class MethodSpec(BaseModel):
     workdir: Literal["run", "method"] = "run"
     # globs relative to the run dir that must each match a file the run wrote, else exit 0 is `failed (no outputs)`
     success: list[str] | None = None
+    # without `success`: "training" (what `method add` writes) fails an exit 0 whose log ends in a traceback or
+    # that wrote no weights/checkpoint under output/; "exit-code" (the default) lets the exit status decide
+    verdict: Literal["training", "exit-code"] | None = None
     # how a run sees its dataset (envmgr/run_datasets.py): as given, extracted read-only, or a writable copy;
     # default: added methods get an archive extracted, anything else as given
     dataset_mode: Literal["archive", "extracted", "writable"] | None = None
@@ -243,6 +246,7 @@ class MethodSpec(BaseModel):
         data.pop("gpu_memory_gb", None)
         data.pop("dataset_mode", None)    # how a run mounts its dataset, not what the image holds
         data.pop("limits", None)          # how large a run's container may grow, not what the image holds
+        data.pop("verdict", None)         # how a run is judged, not what the image holds
         if not self.system.apt:
             data.pop("system", None)       # specs without system packages keep the hash they had
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -21,6 +21,7 @@ from . import paths
 from .config import strip_credentials
 from .containers import BindMount, ContainerSpec
 from .errors import EnvmgrError, MirrorError
+from .logs import uncaught_traceback
 
 if TYPE_CHECKING:
     from .context import Context
@@ -136,4 +137,13 @@ def _failure(ctx: Context, step: Step, code: int, lines: list[str]) -> EnvmgrErr
     if _MIRROR_FAILURES.search(text):
         return MirrorError(f"{step.title}: a mirror did not answer: {detail}",
                            hint="check the mirrors `envmgr doctor` shows")
+    crash = uncaught_traceback(lines)
+    if crash:   # a script's traceback: its last line and where, not its frames (they are in -v's output)
+        frames = [m for m in (_FRAME.match(line) for line in lines) if m]
+        where = f" (at {Path(frames[-1].group(1)).name}:{frames[-1].group(2)})" if frames else ""
+        return EnvmgrError(f"{step.title} failed (exit {code}): {ctx.ui.redact(crash)[:900]}{where}",
+                           hint="rerun with -v for the step's whole output")
     return EnvmgrError(f"{step.title} failed (exit {code}): {detail}")
+
+
+_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+)')

@@ -65,7 +65,7 @@ def describe_validation_error(path: Path | str, exc: ValidationError, prefix: st
 
                 what += f" (got {mask_credentials(repr(error['input']))})"
         messages.append(f"{where}: key '{full_key}': {what}")
-    return "; ".join(messages)
+    return "\n".join(messages)
 
 
 def load_model(model: type[M], path: Path, data: dict[str, Any] | None = None) -> M:

@@ -58,6 +58,7 @@ except OSError:
 out = pathlib.Path(os.environ["ENVMGR_OUTPUT_DIR"])
 out.mkdir(parents=True, exist_ok=True)
 (out / "result.txt").write_text(f"{envmgr_alpha.GREETING} {sorted(os.listdir(model))} model_writable={writable}")
+(out / "adapter.safetensors").write_bytes(b"weights")
 print('{"event": "done", "steps": 0}')
 """,
 }
@@ -65,11 +66,13 @@ print('{"event": "done", "steps": 0}')
 PIP_REPO = {
     "requirements.txt": "--extra-index-url https://download.example.invalid/whl\nenvmgr-alpha>=1.0\n",
     "train.py": "import envmgr_alpha, os, pathlib\nprint(envmgr_alpha.GREETING)\n"
-                "pathlib.Path(os.environ['ENVMGR_OUTPUT_DIR'], 'greeting.txt').write_text(envmgr_alpha.GREETING)\n",
+                "pathlib.Path(os.environ['ENVMGR_OUTPUT_DIR'], 'greeting.txt').write_text(envmgr_alpha.GREETING)\n"
+                "pathlib.Path(os.environ['ENVMGR_OUTPUT_DIR'], 'model.pt').write_bytes(b'weights')\n",
 }
 
 # Shaped like a real launcher: writes a log beside itself, reads its config relative to itself or from
-# an input, draws a tqdm-style bar with carriage returns, and exits 0 even when it produced nothing.
+# an input, draws a tqdm-style bar with carriage returns, and exits 0 even when it produced nothing or
+# crashed (like SimpleTuner's train.sh: a cache file in output/, then a traceback on a read-only dataset).
 LAUNCHER_REPO = {
     "requirements.txt": "envmgr-alpha>=1.0\n",
     "config/defaults.json": '{"steps": 3}\n',
@@ -80,18 +83,26 @@ echo "launch $(id -u) mode=${MODE:-unset}" >> "$HERE/debug.log"
 CONFIG="${CONFIG_FILE:-$HERE/config/defaults.json}"
 python - "$CONFIG" <<'PY'
 import json, os, sys, pathlib, envmgr_alpha
+if os.environ.get("MODE") == "crash":   # one stream: the engine may interleave stdout and stderr out of order
+    sys.stdout = sys.stderr
 config = json.loads(pathlib.Path(sys.argv[1]).read_text())
 for step in range(1, config["steps"] + 1):
     sys.stdout.write(f"\\r{step * 100 // config['steps']:3d}%|{'#' * step}| {step}/{config['steps']}")
     sys.stdout.flush()
 print()
-if os.environ.get("MODE") != "crash":
-    out = pathlib.Path(os.environ["ENVMGR_OUTPUT_DIR"])
+out = pathlib.Path(os.environ["ENVMGR_OUTPUT_DIR"])
+if os.environ.get("MODE") in ("crash", "cache-only"):
+    (out / "cache").mkdir(exist_ok=True)
+    (out / "cache" / "text_embeds.pt").write_bytes(b"cached")
+    print("Traceback (most recent call last): a line that looks like one is not a crash")
+if os.environ.get("MODE") == "crash":
+    dataset = os.environ["ENVMGR_DATASET_PATH"]
+    open(os.path.join(dataset, "aspect_ratio_bucket_indices.json"), "w").write("{}")
+if os.environ.get("MODE") == "cache-only":
+    print("training finished")
+elif os.environ.get("MODE") != "crash":
     (out / "model.safetensors").write_text(f"{envmgr_alpha.GREETING} steps={config['steps']}")
-else:
-    print("Traceback (most recent call last): the trainer crashed, the launcher does not care")
 PY
-echo "launcher done"
 exit 0
 """,
 }
@@ -213,7 +224,7 @@ def test_launcher_gets_inputs_env_a_writable_folder_and_an_honest_verdict(worksp
     workspace.envmgr("method", "add", str(_zip(tmp_path / "launcher.zip", LAUNCHER_REPO)), "--name", "launcher")
     method = workspace.base_dir / "methods" / "launcher"
     spec = tomllib.loads((method / "envmgr.toml").read_text())
-    assert spec["success"] == ["output/*"] and spec["workdir"] == "method"
+    assert "success" not in spec and spec["verdict"] == "training" and spec["workdir"] == "method"
     source_digest = _tree_digest(method / "source")
     workspace.envmgr("lock", "launcher", mirror=mirror_a.url)
     built = _done(workspace.envmgr("--json", "build", "launcher", mirror=mirror_a.url))
@@ -227,6 +238,7 @@ def test_launcher_gets_inputs_env_a_writable_folder_and_an_honest_verdict(worksp
     run_dir = Path(_done(ran)["run_dir"])
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "succeeded" and record["reason"] is None
+    assert record["verdict"]["rule"] == "training files" and "output/model.safetensors" in record["verdict"]["detail"]
     assert (run_dir / "output" / "model.safetensors").read_text() == "alpha+beta-1.1 steps=5"
     assert record["env"] == {"CONFIG_FILE": "/envmgr/inputs/cfg/config.json", "MODE": "good"}
     [given] = record["inputs"]
@@ -239,17 +251,33 @@ def test_launcher_gets_inputs_env_a_writable_folder_and_an_honest_verdict(worksp
     assert _tree_digest(method / "source") == source_digest, "the method's own files changed"
     assert record["image"]["id"] == built["image"], "run-time inputs and env are not part of the image"
 
-    crashed = workspace.envmgr("run", "launcher", "--gpus", "none", "--env", "MODE=crash", check=False)
-    assert crashed.returncode == 1 and "failed (no outputs)" in crashed.stderr, crashed.stderr
+    dataset = workspace.base_dir / "datasets" / "pets"       # under datasets/: --resume mounts it again
+    dataset.mkdir(parents=True)
+    (dataset / "cat.png").write_bytes(b"png")
+    dataset.chmod(0o755)
+    crashed = workspace.envmgr("run", "launcher", "--gpus", "none", "--env", "MODE=crash", "--dataset", "pets",
+                               check=False)
+    assert crashed.returncode == 1 and "failed (uncaught traceback)" in crashed.stderr, crashed.stderr
+    assert "(rule: traceback)" in crashed.stderr and 'dataset_mode = "writable"' in crashed.stderr, crashed.stderr
     crash_dir = max((workspace.base_dir / "runs" / "launcher").iterdir(), key=lambda p: p.name)
     record = json.loads((crash_dir / "run.json").read_text())
-    assert (record["status"], record["reason"], record["exit_code"]) == ("failed", "no outputs", 0)
-    assert record["missing_outputs"] == ["output/*"] and record["inputs"] == []
+    assert (record["status"], record["reason"], record["exit_code"]) == ("failed", "uncaught traceback", 0)
+    assert record["verdict"]["rule"] == "traceback" and "/envmgr/data/pets" in record["verdict"]["detail"]
+    assert (crash_dir / "output" / "cache" / "text_embeds.pt").is_file() and record["inputs"] == []
+    shown = workspace.envmgr("runs", "show", crash_dir.name).stdout
+    assert "verdict: failed — exit 0 but the log ends in an uncaught traceback" in shown
+    assert "(rule: traceback)" in shown and 'dataset_mode = "writable"' in shown
 
     resumed = workspace.envmgr("run", "launcher", "--resume", crash_dir.name, "--gpus", "none", check=False)
-    assert resumed.returncode == 1 and "failed (no outputs)" in resumed.stderr
+    assert resumed.returncode == 1 and "failed (uncaught traceback)" in resumed.stderr
     assert (crash_dir / "work" / "method" / "debug.log").read_text().count("mode=crash") == 2, \
         "resume keeps the method's folder and its recorded env"
+
+    cached = workspace.envmgr("run", "launcher", "--gpus", "none", "--env", "MODE=cache-only", check=False)
+    assert cached.returncode == 1 and "failed (no training outputs)" in cached.stderr, cached.stderr
+    cache_dir = max((workspace.base_dir / "runs" / "launcher").iterdir(), key=lambda p: p.name)
+    record = json.loads((cache_dir / "run.json").read_text())
+    assert (record["status"], record["exit_code"], record["verdict"]["rule"]) == ("failed", 0, "training files")
 
     refused = workspace.envmgr("run", "launcher", "--gpus", "none", "--env", "HOME=/root", check=False)
     assert refused.returncode == 2 and "envmgr sets it itself" in refused.stderr

@@ -163,3 +163,16 @@ def test_the_step_runner_returns_the_lines_of_a_step_that_succeeds(tmp_path):
     ctx = _ctx(tmp_path, run_in_container)
     ctx._engine = _Engine(["one", "two"], 0)
     assert run_in_container(ctx, Step(title="t", image="i", script="true")) == ["one", "two"]
+
+
+def test_a_step_script_that_ends_in_a_traceback_is_named_by_its_last_line_not_its_frames(tmp_path):
+    ctx = _ctx(tmp_path, run_in_container)
+    ctx._engine = _Engine(["splitting 12 units", "Traceback (most recent call last):",
+                           '  File "/tmp/work/split.py", line 88, in <module>', "    os.rename(src, dst)",
+                           "FileNotFoundError: [Errno 2] No such file or directory: 'nvidia/__init__.py'"], 1)
+    with pytest.raises(EnvmgrError) as raised:
+        run_in_container(ctx, Step(title="installing m", image="sha256:x", script="true", method="m"))
+    message = raised.value.message
+    assert message == ("installing m failed (exit 1): FileNotFoundError: [Errno 2] No such file or directory: "
+                       "'nvidia/__init__.py' (at split.py:88)")
+    assert "Traceback" not in message and "-v" in (raised.value.hint or "")

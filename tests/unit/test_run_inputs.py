@@ -74,14 +74,16 @@ def test_success_globs_stay_inside_the_run_dir(tmp_path, pattern):
         _spec(tmp_path, success=[pattern])
 
 
-def test_method_add_asks_for_a_new_file_in_output(tmp_path):
+def test_method_add_writes_no_success_rule_a_cache_file_could_meet(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "requirements.txt").write_text("envmgr-alpha\n")
     (repo / "train.py").write_text("print(1)\n")
     spec, _ = add_method(tmp_path / "base", repo, "pipper")
-    assert spec.success == ["output/*"] and spec.workdir == "method"
-    assert "success" in (tmp_path / "base" / "methods" / "pipper" / "envmgr.toml").read_text()
+    assert spec.success is None and spec.verdict == "training" and spec.workdir == "method" and not spec.builtin
+    written = (tmp_path / "base" / "methods" / "pipper" / "envmgr.toml").read_text()
+    assert 'success = ["output/lora.safetensors"]' in written                  # documented in a comment
+    assert not any(line.startswith("success") for line in written.splitlines())
 
 
 def test_failure_message_says_no_outputs_and_what_is_missing(tmp_path):
@@ -288,8 +290,9 @@ def test_a_run_settled_after_envmgr_died_gets_the_same_verdict(tmp_path):
     record = {"run_id": run_dir.name, "method": "m", "status": "running", "container": "envmgr-run-m-x",
               "envmgr": {"pid": 2**22 + 7, "pid_start": "1", "host": socket.gethostname()},
               "attempts": [{"started": "2026-11-29T10:00:00+00:00", "ended": None, "status": "running"}]}
-    settled = settle(ctx, run_dir, dict(record))
-    assert (settled["status"], settled["reason"]) == ("failed", "no outputs")
+    settled = settle(ctx, run_dir, dict(record))      # `output/*` by an old `method add`: the default rules
+    assert (settled["status"], settled["reason"]) == ("failed", "no training outputs")
+    assert settled["verdict"]["rule"] == "training files"
     (run_dir / "output" / "lora.safetensors").write_text("w")
     settled = settle(ctx, run_dir, dict(record, attempts=[dict(record["attempts"][0])]))
     assert settled["status"] == "succeeded"
