@@ -75,7 +75,7 @@ test: lint test-unit test-method test-integration test-installed
 # A wheelhouse that installs envmgr where no index answers:
 #   pip install --no-index --find-links dist/wheelhouse -r dist/wheelhouse/requirements.txt
 # Dependencies at the versions the tests ran with (.venv's pins). Another target platform:
-#   make dist PLATFORM=manylinux_2_28_x86_64 PYTHON_VERSION=3.11
+#   make dist PLATFORM="manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64" PYTHON_VERSION=3.11
 # The sdist beside it carries envs/ and images/ too.
 DIST ?= dist
 PLATFORM ?=
@@ -85,7 +85,7 @@ dist: install
 	mkdir -p $(DIST)
 	$(VENV)/bin/pip freeze --exclude-editable > $(DIST)/venv-pins.txt
 	$(VENV)/bin/python tools/wheelhouse.py $(DIST)/wheelhouse --constraints $(DIST)/venv-pins.txt \
-	    $(if $(PLATFORM),--platform $(PLATFORM)) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION))
+	    $(foreach p,$(PLATFORM),--platform $(p)) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION))
 	$(VENV)/bin/python -m build -q --sdist --outdir $(DIST) .
 
 bench: engine method-venv
