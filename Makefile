@@ -66,8 +66,9 @@ test-integration: engine
 	$(VENV)/bin/python -m pytest tests/integration -q -m engine_restart
 
 # The installed path: the wheelhouse installed with no index into a fresh venv outside the checkout, run from
-# elsewhere (built-in methods found, inputs hashes equal to the checkout's, the commit named).
-test-installed: dist
+# elsewhere (built-in methods found, inputs hashes equal to the checkout's, the commit named, and conda-demo
+# built from the wheel with the checkout's image ID).
+test-installed: engine dist
 	ENVMGR_WHEELHOUSE=$(CURDIR)/$(DIST)/wheelhouse $(VENV)/bin/python -m pytest tests/installed -q
 
 test: lint test-unit test-method test-integration test-installed

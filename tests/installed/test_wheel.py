@@ -23,7 +23,7 @@ PROBE = Path(__file__).with_name("probe.py")
 
 def _run(argv: list, cwd: Path, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ENVMGR_", "PYTHON", "VIRTUAL_ENV"))}
-    env.update(ENVMGR_CONFIG="/dev/null", PIP_CONFIG_FILE="/dev/null", **kw.pop("env", {}))
+    env.update({"ENVMGR_CONFIG": "/dev/null", "PIP_CONFIG_FILE": "/dev/null", **kw.pop("env", {})})
     proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(map(str, argv))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -54,6 +54,11 @@ def installed(wheelhouse, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def elsewhere(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("elsewhere")
+
+
+def _done(proc: subprocess.CompletedProcess) -> dict:
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [e for e in events if e.get("event") == "done"][-1]
 
 
 def _probe(python: Path, cwd: Path) -> dict:
@@ -108,3 +113,40 @@ def test_installed_version_names_the_commit_it_was_built_from(installed, elsewhe
                           check=True).stdout.strip()
     said = _probe(installed / "bin" / "python", elsewhere)["version"]
     assert said.startswith("envmgr ") and f"(commit {head[:12]}" in said, said
+
+
+@pytest.mark.engine
+def test_a_builtin_method_built_from_the_installed_wheel_has_the_checkouts_image_id(
+        installed, elsewhere, tmp_path, store, engine):
+    """conda-demo (built-in, small) from the checkout, its image removed, then from the installed wheel with a
+    cache of its own: the method layer is made from the wheel's package data, and the image ID is the same."""
+    from tests.support.conda_channel import CHANNEL, Channel, build_channel, build_example_wheels
+    from tests.support.pypi import Index
+
+    build_channel(tmp_path / "channel")
+    (tmp_path / "wheels").mkdir()
+    channel = Channel(tmp_path / "channel").start()
+    pypi = Index(build_example_wheels(tmp_path / "wheels")).start()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[mirrors]\nchannels = {{ "{CHANNEL}" = "{channel.url}" }}\npypi = "{pypi.url}"\n')
+
+    def build(python: Path, cache: str) -> dict:
+        env = {"ENVMGR_BASE_DIR": str(tmp_path / "base"), "ENVMGR_CACHE_DIR": str(tmp_path / cache),
+               "ENVMGR_STORE_DIR": str(store), "ENVMGR_CONFIG": str(config)}
+        return _done(_run([python, "-m", "envmgr", "--json", "build", "conda-demo"], cwd=elsewhere, env=env))
+
+    try:
+        checkout = build(Path(sys.executable), "cache-checkout")
+        engine.images.remove(checkout["image"], force=True)
+        wheel = build(installed / "bin" / "python", "cache-wheel")
+        assert not wheel["reused"]
+        assert (wheel["image"], wheel["tag"], wheel["inputs_hash"]) == \
+            (checkout["image"], checkout["tag"], checkout["inputs_hash"])
+    finally:
+        channel.stop()
+        pypi.stop()
+        for image in engine.images.list(name="envmgr/conda-demo"):
+            try:
+                engine.images.remove(image.id, force=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
