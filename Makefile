@@ -6,12 +6,13 @@ METHOD_VENV := .venv-method
 ENVMGR := $(VENV)/bin/envmgr
 DEMO_BASE ?= $(CURDIR)/.demo
 
-.PHONY: help install method-venv host-tools engine demo test test-unit test-method test-integration bench lint clean record-layers
+.PHONY: help install method-venv host-tools engine demo dist test test-unit test-method test-integration test-installed bench lint clean record-layers
 
 help:
 	@echo "make demo   - engine up, base + sd-demo images, tiny SD3 model + sample dataset, a short CPU run"
 	@echo "make test   - unit, trainer and integration tests (starts the Docker Engine if none answers)"
 	@echo "make lint   - ruff and mypy (make test runs it first)"
+	@echo "make dist   - dist/wheelhouse: envmgr's wheel + every dependency's, requirements.txt with hashes (offline install)"
 	@echo "make bench  - benchmarks (figures for the closing notes)"
 
 $(VENV)/.installed: pyproject.toml
@@ -64,7 +65,29 @@ test-integration: engine
 	$(VENV)/bin/python -m pytest tests/integration -q
 	$(VENV)/bin/python -m pytest tests/integration -q -m engine_restart
 
-test: lint test-unit test-method test-integration
+# The installed path: the wheelhouse installed with no index into a fresh venv outside the checkout, run from
+# elsewhere (built-in methods found, inputs hashes equal to the checkout's, the commit named, and conda-demo
+# built from the wheel with the checkout's image ID).
+test-installed: engine dist
+	ENVMGR_WHEELHOUSE=$(CURDIR)/$(DIST)/wheelhouse $(VENV)/bin/python -m pytest tests/installed -q
+
+test: lint test-unit test-method test-integration test-installed
+
+# A wheelhouse that installs envmgr where no index answers:
+#   pip install --no-index --find-links dist/wheelhouse -r dist/wheelhouse/requirements.txt
+# Dependencies at the versions the tests ran with (.venv's pins). Another target platform:
+#   make dist PLATFORM="manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64" PYTHON_VERSION=3.11
+# The sdist beside it carries envs/ and images/ too.
+DIST ?= dist
+PLATFORM ?=
+PYTHON_VERSION ?=
+dist: install
+	rm -rf build $(DIST)/wheelhouse $(DIST)/*.tar.gz
+	mkdir -p $(DIST)
+	$(VENV)/bin/pip freeze --exclude-editable > $(DIST)/venv-pins.txt
+	$(VENV)/bin/python tools/wheelhouse.py $(DIST)/wheelhouse --constraints $(DIST)/venv-pins.txt \
+	    $(foreach p,$(PLATFORM),--platform $(p)) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION))
+	$(VENV)/bin/python -m build -q --sdist --outdir $(DIST) .
 
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench
@@ -84,4 +107,4 @@ record-layers: engine
 	$(VENV)/bin/python -m envmgr.layer_record sd-demo
 
 clean:
-	rm -rf $(VENV) $(METHOD_VENV) .demo
+	rm -rf $(VENV) $(METHOD_VENV) .demo build $(DIST)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import paths
 from .base import missing_tools
 from .config import EffectiveConfig, mask_url
 from .context import Context
@@ -65,6 +66,8 @@ def checks(ctx: Context) -> list[Check]:
     from .slurm import doctor_checks  # Slurm answers? base dir shared? (informational: only `--on slurm` needs it)
 
     found.extend(Check(*row) for row in doctor_checks(ctx.config.base_dir))
+    for label, name in (("built-in methods", "envs"), ("base images", "images")):   # the wheel's data, or a checkout's
+        found.append(Check(label, paths.builtin_origin(name), paths.builtin_dir(name).is_dir()))
     missing = missing_tools()
     found.append(Check("base image tools", "debuerreotype, debootstrap present" if not missing
                        else f"missing: {', '.join(missing)} (apt-get install debuerreotype debootstrap)", not missing))

@@ -7,10 +7,48 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Where the repository's built-in methods and base images live.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_METHODS_DIR = REPO_ROOT / "envs"
-BASE_IMAGES_DIR = REPO_ROOT / "images"
+# The built-in methods (the repository's envs/) and base image definitions (its images/). An installed
+# wheel carries them as package data under envmgr/_builtin/ (setup.py copies them there at build time);
+# a checkout (an editable install) reads them where they are. builtin_dir() is the one place that decides.
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUILTIN_PACKAGE_DATA = PACKAGE_DIR / "_builtin"
+
+
+def _checkout_root() -> Path | None:
+    """The repository envmgr runs from, when it runs from one (its pyproject names envmgr): else None."""
+    root = PACKAGE_DIR.parent
+    pyproject = root / "pyproject.toml"
+    try:
+        if pyproject.is_file() and 'name = "envmgr"' in pyproject.read_text():
+            return root
+    except OSError:
+        pass
+    return None
+
+
+def builtin_dir(name: str) -> Path:
+    """envs/ or images/: the installed package data first, else the checkout's folder.
+
+    Never another package's top-level folder of the same name beside envmgr in site-packages.
+    """
+    installed = BUILTIN_PACKAGE_DATA / name
+    if installed.is_dir():
+        return installed
+    root = _checkout_root()
+    return root / name if root else installed
+
+
+def builtin_origin(name: str) -> str:
+    """Where builtin_dir(name) comes from, in words (for `envmgr doctor`)."""
+    folder = builtin_dir(name)
+    if not folder.is_dir():
+        return f"none: {folder} is missing (a wheel built without its package data?)"
+    where = "installed package data" if folder.is_relative_to(BUILTIN_PACKAGE_DATA) else "checkout"
+    return f"{where}: {folder}"
+
+
+BUILTIN_METHODS_DIR = builtin_dir("envs")
+BASE_IMAGES_DIR = builtin_dir("images")
 
 SPEC_FILE = "envmgr.toml"
 VARIANTS_DIR = "variants"      # <lock_dir>/variants/<name>/: each variant's lock, beside the default one
