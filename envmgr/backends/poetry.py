@@ -38,6 +38,7 @@ from ..files import atomic_write
 from ..mirrors import mirror_hosts, poetry_env
 from ..spec import MethodSpec
 from ..steps import sdist_only_error
+from . import source_builds
 from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
 from .poetry_lock import select
 
@@ -256,7 +257,8 @@ class PoetryBackend:
 
     def layer_entries(self, ctx: Context, spec: MethodSpec, base: BaseImage) -> tuple[list[str], list[str]]:
         """(one requirement per distribution, mirrors of declared indexes): what build installs unit by unit."""
-        return self.requirement_entries(spec, base), list(self._mapped_indexes(ctx, spec).values())
+        return source_builds.with_built_wheels(ctx, spec, base, self.requirement_entries(spec, base),
+                                               list(self._mapped_indexes(ctx, spec).values()))
 
     def summary(self, spec: MethodSpec) -> dict:
         try:
@@ -356,8 +358,11 @@ class PoetryBackend:
             poetry_cache = Path(work) / "poetry-cache" if ctx.config.secrets() else ctx.cache_dir / "poetry"
             poetry_cache.mkdir(parents=True, exist_ok=True)
             env = {**poetry_env(ctx.config.mirrors), "POETRY_CACHE_DIR": f"{paths.CONTAINER_CACHE}/poetry",
-                   "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+                   "PYTHONWARNINGS": "ignore::DeprecationWarning", "ENVMGR_BUILT": f"{paths.CONTAINER_WORK}/built"}
             (Path(work) / "wheels_only_poetry.py").write_text(WHEELS_ONLY_POETRY)
+            built = source_builds.build_for_lock(ctx, spec, base, list(mapped.values()))
+            if built:   # poetry reads their metadata from the wheels built in the box
+                source_builds.stage_for_lock(built, Path(work) / "built")
             command = (f"{paths.CONTAINER_TOOLS_DIR}/poetry/bin/python -B {paths.CONTAINER_WORK}/wheels_only_poetry.py"
                        " lock" + (" --regenerate" if fresh else ""))
             output: list[str] = []
