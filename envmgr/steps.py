@@ -124,9 +124,10 @@ def credentials_file(ctx: Context, env: dict[str, str]) -> Iterator[tuple[dict[s
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s,]+", re.I)
 
 
-def sdist_only_error(title: str, name: str) -> EnvmgrError:
+def sdist_only_error(title: str, name: str, version: str = "") -> EnvmgrError:
     """A package with only a source distribution: envmgr builds none unless the method allows it by name."""
-    return EnvmgrError(f"{title}: {name} has only a source distribution for the target, and envmgr installs "
+    pinned = f"{name}=={version}" if version else name
+    return EnvmgrError(f"{title}: {pinned} has only a source distribution for the target, and envmgr installs "
                        "wheels only (building one runs the package's own code)",
                        hint=f"pin a version of {name} that ships a wheel, or allow building it in the method's "
                             f"envmgr.toml: [adapt] build_from_source = [\"{name}\"] (built with no network and "

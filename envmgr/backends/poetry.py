@@ -178,7 +178,7 @@ def _refuse_sdist_only(spec: MethodSpec, lock: dict) -> None:
         files = [f.get("file", "") for f in package.get("files", [])]
         if files and not any(name.endswith(".whl") for name in files) \
                 and canonicalize_name(package["name"]) not in allowed:
-            raise sdist_only_error(f"locking {spec.name}", f"{package['name']}=={package['version']}")
+            raise sdist_only_error(f"locking {spec.name}", package["name"], package["version"])
 
 
 class PoetryBackend:

@@ -257,6 +257,19 @@ def test_sdist_build_backend_gets_no_network_no_credentials_and_nothing_shared(w
                 shared = [p for p in findings["written"] if not p.startswith("/opt/envmgr/out")]
                 if shared:
                     problems.append(f"the box wrote outside its output folder: {shared}")
+        # poetry reads the allowed package's metadata from the wheel built in the box (at its [adapt] pin)
+        poetry_spec = workspace.base_dir / "methods" / "hostile-poetry" / "envmgr.toml"
+        spec = tomllib.loads(poetry_spec.read_text())
+        spec["adapt"] = {"build_from_source": ["hostile"], "pin": {"hostile": "0.1"}}
+        poetry_spec.write_text(tomli_w.dumps(spec))
+        locked = envmgr("lock", "hostile-poetry", check=False)
+        poetry_lock = poetry_spec.parent / "poetry.lock"
+        if locked.returncode != 0 or 'name = "envmgr-beta"' not in (poetry_lock.read_text() if poetry_lock.is_file()
+                                                                     else ""):
+            problems.append(f"poetry lock with build_from_source failed or lost the built wheel's dependencies: "
+                            f"{locked.stderr[-600:]!r}")
+        elif envmgr("build", "hostile-poetry", check=False).returncode != 0:
+            problems.append(f"poetry build with build_from_source failed: {printed[-1][-600:]!r}")
         if listener.received:
             problems.append(f"the backend reached the host's loopback: {listener.received[:1]!r}")
         if _pwned([workspace.cache_dir, workspace.base_dir], mark):
