@@ -38,7 +38,7 @@ _BUILD_CALL = re.compile(r"Call to `([^`]+)` failed")
 _NO_WHEEL = re.compile(r"Distribution `([^`@ ]+)[^`]*` can't be installed because it doesn't have a source "
                        r"distribution or wheel for the current platform")
 # uv, wheels only, on a pin that has none for the target (`Because NAME==V has no usable wheels ...`)
-_SDIST_ONLY = re.compile(r"Because (?:only )?([A-Za-z0-9][A-Za-z0-9._-]*)(?:[=<>!~]=?[^ ]*)? has no usable wheels")
+SDIST_ONLY = re.compile(r"Because (?:only )?([A-Za-z0-9][A-Za-z0-9._-]*)(?:[=<>!~]=?[^ ]*)? has no usable wheels")
 WHEELS_ONLY = Path(__file__).parent / "data" / "uv-wheels-only.toml"
 _HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hashes|THESE PACKAGES DO NOT MATCH)", re.I)
 
@@ -144,7 +144,7 @@ def _failure(ctx: Context, step: Step, code: int, lines: list[str]) -> EnvmgrErr
         return EnvmgrError(f"{step.title}: {no_wheel.group(1)} has no wheel (and no sdist) for the target "
                            f"(linux, Python of {step.target})",
                            hint="pin a version that ships one, or drop it in the method's [adapt]")
-    sdist_only = _SDIST_ONLY.search(text)
+    sdist_only = SDIST_ONLY.search(text)
     if sdist_only:
         return sdist_only_error(step.title, sdist_only.group(1))
     build_failed = _BUILD_FAILURE.search(text)

@@ -16,7 +16,7 @@ from envmgr.backends import source_builds
 from envmgr.backends.poetry import _refuse_sdist_only
 from envmgr.errors import EnvmgrError, UsageError
 from envmgr.spec import Adaptations, MethodSpec
-from envmgr.steps import _SDIST_ONLY, WHEELS_ONLY
+from envmgr.steps import SDIST_ONLY, WHEELS_ONLY
 from tests.support.pypi import Index
 
 
@@ -39,7 +39,7 @@ def test_every_step_gets_a_wheels_only_uv_config():
 def test_uvs_no_usable_wheels_names_the_package():
     text = ("error: No solution found when resolving dependencies\n  cause: Because hostile==0.1 has no usable "
             "wheels and you require hostile==0.1, we can conclude that your requirements are unsatisfiable.")
-    assert _SDIST_ONLY.search(text).group(1) == "hostile"
+    assert SDIST_ONLY.search(text).group(1) == "hostile"
 
 
 def test_poetry_lock_with_an_sdist_only_package_is_refused_unless_allowed():
