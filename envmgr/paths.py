@@ -27,7 +27,6 @@ CONTAINER_TOOLS_DIR = "/opt/envmgr/tools"         # lock-time tools (poetry), ne
 CONTAINER_UV = "/opt/envmgr/bin/uv"               # the host's pinned uv, mounted read-only at lock/build time
 CONTAINER_CA_BUNDLE = "/opt/envmgr/ca-bundle.crt" # the site's CA bundle, mounted at lock/build time only
 CONTAINER_NETRC = "/opt/envmgr/netrc"             # mirror credentials, mounted at lock/build time only
-CONTAINER_UV_CONFIG = "/opt/envmgr/uv.toml"      # envmgr's uv settings (wheels only), mounted into every step
 CONTAINER_WORK = "/opt/envmgr/work"
 CONTAINER_CACHE = "/opt/envmgr/cache"
 CONTAINER_MODELS = "/envmgr/models"

@@ -40,6 +40,7 @@ _NO_WHEEL = re.compile(r"Distribution `([^`@ ]+)[^`]*` can't be installed becaus
 # uv, wheels only, on a pin that has none for the target (`Because NAME==V has no usable wheels ...`)
 SDIST_ONLY = re.compile(r"Because (?:only )?([A-Za-z0-9][A-Za-z0-9._-]*)(?:[=<>!~]=?[^ ]*)? has no usable wheels")
 WHEELS_ONLY = Path(__file__).parent / "data" / "uv-wheels-only.toml"
+CONTAINER_UV_CONFIG = "/opt/envmgr/uv.toml"     # where every step finds it (UV_CONFIG_FILE)
 _HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hashes|THESE PACKAGES DO NOT MATCH)", re.I)
 
 
@@ -79,8 +80,8 @@ def run_in_container(ctx: Context, step: Step, on_line: Callable[[str], None] | 
             on_line(line)
 
     with credentials_file(ctx, step.env) as (env, mounts):
-        env = {**env, "UV_CONFIG_FILE": paths.CONTAINER_UV_CONFIG}
-        mounts = [*mounts, BindMount(WHEELS_ONLY, paths.CONTAINER_UV_CONFIG, read_only=True)]
+        env = {**env, "UV_CONFIG_FILE": CONTAINER_UV_CONFIG}
+        mounts = [*mounts, BindMount(WHEELS_ONLY, CONTAINER_UV_CONFIG, read_only=True)]
         spec = ContainerSpec(
             image=step.image, command=["/bin/sh", "-ec", step.script], env=env, mounts=step.mounts + mounts,
             workdir=step.workdir, user=step.user or f"{os.getuid()}:{os.getgid()}", network=step.network,
