@@ -68,7 +68,9 @@ def compile_bytecode_script(python: str) -> list[str]:
     -B: nothing leaves a timestamped pyc; -f: rewrite every pyc. A deliberately broken file must not fail the build.
     """
     return [
-        f"site=$({python} -S -B -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')",
+        # the environment's site-packages from its layout (with -S a venv's interpreter does not know its venv)
+        f"site=\"$(dirname \"$(dirname {python})\")/lib/$({python} -S -B -c "
+        f"'import sys; print(\"python%d.%d\" % sys.version_info[:2])')/site-packages\"",
         f"cd \"$site\" && find . -mindepth 1 -maxdepth 1 -print0 | LC_ALL=C sort -z | xargs -0 -r -n 1 "
         f"-P \"$(nproc)\" env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q --invalidation-mode unchecked-hash "
         f">/dev/null || true",
