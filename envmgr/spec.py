@@ -42,6 +42,9 @@ class Adaptations(BaseModel):
     # pip methods: the repository's file of exact pins its lock starts from (envmgr/repository_pins.py);
     # None: the common names are detected, false: none (a fresh solve)
     repository_pins: str | Literal[False] | None = None
+    # packages allowed to be built from their source distribution, by name; envmgr installs wheels only,
+    # and builds these in a box of their own (no network, no credentials: envmgr/backends/source_builds.py)
+    build_from_source: list[str] = Field(default_factory=list)
 
     @field_validator("repository_pins")
     @classmethod
@@ -60,6 +63,8 @@ class Adaptations(BaseModel):
         lines += [f"add {name} {constraint}" for name, constraint in sorted(self.add.items())]
         lines += [f"index {name!r} -> {'the default index' if target == 'default' else 'its site mirror'}"
                   for name, target in sorted(self.sources.items())]
+        lines += [f"build {name} from its source distribution (no network, no credentials)"
+                  for name in sorted(self.build_from_source)]
         if self.repository_pins is False:
             lines.append("the repository's pins ignored (a fresh solve)")
         elif self.repository_pins:

@@ -3,6 +3,11 @@
 Backends say what to run (`Step`: script, mounts, env, network, image); this module runs it with
 host networking, so a mirror on the host's loopback answers as with `docker build --network=host`,
 as the invoking user, and turns a failure into one line that says what failed and what to do.
+
+Every step's uv is wheels-only (UV_CONFIG_FILE names a mounted `[pip] no-build = true`): a step that
+downloads, with the network and the mirror credentials, never runs a package's build backend. A
+source distribution is built only in a step of its own (envmgr/backends/source_builds.py): no network,
+no credentials, nothing shared mounted writable, as an unprivileged user.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ _BUILD_FAILURE = re.compile(r"Failed to (?:build|download and build|prepare dist
 _BUILD_CALL = re.compile(r"Call to `([^`]+)` failed")
 _NO_WHEEL = re.compile(r"Distribution `([^`@ ]+)[^`]*` can't be installed because it doesn't have a source "
                        r"distribution or wheel for the current platform")
+# uv, wheels only, on a pin that has none for the target (`Because NAME==V has no usable wheels ...`)
+SDIST_ONLY = re.compile(r"Because (?:only )?([A-Za-z0-9][A-Za-z0-9._-]*)(?:[=<>!~]=?[^ ]*)? has no usable wheels")
+WHEELS_ONLY = Path(__file__).parent / "data" / "uv-wheels-only.toml"
+CONTAINER_UV_CONFIG = "/opt/envmgr/uv.toml"     # where every step finds it (UV_CONFIG_FILE)
 _HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hashes|THESE PACKAGES DO NOT MATCH)", re.I)
 
 
@@ -49,6 +58,7 @@ class Step:
     network: str = "host"
     method: str = ""
     target: str = ""           # what the step installs for, in messages: the base image's tag
+    user: str | None = None    # None: the invoking user
 
 
 class StepRunner(Protocol):
@@ -71,9 +81,11 @@ def run_in_container(ctx: Context, step: Step, on_line: Callable[[str], None] | 
             on_line(line)
 
     with credentials_file(ctx, step.env) as (env, mounts):
+        env = {**env, "UV_CONFIG_FILE": CONTAINER_UV_CONFIG}
+        mounts = [*mounts, BindMount(WHEELS_ONLY, CONTAINER_UV_CONFIG, read_only=True)]
         spec = ContainerSpec(
             image=step.image, command=["/bin/sh", "-ec", step.script], env=env, mounts=step.mounts + mounts,
-            workdir=step.workdir, user=f"{os.getuid()}:{os.getgid()}", network=step.network,
+            workdir=step.workdir, user=step.user or f"{os.getuid()}:{os.getgid()}", network=step.network,
             labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: step.method},
         ).hardened()
         code = ctx.engine.run(spec, on_line=collect).exit_code
@@ -114,6 +126,16 @@ def credentials_file(ctx: Context, env: dict[str, str]) -> Iterator[tuple[dict[s
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s,]+", re.I)
 
 
+def sdist_only_error(title: str, name: str, version: str = "") -> EnvmgrError:
+    """A package with only a source distribution: envmgr builds none unless the method allows it by name."""
+    pinned = f"{name}=={version}" if version else name
+    return EnvmgrError(f"{title}: {pinned} has only a source distribution for the target, and envmgr installs "
+                       "wheels only (building one runs the package's own code)",
+                       hint=f"pin a version of {name} that ships a wheel, or allow building it in the method's "
+                            f"envmgr.toml: [adapt] build_from_source = [\"{name}\"] (built with no network and "
+                            "no credentials)")
+
+
 def _failure(ctx: Context, step: Step, code: int, lines: list[str]) -> EnvmgrError:
     """The one line that says why a step failed: no wheel, a failed sdist build, a hash, a mirror."""
     tail = [line for line in lines if line.strip()][-6:]
@@ -124,6 +146,9 @@ def _failure(ctx: Context, step: Step, code: int, lines: list[str]) -> EnvmgrErr
         return EnvmgrError(f"{step.title}: {no_wheel.group(1)} has no wheel (and no sdist) for the target "
                            f"(linux, Python of {step.target})",
                            hint="pin a version that ships one, or drop it in the method's [adapt]")
+    sdist_only = SDIST_ONLY.search(text)
+    if sdist_only:
+        return sdist_only_error(step.title, sdist_only.group(1))
     build_failed = _BUILD_FAILURE.search(text)
     if build_failed:
         call = _BUILD_CALL.search(text)

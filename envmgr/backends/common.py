@@ -64,13 +64,15 @@ def compile_bytecode_script(python: str) -> list[str]:
     Each top-level entry is compiled by a fresh interpreter with a fixed hash seed, so the bytes are the
     same whatever the scheduling (measured on the base's Python 3.11 with -S: a pyc does not depend on
     what the process compiled before; fresh processes keep that true should an interpreter differ).
-    -B: a .pth import at start-up (setuptools' _distutils_hack) must not
-    leave a timestamped pyc; -f: rewrite every pyc. A deliberately broken file must not fail the build.
+    -S: no site, so no installed package's .pth runs (package code, in a step with the mirror credentials);
+    -B: nothing leaves a timestamped pyc; -f: rewrite every pyc. A deliberately broken file must not fail the build.
     """
     return [
-        f"site=$({python} -B -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')",
+        # the environment's site-packages from its layout (with -S a venv's interpreter does not know its venv)
+        f"site=\"$(dirname \"$(dirname {python})\")/lib/$({python} -S -B -c "
+        f"'import sys; print(\"python%d.%d\" % sys.version_info[:2])')/site-packages\"",
         f"cd \"$site\" && find . -mindepth 1 -maxdepth 1 -print0 | LC_ALL=C sort -z | xargs -0 -r -n 1 "
-        f"-P \"$(nproc)\" env PYTHONHASHSEED=0 {python} -B -m compileall -f -q --invalidation-mode unchecked-hash "
+        f"-P \"$(nproc)\" env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q --invalidation-mode unchecked-hash "
         f">/dev/null || true",
         "cd /",
     ]

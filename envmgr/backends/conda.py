@@ -39,6 +39,7 @@ from ..context import Context
 from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from ..mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from ..spec import MethodSpec
+from ..steps import SDIST_ONLY, sdist_only_error
 from ..uv_cache import shared_uv_cache, uv_cache_dir
 from .common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env
 
@@ -309,6 +310,9 @@ class CondaBackend:
     # ------------------------------------------------------------------ locking
 
     def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
+        if spec.adapt.build_from_source:
+            raise UsageError(f"{spec.folder / 'envmgr.toml'}: key 'adapt.build_from_source': conda methods install "
+                             "wheels only", hint="pin versions that ship wheels, or drop the key")
         lockfile_module = _conda_lock()
         LockMeta, Lockfile = lockfile_module.LockMeta, lockfile_module.Lockfile   # noqa: N806 - model classes
 
@@ -406,13 +410,20 @@ class CondaBackend:
             environ = {**{k: v for k, v in os.environ.items() if not k.startswith("UV_")},
                        **on_host(uv_env(ctx.config.mirrors), ctx.config.mirrors),
                        "UV_CACHE_DIR": str(uv_cache_dir(ctx.cache_dir))}
+            # on the host: wheels only, so no sdist's build backend ever runs here (see envmgr/steps.py)
             command = [str(ctx.uv_binary()), "pip", "compile", "--quiet", "--generate-hashes", "--no-header",
-                       "--format", "pylock.toml", "--python-version", python_version, "--python-platform", target,
-                       "-o", str(Path(work) / "pylock.toml"), str(Path(work) / "requirements.in")]
+                       "--no-build", "--format", "pylock.toml", "--python-version", python_version,
+                       "--python-platform", target, "-o", str(Path(work) / "pylock.toml"),
+                       str(Path(work) / "requirements.in")]
             with shared_uv_cache(ctx.cache_dir):   # not while a layered install has lent it out
                 proc = subprocess.run(command, capture_output=True, text=True, env=environ, cwd=work)
             for line in (proc.stdout + proc.stderr).splitlines():
                 ctx.ui.log(line)
+            sdist_only = SDIST_ONLY.search(proc.stderr)
+            if proc.returncode != 0 and sdist_only:
+                refused = sdist_only_error(f"locking {spec.name}'s `pip:` section", sdist_only.group(1))
+                raise EnvmgrError(refused.message, hint=f"pin a version of {sdist_only.group(1)} that ships a wheel "
+                                                      "(conda methods build no source distributions)")
             if proc.returncode != 0:
                 detail = ctx.ui.redact(" | ".join(line.strip() for line in proc.stderr.splitlines()
                                                   if line.strip())[-600:])

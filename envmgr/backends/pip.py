@@ -34,6 +34,7 @@ from ..repository_pins import (
     seed_requirements,
 )
 from ..spec import MethodSpec
+from . import source_builds
 from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
 
 MANIFEST = "requirements.txt"
@@ -128,6 +129,11 @@ class PipBackend:
             command = (f"{paths.CONTAINER_UV} pip compile --quiet --generate-hashes --no-header "
                        f"--python {base.python} {upgrade} -o {paths.CONTAINER_WORK}/{LOCK} "
                        f"{paths.CONTAINER_WORK}/{EFFECTIVE}")
+            # the packages the method allows to build from source: built in their box first, found as wheels
+            built = source_builds.build_for_lock(ctx, spec, base, extra, effective)
+            if built:
+                source_builds.stage_for_lock(built, Path(work) / "built")
+                command += f" --find-links {paths.CONTAINER_WORK}/built"
             with ctx.ui.progress(f"locking {spec.name} with uv pip compile in {base.tag}"
                                  + (f", starting from the repository's {theirs.relative}" if reseed and theirs
                                     else ""), total=1, unit="steps") as task:
@@ -138,6 +144,7 @@ class PipBackend:
             body = (Path(work) / LOCK).read_text(encoding="utf-8")
             body = "\n".join(line for line in body.splitlines()
                              if not line.startswith((HEADER, SEED_RECORD))) + "\n"
+            body = source_builds.record_sdist_hashes(body, built)
             declared_hosts = [urlsplit(url).hostname for url in (theirs.indexes if theirs else ())]
             if [host for host in [*mirror_hosts(ctx.config.mirrors), *declared_hosts] if host and host in body] \
                     or re.search(r"^\s*(-i|--index-url|--extra-index-url|-f|--find-links)\b", body, re.M):
@@ -155,7 +162,8 @@ class PipBackend:
         if not lock.is_file():
             raise missing_lock(spec, LOCK)
         _, extra, _ = self._effective(ctx.config.mirrors.sources, spec)
-        return split_requirements(lock.read_text(encoding="utf-8")), extra
+        return source_builds.with_built_wheels(ctx, spec, base, split_requirements(lock.read_text(encoding="utf-8")),
+                                               extra)
 
     def install(self, ctx: Context, spec: MethodSpec, base: BaseImage, prefix: Path) -> None:
         lock = spec.lock_path / LOCK

@@ -37,6 +37,8 @@ from ..errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from ..files import atomic_write, open_lock
 from ..mirrors import mirror_hosts, poetry_env
 from ..spec import MethodSpec
+from ..steps import sdist_only_error
+from . import source_builds
 from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
 from .poetry_lock import select
 
@@ -87,6 +89,62 @@ _NOISE = re.compile(r"(Warning|warnings\.warn|deprecat|setuptools|pkg_resources|
                     r"^\s*Updating dependencies|^\s*Resolving dependencies|^\s*Writing lock file)", re.I)
 _LOCAL_LABEL = re.compile(r"\d\+[A-Za-z0-9.]+")
 
+SDIST_MARK = "ENVMGR-SDIST-ONLY "
+# poetry locks with this in front: poetry reads an sdist's static metadata itself (PKG-INFO, pyproject.toml),
+# and where that is not enough it would run the sdist's build backend in an isolated build (with the network
+# and the mirror credentials of the lock step). Instead the metadata comes from a wheel envmgr built in its
+# box (ENVMGR_BUILT: [adapt] build_from_source), or poetry stops at once and names the package.
+WHEELS_ONLY_POETRY = f"""\
+import os, re, sys
+from pathlib import Path
+
+import poetry.inspection.info as info
+import poetry.utils.isolated_build as isolated_build
+
+
+def normal(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def named(path):
+    path = Path(path)
+    pkg_info = path / "PKG-INFO"
+    if pkg_info.is_file():
+        fields = dict(line.split(": ", 1) for line in pkg_info.read_text(errors="replace").splitlines()[:20]
+                      if ": " in line)
+        if "Name" in fields and "Version" in fields:
+            return fields["Name"].strip(), fields["Version"].strip()
+    name, _, version = path.name.rpartition("-")
+    return name or path.name, version
+
+
+def metadata_without_building(path):
+    name, version = named(path)
+    built = Path(os.environ.get("ENVMGR_BUILT", "/nonexistent"))
+    for wheel in sorted(built.glob("*.whl")) if built.is_dir() else []:
+        parts = wheel.name.split("-")
+        if normal(parts[0]) == normal(name) and parts[1] == version:
+            return info.PackageInfo.from_wheel(wheel)
+    sys.stderr.write("{SDIST_MARK}" + name + "\\n")
+    sys.stderr.flush()
+    os._exit(97)
+
+
+def no_isolated_build(*args, **kwargs):
+    sys.stderr.write("{SDIST_MARK}" + str(args[0] if args else "?") + "\\n")
+    sys.stderr.flush()
+    os._exit(97)
+
+
+info.get_pep517_metadata = metadata_without_building
+info.isolated_builder = isolated_build.isolated_builder = no_isolated_build
+
+from poetry.console.application import main  # noqa: E402
+
+sys.argv[0] = "poetry"
+sys.exit(main())
+"""
+
 
 def solver_error(ctx: Context, spec: MethodSpec, lines: list[str]) -> EnvmgrError | None:
     """Poetry's own explanation of a failed lock (`Because ... version solving failed.`), without the deprecation
@@ -110,6 +168,17 @@ def solver_error(ctx: Context, spec: MethodSpec, lines: list[str]) -> EnvmgrErro
         hint = (f"pin or drop the package it names in {spec.folder / 'envmgr.toml'} [adapt], then "
                 f"`envmgr lock {spec.name}`")
     return EnvmgrError(f"locking {spec.name}: poetry found no solution: {reason}", hint=hint)
+
+
+def _refuse_sdist_only(spec: MethodSpec, lock: dict) -> None:
+    """A locked package with no wheel at all (poetry read its sdist's static metadata) is refused at lock time,
+    unless the method allows building it: installing is wheels only."""
+    allowed = {canonicalize_name(name) for name in spec.adapt.build_from_source}
+    for package in lock.get("package", []):
+        files = [f.get("file", "") for f in package.get("files", [])]
+        if files and not any(name.endswith(".whl") for name in files) \
+                and canonicalize_name(package["name"]) not in allowed:
+            raise sdist_only_error(f"locking {spec.name}", package["name"], package["version"])
 
 
 class PoetryBackend:
@@ -188,7 +257,8 @@ class PoetryBackend:
 
     def layer_entries(self, ctx: Context, spec: MethodSpec, base: BaseImage) -> tuple[list[str], list[str]]:
         """(one requirement per distribution, mirrors of declared indexes): what build installs unit by unit."""
-        return self.requirement_entries(spec, base), list(self._mapped_indexes(ctx, spec).values())
+        return source_builds.with_built_wheels(ctx, spec, base, self.requirement_entries(spec, base),
+                                               list(self._mapped_indexes(ctx, spec).values()))
 
     def summary(self, spec: MethodSpec) -> dict:
         try:
@@ -288,8 +358,13 @@ class PoetryBackend:
             poetry_cache = Path(work) / "poetry-cache" if ctx.config.secrets() else ctx.cache_dir / "poetry"
             poetry_cache.mkdir(parents=True, exist_ok=True)
             env = {**poetry_env(ctx.config.mirrors), "POETRY_CACHE_DIR": f"{paths.CONTAINER_CACHE}/poetry",
-                   "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-            command = f"{paths.CONTAINER_TOOLS_DIR}/poetry/bin/poetry lock" + (" --regenerate" if fresh else "")
+                   "PYTHONWARNINGS": "ignore::DeprecationWarning", "ENVMGR_BUILT": f"{paths.CONTAINER_WORK}/built"}
+            (Path(work) / "wheels_only_poetry.py").write_text(WHEELS_ONLY_POETRY)
+            built = source_builds.build_for_lock(ctx, spec, base, list(mapped.values()))
+            if built:   # poetry reads their metadata from the wheels built in the box
+                source_builds.stage_for_lock(built, Path(work) / "built")
+            command = (f"{paths.CONTAINER_TOOLS_DIR}/poetry/bin/python -B {paths.CONTAINER_WORK}/wheels_only_poetry.py"
+                       " lock" + (" --regenerate" if fresh else ""))
             output: list[str] = []
             with ctx.ui.progress(f"locking {spec.name} with poetry {POETRY_VERSION} in {base.tag}",
                                  total=1, unit="steps") as task:
@@ -302,9 +377,13 @@ class PoetryBackend:
                 except MirrorError:
                     raise
                 except EnvmgrError as exc:
+                    sdist = next((line.split(SDIST_MARK, 1)[1].strip() for line in output if SDIST_MARK in line), None)
+                    if sdist is not None:
+                        raise sdist_only_error(f"locking {spec.name}", sdist) from None
                     raise solver_error(ctx, spec, output) or exc from None
                 task.advance(1)
             text = (Path(work) / LOCK).read_text(encoding="utf-8")
+            _refuse_sdist_only(spec, tomllib.loads(text))
             text = self._unmirror(text, source, mapped, canonical)
             leaked = [host for host in mirror_hosts(ctx.config.mirrors) if host in text]
             if leaked:

@@ -345,3 +345,26 @@ def test_committed_example_is_current_relocks_identically_and_runs(tmp_path, sto
     assert out[1:4] == ["pip package: alpha+beta-1.1", "conda noarch package: greet-py (noarch: python)",
                         "activation script: HELLO_TOOL_HOME=/opt/envmgr/envs/conda-demo/share/greet"]
     assert out[4].startswith("hello-tool 1.1 (linux-64) from /opt/envmgr/envs/conda-demo")
+
+
+def test_an_sdist_in_the_pip_section_is_refused_without_running_it(conda_ws, channel_a, tmp_path):
+    """uv resolves the `pip:` section on the host: an sdist's build backend would run there, as the invoking user."""
+    import uuid
+
+    from tests.integration.test_sdist_box import Listener, _sdist
+
+    listener = Listener()
+    root = tmp_path / "index"
+    root.mkdir()
+    _sdist(root, listener.port, uuid.uuid4().hex[:12])
+    index = Index(root, sdists=True).start()
+    try:
+        conda_ws.write(ENVIRONMENT.replace("envmgr-alpha>=1.0", "hostile==0.1"))
+        conda_ws.mirrors(channel_a, index)
+        proc = conda_ws.envmgr("lock", conda_ws.name, check=False)
+    finally:
+        index.stop()
+        listener.close()
+    assert listener.received == [], "the sdist's build backend ran on the host while locking"
+    assert proc.returncode == 1, proc.stderr
+    assert "hostile has only a source distribution" in proc.stderr, proc.stderr

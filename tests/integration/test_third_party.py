@@ -190,8 +190,9 @@ def test_requirements_repository_locked_with_hashes_and_run(workspace, engine, m
     assert "alpha+beta-1.1" in ran.stderr + ran.stdout
 
 
-def test_sdist_that_fails_to_build_is_named_with_version_and_step(workspace, tmp_path):
-    """An sdist that needs torch at build time (like many CUDA extensions) fails the lock with its name."""
+def test_sdist_only_pin_is_refused_by_name_without_building(workspace, tmp_path):
+    """An sdist that needs torch at build time (like many CUDA extensions) fails the lock with its name,
+    and nothing of it runs: envmgr locks and installs wheels only unless [adapt] build_from_source names it."""
     import io
     import tarfile
 
@@ -216,8 +217,9 @@ def test_sdist_that_fails_to_build_is_named_with_version_and_step(workspace, tmp
     finally:
         index.stop()
     assert proc.returncode == 1, proc.stderr
-    assert "needs-torch==0.1" in proc.stderr and "failed while" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "needs-torch has only a source distribution" in proc.stderr, proc.stderr
+    assert 'build_from_source = ["needs-torch"]' in proc.stderr
+    assert "Traceback" not in proc.stderr and "import torch" not in proc.stderr
 
 
 def test_launcher_gets_inputs_env_a_writable_folder_and_an_honest_verdict(workspace, mirror_a, tmp_path):
