@@ -160,12 +160,30 @@ def test_json_verbs_give_stdout_that_parses_on_a_cold_and_a_warm_cache(tmp_path,
             json.loads(line)
 
 
+def _repository(tmp_path: Path) -> Path:
+    source = tmp_path / "repository"
+    source.mkdir()
+    (source / "train.py").write_text("print('training')\n")
+    (source / "requirements.txt").write_text("numpy==1.26.4\n")
+    return source
+
+
 def test_plain_verbs_whose_result_is_a_status_leave_stdout_empty(tmp_path):
     key = tmp_path / "k" / "signing.key"
-    for args in (("lock", "sd-demo", "--check"), ("key", "generate", str(key))):
+    for args in (("lock", "sd-demo", "--check"), ("key", "generate", str(key)),
+                 ("method", "add", str(_repository(tmp_path)), "--name", "third")):
         proc = _envmgr(tmp_path, *args)
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout == "" and proc.stderr.strip()
+        assert proc.stdout == "" and proc.stderr.strip(), args
+
+
+def test_json_verbs_that_write_files_give_stdout_that_parses(tmp_path):
+    source = _repository(tmp_path)
+    for name in ("third", "fourth"):   # a fresh base dir and cache, then a warm one
+        added = _envmgr(tmp_path, "--json", "method", "add", str(source), "--name", name)
+        assert [json.loads(line)["event"] for line in added.stdout.splitlines()] == ["done", "info"], added.stderr
+    key = _envmgr(tmp_path, "--json", "key", "generate", str(tmp_path / "k" / "signing.key"))
+    assert json.loads(key.stdout)["key_id"]
 
 
 def test_version_names_the_commit_of_the_checkout(tmp_path):
