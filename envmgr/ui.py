@@ -144,6 +144,7 @@ class Reporter:
                                                                            total=total, unit=unit)
             done = [0.0]
             totals = [total]
+            said = [description]
 
             def advance(n: float) -> None:
                 done[0] += n
@@ -151,14 +152,17 @@ class Reporter:
             def set_total(t: float | None) -> None:
                 totals[0] = t
 
+            def describe(d: str) -> None:
+                said[0] = d
+
             stop = threading.Event()
             beat = None
             if self.mode == "plain":
-                beat = threading.Thread(target=self._heartbeat, args=(stop, description, started, done, totals, unit),
+                beat = threading.Thread(target=self._heartbeat, args=(stop, said, started, done, totals, unit),
                                         name="envmgr-heartbeat", daemon=True)
                 beat.start()
             try:
-                yield Task(advance, set_total, lambda d: None)
+                yield Task(advance, set_total, describe)
             finally:
                 stop.set()
                 if beat is not None:
@@ -169,11 +173,11 @@ class Reporter:
             else:
                 self.event("progress-end", task=description, amount=done[0], unit=unit, seconds=round(elapsed, 3))
 
-    def _heartbeat(self, stop: threading.Event, description: str, started: float, done: list[float],
+    def _heartbeat(self, stop: threading.Event, said: list[str], started: float, done: list[float],
                    totals: list[float | None], unit: str) -> None:
         """Plain mode: a line every `heartbeat_s` until the step ends (what is done, of what, how fast)."""
         while not stop.wait(self.heartbeat_s):
-            self._say(self.redact(heartbeat_line(description, done[0], totals[0], unit, time.monotonic() - started)))
+            self._say(self.redact(heartbeat_line(said[0], done[0], totals[0], unit, time.monotonic() - started)))
 
 
 def _amount(amount: float, unit: str) -> str:
