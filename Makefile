@@ -5,8 +5,13 @@ VENV := .venv
 METHOD_VENV := .venv-method
 ENVMGR := $(VENV)/bin/envmgr
 DEMO_BASE ?= $(CURDIR)/.demo
+# installers run quietly inside it: a line saying what, one every 10 s, then how long it took
+TIMED := .ci/timed
+# each test stage's junit report, read by the summary at the end of `make test`
+REPORTS := .test-reports
 
-.PHONY: help install method-venv host-tools engine demo dist test test-unit test-method test-integration test-installed bench lint clean record-layers
+.PHONY: help install method-venv host-tools engine demo dist test test-unit test-method test-integration test-installed \
+	bench lint clean clean-reports record-layers
 
 help:
 	@echo "make demo   - engine up, base + sd-demo images, tiny SD3 model + sample dataset, a short CPU run"
@@ -17,8 +22,9 @@ help:
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	@$(TIMED) "install: pip (upgrade) into $(VENV)" $(VENV)/bin/pip install -q --upgrade pip
+	@$(TIMED) "install: envmgr (editable) and its dependencies with pytest, ruff, mypy into $(VENV)" \
+	    $(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,8 +32,10 @@ install: $(VENV)/.installed
 # The trainer's host venv: torch 2.13.0 (the CPU wheel on this machine's disk) + the locked pins.
 $(METHOD_VENV)/.installed: envs/sd-demo/poetry.lock
 	$(PYTHON) -m venv $(METHOD_VENV)
-	$(METHOD_VENV)/bin/pip install -q torch==2.13.0
-	$(METHOD_VENV)/bin/pip install -q diffusers==0.42.1 transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 \
+	@$(TIMED) "install: torch 2.13.0 (CPU) into $(METHOD_VENV) (about a minute)" $(METHOD_VENV)/bin/pip install -q torch==2.13.0
+	@$(TIMED) "install: diffusers, transformers, peft, accelerate, safetensors, pillow, matplotlib, sentencepiece, \
+	protobuf, pytest into $(METHOD_VENV)" \
+	    $(METHOD_VENV)/bin/pip install -q diffusers==0.42.1 transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 \
 	    safetensors==0.8.0 pillow matplotlib sentencepiece protobuf pytest
 	touch $@
 
@@ -38,8 +46,10 @@ method-venv: $(METHOD_VENV)/.installed
 host-tools:
 	@if ! command -v dockerd >/dev/null || ! command -v debuerreotype-init >/dev/null || ! command -v docker-registry >/dev/null \
 	    || ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v mksquashfs >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debuerreotype debootstrap docker-registry \
-	    slurm-wlm munge squashfs-tools >/dev/null; \
+	    $(TIMED) "host-tools: apt-get update" apt-get update -qq \
+	    && DEBIAN_FRONTEND=noninteractive $(TIMED) "host-tools: apt-get install docker.io debuerreotype debootstrap \
+	docker-registry slurm-wlm munge squashfs-tools" sh -c 'apt-get install -y -qq docker.io debuerreotype debootstrap \
+	    docker-registry slurm-wlm munge squashfs-tools >/dev/null'; \
 	fi
 
 # Use the engine that answers, or start the machine's one dockerd (never a second one).
@@ -55,23 +65,36 @@ lint: install
 	$(VENV)/bin/mypy
 
 test-unit: install
-	$(VENV)/bin/python -m pytest tests/unit -q
+	$(VENV)/bin/python -m pytest tests/unit -q -rs --junitxml=$(REPORTS)/unit.xml
 
 test-method: method-venv
-	$(METHOD_VENV)/bin/python -m pytest tests/method -q
+	$(METHOD_VENV)/bin/python -m pytest tests/method -q -rs --junitxml=$(REPORTS)/method.xml
 
-# The engine-stop fault test stops the machine's one dockerd: alone, after everything else, and it restarts it.
+# -v names each test as it starts (some take minutes). The engine-stop fault test stops the machine's one dockerd
+# (alone, after everything else, and it restarts it): only where asked for, ENVMGR_TEST_ENGINE_RESTART=1 (CI sets it).
 test-integration: engine
-	$(VENV)/bin/python -m pytest tests/integration -q
-	$(VENV)/bin/python -m pytest tests/integration -q -m engine_restart
+	$(VENV)/bin/python -m pytest tests/integration -v -rs --junitxml=$(REPORTS)/integration.xml
+	@if [ "$$ENVMGR_TEST_ENGINE_RESTART" = 1 ]; then \
+	    echo "$(VENV)/bin/python -m pytest tests/integration -q -rs -m engine_restart"; \
+	    $(VENV)/bin/python -m pytest tests/integration -q -rs -m engine_restart --junitxml=$(REPORTS)/engine-restart.xml; \
+	else \
+	    echo "test-integration: SKIPPED the engine-restart test: it stops and restarts this machine's dockerd (and"; \
+	    echo "  every container on it). Opt in with: ENVMGR_TEST_ENGINE_RESTART=1 make test   (CI does)"; \
+	fi
 
 # The installed path: the wheelhouse installed with no index into a fresh venv outside the checkout, run from
 # elsewhere (built-in methods found, inputs hashes equal to the checkout's, the commit named, and conda-demo
 # built from the wheel with the checkout's image ID).
 test-installed: engine dist
-	ENVMGR_WHEELHOUSE=$(CURDIR)/$(DIST)/wheelhouse $(VENV)/bin/python -m pytest tests/installed -q
+	ENVMGR_WHEELHOUSE=$(CURDIR)/$(DIST)/wheelhouse $(VENV)/bin/python -m pytest tests/installed -q -rs \
+	    --junitxml=$(REPORTS)/installed.xml
 
-test: lint test-unit test-method test-integration test-installed
+# pytest removes its temp folders after a green run (pyproject.toml: tmp_path_retention_policy).
+test: clean-reports lint test-unit test-method test-integration test-installed
+	@$(VENV)/bin/python -m tests.support.summary $(REPORTS)
+
+clean-reports:
+	@rm -rf $(REPORTS)
 
 # A wheelhouse that installs envmgr where no index answers:
 #   pip install --no-index --find-links dist/wheelhouse -r dist/wheelhouse/requirements.txt
@@ -107,4 +130,4 @@ record-layers: engine
 	$(VENV)/bin/python -m envmgr.layer_record sd-demo
 
 clean:
-	rm -rf $(VENV) $(METHOD_VENV) .demo build $(DIST)
+	rm -rf $(VENV) $(METHOD_VENV) .demo build $(DIST) $(REPORTS)

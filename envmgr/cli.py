@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from . import __version__
 from .config import load_config
 from .context import Context
 from .errors import EnvmgrError, Exit, Interrupted
@@ -25,7 +24,7 @@ EXIT_CODES = """Exit codes: 0 ok · 1 the work failed · 2 bad input (unknown me
 app = typer.Typer(
     name="envmgr",
     help="Locked, reproducible, GPU-ready container environments for ML training methods.\n\n" + EXIT_CODES,
-    no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",
+    no_args_is_help=True, add_completion=True, rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 base_app = typer.Typer(help="Base images (Debian + Python) built from the site's apt mirror.", no_args_is_help=True)
@@ -39,6 +38,15 @@ SIGN_HELP = "Sign with this ed25519 private key (`envmgr key generate`)."
 STATE: dict = {}
 
 
+def _print_version(value: bool) -> None:
+    """`--version`, before anything else is parsed (no verb needed)."""
+    if value:
+        from .version import describe
+
+        print(describe())
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable JSON events on stdout.")] = False,
@@ -49,11 +57,9 @@ def main(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory. Env: ENVMGR_CACHE_DIR.")] = None,
     pypi_mirror: Annotated[Optional[str], typer.Option(help="PyPI mirror (PEP 503 index URL) for this command. "
                                                             "Env: ENVMGR_MIRRORS_PYPI.")] = None,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version (and git commit) and exit.",
+                                          callback=_print_version, is_eager=True)] = False,
 ):
-    if version:
-        print(f"envmgr {__version__}")
-        raise typer.Exit(0)
     flags: dict = {}
     if base_dir:
         flags["base_dir"] = str(base_dir)
@@ -676,6 +682,7 @@ def sbom(method: Annotated[str, typer.Argument(help="Method name.")],
     from .sbom import for_method
 
     ctx = _context()
+    ctx.ui.data_on_stdout()
     _, data = for_method(ctx, method, fmt)
     sys.stdout.write(data.decode())
     sys.stdout.write("\n")

@@ -5,8 +5,9 @@ Two ways. The engine's socket going away (a relay in front of it is stopped: tes
 runs with the rest of the suite; the container keeps running in the real engine, as under live-restore.
 The real thing stops the machine's one dockerd (SIGTERM, as `systemctl stop` would) and starts it again the way
 tests/support/engine.py does, so it runs alone, after the rest of the integration suite:
-`pytest tests/integration -m engine_restart` (the Makefile's integration target does). Without that marker
-expression it is skipped; with other containers running on the engine it refuses to stop it.
+`ENVMGR_TEST_ENGINE_RESTART=1 pytest tests/integration -m engine_restart` (the Makefile's integration target runs
+it when that variable is 1, as .ci/run sets it, and otherwise says it skipped it). Without both it is skipped, so a
+`make test` on a shared server never stops the engine; with other containers running it refuses to stop it.
 """
 
 from __future__ import annotations

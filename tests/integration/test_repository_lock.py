@@ -131,7 +131,7 @@ def test_adapted_lock_keeps_every_version_of_the_repository_lock(workspace, inde
     assert ours == {**theirs, "envmgr-torchish": "2.5.1"}, "a fresh solve would take beta 1.1 and torchish 2.6.0"
     assert locked["drift"] == [{"package": "envmgr-torchish", "theirs": "2.5.1+cu124", "ours": "2.5.1"}]
     assert GIT not in (method / "lock" / "poetry.lock").read_text()
-    shown = workspace.envmgr("lock", "ownlock", mirror=default.url).stdout
+    shown = workspace.envmgr("lock", "ownlock", mirror=default.url).stderr   # talk is on stderr
     assert "envmgr-torchish: 2.5.1+cu124 → 2.5.1" in shown
 
     # the same index mapped to a site mirror: the authors' +cu124 build kept, the lock names the declared index
