@@ -80,6 +80,9 @@ def detect_backend(root: Path, choice: str | None) -> Detected:
             found["conda"] = name
     if (root / "requirements.txt").is_file():
         found["pip"] = "requirements.txt"
+    elif not found and _dependencies_from_backend(root, data):
+        found["pip"] = next(n for n in ("setup.py", "setup.cfg", "pyproject.toml") if (root / n).is_file()) + \
+            " (dependencies named by its build backend, read in a box with no network)"
     if choice:
         if choice not in found:
             raise UsageError(f"--backend {choice}: the repository has no "
@@ -144,6 +147,15 @@ def requires_python(root: Path, data: dict) -> tuple[str | None, str]:
             if found and found.group(1).strip():
                 return found.group(1).strip().rstrip(","), f"{name} python_requires"
     return None, ""
+
+
+def _dependencies_from_backend(root: Path, data: dict) -> bool:
+    """A project whose dependencies only its build backend knows: setup.py / setup.cfg, or a pyproject.toml
+    whose [project] declares them dynamic (computed when the backend runs)."""
+    if (root / "setup.py").is_file() or (root / "setup.cfg").is_file():
+        return True
+    project = data.get("project", {})
+    return "dependencies" in (project.get("dynamic") or []) and "build-system" in data
 
 
 def detect_entry(root: Path, entry: str | None) -> list[str]:

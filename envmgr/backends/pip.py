@@ -38,6 +38,8 @@ from . import source_builds
 from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
 
 MANIFEST = "requirements.txt"
+PROJECT = "requirements.project.txt"     # a setup.py / dynamic-metadata project's dependencies, read in the box
+PROJECT_HEADER = "# envmgr: dependencies of the project's metadata; its files' sha256: "
 EFFECTIVE = "requirements.in"
 LOCK = "requirements.lock.txt"
 HEADER = "# envmgr lock: "
@@ -53,9 +55,27 @@ class PipBackend:
                    theirs: RepositoryPins | None = None) -> tuple[str, list[str], list[str]]:
         path = spec.source_path / MANIFEST
         if not path.is_file():
-            raise UsageError(f"{path}: missing (a pip method needs requirements.txt)")
+            if not is_project(spec):
+                raise UsageError(f"{path}: missing (a pip method needs requirements.txt, or a setup.py or "
+                                 "pyproject.toml whose build backend names its dependencies)")
+            path = spec.lock_path / PROJECT
+            if not path.is_file():
+                raise missing_lock(spec, LOCK)
         return effective_requirements(path.read_text(encoding="utf-8"), spec.adapt, path, ctx_sources,
                                       base=spec.source_path, locked=theirs.versions() if theirs else None)
+
+    def _project_requirements(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool) -> None:
+        """A project without requirements.txt: its dependencies, read in the box from its build backend, are
+        written to the lock folder (with the hash of the files they came from), then locked like a
+        requirements.txt. Read again when those files change or with --regenerate."""
+        generated = spec.lock_path / PROJECT
+        header = PROJECT_HEADER + project_hash(spec)
+        if not regenerate and generated.is_file() and generated.read_text().splitlines()[:1] == [header]:
+            return
+        found = source_builds.project_requirements(ctx, spec, base, [])   # the site's indexes only
+        spec.lock_path.mkdir(parents=True, exist_ok=True)
+        atomic_write(generated, header + "\n# the dependencies its build backend named (envmgr ran it with no "
+                     "network and no credentials)\n" + "".join(line + "\n" for line in found))
 
     def _inputs_hash(self, effective: str, spec: MethodSpec) -> str:
         return hashlib.sha256(f"{effective}\0{spec.python}\0{spec.platform}".encode()).hexdigest()
@@ -64,6 +84,11 @@ class PipBackend:
         lock = spec.lock_path / LOCK
         if not lock.is_file():
             raise missing_lock(spec, LOCK)
+        generated = spec.lock_path / PROJECT
+        if is_project(spec) and generated.is_file() \
+                and generated.read_text().splitlines()[:1] != [PROJECT_HEADER + project_hash(spec)]:
+            raise StaleLockError(f"{spec.name}: the project's {', '.join(source_builds.PROJECT_FILES)} changed "
+                                 "since its dependencies were read", hint=f"run `envmgr lock {spec.name}`")
         effective, _, _ = self._effective(site_sources or {}, spec)
         first = lock.read_text(encoding="utf-8").splitlines()[:1]
         if not first or first[0] != HEADER + self._inputs_hash(effective, spec):
@@ -103,6 +128,8 @@ class PipBackend:
                           as_lock(lock_pins(lock.read_text(encoding="utf-8"))))
 
     def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
+        if is_project(spec):
+            self._project_requirements(ctx, spec, base, regenerate)
         theirs = self._repository_pins(spec)
         effective, extra, problems = self._effective(ctx.config.mirrors.sources, spec, theirs)
         raise_if_unreachable(spec.name, problems)
@@ -181,3 +208,20 @@ class PipBackend:
                           BindMount(Path(work), paths.CONTAINER_WORK, read_only=True), *uv_mounts(ctx)],
                          uv_step_env(ctx, extra), method=spec.name,
                          on_line=lambda line: task.advance(1) if line.strip().startswith("+ ") else None)
+
+
+def is_project(spec: MethodSpec) -> bool:
+    """A pip method without requirements.txt whose dependencies its build backend names (setup.py, setup.cfg,
+    or a pyproject.toml with a [build-system])."""
+    source = spec.source_path
+    return not (source / MANIFEST).is_file() and any((source / name).is_file()
+                                                     for name in source_builds.PROJECT_FILES)
+
+
+def project_hash(spec: MethodSpec) -> str:
+    sha = hashlib.sha256()
+    for name in source_builds.PROJECT_FILES:
+        path = spec.source_path / name
+        if path.is_file():
+            sha.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()

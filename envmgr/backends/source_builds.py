@@ -121,16 +121,21 @@ BOX_SCRIPT = r'''
 import importlib, importlib.metadata, os, re, sys, tarfile, tomllib, zipfile
 
 sdist_dir, build_env, out = sys.argv[1:4]
-(archive,) = [os.path.join(sdist_dir, n) for n in os.listdir(sdist_dir) if n.endswith((".tar.gz", ".zip"))]
+mode = sys.argv[4] if len(sys.argv) > 4 else "wheel"   # "metadata": the project's METADATA only
 os.makedirs("/tmp/src")
-if archive.endswith(".zip"):
-    zipfile.ZipFile(archive).extractall("/tmp/src")
+if os.path.isdir(os.path.join(sdist_dir, "project")):   # a method's own source folder, not an archive
+    import shutil
+    shutil.copytree(os.path.join(sdist_dir, "project"), "/tmp/src/project", symlinks=True)
 else:
-    with tarfile.open(archive) as tf:
-        try:
-            tf.extractall("/tmp/src", filter="data")
-        except TypeError:   # a Python without extraction filters: the box holds whatever it unpacks
-            tf.extractall("/tmp/src")
+    (archive,) = [os.path.join(sdist_dir, n) for n in os.listdir(sdist_dir) if n.endswith((".tar.gz", ".zip"))]
+    if archive.endswith(".zip"):
+        zipfile.ZipFile(archive).extractall("/tmp/src")
+    else:
+        with tarfile.open(archive) as tf:
+            try:
+                tf.extractall("/tmp/src", filter="data")
+            except TypeError:   # a Python without extraction filters: the box holds whatever it unpacks
+                tf.extractall("/tmp/src")
 (top,) = os.listdir("/tmp/src")
 top = os.path.join("/tmp/src", top)
 os.chdir(top)
@@ -151,7 +156,10 @@ missing = [r for r in asked if re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+
            not in installed]
 if missing:
     sys.exit("its build backend asks for more than its [build-system] requires: " + ", ".join(missing))
-print("ENVMGR-BUILT " + backend.build_wheel(out), flush=True)
+if mode == "metadata" and hasattr(backend, "prepare_metadata_for_build_wheel"):
+    print("ENVMGR-METADATA " + backend.prepare_metadata_for_build_wheel(out), flush=True)
+else:
+    print("ENVMGR-BUILT " + backend.build_wheel(out), flush=True)
 '''
 
 
@@ -188,17 +196,103 @@ def build_requirements(sdist: Path) -> list[str]:
                            and m.name.endswith("/pyproject.toml")), None)
             extracted = tf.extractfile(member) if member is not None else None
             data = extracted.read() if extracted is not None else None
+    return _requires(data, sdist.name)
+
+
+def _requires(data: bytes | None, where: str) -> list[str]:
+    """`[build-system] requires` from a pyproject.toml's bytes (None: no pyproject.toml, setuptools)."""
     try:
         system = tomllib.loads(data.decode("utf-8")).get("build-system", {}) if data else {}
     except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-        raise EnvmgrError(f"{sdist.name}: its pyproject.toml is not valid TOML") from None
+        raise EnvmgrError(f"{where}: its pyproject.toml is not valid TOML") from None
     requires = system.get("requires", DEFAULT_BUILD_SYSTEM["requires"] if not system else [])
     if not isinstance(requires, list) or not all(isinstance(r, str) and "\n" not in r for r in requires):
-        raise EnvmgrError(f"{sdist.name}: [build-system] requires is not a list of requirements")
+        raise EnvmgrError(f"{where}: [build-system] requires is not a list of requirements")
     backend = system.get("build-backend", DEFAULT_BUILD_SYSTEM["build-backend"])
     if str(backend).startswith("setuptools") and not any(normal_name(r).startswith("wheel") for r in requires):
         requires = [*requires, "wheel"]   # older setuptools ask for it at build time
     return list(requires)
+
+
+def _fetch_build_requirements(ctx: Context, spec: MethodSpec, base: BaseImage, work: Path, requires: list[str],
+                              env: dict[str, str], what: str) -> None:
+    """uv installs the build requirements, wheels only, into work/build-env: a download step, no package code."""
+    if not requires:
+        return
+    (work / "build-requirements.txt").write_text("".join(r + "\n" for r in requires))
+    run_step(ctx, base, f"downloading {what}'s build requirements (wheels only)",
+             f"{paths.CONTAINER_UV} pip install --quiet --python {base.python} --target "
+             f"{paths.CONTAINER_WORK}/build-env -r {paths.CONTAINER_WORK}/build-requirements.txt",
+             [BindMount(work, paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)], env, method=spec.name)
+
+
+def _box(ctx: Context, spec: MethodSpec, base: BaseImage, title: str, sdist_dir: Path, build_env: Path, out: Path,
+         mode: str = "wheel") -> list[str]:
+    """Run the PEP 517 front end in the box: no network, no credentials, nobody, one writable folder."""
+    (sdist_dir / ".box.py").write_text(BOX_SCRIPT)
+    for folder in (sdist_dir, build_env):
+        os.chmod(folder, 0o755)
+    os.chmod(out, 0o777)   # the box's user owns nothing on the host; this folder alone it may write
+    box = Step(title=title, image=base.image_id, network="none", user=BOX_USER, method=spec.name, target=base.tag,
+               script=f"{base.python} -I -B {CONTAINER_SDIST}/.box.py {CONTAINER_SDIST} "
+                      f"{CONTAINER_BUILD_ENV} {CONTAINER_OUT} {mode}",
+               env={"HOME": "/tmp", "TMPDIR": "/tmp", "SOURCE_DATE_EPOCH": "315532800", "PYTHONHASHSEED": "0"},
+               mounts=[BindMount(sdist_dir, CONTAINER_SDIST, read_only=True),
+                       BindMount(build_env, CONTAINER_BUILD_ENV, read_only=True),
+                       BindMount(out, CONTAINER_OUT, read_only=False)])
+    with ctx.ui.progress(box.title, total=1, unit="steps") as task:
+        lines = ctx.step_runner(ctx, box, None)
+        task.advance(1)
+    return list(lines or [])
+
+
+PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
+
+
+def project_requirements(ctx: Context, spec: MethodSpec, base: BaseImage, extra_indexes: list[str]) -> list[str]:
+    """The dependencies of a project whose metadata only its build backend knows (setup.py, or
+    `dynamic = ["dependencies"]`): the backend runs in the box (no network, no credentials, nobody), its
+    `prepare_metadata_for_build_wheel` (or a wheel) is read, and Requires-Dist without extras is returned."""
+    source = spec.source_path
+    pyproject = source / "pyproject.toml"
+    requires = _requires(pyproject.read_bytes() if pyproject.is_file() else None, str(pyproject))
+    work_root = ctx.cache_dir / "work"
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_root, prefix=f"metadata-{spec.name}-") as work_name:
+        work = Path(work_name)
+        sdist_dir, build_env, out = work / "sdist", work / "build-env", work / "out"
+        for folder in (sdist_dir, build_env, out):
+            folder.mkdir()
+        shutil.copytree(source, sdist_dir / "project", symlinks=True,
+                        ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv", "node_modules"))
+        _fetch_build_requirements(ctx, spec, base, work, requires, uv_step_env(ctx, extra_indexes),
+                                  f"{spec.name}'s project")
+        _box(ctx, spec, base, f"reading {spec.name}'s dependencies from its build backend (no network, "
+             "no credentials)", sdist_dir, build_env, out, mode="metadata")
+        return _requires_dist(out, spec.name)
+
+
+def _requires_dist(out: Path, method: str) -> list[str]:
+    """Requires-Dist of the METADATA (or the wheel) the box left in `out`, without extras' requirements."""
+    import email.parser
+
+    metadata = [p for p in out.glob("*.dist-info/METADATA") if not p.is_symlink() and p.is_file()]
+    text = metadata[0].read_text(encoding="utf-8", errors="replace") if len(metadata) == 1 else None
+    wheels = [p for p in out.glob("*.whl") if not p.is_symlink() and p.is_file()]
+    if text is None and len(wheels) == 1:
+        with zipfile.ZipFile(wheels[0]) as zf:
+            names = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
+            text = zf.read(names[0]).decode("utf-8", errors="replace") if len(names) == 1 else None
+    if text is None:
+        raise EnvmgrError(f"{method}: its build backend left no metadata "
+                          f"({', '.join(sorted(p.name for p in out.iterdir())) or 'nothing'})")
+    found = email.parser.Parser().parsestr(text).get_all("Requires-Dist") or []
+    wanted = []
+    for requirement in found:
+        marker = requirement.split(";", 1)[1] if ";" in requirement else ""
+        if not re.search(r"\bextra\s*==", marker) and "\n" not in requirement:
+            wanted.append(requirement.strip())
+    return wanted
 
 
 def _built_dir(ctx: Context, base: BaseImage, sdist_sha256: str) -> Path:
@@ -242,29 +336,9 @@ def build(ctx: Context, spec: MethodSpec, base: BaseImage, name: str, version: s
         sdist = sdist_dir / file_name
         if hashlib.sha256(sdist.read_bytes()).hexdigest() != sdist_sha256:
             raise EnvmgrError(f"{spec.name}: {file_name} changed after its download")
-        requires = build_requirements(sdist)
-        if requires:
-            (work / "build-requirements.txt").write_text("".join(r + "\n" for r in requires))
-            run_step(ctx, base, f"downloading {name} {version}'s build requirements (wheels only)",
-                     f"{paths.CONTAINER_UV} pip install --quiet --python {base.python} --target "
-                     f"{paths.CONTAINER_WORK}/build-env -r {paths.CONTAINER_WORK}/build-requirements.txt",
-                     [BindMount(work, paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)], env,
-                     method=spec.name)
-        (sdist_dir / ".box.py").write_text(BOX_SCRIPT)
-        for folder in (sdist_dir, build_env):
-            os.chmod(folder, 0o755)
-        os.chmod(out, 0o777)   # the box's user owns nothing on the host; this folder alone it may write
-        box = Step(title=f"building {name} {version} from its source distribution (no network, no credentials)",
-                   image=base.image_id, network="none", user=BOX_USER, method=spec.name, target=base.tag,
-                   script=f"{base.python} -I -B {CONTAINER_SDIST}/.box.py {CONTAINER_SDIST} "
-                          f"{CONTAINER_BUILD_ENV} {CONTAINER_OUT}",
-                   env={"HOME": "/tmp", "TMPDIR": "/tmp", "SOURCE_DATE_EPOCH": "315532800", "PYTHONHASHSEED": "0"},
-                   mounts=[BindMount(sdist_dir, CONTAINER_SDIST, read_only=True),
-                           BindMount(build_env, CONTAINER_BUILD_ENV, read_only=True),
-                           BindMount(out, CONTAINER_OUT, read_only=False)])
-        with ctx.ui.progress(box.title, total=1, unit="steps") as task:
-            ctx.step_runner(ctx, box, None)
-            task.advance(1)
+        _fetch_build_requirements(ctx, spec, base, work, build_requirements(sdist), env, f"{name} {version}")
+        _box(ctx, spec, base, f"building {name} {version} from its source distribution (no network, no credentials)",
+             sdist_dir, build_env, out)
         wheels = [p for p in out.iterdir()
                   if not p.is_symlink() and p.is_file() and _is_wheel_of(p.name, name, version)]
         if len(wheels) != 1:

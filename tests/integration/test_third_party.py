@@ -406,3 +406,90 @@ def test_a_file_placed_with_file_reaches_the_method_folder_and_is_placed_again_o
     mounted = workspace.envmgr("--json", "run", "reader", "--gpus", "none", "--env", "ENV=my",
                                "--file", f"{cfg}:config/my/config.json", mirror=mirror_a.url)
     assert (Path(_done(mounted)["run_dir"]) / "output" / "model.safetensors").read_text() == "steps=4"
+
+
+DYNAMIC_BACKEND = '''
+import os, socket, sys
+
+PORT = {port}
+
+
+def _reach_out():
+    """What package code tries when it runs: the host's loopback, and the mirror credentials."""
+    for path in (os.environ.get("NETRC", ""), "/opt/envmgr/netrc"):
+        try:
+            open(path).read()
+            return "read credentials"
+        except OSError:
+            pass
+    try:
+        with socket.create_connection(("127.0.0.1", PORT), timeout=2) as sock:
+            sock.sendall(b"reached the host from the metadata step")
+        return "network"
+    except OSError:
+        return "boxed"
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    print("metadata step:", _reach_out(), flush=True)
+    # computed when the backend runs, like a setup.py that reads the platform
+    deps = ["envmgr-alpha>=1.0"] + (["envmgr-beta==1.0"] if sys.platform == "linux" else ["envmgr-beta==1.1"])
+    folder = os.path.join(metadata_directory, "dyn_trainer-0.1.dist-info")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "METADATA"), "w") as fh:
+        fh.write("Metadata-Version: 2.1\\nName: dyn-trainer\\nVersion: 0.1\\n"
+                 + "".join(f"Requires-Dist: {{d}}\\n" for d in deps)
+                 + "Requires-Dist: envmgr-gamma>=2.0; extra == \\"windows\\"\\n")
+    return "dyn_trainer-0.1.dist-info"
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    raise RuntimeError("envmgr needs only the metadata")
+'''
+
+DYNAMIC_REPO = {
+    "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "dynbackend"\nbackend-path = ["."]\n\n'
+                      '[project]\nname = "dyn-trainer"\nversion = "0.1"\nrequires-python = ">=3.11"\n'
+                      'dynamic = ["dependencies"]\n',
+    "train.py": "import os, pathlib, envmgr_alpha\nprint(envmgr_alpha.GREETING)\n"
+                "pathlib.Path(os.environ['ENVMGR_OUTPUT_DIR'], 'lora.safetensors').write_bytes(b'weights')\n",
+}
+
+
+def test_a_project_whose_dependencies_its_build_backend_computes_is_added_and_locked_in_the_box(
+        workspace, engine, mirror_a, tmp_path):
+    """No requirements.txt and `dynamic = ["dependencies"]` (as a setup.py project): `method add` takes it,
+    `lock` runs the project's build backend with no network and no credentials, and locks what it named."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.2)
+    repo = {**DYNAMIC_REPO, "dynbackend.py": DYNAMIC_BACKEND.format(port=listener.getsockname()[1])}
+    try:
+        added = workspace.envmgr("--json", "method", "add", str(_zip(tmp_path / "dyn.zip", repo)), "--name", "dyn")
+        assert "build backend" in added.stdout + added.stderr
+        method = workspace.base_dir / "methods" / "dyn"
+        locked = workspace.envmgr("-v", "lock", "dyn", mirror=mirror_a.url)
+        assert "metadata step: boxed" in locked.stdout + locked.stderr
+        with pytest.raises(OSError):
+            listener.accept()   # nothing reached the host
+        named = (method / "lock" / "requirements.project.txt").read_text()
+        assert "envmgr-alpha>=1.0" in named and "envmgr-beta==1.0" in named and "gamma" not in named
+        lock = (method / "lock" / "requirements.lock.txt").read_text()
+        assert "envmgr-beta==1.0" in lock and "--hash=sha256:" in lock
+        assert workspace.envmgr("lock", "dyn", "--check").returncode == 0
+        ran = workspace.envmgr("-v", "run", "dyn", "--gpus", "none", mirror=mirror_a.url)
+        assert "alpha+beta-1.0" in ran.stdout + ran.stderr
+
+        # the project's files changed: the dependencies are read again before anything is built
+        (method / "source" / "pyproject.toml").write_text(repo["pyproject.toml"] + "# changed\n")
+        stale = workspace.envmgr("lock", "dyn", "--check", check=False)
+        assert stale.returncode != 0 and "changed since its dependencies were read" in stale.stderr
+    finally:
+        listener.close()
