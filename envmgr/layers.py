@@ -603,6 +603,7 @@ def install_alone(prefix, envs, units, again, alone):
         entry, key, rows, record = units[name]
         if not alone:
             raise SplitError(f"{name}: shared files were overwritten and no way to install it alone was given")
+        print(f"ENVMGR-PHASE installing {name} alone: its own bytes of {len(again[name])} shared file(s)", flush=True)
         subprocess.run(["sh", alone, key], check=True, stdout=subprocess.DEVNULL)
         for inner in sorted(again[name]):
             source = os.path.join(prefix, inner)
