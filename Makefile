@@ -6,13 +6,14 @@ METHOD_VENV := .venv-method
 ENVMGR := $(VENV)/bin/envmgr
 DEMO_BASE ?= $(CURDIR)/.demo
 
-.PHONY: help install method-venv host-tools engine demo test test-unit test-method test-integration bench lint clean record-layers
+.PHONY: help install method-venv host-tools engine demo test test-unit test-method test-integration test-variants bench lint clean record-layers
 
 help:
 	@echo "make demo   - engine up, base + sd-demo images, tiny SD3 model + sample dataset, a short CPU run"
 	@echo "make test   - unit, trainer and integration tests (starts the Docker Engine if none answers)"
 	@echo "make lint   - ruff and mypy (make test runs it first)"
 	@echo "make bench  - benchmarks (figures for the closing notes)"
+	@echo "make test-variants - build sd-demo's cu128 variant for real (~4 GB download; not in make test)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +66,11 @@ test-integration: engine
 	$(VENV)/bin/python -m pytest tests/integration -q -m engine_restart
 
 test: lint test-unit test-method test-integration
+
+# sd-demo's documented variants built for real (cu128: torch 2.10 with 15 nvidia-*-cu12 wheels, ~4 GB to
+# download into ENVMGR_TEST_CACHE): not part of `make test`. Prints the build's figures.
+test-variants: engine
+	$(VENV)/bin/python -m pytest tests/variants -q -s
 
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench
