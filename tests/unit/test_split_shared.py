@@ -170,3 +170,34 @@ def test_group_keys_change_only_where_a_member_leaves_a_shared_file_to_another()
     changed = {g.label for g, h in zip(plain, after, strict=True) if g.key != h.key}
     holding = {g.label for g in after if any(u.name == "nvidia-nvtx-cu12" for u in g.members)}
     assert changed == holding
+
+
+def test_a_split_failure_reaches_the_user_as_one_line_naming_the_distribution(tmp_path):
+    import pytest
+
+    from envmgr.base import BaseImage
+    from envmgr.config import load_config
+    from envmgr.context import Context
+    from envmgr.errors import EnvmgrError
+    from envmgr.layers import stage_units
+    from envmgr.ui import Reporter
+
+    said = f"{SPLIT_ERROR}innocent: {SITE}/innocent/__init__.py does not match the hash in its RECORD"
+
+    def runner(ctx, step, on_line=None):
+        lines = ["+ innocent==1.0", "ENVMGR-PHASE installed", said]
+        for line in lines:
+            on_line(line)
+        raise EnvmgrError(f"{step.title} failed (exit 1): " + " | ".join(["Traceback (most recent call last):", said]))
+
+    base = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,
+                     layer_path="/nonexistent", python="/usr/bin/python3.11", python_version="3.11.2", packages={})
+    config = load_config({"cache_dir": str(tmp_path / "cache"), "base_dir": str(tmp_path / "base")}, files=[])
+    ctx = Context(config=config, ui=Reporter("plain"), step_runner=runner)
+    stage = tmp_path / "cache" / "envs" / "m-units-x"
+    stage.mkdir(parents=True)
+    with pytest.raises(EnvmgrError) as caught:
+        stage_units(ctx, base, "m", [Unit("innocent", "innocent==1.0 --hash=sha256:00", "k-inn")], stage, [],
+                    want_skeleton=False, read_archs=False)
+    assert caught.value.message == f"m: innocent: {SITE}/innocent/__init__.py does not match the hash in its RECORD"
+    assert "Traceback" not in str(caught.value)
