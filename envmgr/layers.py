@@ -791,6 +791,21 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
     return list(json.loads(found[-1])) if found else []
 
 
+# Layers this process measured for the engine (send mode), by diff ID, with the trees their bytes are made
+# from; an entry lasts while those trees do (until the build's exit stack closes). A second look at the
+# environment within one build (build._assemble's `need_bytes` pass) takes them from here: the store
+# records them as released, and the engine has not received them yet.
+_SENT: dict[str, Layer] = {}
+
+
+def _sent_layer(found: Layer) -> Layer:
+    """`found` (from the store), or the measured layer with its trees when the store only knows it as sent."""
+    sent = _SENT.get(found.diff_id)
+    if found.trees or found.path.is_file() or sent is None or not all(tree.is_dir() for tree, _ in sent.trees):
+        return found
+    return sent
+
+
 def tree_size(root: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(root):
@@ -829,6 +844,7 @@ def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, li
                 layer.path = store.layer_path(layer.diff_id)
                 store.record_sent(group.key, layer)
                 written[group.key] = layer
+                _SENT[layer.diff_id] = layer
                 return
             written[group.key] = store.put_group(group.key, trees, progress=advance)
             for tree, _ in trees:
@@ -937,7 +953,7 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
         for group in plan:
             layer = store.group(group.key, need_bytes)
             if layer is not None:
-                found_layers[group.key] = layer
+                found_layers[group.key] = _sent_layer(layer)
                 continue
             names = [STAGE_SKELETON] if group.kind == "skeleton" else [u.key for u in group.members]
             trees = [(stage / f"d-{name}", PHYSICAL_PREFIX) for name in names]
@@ -960,6 +976,8 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
                         "straight into the engine: the layer store keeps no copy")
         if defer is not None and sent:
             defer.callback(shutil.rmtree, stage, ignore_errors=True)   # after the load has read them
+            for layer in sent:
+                defer.callback(_SENT.pop, layer.diff_id, None)
             kept_for_load = True
         return result
     finally:

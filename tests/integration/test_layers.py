@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 BIG_MB = 34   # over envmgr.layers.BIG_BYTES (32 MiB): a torch-like distribution with a layer of its own
 
 
-def build_big_wheel(out_dir: Path, name: str, version: str) -> Path:
+def build_big_wheel(out_dir: Path, name: str, version: str, mb: int = BIG_MB) -> Path:
     """A wheel whose installed size is over the big-layer threshold (incompressible, yet byte-identical)."""
     module = name.replace("-", "_")
     dist = f"{module}-{version}"
-    blob = random.Random(f"{name}-{version}").randbytes(BIG_MB << 20)
+    blob = random.Random(f"{name}-{version}").randbytes(mb << 20)
     files = {f"{module}/__init__.py": f'VERSION = "{version}"\n'.encode(), f"{module}/kernels.bin": blob,
              f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
              f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: envmgr-tests\nRoot-Is-Purelib: true\n"
@@ -72,6 +72,7 @@ def layer_index(tmp_path_factory):
                                                   "lyr_broken/zz_good.py": "GOOD = 1\n"})
     build_big_wheel(root, "lyr-bigtorch", "2.0")
     build_big_wheel(root, "lyr-bigsolo", "1.0")   # used by one test only: no other image holds its chain
+    build_big_wheel(root, "lyr-bighuge", "1.0", mb=BIG_MB + 2)   # larger than bigtorch: its layer goes lower
     index = Index(root).start()
     yield index
     index.stop()
@@ -187,6 +188,23 @@ def test_two_methods_share_the_big_layer_in_the_engine(methods, engine):
         assert layerdb.is_dir() and (layerdb / "diff").read_text() == layers[0][2]
     out = engine.containers.run(f"envmgr/{two}:latest", ["lyr-bigtorch-tool"], remove=True, network_mode="none")
     assert out.decode().strip() == "big"
+
+
+def test_a_new_large_layer_below_one_the_engine_holds_on_another_chain_builds(methods, engine):
+    """As sd-demo's cu128 variant after the default: a new torch layer lowest, then layers the engine holds
+    only above the default's torch. They are made again (need_bytes), and the new ones measured in the
+    same build still go to the engine from their trees."""
+    one = methods.add(["lyr-bigtorch", "lyr-apple==1.0"])
+    methods.envmgr("lock", one)
+    methods.build(one)
+    two = methods.add(["lyr-bighuge", "lyr-bigtorch", "lyr-apple==1.0"])
+    methods.envmgr("lock", two)
+    done = methods.build(two)
+    assert "not in the engine below this image: making them again" in done["stderr"]
+    out = engine.containers.run(done["tag"], ["python", "-c", "import lyr_bighuge, lyr_bigtorch; "
+                                              "print(lyr_bighuge.VERSION, lyr_bigtorch.VERSION)"],
+                                remove=True, network_mode="none")
+    assert out.decode().split() == ["1.0", "2.0"]
 
 
 def test_damaged_store_entry_is_rebuilt_never_loaded(methods, engine):
