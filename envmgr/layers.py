@@ -573,6 +573,7 @@ def check_files(prefix, units, owners, claims):
 
 def move_units(prefix, envs, site, units, owners):
     plans = []
+    in_site_prefix = os.path.relpath(site, prefix) + os.sep
     for name, (entry, key, rows, record) in sorted(units.items()):
         in_site = []
         for inner in sorted(rows):
@@ -585,8 +586,8 @@ def move_units(prefix, envs, site, units, owners):
             target = os.path.join(envs, "d-" + key, inner)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.rename(source, target)
-            if os.path.isfile(target) and not os.path.relpath(source, site).startswith(".."):
-                in_site.append(os.path.relpath(source, site))
+            if inner.startswith(in_site_prefix) and os.path.isfile(target):
+                in_site.append(inner[len(in_site_prefix):])
         unit_site = os.path.join(envs, "d-" + key, os.path.relpath(site, prefix))
         plans.append((unit_site, key, bytecode_chunks(bytecode_sources(in_site))))
         record_hash = file_digest(os.path.join(envs, "d-" + key, record), "sha256")
