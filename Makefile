@@ -11,7 +11,7 @@ TIMED := .ci/timed
 REPORTS := .test-reports
 
 .PHONY: help install method-venv host-tools engine demo dist test test-unit test-method test-integration test-installed \
-	bench lint clean clean-reports record-layers
+	test-variants bench lint clean clean-reports record-layers
 
 help:
 	@echo "make demo   - engine up, base + sd-demo images, tiny SD3 model + sample dataset, a short CPU run"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint   - ruff and mypy (make test runs it first)"
 	@echo "make dist   - dist/wheelhouse: envmgr's wheel + every dependency's, requirements.txt with hashes (offline install)"
 	@echo "make bench  - benchmarks (figures for the closing notes)"
+	@echo "make test-variants - build sd-demo's cu128 variant for real (~4 GB download; not in make test)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -111,6 +112,11 @@ dist: install
 	$(VENV)/bin/python tools/wheelhouse.py $(DIST)/wheelhouse --constraints $(DIST)/venv-pins.txt \
 	    $(foreach p,$(PLATFORM),--platform $(p)) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION))
 	$(VENV)/bin/python -m build -q --sdist --outdir $(DIST) .
+
+# sd-demo's documented variants built for real (cu128: torch 2.10 with 15 nvidia-*-cu12 wheels, ~4 GB to
+# download into ENVMGR_TEST_CACHE): not part of `make test`. Prints the build's figures.
+test-variants: engine
+	$(VENV)/bin/python -m pytest tests/variants -q -s
 
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench

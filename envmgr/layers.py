@@ -147,14 +147,28 @@ def bucket_of(name: str, buckets: int = BUCKETS) -> int:
     return int(hashlib.sha256(normal_name(name).encode()).hexdigest()[:8], 16) % buckets
 
 
+def _group_key(layout: str, kind: str, members: Iterable[Unit], dropped: dict[str, str]) -> str:
+    """A group's key: its members' unit keys, and what each leaves to another layer (only when it does, so
+    the keys of environments without shared files are what they always were)."""
+    members = list(members)
+    data: dict[str, object] = {"layout": layout, "kind": kind, "members": sorted(u.key for u in members)}
+    left = {u.key: dropped[u.key] for u in members if dropped.get(u.key)}
+    if left:
+        data["dropped"] = left
+    return _digest(data)
+
+
 def plan_groups(dists: list[Unit], sizes: dict[str, int | None], layout: str, *, big: int = BIG_BYTES,
-                buckets: int = BUCKETS, budget: int = MAX_ENV_LAYERS) -> list[Group]:
+                buckets: int = BUCKETS, budget: int = MAX_ENV_LAYERS,
+                dropped: dict[str, str] | None = None) -> list[Group]:
     """The distribution layers, bottom first: big ones by size (largest lowest), then the buckets.
 
     Largest lowest: a layer is shared in the engine only when every layer below it is too (its chain
     ID), so the layers most costly to keep twice (torch, the CUDA libraries) sit where methods with the
     same torch still agree. A distribution of unknown size counts as small (it is installed anyway).
+    `dropped`: unit key -> a digest of the shared paths it leaves to another unit (shared_files).
     """
+    dropped = dropped or {}
     def size(unit: Unit) -> int:
         return sizes.get(unit.key) or 0
 
@@ -163,17 +177,48 @@ def plan_groups(dists: list[Unit], sizes: dict[str, int | None], layout: str, *,
     bigs.sort(key=lambda u: (-size(u), u.name))
     bigs = bigs[:room]                     # past the budget, the smallest big ones join their buckets
     big_names = {u.name for u in bigs}
-    groups = [Group("big", u.name, (u,), _digest({"layout": layout, "kind": "big", "members": [u.key]}))
-              for u in bigs]
+    groups = [Group("big", u.name, (u,), _group_key(layout, "big", (u,), dropped)) for u in bigs]
     by_bucket: dict[int, list[Unit]] = {}
     for unit in dists:
         if unit.name not in big_names:
             by_bucket.setdefault(bucket_of(unit.name, buckets), []).append(unit)
     for index in sorted(by_bucket):
         members = tuple(sorted(by_bucket[index], key=lambda u: u.name))
-        groups.append(Group("bucket", f"bucket-{index:02d}", members,
-                            _digest({"layout": layout, "kind": "bucket", "members": sorted(u.key for u in members)})))
+        groups.append(Group("bucket", f"bucket-{index:02d}", members, _group_key(layout, "bucket", members, dropped)))
     return groups
+
+
+@dataclass
+class Shared:
+    """The paths several distributions of one environment claim, and where each goes."""
+
+    owners: dict[str, str]                    # path -> the distribution whose layer holds it
+    claims: dict[str, dict[str, str]]         # path -> {distribution: RECORD hash}
+    dropped: dict[str, list[str]]             # unit key -> the paths it leaves to another layer
+    dropped_bytes: dict[str, int]             # unit key -> their sizes (per its RECORD)
+
+    def digests(self) -> dict[str, str]:
+        return {key: _digest(paths) for key, paths in self.dropped.items() if paths}
+
+    def differing(self) -> list[str]:
+        return [path for path in sorted(self.owners) if len(set(self.claims[path].values())) > 1]
+
+
+def shared_files(files: dict[str, dict]) -> Shared:
+    """`files`: unit key -> its RECORD rows as the split left them ({"name", "files": [[path, hash, size]]})."""
+    claims: dict[str, dict[str, str]] = {}
+    for data in files.values():
+        for path, digest, _size in data["files"]:
+            claims.setdefault(path, {})[data["name"]] = digest
+    owners = shared_owners(claims)
+    dropped: dict[str, list[str]] = {}
+    dropped_bytes: dict[str, int] = {}
+    for key, data in files.items():
+        for path, _hash, size in data["files"]:
+            if owners.get(path, data["name"]) != data["name"]:
+                dropped.setdefault(key, []).append(path)
+                dropped_bytes[key] = dropped_bytes.get(key, 0) + (int(size) if str(size).isdigit() else 0)
+    return Shared(owners, claims, {k: sorted(v) for k, v in dropped.items()}, dropped_bytes)
 
 
 # ---------------------------------------------------------------------- the store
@@ -305,6 +350,21 @@ class LayerStore:
     def put_dist(self, key: str, **data: object) -> None:
         atomic_write(self._dist_record(key), json.dumps(dict(sorted(data.items()))))
 
+    def _files_record(self, key: str) -> Path:
+        return self.root / "index" / "files" / f"{key}.json"
+
+    def unit_files(self, key: str) -> dict | None:
+        """A unit's RECORD rows as its split left them ({"name", "record", "files"}), None when not known."""
+        try:
+            data = json.loads(self._files_record(key).read_text())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(data, dict) and isinstance(data.get("name"), str) and isinstance(data.get("files"), list)
+        return data if ok else None
+
+    def put_unit_files(self, key: str, data: dict) -> None:
+        atomic_write(self._files_record(key), json.dumps(data, sort_keys=True))
+
     def recorded_sizes(self) -> dict[str, int]:
         """diff ID -> size, for every layer a record names (its bytes here or in the engine)."""
         found: dict[str, int] = {}
@@ -385,55 +445,229 @@ def _source_of(*functions: object) -> str:
     return "\n\n".join(textwrap.dedent(inspect.getsource(function)) for function in functions)  # type: ignore[arg-type]
 
 
+def shared_owners(claims: dict[str, dict[str, str]]) -> dict[str, str]:
+    """path -> the one distribution whose layer holds it, for each path several distributions' RECORDs claim.
+
+    `claims`: path (relative to the prefix) -> {normalized name: RECORD hash}. The rule is fixed and
+    depends on the names alone: the distribution whose normalized name sorts first (byte order) owns it,
+    with its own bytes (its RECORD's hash). Files one distribution alone claims are not listed.
+    """
+    return {path: min(names, key=lambda name: name.encode("utf-8"))
+            for path, names in claims.items() if len(names) > 1}
+
+
+def record_digest(data: bytes, algorithm: str = "sha256") -> str:
+    """A RECORD hash field: `<algorithm>=<urlsafe base64 without padding>`."""
+    import base64
+    import hashlib
+
+    raw = hashlib.new(algorithm, data).digest()
+    return algorithm + "=" + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+# Hash algorithms a RECORD may use (the wheel spec forbids md5 and sha1).
+RECORD_ALGORITHMS = ("sha256", "sha384", "sha512", "sha3_256", "sha3_384", "sha3_512", "blake2b", "blake2s")
+# RECORD rows that carry no hash by the wheel spec: RECORD itself and its signatures. Every other row
+# must have one (uv writes hashes for what it makes: scripts, INSTALLER, REQUESTED, direct_url.json).
+UNHASHED_RECORD_FILES = ("RECORD", "RECORD.jws", "RECORD.p7s")
+
+
 SPLIT_SCRIPT = r"""
-import csv, os, re, sys
-prefix, envs, units_file, skeleton_file, plan_file = sys.argv[1:6]
+import csv, os, re, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
+
 normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-keys = dict(reversed(line.split()) for line in open(units_file) if line.strip())
-skeleton = {line.strip()[2:] for line in open(skeleton_file) if line.strip()}
-lib = os.path.join(prefix, "lib")
-site = [os.path.join(lib, d, "site-packages") for d in os.listdir(lib) if d.startswith("python")][0]
-for entry in sorted(os.listdir(site)):
-    if not entry.endswith(".dist-info"):
-        continue
-    info = os.path.join(site, entry)
-    name = next(line.split(":", 1)[1].strip() for line in open(os.path.join(info, "METADATA"), encoding="utf-8")
-                if line.lower().startswith("name:"))
-    key = keys.pop(normal(name))
-    with open(os.path.join(info, "RECORD"), newline="", encoding="utf-8") as fh:
-        rows = [row[0] for row in csv.reader(fh) if row]
-    in_site = []
-    for rel in rows:
-        source = os.path.normpath(os.path.join(site, rel))
-        inner = os.path.relpath(source, prefix)
-        if inner.startswith(".."):
-            sys.exit(f"{entry}: RECORD names a file outside the environment: {rel}")
-        target = os.path.join(envs, "d-" + key, inner)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(source, target)
-        if os.path.isfile(target) and not os.path.relpath(source, site).startswith(".."):
-            in_site.append(os.path.relpath(source, site))
-    unit_site = os.path.join(envs, "d-" + key, os.path.relpath(site, prefix))
-    plans.append((unit_site, key, bytecode_chunks(bytecode_sources(in_site))))
-if keys:
-    sys.exit("installed without a dist-info: " + " ".join(sorted(keys)))
-if os.path.exists(os.path.join(prefix, ".lock")):
-    os.remove(os.path.join(prefix, ".lock"))   # uv's own install-time lock file: in no layer
-left = [os.path.relpath(os.path.join(d, f), prefix) for d, _, files in os.walk(prefix) for f in files]
-left = sorted(p for p in left if p not in skeleton)
-if left:
-    sys.exit("files no RECORD names (cannot be given to a distribution's layer): " + " ".join(left[:10]))
-lists = os.path.dirname(plan_file)
-with open(plan_file, "w") as plan:
-    for unit_site, key, chunks in sorted(plans, key=lambda plan: -len(plan[2])):   # the longest work first
-        for index, chunk in enumerate(chunks):
-            listing = os.path.join(lists, f"{key}-{index:04d}.txt")
-            with open(listing, "w", encoding="utf-8") as fh:
-                fh.write("".join(rel + "\n" for rel in chunk))
-            plan.write(f"{unit_site} {listing}\n")
+
+
+class SplitError(Exception):
+    pass
+
+
+def file_digest(path, algorithm):
+    import base64, hashlib
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(1 << 20)
+            if not block:
+                break
+            digest.update(block)
+    return algorithm + "=" + base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
+
+
+def read_units(prefix, site, keys):
+    # normal name -> (dist-info entry, unit key, {path in prefix: (hash, size)}, RECORD's path in prefix)
+    found = {}
+    for entry in sorted(os.listdir(site)):
+        if not entry.endswith(".dist-info"):
+            continue
+        info = os.path.join(site, entry)
+        with open(os.path.join(info, "METADATA"), encoding="utf-8") as fh:
+            name = normal(next(line.split(":", 1)[1].strip() for line in fh if line.lower().startswith("name:")))
+        if name not in keys:
+            raise SplitError(f"{entry}: installed, but not one of the locked distributions of this step")
+        rows = {}
+        with open(os.path.join(info, "RECORD"), newline="", encoding="utf-8") as fh:
+            for row in csv.reader(fh):
+                if not row:
+                    continue
+                inner = os.path.relpath(os.path.normpath(os.path.join(site, row[0])), prefix)
+                if inner.startswith(".."):
+                    raise SplitError(f"{name}: its RECORD names a file outside the environment: {row[0]}")
+                rows[inner] = (row[1] if len(row) > 1 else "", row[2] if len(row) > 2 else "")
+        found[name] = (entry, keys.pop(name), rows, os.path.relpath(os.path.join(info, "RECORD"), prefix))
+    if keys:
+        raise SplitError("installed without a dist-info: " + " ".join(sorted(keys)))
+    return found
+
+
+def to_check(units, owners):
+    # (name, path, RECORD hash) of every file a unit of this step keeps: the files its layer will hold
+    work = []
+    for name, (entry, key, rows, record) in sorted(units.items()):
+        for inner, (digest, _size) in sorted(rows.items()):
+            if owners.get(inner, name) != name or inner == record:
+                continue
+            if not digest:
+                same_info = os.path.dirname(inner) == os.path.dirname(record)
+                if same_info and os.path.basename(inner) in UNHASHED_RECORD_FILES:
+                    continue
+                raise SplitError(f"{name}: its RECORD lists {inner} without a hash (every installed file "
+                                 "must have one)")
+            algorithm = digest.split("=", 1)[0]
+            if algorithm not in RECORD_ALGORITHMS:
+                raise SplitError(f"{name}: its RECORD hashes {inner} with {algorithm!r}, not a hash envmgr "
+                                 "accepts")
+            work.append((name, inner, digest))
+    return work
+
+
+def check_files(prefix, units, owners, claims):
+    # Every kept file against its RECORD hash; returns {name: [paths]} of owners whose bytes another claimant
+    # of this step overwrote (uv installs wheels in parallel: the last writer of a shared path is a race).
+    work = to_check(units, owners)
+
+    def actual(item):
+        path = os.path.join(prefix, item[1])
+        if os.path.islink(path) or not os.path.isfile(path):
+            return None
+        return file_digest(path, item[2].split("=", 1)[0])
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = list(pool.map(actual, work))
+    again = {}
+    for (name, inner, digest), got in zip(work, found):
+        if got == digest:
+            continue
+        if got is None:
+            raise SplitError(f"{name}: {inner} is missing or not a regular file (its RECORD lists it)")
+        rivals = {other: h for other, h in claims.get(inner, {}).items() if other != name and other in units}
+        if got in rivals.values():
+            again.setdefault(name, []).append(inner)
+            continue
+        raise SplitError(f"{name}: {inner} does not match the hash in its RECORD (its installed bytes were "
+                         "changed: a modified file in the uv cache?)")
+    return again
+
+
+def move_units(prefix, envs, site, units, owners):
+    plans = []
+    in_site_prefix = os.path.relpath(site, prefix) + os.sep
+    for name, (entry, key, rows, record) in sorted(units.items()):
+        in_site = []
+        for inner in sorted(rows):
+            source = os.path.join(prefix, inner)
+            owner = owners.get(inner, name)
+            if owner != name:   # another distribution's layer holds it
+                if owner not in units and os.path.lexists(source):
+                    os.remove(source)
+                continue
+            target = os.path.join(envs, "d-" + key, inner)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(source, target)
+            if inner.startswith(in_site_prefix) and os.path.isfile(target):
+                in_site.append(inner[len(in_site_prefix):])
+        unit_site = os.path.join(envs, "d-" + key, os.path.relpath(site, prefix))
+        plans.append((unit_site, key, bytecode_chunks(bytecode_sources(in_site))))
+        record_hash = file_digest(os.path.join(envs, "d-" + key, record), "sha256")
+        with open(os.path.join(envs, f"files-{key}.json"), "w", encoding="utf-8") as fh:
+            json.dump({"name": name, "record": record_hash,
+                       "files": [[inner, digest, size] for inner, (digest, size) in sorted(rows.items())]}, fh)
+    return plans
+
+
+def install_alone(prefix, envs, units, again, alone):
+    # An owner whose bytes of a shared path lost the install race: install it alone (same prefix, so the
+    # same script shebangs) and take those files from there, checked against its RECORD.
+    for name in sorted(again):
+        entry, key, rows, record = units[name]
+        if not alone:
+            raise SplitError(f"{name}: shared files were overwritten and no way to install it alone was given")
+        print(f"ENVMGR-PHASE installing {name} alone: its own bytes of {len(again[name])} shared file(s)", flush=True)
+        subprocess.run(["sh", alone, key], check=True, stdout=subprocess.DEVNULL)
+        for inner in sorted(again[name]):
+            source = os.path.join(prefix, inner)
+            digest = rows[inner][0]
+            if os.path.islink(source) or not os.path.isfile(source) or \
+                    file_digest(source, digest.split("=", 1)[0]) != digest:
+                raise SplitError(f"{name}: {inner} does not match the hash in its RECORD when installed alone")
+            os.replace(source, os.path.join(envs, "d-" + key, inner))
+
+
+def main(argv):
+    prefix, envs, units_file, skeleton_file, plan_file = argv[1:6]
+    others_file = argv[6] if len(argv) > 6 else ""
+    alone = argv[7] if len(argv) > 7 else ""
+    keys = dict(reversed(line.split()) for line in open(units_file) if line.strip())
+    skeleton = {line.strip()[2:] for line in open(skeleton_file) if line.strip()}
+    lib = os.path.join(prefix, "lib")
+    site = [os.path.join(lib, d, "site-packages") for d in os.listdir(lib) if d.startswith("python")][0]
+    units = read_units(prefix, site, keys)
+    claims = {}   # path -> {name: RECORD hash}: the environment's distributions outside this step, then this step's
+    if others_file:
+        with open(others_file, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    name, inner, digest = json.loads(line)
+                    claims.setdefault(inner, {})[name] = digest
+    for name, (entry, key, rows, record) in units.items():
+        for inner, (digest, _size) in rows.items():
+            claims.setdefault(inner, {})[name] = digest
+    owners = shared_owners(claims)
+    again = check_files(prefix, units, owners, claims)
+    lists = os.path.dirname(plan_file)
+    plans = move_units(prefix, envs, site, units, owners)
+    if os.path.exists(os.path.join(prefix, ".lock")):
+        os.remove(os.path.join(prefix, ".lock"))   # uv's own install-time lock file: in no layer
+    left = [os.path.relpath(os.path.join(d, f), prefix) for d, _, files in os.walk(prefix) for f in files]
+    left = sorted(p for p in left if p not in skeleton)
+    if left:
+        raise SplitError("files no RECORD names (cannot be given to a distribution's layer): " + " ".join(left[:10]))
+    install_alone(prefix, envs, units, again, alone)
+    with open(plan_file, "w") as plan:
+        for unit_site, key, chunks in sorted(plans, key=lambda plan: -len(plan[2])):   # the longest work first
+            for index, chunk in enumerate(chunks):
+                listing = os.path.join(lists, f"{key}-{index:04d}.txt")
+                with open(listing, "w", encoding="utf-8") as fh:
+                    fh.write("".join(rel + "\n" for rel in chunk))
+                plan.write(f"{unit_site} {listing}\n")
+
+
+try:
+    main(sys.argv)
+except SplitError as error:
+    print(f"{SPLIT_ERROR}{error}", flush=True)
+    sys.exit(1)
+except Exception as error:   # noqa: BLE001 - one line for the user, whatever went wrong
+    print(f"{SPLIT_ERROR}splitting the environment by RECORD failed: {type(error).__name__}: {error}", flush=True)
+    sys.exit(1)
 """
-SPLIT_SCRIPT = (f"from __future__ import annotations\nCOMPILE_CHUNK_FILES = {COMPILE_CHUNK_FILES}\n"
-                + _source_of(bytecode_sources, bytecode_chunks) + "\nplans = []\n" + SPLIT_SCRIPT)
+SPLIT_ERROR = "ENVMGR-SPLIT-ERROR "
+SPLIT_SCRIPT = (f"from __future__ import annotations\nimport json\nCOMPILE_CHUNK_FILES = {COMPILE_CHUNK_FILES}\n"
+                f"SPLIT_ERROR = {SPLIT_ERROR!r}\nRECORD_ALGORITHMS = {RECORD_ALGORITHMS!r}\n"
+                f"UNHASHED_RECORD_FILES = {UNHASHED_RECORD_FILES!r}\n"
+                + _source_of(bytecode_sources, bytecode_chunks, shared_owners) + "\n" + SPLIT_SCRIPT)
 
 
 def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
@@ -450,6 +684,11 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
     A file no RECORD names stops the build, except uv's empty install-time `.lock`, which no layer
     holds (a single install leaves it in the prefix). A source that does not compile stays without
     a pyc, as in a single install.
+
+    Before anything moves, every file a unit keeps is hashed and compared with its RECORD (a changed
+    file, e.g. in the uv cache uv hard-links from, stops the build naming the distribution and the
+    file). A path several distributions' RECORDs claim (the `nvidia/__init__.py` of every CUDA wheel,
+    a console script two distributions both install) goes to one unit only: see shared_owners.
     """
     uv, work, envs, prefix = paths.CONTAINER_UV, paths.CONTAINER_WORK, paths.CONTAINER_ENVS_ROOT, PHYSICAL_PREFIX
     compile_one = (f'cd "$1" && exec env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q '
@@ -472,7 +711,8 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
                   f"|| echo '{ARCH_MARK}[]'", "echo ENVMGR-PHASE gpu-facts"]
     lines += [
         "mkdir -p /tmp/bytecode",
-        f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt /tmp/skeleton-files /tmp/bytecode/plan",
+        f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt /tmp/skeleton-files /tmp/bytecode/plan "
+        f"{work}/others.jsonl {work}/alone.sh",
         "echo ENVMGR-PHASE split",
         f"xargs -r -n 2 -P \"$(nproc)\" sh -c '{compile_one}' compile < /tmp/bytecode/plan || true",
         "echo ENVMGR-PHASE compiled",
@@ -481,11 +721,23 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
     return "\n".join(lines)
 
 
+def _alone_script(python: str) -> str:
+    """Install one unit alone into the (emptied) prefix: `sh alone.sh <unit key>` (see SPLIT_SCRIPT)."""
+    uv, work, prefix = paths.CONTAINER_UV, paths.CONTAINER_WORK, PHYSICAL_PREFIX
+    return "\n".join(["set -e", f"rm -rf {prefix}", f"{uv} venv --quiet --python {python} {prefix}",
+                      f"{uv} pip install --quiet --python {prefix}/bin/python --require-hashes --no-deps "
+                      f"-r {work}/alone/\"$1\".txt", ""])
+
+
 def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], stage: Path,
-                extra_indexes: list[str], want_skeleton: bool, read_archs: bool) -> list[str] | None:
+                extra_indexes: list[str], want_skeleton: bool, read_archs: bool,
+                others: Iterable[tuple[str, str, str]] = ()) -> list[str] | None:
     """Install `todo` into `stage/d-<key>` (and the skeleton into stage/d-skeleton) in one container step.
 
-    Returns torch's GPU architectures when `read_archs`, else None.
+    `others`: (name, path, RECORD hash) of the files of the environment's distributions not installed
+    here, so that a path this step shares with them goes to the one layer shared_owners picks. Each
+    unit's RECORD rows are left in `stage/files-<key>.json`. Returns torch's GPU architectures when
+    `read_archs`, else None.
     """
     from .backends.common import run_step, uv_mounts, uv_step_env
     from .gpu_image import ARCH_SCRIPT
@@ -497,6 +749,11 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
         (Path(work) / "units.txt").write_text("".join(f"{u.key} {u.name}\n" for u in todo))
         (Path(work) / "split.py").write_text(SPLIT_SCRIPT)
         (Path(work) / "archs.py").write_text(ARCH_SCRIPT.replace("ENVMGR-GPU-FACTS ", ARCH_MARK))
+        (Path(work) / "others.jsonl").write_text("".join(json.dumps(list(row)) + "\n" for row in others))
+        (Path(work) / "alone.sh").write_text(_alone_script(base.python))
+        (Path(work) / "alone").mkdir()
+        for unit in todo:
+            (Path(work) / "alone" / f"{unit.key}.txt").write_text(unit.requirement + "\n")
         script = _install_script(base.python, want_skeleton, read_archs)
         lines: list[str] = []
         started = time.monotonic()
@@ -520,12 +777,34 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
                     mounts.append(BindMount(ctx.uv_binary(), paths.CONTAINER_UV, read_only=True))
                     env.update(UV_CACHE_DIR=f"{paths.CONTAINER_ENVS_ROOT}/{lent}", UV_LINK_MODE="hardlink")
                 ctx.ui.log(f"uv cache: {'hard links from the lent cache' if lent else 'copies (cache not movable)'}")
-                run_step(ctx, base, f"installing {method}'s environment", script, mounts, env, on_line=on_line,
-                         method=method)
+                try:
+                    run_step(ctx, base, f"installing {method}'s environment", script, mounts, env,
+                             on_line=on_line, method=method)
+                except EnvmgrError:
+                    said = [line[len(SPLIT_ERROR):] for line in lines if line.startswith(SPLIT_ERROR)]
+                    if not said:
+                        raise
+                    raise EnvmgrError(f"{method}: {said[-1]}", hint="nothing was stored or tagged; run with -v for "
+                                      "the install's output") from None
     if not read_archs:
         return None
     found = [line[len(ARCH_MARK):] for line in lines if line.startswith(ARCH_MARK)]
     return list(json.loads(found[-1])) if found else []
+
+
+# Layers this process measured for the engine (send mode), by diff ID, with the trees their bytes are made
+# from; an entry lasts while those trees do (until the build's exit stack closes). A second look at the
+# environment within one build (build._assemble's `need_bytes` pass) takes them from here: the store
+# records them as released, and the engine has not received them yet.
+_SENT: dict[str, Layer] = {}
+
+
+def _sent_layer(found: Layer) -> Layer:
+    """`found` (from the store), or the measured layer with its trees when the store only knows it as sent."""
+    sent = _SENT.get(found.diff_id)
+    if found.trees or found.path.is_file() or sent is None or not all(tree.is_dir() for tree, _ in sent.trees):
+        return found
+    return sent
 
 
 def tree_size(root: Path) -> int:
@@ -566,6 +845,7 @@ def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, li
                 layer.path = store.layer_path(layer.diff_id)
                 store.record_sent(group.key, layer)
                 written[group.key] = layer
+                _SENT[layer.diff_id] = layer
                 return
             written[group.key] = store.put_group(group.key, trees, progress=advance)
             for tree, _ in trees:
@@ -574,6 +854,39 @@ def _write_groups(ctx: Context, store: LayerStore, missing: list[tuple[Group, li
         with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
             list(pool.map(write, sorted(missing, key=lambda item: -sizes[item[0].key])))
     return written
+
+
+def _staged_files(store: LayerStore, unit: Unit, stage: Path) -> dict:
+    """The RECORD rows the split left for `unit`, checked against its first install's RECORD, then kept.
+
+    The split checks every file against its RECORD; the RECORD itself (no hash of its own) must be the
+    one this unit's first install recorded (same unit key: same wheel, installer, Python, prefix).
+    """
+    data = json.loads((stage / f"files-{unit.key}.json").read_text())
+    pinned = store.dist(unit.key).get("record")
+    if pinned and pinned != data["record"]:
+        raise EnvmgrError(f"{unit.name}: its installed RECORD differs from the one its first install left "
+                          f"({data['record'][:19]}, was {str(pinned)[:19]}): a modified file in the uv cache?",
+                          hint="remove the uv cache (`<cache>/uv`) and build again; nothing was stored or tagged")
+    store.put_unit_files(unit.key, data)
+    return data
+
+
+def _say_shared(ctx: Context, shared: Shared) -> None:
+    """Name the files several distributions install (in the log), and warn when their contents differ."""
+    if not shared.owners:
+        return
+    differing = set(shared.differing())
+    for path in sorted(shared.owners):
+        names = ", ".join(sorted(shared.claims[path]))
+        owner = shared.owners[path]
+        if path in differing:
+            ctx.ui.warn(f"{path} is installed by {names} with different contents: the image holds {owner}'s "
+                        "(the first by name)")
+        else:
+            ctx.ui.log(f"shared file {path} ({names}, the same bytes): in {owner}'s layer only")
+    ctx.ui.step(f"{len(shared.owners)} file(s) installed by more than one distribution: each in one layer "
+                f"({len(differing)} with different contents)")
 
 
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
@@ -598,10 +911,13 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
     kept_for_load = False
     skeleton_staged = False
     archs: list[str] | None = None
+    files: dict[str, dict] = {}   # unit key -> its RECORD rows (store.unit_files): who shares which file
     try:
         while True:
-            sizes = {u.key: store.dist(u.key).get("size") for u in dists}
-            groups = plan_groups(dists, sizes, layout)
+            files.update({u.key: known for u in dists if u.key not in files
+                          for known in [store.unit_files(u.key)] if known is not None})
+            sizes = {u.key: store.dist(u.key).get("size") if u.key in files else None for u in dists}
+            groups = plan_groups(dists, sizes, layout, dropped=shared_files(files).digests())
             need: dict[str, Unit] = {u.key: u for u in dists if sizes[u.key] is None}
             for group in groups:
                 if store.group(group.key, need_bytes) is None:
@@ -614,22 +930,31 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             todo = [u for key, u in sorted(need.items()) if key not in staged]
             if not todo and not want_skeleton:
                 break
-            found = stage_units(ctx, base, method, todo, stage, extra_indexes, want_skeleton, want_archs)
+            here = {u.key for u in todo}
+            others = [(data["name"], path, digest) for key, data in sorted(files.items()) if key not in here
+                      for path, digest, _size in data["files"]]
+            found = stage_units(ctx, base, method, todo, stage, extra_indexes, want_skeleton, want_archs, others)
             skeleton_staged = skeleton_staged or want_skeleton
+            for unit in todo:
+                files[unit.key] = _staged_files(store, unit, stage)
+            dropped_bytes = shared_files(files).dropped_bytes
             for unit in todo:
                 staged.add(unit.key)
                 record = store.dist(unit.key)
-                store.put_dist(unit.key, **{**record, "name": unit.name, "size": tree_size(stage / f"d-{unit.key}")})
+                size = tree_size(stage / f"d-{unit.key}") + dropped_bytes.get(unit.key, 0)
+                store.put_dist(unit.key, **{**record, "name": unit.name, "size": size,
+                                            "record": files[unit.key]["record"]})
             if want_archs and torch is not None:
                 archs = found or []
                 store.put_dist(torch.key, **{**store.dist(torch.key), "gpu_archs": archs})
+        _say_shared(ctx, shared_files(files))
         plan = [skeleton, *groups]
         found_layers: dict[str, Layer] = {}
         missing: list[tuple[Group, list[tuple[Path, str]]]] = []
         for group in plan:
             layer = store.group(group.key, need_bytes)
             if layer is not None:
-                found_layers[group.key] = layer
+                found_layers[group.key] = _sent_layer(layer)
                 continue
             names = [STAGE_SKELETON] if group.kind == "skeleton" else [u.key for u in group.members]
             trees = [(stage / f"d-{name}", PHYSICAL_PREFIX) for name in names]
@@ -652,6 +977,8 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
                         "straight into the engine: the layer store keeps no copy")
         if defer is not None and sent:
             defer.callback(shutil.rmtree, stage, ignore_errors=True)   # after the load has read them
+            for layer in sent:
+                defer.callback(_SENT.pop, layer.diff_id, None)
             kept_for_load = True
         return result
     finally:

@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 BIG_MB = 34   # over envmgr.layers.BIG_BYTES (32 MiB): a torch-like distribution with a layer of its own
 
 
-def build_big_wheel(out_dir: Path, name: str, version: str) -> Path:
+def build_big_wheel(out_dir: Path, name: str, version: str, mb: int = BIG_MB) -> Path:
     """A wheel whose installed size is over the big-layer threshold (incompressible, yet byte-identical)."""
     module = name.replace("-", "_")
     dist = f"{module}-{version}"
-    blob = random.Random(f"{name}-{version}").randbytes(BIG_MB << 20)
+    blob = random.Random(f"{name}-{version}").randbytes(mb << 20)
     files = {f"{module}/__init__.py": f'VERSION = "{version}"\n'.encode(), f"{module}/kernels.bin": blob,
              f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
              f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: envmgr-tests\nRoot-Is-Purelib: true\n"
@@ -72,6 +72,7 @@ def layer_index(tmp_path_factory):
                                                   "lyr_broken/zz_good.py": "GOOD = 1\n"})
     build_big_wheel(root, "lyr-bigtorch", "2.0")
     build_big_wheel(root, "lyr-bigsolo", "1.0")   # used by one test only: no other image holds its chain
+    build_big_wheel(root, "lyr-bighuge", "1.0", mb=BIG_MB + 2)   # larger than bigtorch: its layer goes lower
     index = Index(root).start()
     yield index
     index.stop()
@@ -114,8 +115,8 @@ class Methods:
             raise AssertionError(f"envmgr {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def build(self, name: str, *extra: str, cache: Path | None = None) -> dict:
-        proc = self.envmgr("--json", "build", name, *extra, cache=cache)
+    def build(self, name: str, *extra: str, cache: Path | None = None, verbose: bool = False) -> dict:
+        proc = self.envmgr(*(["-v"] if verbose else []), "--json", "build", name, *extra, cache=cache)
         done = [e for e in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
                 if e.get("event") == "done"][-1]
         done["stderr"] = proc.stderr + proc.stdout
@@ -187,6 +188,23 @@ def test_two_methods_share_the_big_layer_in_the_engine(methods, engine):
         assert layerdb.is_dir() and (layerdb / "diff").read_text() == layers[0][2]
     out = engine.containers.run(f"envmgr/{two}:latest", ["lyr-bigtorch-tool"], remove=True, network_mode="none")
     assert out.decode().strip() == "big"
+
+
+def test_a_new_large_layer_below_one_the_engine_holds_on_another_chain_builds(methods, engine):
+    """As sd-demo's cu128 variant after the default: a new torch layer lowest, then layers the engine holds
+    only above the default's torch. They are made again (need_bytes), and the new ones measured in the
+    same build still go to the engine from their trees."""
+    one = methods.add(["lyr-bigtorch", "lyr-apple==1.0"])
+    methods.envmgr("lock", one)
+    methods.build(one)
+    two = methods.add(["lyr-bighuge", "lyr-bigtorch", "lyr-apple==1.0"])
+    methods.envmgr("lock", two)
+    done = methods.build(two)
+    assert "not in the engine below this image: making them again" in done["stderr"]
+    out = engine.containers.run(done["tag"], ["python", "-c", "import lyr_bighuge, lyr_bigtorch; "
+                                              "print(lyr_bighuge.VERSION, lyr_bigtorch.VERSION)"],
+                                remove=True, network_mode="none")
+    assert out.decode().split() == ["1.0", "2.0"]
 
 
 def test_damaged_store_entry_is_rebuilt_never_loaded(methods, engine):
@@ -334,3 +352,148 @@ def test_large_layers_live_only_in_the_engine_and_are_read_back_for_export(metho
     assert "making them again" in second["stderr"], second["stderr"][-2000:]
     assert second["image"] == first["image"]
     assert not (store / big.split(":", 1)[1]).exists()   # handed over again
+
+
+# ---------------------------------------------------------------------- real wheels: files several claim
+
+CUDA_PAIR = ["nvidia-nvtx-cu12==12.4.127", "nvidia-cuda-runtime-cu12==12.4.127"]   # both ship nvidia/__init__.py
+FASTAPI_PAIR = ["fastapi==0.115.0", "fastapi-cli==0.0.5"]                         # both install bin/fastapi
+
+
+@pytest.fixture(scope="module")
+def real_index(tmp_path_factory):
+    """Real wheels (pip on the host, its own configuration), served from 127.0.0.1."""
+    from tests.support.real_wheels import download_wheels
+
+    root = tmp_path_factory.mktemp("real-wheels")
+    download_wheels(root, CUDA_PAIR)
+    download_wheels(root, FASTAPI_PAIR, deps=True)
+    index = Index(root).start()
+    yield index
+    index.stop()
+
+
+@pytest.fixture
+def real_methods(tmp_path, store, engine, real_index):
+    ws = Methods(tmp_path, store, real_index.url)
+    yield ws
+    for name in ws.names:
+        for image in engine.images.list(f"envmgr/{name}"):
+            try:
+                engine.images.remove(image.id, force=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    subprocess.run(["rm", "-rf", str(tmp_path / "cache")], check=False)
+
+
+def _env_members(methods: Methods, engine, image: str) -> dict[str, list[str]]:
+    """Member name -> the diff IDs of the image's environment layers (kept in the layer store) holding it."""
+    found: dict[str, list[str]] = {}
+    for diff_id in _layers(engine, image)[1:-1]:
+        tar_path = methods.cache_dir / "store" / "layers" / diff_id.split(":", 1)[1]
+        assert tar_path.is_file(), "small environment layers stay in the layer store"
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if not member.isdir():
+                    found.setdefault(member.name, []).append(diff_id)
+    return found
+
+
+def test_cuda_wheels_sharing_their_namespace_init_build_with_it_in_one_layer(real_methods, engine):
+    name = real_methods.add(CUDA_PAIR)
+    real_methods.envmgr("lock", name)
+    done = real_methods.build(name, verbose=True)
+    members = _env_members(real_methods, engine, done["image"])
+    inits = {m: ids for m, ids in members.items() if m.endswith("site-packages/nvidia/__init__.py")}
+    assert len(inits) == 1 and len(next(iter(inits.values()))) == 1, inits   # one copy, in one layer
+    assert "nvidia/__init__.py (nvidia-cuda-runtime-cu12, nvidia-nvtx-cu12, the same bytes)" in done["stderr"]
+    out = engine.containers.run(done["tag"], ["python", "-c", "import nvidia.nvtx, nvidia.cuda_runtime, nvidia; "
+                                              "print(nvidia.__file__)"], remove=True, network_mode="none")
+    assert out.decode().strip().endswith("site-packages/nvidia/__init__.py")
+    # a second method with only one of them: its own layer holds the file again (keys tell the two apart)
+    solo = real_methods.add(CUDA_PAIR[:1])
+    real_methods.envmgr("lock", solo)
+    alone = real_methods.build(solo)
+    out = engine.containers.run(alone["tag"], ["python", "-c", "import os, nvidia; "
+                                               "print(os.path.isfile(nvidia.__file__ or ''))"],
+                                remove=True, network_mode="none")
+    assert out.decode().strip() == "True"
+
+
+def test_two_distributions_installing_one_console_script_build_and_the_first_by_name_wins(real_methods, engine):
+    name = real_methods.add(FASTAPI_PAIR)
+    real_methods.envmgr("lock", name)
+    done = real_methods.build(name)
+    assert "bin/fastapi is installed by fastapi, fastapi-cli with different contents: the image holds fastapi's" \
+        in done["stderr"]
+    members = _env_members(real_methods, engine, done["image"])
+    assert len([m for m in members if m.endswith("/bin/fastapi")]) == 1
+    assert len(next(ids for m, ids in members.items() if m.endswith("/bin/fastapi"))) == 1
+    out = engine.containers.run(done["tag"], ["sh", "-c", "cat \"$(command -v fastapi)\""], remove=True,
+                                network_mode="none")
+    assert "from fastapi.cli import main" in out.decode()
+    # the same bytes from a clean cache (the install race between the two wheels decides nothing)
+    again = real_methods.build(name, "--force", cache=real_methods.cache_dir.parent / "cache2")
+    assert again["image"] == done["image"]
+    subprocess.run(["rm", "-rf", str(real_methods.cache_dir.parent / "cache2")], check=False)
+
+
+# ---------------------------------------------------------------------- installed files against RECORD
+
+
+def _cached_copy(uv_cache: Path, wheel: Path, member: str) -> Path:
+    """The file uv unpacked from `wheel` into its cache (the one it hard-links into environments)."""
+    with zipfile.ZipFile(wheel) as zf:
+        data = zf.read(member)
+    homes = [a / member for a in (uv_cache / "archive-v0").iterdir()
+             if (a / member).is_file() and (a / member).read_bytes() == data]
+    assert len(homes) == 1, homes
+    return homes[0]
+
+
+def _envmgr_fails(methods: Methods, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "envmgr", *args], capture_output=True, text=True,
+                          env=methods.env(), cwd=REPO, timeout=900)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_a_poisoned_file_in_the_uv_cache_fails_the_build_naming_the_distribution(methods, engine, layer_index):
+    name = methods.add(["lyr-apple==1.0", "lyr-berry", "lyr-cherry"])
+    methods.envmgr("lock", name)
+    first = methods.build(name)
+    wheel = next(w for w in layer_index.files() if w.name.startswith("lyr_berry-1.0"))
+    cached = _cached_copy(methods.cache_dir / "uv", wheel, "lyr_berry/__init__.py")
+    cached.write_text("import os\nNAME = 'poisoned'\n")   # as a hostile build step would, between two builds
+    subprocess.run(["rm", "-rf", str(methods.cache_dir / "store")], check=True)   # the units install again
+    engine.images.remove(first["image"], force=True)
+    said = _envmgr_fails(methods, "build", name)
+    assert "lyr-berry: " in said and "lyr_berry/__init__.py does not match the hash in its RECORD" in said, said
+    assert "Traceback" not in said
+    assert not engine.images.list(f"envmgr/{name}")
+    assert not (methods.cache_dir / "store" / "index" / "groups").is_dir() or \
+        not list((methods.cache_dir / "store" / "index" / "groups").iterdir())   # no layer was stored
+
+
+def test_a_changed_record_in_the_uv_cache_fails_the_build_once_the_unit_is_known(methods, engine, layer_index):
+    """A file changed together with its RECORD row: the RECORD differs from the one the unit's first install left."""
+    import base64
+
+    name = methods.add(["lyr-date", "lyr-elder"])
+    methods.envmgr("lock", name)
+    first = methods.build(name)
+    wheel = next(w for w in layer_index.files() if w.name.startswith("lyr_date-1.0"))
+    cached = _cached_copy(methods.cache_dir / "uv", wheel, "lyr_date/__init__.py")
+    record = _cached_copy(methods.cache_dir / "uv", wheel, "lyr_date-1.0.dist-info/RECORD")
+    evil = b"NAME = 'poisoned'\n"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(evil).digest()).rstrip(b"=").decode()
+    cached.write_bytes(evil)
+    record.write_text("".join(f"lyr_date/__init__.py,sha256={digest},{len(evil)}\n" if line.startswith(
+        "lyr_date/__init__.py,") else line + "\n" for line in record.read_text().splitlines()))
+    # the layers go, the store's records of each distribution stay: the units install again
+    subprocess.run(["rm", "-rf", str(methods.cache_dir / "store" / "layers"),
+                    str(methods.cache_dir / "store" / "index" / "groups")], check=True)
+    engine.images.remove(first["image"], force=True)
+    said = _envmgr_fails(methods, "build", name)
+    assert "lyr-date: its installed RECORD differs from the one its first install left" in said, said
+    assert "Traceback" not in said

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from envmgr.layers import COMPILE_CHUNK_FILES, SPLIT_SCRIPT, bytecode_chunks, bytecode_sources
+from envmgr.layers import COMPILE_CHUNK_FILES, SPLIT_SCRIPT, bytecode_chunks, bytecode_sources, record_digest
 
 
 def test_chunks_are_fixed_runs_in_byte_order_whatever_the_input_order():
@@ -36,8 +36,8 @@ def _dist(site: Path, name: str, files: dict[str, str]) -> None:
     for rel, text in files.items():
         (site / rel).parent.mkdir(parents=True, exist_ok=True)
         (site / rel).write_text(text)
-    rows = [*files, f"{info.name}/METADATA", f"{info.name}/RECORD"]
-    (info / "RECORD").write_text("".join(f"{row},,\n" for row in rows))
+    rows = [f"{rel},{record_digest((site / rel).read_bytes())}," for rel in [*files, f"{info.name}/METADATA"]]
+    (info / "RECORD").write_text("".join(f"{row}\n" for row in [*rows, f"{info.name}/RECORD,,"]))
 
 
 def test_split_writes_each_units_compile_plan_from_its_record(tmp_path):
