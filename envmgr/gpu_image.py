@@ -48,16 +48,24 @@ def read_archs(ctx: Context, spec: MethodSpec, base: BaseImage, prefix: Path) ->
     """torch's GPU architectures in the environment installed at `prefix` ([] without a CUDA torch)."""
     if not lock_facts(spec).torch:
         return []
+    return read_archs_boxed(ctx, spec.name, base, prefix, spec.env_prefix)
+
+
+def read_archs_boxed(ctx: Context, method: str, base: BaseImage, prefix: Path, container_prefix: str) -> list[str]:
+    """Import torch from the environment at `prefix` (mounted read-only at `container_prefix`) to read its
+    GPU architectures: package code, so in a container of its own with no network, no credentials and
+    nothing writable (not in the install step, which has the network, the netrc and the uv cache)."""
     lines: list[str] = []
     container = ContainerSpec(
-        image=base.image_id, command=[f"{spec.env_prefix}/bin/python", "-c", ARCH_SCRIPT],
-        env={"HOME": "/tmp", "CUDA_VISIBLE_DEVICES": ""}, mounts=[BindMount(prefix, spec.env_prefix, read_only=True)],
+        image=base.image_id, command=[f"{container_prefix}/bin/python", "-B", "-c", ARCH_SCRIPT],
+        env={"HOME": "/tmp", "CUDA_VISIBLE_DEVICES": "", "PYTHONDONTWRITEBYTECODE": "1"},
+        mounts=[BindMount(prefix, container_prefix, read_only=True)],
         user=f"{os.getuid()}:{os.getgid()}", network="none",
-        labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: spec.name}).hardened()
+        labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method}).hardened()
     code = ctx.engine.run(container, on_line=lines.append).exit_code
     found = [line[len(_MARK):] for line in lines if line.startswith(_MARK)]
     if code != 0 or not found:
-        ctx.ui.warn(f"{spec.name}: could not read torch's GPU architectures (exit {code}): "
+        ctx.ui.warn(f"{method}: could not read torch's GPU architectures (exit {code}): "
                     + " | ".join(lines[-3:]))
         return []
     return list(json.loads(found[-1]))

@@ -406,7 +406,6 @@ class EnvLayers:
     installed: list[str] = field(default_factory=list)   # the distributions installed by this build
 
 
-ARCH_MARK = "ENVMGR-GPU-FACTS "
 
 
 # Sources per compiling process: fixed, so a unit's bytes never depend on the machine. 500: torch's ~2,300
@@ -670,7 +669,7 @@ SPLIT_SCRIPT = (f"from __future__ import annotations\nimport json\nCOMPILE_CHUNK
                 + _source_of(bytecode_sources, bytecode_chunks, shared_owners) + "\n" + SPLIT_SCRIPT)
 
 
-def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
+def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> tuple[str, str]:
     """Install every listed unit in one container, then give each distribution its own tree.
 
     One `uv pip install` of all the units (uv installs each wheel on its own, in parallel) into the
@@ -689,6 +688,10 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
     file, e.g. in the uv cache uv hard-links from, stops the build naming the distribution and the
     file). A path several distributions' RECORDs claim (the `nvidia/__init__.py` of every CUDA wheel,
     a console script two distributions both install) goes to one unit only: see shared_owners.
+
+    Two scripts: the install, and the split. Between them, with `read_archs`, torch's GPU facts are
+    read in a box of their own (gpu_image.read_archs_boxed): importing torch runs package code, which
+    must not share this step's network, netrc and uv cache. Without it, both run as one step.
     """
     uv, work, envs, prefix = paths.CONTAINER_UV, paths.CONTAINER_WORK, paths.CONTAINER_ENVS_ROOT, PHYSICAL_PREFIX
     compile_one = (f'cd "$1" && exec env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q '
@@ -696,7 +699,7 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
     lines = [
         f"rm -rf {prefix}",
         f"{uv} venv --quiet --python {python} {prefix}",
-        f"(cd {prefix} && find . ! -type d | LC_ALL=C sort) > /tmp/skeleton-files",
+        f"(cd {prefix} && find . ! -type d | LC_ALL=C sort) > {envs}/.skeleton-files",
     ]
     if want_skeleton:
         lines.append(f"cp -a {prefix} {envs}/d-{STAGE_SKELETON}")
@@ -706,19 +709,18 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> str:
         "fi",
         "echo ENVMGR-PHASE installed",
     ]
-    if read_archs:   # torch imports only in a whole environment: read it before the split, writing no pyc
-        lines += [f"CUDA_VISIBLE_DEVICES= PYTHONDONTWRITEBYTECODE=1 {prefix}/bin/python -B {work}/archs.py "
-                  f"|| echo '{ARCH_MARK}[]'", "echo ENVMGR-PHASE gpu-facts"]
-    lines += [
+    split = [
         "mkdir -p /tmp/bytecode",
-        f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt /tmp/skeleton-files /tmp/bytecode/plan "
-        f"{work}/others.jsonl {work}/alone.sh",
+        f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt {envs}/.skeleton-files "
+        f"/tmp/bytecode/plan {work}/others.jsonl {work}/alone.sh",
         "echo ENVMGR-PHASE split",
         f"xargs -r -n 2 -P \"$(nproc)\" sh -c '{compile_one}' compile < /tmp/bytecode/plan || true",
         "echo ENVMGR-PHASE compiled",
-        f"rm -rf {prefix}",
+        f"rm -rf {prefix} {envs}/.skeleton-files",
     ]
-    return "\n".join(lines)
+    if read_archs:   # torch imports only in a whole environment: read (boxed) between install and split
+        return "\n".join(lines), "\n".join(split)
+    return "\n".join(lines + split), ""
 
 
 def _alone_script(python: str) -> str:
@@ -740,7 +742,7 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
     `read_archs`, else None.
     """
     from .backends.common import run_step, uv_mounts, uv_step_env
-    from .gpu_image import ARCH_SCRIPT
+    from .gpu_image import read_archs_boxed
 
     work_root = ctx.cache_dir / "work"
     work_root.mkdir(parents=True, exist_ok=True)
@@ -748,14 +750,14 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
         (Path(work) / "requirements.txt").write_text("".join(u.requirement + "\n" for u in todo))
         (Path(work) / "units.txt").write_text("".join(f"{u.key} {u.name}\n" for u in todo))
         (Path(work) / "split.py").write_text(SPLIT_SCRIPT)
-        (Path(work) / "archs.py").write_text(ARCH_SCRIPT.replace("ENVMGR-GPU-FACTS ", ARCH_MARK))
         (Path(work) / "others.jsonl").write_text("".join(json.dumps(list(row)) + "\n" for row in others))
         (Path(work) / "alone.sh").write_text(_alone_script(base.python))
         (Path(work) / "alone").mkdir()
         for unit in todo:
             (Path(work) / "alone" / f"{unit.key}.txt").write_text(unit.requirement + "\n")
-        script = _install_script(base.python, want_skeleton, read_archs)
+        script, split_script = _install_script(base.python, want_skeleton, read_archs)
         lines: list[str] = []
+        archs: list[str] = []
         started = time.monotonic()
         with ctx.ui.progress(f"installing {len(todo)} distributions, one layer unit each", total=len(todo),
                              unit="packages") as task:
@@ -780,16 +782,19 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
                 try:
                     run_step(ctx, base, f"installing {method}'s environment", script, mounts, env,
                              on_line=on_line, method=method)
+                    if split_script:
+                        archs = read_archs_boxed(ctx, method, base, stage / Path(PHYSICAL_PREFIX).name,
+                                                 PHYSICAL_PREFIX)
+                        ctx.ui.log(f"ENVMGR-PHASE gpu-facts at {time.monotonic() - started:.1f} s")
+                        run_step(ctx, base, f"splitting {method}'s environment into layers", split_script, mounts,
+                                 env, on_line=on_line, method=method)
                 except EnvmgrError:
                     said = [line[len(SPLIT_ERROR):] for line in lines if line.startswith(SPLIT_ERROR)]
                     if not said:
                         raise
                     raise EnvmgrError(f"{method}: {said[-1]}", hint="nothing was stored or tagged; run with -v for "
                                       "the install's output") from None
-    if not read_archs:
-        return None
-    found = [line[len(ARCH_MARK):] for line in lines if line.startswith(ARCH_MARK)]
-    return list(json.loads(found[-1])) if found else []
+    return archs if read_archs else None
 
 
 # Layers this process measured for the engine (send mode), by diff ID, with the trees their bytes are made

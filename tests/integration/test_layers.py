@@ -497,3 +497,84 @@ def test_a_changed_record_in_the_uv_cache_fails_the_build_once_the_unit_is_known
     said = _envmgr_fails(methods, "build", name)
     assert "lyr-date: its installed RECORD differs from the one its first install left" in said, said
     assert "Traceback" not in said
+
+
+FAKE_TORCH = '''
+import os, socket
+
+PORT = {port}
+
+
+def _reach_out():
+    """What package code can do when envmgr imports it to read GPU facts."""
+    got = []
+    for path in (os.environ.get("NETRC", ""), "/opt/envmgr/netrc"):
+        try:
+            open(path).read()
+            got.append("credentials")
+        except OSError:
+            pass
+    try:
+        socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
+        got.append("network")
+    except OSError:
+        pass
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "planted.py"), "w") as fh:
+            fh.write("PLANTED = 1\\n")
+        got.append("wrote")
+    except OSError:
+        pass
+    return got
+
+
+REACHED = _reach_out()
+
+
+class cuda:
+    @staticmethod
+    def _is_compiled():
+        return True
+
+    @staticmethod
+    def get_arch_list():
+        return ["sm_90"] + ["reached-" + what for what in REACHED]
+
+
+class _C:
+    pass
+'''
+
+
+def test_torch_imported_for_gpu_facts_gets_no_network_no_credentials_and_writes_nothing(tmp_path, store, engine):
+    """Reading torch's GPU architectures imports it: package code. It runs in a box of its own, not in the
+    install step that has the network, the mirror's netrc and the uv cache (a torch that reaches out here
+    would name what it reached in its arch list, which becomes the image's label)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.2)
+    root = tmp_path / "wheels"
+    build_wheel(root, "torch", "2.13.0", body=FAKE_TORCH.format(port=listener.getsockname()[1]))
+    index = Index(root, username="builder", password="Gpu-Facts-s3cret").start()
+    ws = Methods(tmp_path, store, index.url)   # the credentials reach steps as a netrc
+    try:
+        name = ws.add(["torch==2.13.0"])
+        ws.envmgr("lock", name)
+        built = ws.build(name)
+        labels = engine.images.get(built["image"]).labels
+        assert labels.get("org.envmgr.gpu-archs") == "sm_90", labels
+        with pytest.raises(OSError):
+            listener.accept()
+        found = "import importlib.util, os; folder = importlib.util.find_spec('torch').submodule_search_locations[0]; " \
+                "print(os.path.exists(os.path.join(folder, 'planted.py')))"   # without importing (running) it
+        ran = engine.containers.run(built["image"], ["python", "-c", found], remove=True,
+                                    network_mode="none").decode().split()
+        assert ran[-1] == "False", "nothing the import wrote reached the image"
+    finally:
+        listener.close()
+        index.stop()
+        for image in engine.images.list(f"envmgr/{ws.names[0]}") if ws.names else []:
+            engine.images.remove(image.id, force=True)
