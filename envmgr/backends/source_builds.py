@@ -19,6 +19,7 @@ the method names is built in three steps instead:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import tomllib
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +228,19 @@ def _fetch_build_requirements(ctx: Context, spec: MethodSpec, base: BaseImage, w
              [BindMount(work, paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)], env, method=spec.name)
 
 
+@contextlib.contextmanager
+def _box_folders(ctx: Context, prefix: str) -> Iterator[tuple[Path, Path, Path, Path]]:
+    """A work folder for one box: (work, what is built from, its build requirements, its one writable folder)."""
+    work_root = ctx.cache_dir / "work"
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_root, prefix=prefix) as work_name:
+        work = Path(work_name)
+        folders = (work / "sdist", work / "build-env", work / "out")
+        for folder in folders:
+            folder.mkdir()
+        yield (work, *folders)
+
+
 def _box(ctx: Context, spec: MethodSpec, base: BaseImage, title: str, sdist_dir: Path, build_env: Path, out: Path,
          mode: str = "wheel") -> list[str]:
     """Run the PEP 517 front end in the box: no network, no credentials, nobody, one writable folder."""
@@ -256,13 +271,7 @@ def project_requirements(ctx: Context, spec: MethodSpec, base: BaseImage, extra_
     source = spec.source_path
     pyproject = source / "pyproject.toml"
     requires = _requires(pyproject.read_bytes() if pyproject.is_file() else None, str(pyproject))
-    work_root = ctx.cache_dir / "work"
-    work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=work_root, prefix=f"metadata-{spec.name}-") as work_name:
-        work = Path(work_name)
-        sdist_dir, build_env, out = work / "sdist", work / "build-env", work / "out"
-        for folder in (sdist_dir, build_env, out):
-            folder.mkdir()
+    with _box_folders(ctx, f"metadata-{spec.name}-") as (work, sdist_dir, build_env, out):
         shutil.copytree(source, sdist_dir / "project", symlinks=True,
                         ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv", "node_modules"))
         _fetch_build_requirements(ctx, spec, base, work, requires, uv_step_env(ctx, extra_indexes),
@@ -316,13 +325,7 @@ def build(ctx: Context, spec: MethodSpec, base: BaseImage, name: str, version: s
         built = cached(ctx, base, name, version, sha)
         if built is not None:
             return built
-    work_root = ctx.cache_dir / "work"
-    work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=work_root, prefix=f"sdist-{normal_name(name)}-") as work_name:
-        work = Path(work_name)
-        sdist_dir, build_env, out = work / "sdist", work / "build-env", work / "out"
-        for folder in (sdist_dir, build_env, out):
-            folder.mkdir()
+    with _box_folders(ctx, f"sdist-{normal_name(name)}-") as (work, sdist_dir, build_env, out):
         (work / "fetch.py").write_text(FETCH_SCRIPT)
         env = uv_step_env(ctx, extra_indexes)
         lines = run_step(ctx, base, f"downloading {name} {version}'s source distribution",

@@ -123,17 +123,22 @@ class Methods:
         return done
 
 
+    def cleanup(self, engine) -> None:
+        """Remove this workspace's method images and its caches."""
+        for name in self.names:
+            for image in engine.images.list(f"envmgr/{name}"):
+                try:
+                    engine.images.remove(image.id, force=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        subprocess.run(["rm", "-rf", str(self.cache_dir), str(self.cache_dir.with_name("cache2"))], check=False)
+
+
 @pytest.fixture
 def methods(tmp_path, store, engine, layer_index):
     ws = Methods(tmp_path, store, layer_index.url)
     yield ws
-    for name in ws.names:
-        for image in engine.images.list(f"envmgr/{name}"):
-            try:
-                engine.images.remove(image.id, force=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-    subprocess.run(["rm", "-rf", str(tmp_path / "cache"), str(tmp_path / "cache2")], check=False)
+    ws.cleanup(engine)
 
 
 def _layers(engine, image: str) -> list[str]:
@@ -377,13 +382,7 @@ def real_index(tmp_path_factory):
 def real_methods(tmp_path, store, engine, real_index):
     ws = Methods(tmp_path, store, real_index.url)
     yield ws
-    for name in ws.names:
-        for image in engine.images.list(f"envmgr/{name}"):
-            try:
-                engine.images.remove(image.id, force=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-    subprocess.run(["rm", "-rf", str(tmp_path / "cache")], check=False)
+    ws.cleanup(engine)
 
 
 def _env_members(methods: Methods, engine, image: str) -> dict[str, list[str]]:
@@ -576,5 +575,4 @@ def test_torch_imported_for_gpu_facts_gets_no_network_no_credentials_and_writes_
     finally:
         listener.close()
         index.stop()
-        for image in engine.images.list(f"envmgr/{ws.names[0]}") if ws.names else []:
-            engine.images.remove(image.id, force=True)
+        ws.cleanup(engine)
