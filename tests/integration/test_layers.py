@@ -567,8 +567,8 @@ def test_torch_imported_for_gpu_facts_gets_no_network_no_credentials_and_writes_
         assert labels.get("org.envmgr.gpu-archs") == "sm_90", labels
         with pytest.raises(OSError):
             listener.accept()
-        found = "import importlib.util, os; folder = importlib.util.find_spec('torch').submodule_search_locations[0]; " \
-                "print(os.path.exists(os.path.join(folder, 'planted.py')))"   # without importing (running) it
+        found = ("import importlib.util, os; folder = importlib.util.find_spec('torch').submodule_search_locations[0]"
+                 "; print(os.path.exists(os.path.join(folder, 'planted.py')))")   # without importing (running) it
         ran = engine.containers.run(built["image"], ["python", "-c", found], remove=True,
                                     network_mode="none").decode().split()
         assert ran[-1] == "False", "nothing the import wrote reached the image"
