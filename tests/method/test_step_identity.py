@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -57,8 +58,20 @@ def trainer_config(folder: Path, model: Path, images: Path, **extra) -> Path:
     return write_trainer_config(folder, model, images, **{**OPTIONS, **extra})
 
 
+class DataLines(logging.Handler):
+    """The trainer's `data: ...` log line: how it read the batches."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("data: "):
+            self.lines.append(record.getMessage())
+
+
 def train_once(config_path: Path) -> dict:
-    """One in-process run: the losses of metrics.jsonl (float.hex) and a digest of the LoRA's tensors."""
+    """One in-process run: the losses of metrics.jsonl (float.hex), a digest of the LoRA's tensors, the data line."""
     from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
@@ -66,8 +79,16 @@ def train_once(config_path: Path) -> dict:
     from sd_trainer.loop import StopFlag, train
 
     AcceleratorState._reset_state(True)
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = train(load_config(config_path), StopFlag())
+    handler = DataLines()
+    trainer_log = logging.getLogger("sd_trainer")
+    trainer_log.addHandler(handler)
+    level, trainer_log.level = trainer_log.level, logging.INFO
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = train(load_config(config_path), StopFlag())
+    finally:
+        trainer_log.removeHandler(handler)
+        trainer_log.setLevel(level)
     assert code == 0
     output = config_path.parent / "output"
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -77,7 +98,7 @@ def train_once(config_path: Path) -> dict:
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
     return {"steps": [r["step"] for r in records], "losses": [float(r["loss"]).hex() for r in records],
-            "lora_sha256": digest.hexdigest()}
+            "lora_sha256": digest.hexdigest(), "data": handler.lines}
 
 
 def platform() -> dict:
@@ -106,8 +127,10 @@ def runs(tmp_path_factory, tiny_model):
 
 def test_read_ahead_on_and_off_give_bit_identical_losses_and_lora(runs):
     on, off = runs
+    assert on["data"] and "4 micro-batches read ahead" in on["data"][0] and "kept in memory" in on["data"][0]
+    assert off["data"] and "no read-ahead" in off["data"][0] and "read per batch" in off["data"][0]
     assert on["steps"] == list(range(1, OPTIONS["max_train_steps"] + 1))
-    assert on == off
+    assert {**on, "data": None} == {**off, "data": None}
 
 
 def test_losses_and_lora_are_those_main_recorded(runs):
@@ -115,6 +138,7 @@ def test_losses_and_lora_are_those_main_recorded(runs):
     if recorded["platform"] != platform():
         pytest.skip(f"recorded on {recorded['platform']}, this is {platform()}: float results may differ")
     for run in runs:
+        assert run["steps"] == recorded["steps"]
         assert run["losses"] == recorded["losses"]
         assert run["lora_sha256"] == recorded["lora_sha256"]
 
@@ -128,5 +152,6 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         result = train_once(trainer_config(root / "run", build_model(root / "tiny-sd3"), dataset(root / "images")))
+    result.pop("data")
     REFERENCE.write_text(json.dumps({"platform": platform(), **result}, indent=1) + "\n")
     print(REFERENCE.read_text())
