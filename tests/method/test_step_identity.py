@@ -121,7 +121,8 @@ def runs(tmp_path_factory, tiny_model):
     base = tmp_path_factory.mktemp("identity")
     images = dataset(base / "images")
     on = train_once(trainer_config(base / "on", tiny_model, images))
-    off = train_once(trainer_config(base / "off", tiny_model, images, dataloader_prefetch_qlen=0, cache_ram_budget_mb=0))
+    off = train_once(trainer_config(base / "off", tiny_model, images, dataloader_prefetch_qlen=0,
+                                    cache_ram_budget_mb=0))
     return on, off
 
 

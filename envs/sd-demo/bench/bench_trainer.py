@@ -120,7 +120,8 @@ class PlainLoop:
                                  Image.Resampling.BILINEAR)
             left, top = (image.width - size) // 2, (image.height - size) // 2
             image = image.crop((left, top, left + size, top + size))
-            pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous())
+            array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+            pixels.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
             captions.append(path.with_suffix(".txt").read_text().strip())
         self.text = StableDiffusion3Pipeline.from_pretrained(model, transformer=None, vae=None, dtype=dtype).to(device)
         self.captions, self.max_length, self.text_every_step = captions, config.tokenizer_max_length, text_every_step
@@ -140,7 +141,8 @@ class PlainLoop:
         for parameter in parameters:
             parameter.data = parameter.data.float()
         self.parameters = parameters
-        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4,
+                                      eps=1e-8)
         lr_scheduler = get_scheduler("constant", optimizer)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=config.train_batch_size, shuffle=True,
                                              drop_last=True, generator=torch.Generator().manual_seed(0))
@@ -227,6 +229,8 @@ def run_plain(args, scratch: Path, text_every_step: bool) -> dict:
 def child(args) -> int:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scratch = Path(tempfile.mkdtemp(prefix=f"bench-{args.mode}-", dir=args.scratch))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode, alternating")
     parser.add_argument("--max-length", type=int, default=154, help="T5 tokens per prompt")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads in every run (default: torch's)")
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         forwarded = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--resolution",
                      str(args.resolution), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                      "--warmup", str(args.warmup), "--max-length", str(args.max_length), "--images-dir", str(images),
-                     "--scratch", str(scratch)]
+                     "--threads", str(args.threads), "--scratch", str(scratch)]
         for round_number in range(args.rounds):
             for mode in modes if round_number % 2 == 0 else modes[::-1]:  # interleaved: load changes hit all
                 result_file = scratch / f"{mode}-{round_number}.json"
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return run["profile"]["step"]["median_ms"]
 
     best = {mode: min(runs[mode], key=step_ms) for mode in modes}
-    ratios = {mode: round(step_ms(best["sd-demo"]) / step_ms(best[mode]), 3) for mode in modes if mode.startswith("plain")}
+    ratios = {mode: round(step_ms(best["sd-demo"]) / step_ms(best[mode]), 3)
+              for mode in modes if mode.startswith("plain")}
     summary = {
         "device": best["sd-demo"]["device"], "dtype": args.dtype, "resolution": args.resolution,
         "batch_size": args.batch_size, "steps_timed": args.steps, "rounds": args.rounds,
@@ -325,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"device {summary['device']}, {args.dtype}, {args.resolution} px, batch {args.batch_size}, "
           f"{args.steps} timed steps per run, {args.rounds} interleaved rounds, torch threads "
-          f"{summary['torch_threads']}, 1-min load average {load_before} before, {summary['load_average_before_after'][1]} after")
+          f"{summary['torch_threads']}, 1-min load average {load_before} before, "
+          f"{summary['load_average_before_after'][1]} after")
     print("median step per round (ms): " + "; ".join(
         f"{mode} " + ", ".join(f"{value:.2f}" for value in summary["step_ms_per_round"][mode]) for mode in modes))
     print("per mode, the round with the lowest median step:")

@@ -80,7 +80,8 @@ def measure(transformer, shape: dict, batch: int, resolution: int, checkpointing
             latents = torch.randn(batch, shape["in_channels"], latent, latent, device=device)
             noise = torch.randn_like(latents)
             sigma = torch.rand(batch, device=device).view(-1, 1, 1, 1)
-            embeds = torch.randn(batch, CLIP_TOKENS + T5_TOKENS, shape["joint_attention_dim"], device=device, dtype=dtype)
+            embeds = torch.randn(batch, CLIP_TOKENS + T5_TOKENS, shape["joint_attention_dim"], device=device,
+                                 dtype=dtype)
             pooled = torch.randn(batch, shape["pooled_projection_dim"], device=device, dtype=dtype)
         with profile.phase("forward"):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = "OOM" if row.get("oom") else f"{row['s_per_step']:.3f}"
         print(f"{row['batch']:5d} {'on' if row['checkpointing'] else 'off':>13} {seconds:>8} "
               f"{row.get('peak_allocated_gib', '-'):>15} {row.get('peak_reserved_gib', '-'):>18}")
-    measured = {f"b{row['batch']}{' ckpt' if row['checkpointing'] else ''}": row["phases"] for row in rows if "phases" in row}
+    measured = {f"b{row['batch']}{' ckpt' if row['checkpointing'] else ''}": row["phases"]
+                for row in rows if "phases" in row}
     if measured:
         print(table(measured))
     print(json.dumps(summary))

@@ -9,7 +9,6 @@ When the files fit the RAM budget they are read once and kept (`TrainingSet.hold
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -125,11 +124,17 @@ class ReadAhead:
     `prepare` must depend on its key only (the trainer's batches and noise are functions of
     (seed, step, micro-batch, rank)), so a value prepared ahead is the one `get` would have
     computed itself. `depth=0`: no thread, `get` prepares on the caller's thread.
+
+    The slot of a value handed over is given back to the worker by `resume()` (or by the next
+    `get`): the trainer calls it just before backward, which runs without the GIL, so the
+    worker's Python work does not compete with the forward pass for it.
     """
 
     def __init__(self, prepare: Callable[[Hashable], object], keys: Iterable[Hashable], depth: int):
         self.prepare, self.depth = prepare, depth
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._queue: queue.Queue = queue.Queue()  # bounded by the slots
+        self._slots = threading.Semaphore(depth)
+        self._owed = 0  # slots of values handed over and not given back yet
         self._closed = threading.Event()
         self._thread = None
         if depth > 0:
@@ -139,24 +144,23 @@ class ReadAhead:
 
     def _run(self, keys) -> None:
         for key in keys:
+            while not self._slots.acquire(timeout=0.2):
+                if self._closed.is_set():
+                    return
             if self._closed.is_set():
                 return
             try:
                 item = (key, self.prepare(key), None)
             except BaseException as error:  # noqa: BLE001 - handed to the step that needs this batch
                 item = (key, None, error)
-            while not self._closed.is_set():
-                try:
-                    self._queue.put(item, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+            self._queue.put(item)
             if item[2] is not None:
                 return
 
     def get(self, key: Hashable):
         if self._thread is None:
             return self.prepare(key)
+        self.resume()
         while True:
             try:
                 got, value, error = self._queue.get(timeout=1.0)
@@ -164,18 +168,22 @@ class ReadAhead:
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
                     raise RuntimeError(f"read-ahead ended before {key}") from None
+        self._owed += 1
         if got != key:
             raise RuntimeError(f"read-ahead out of order: asked for {key}, next prepared is {got}")
         if error is not None:
             raise error
         return value
 
+    def resume(self) -> None:
+        """Let the worker prepare the next values now (the caller is about to run without the GIL)."""
+        while self._owed:
+            self._owed -= 1
+            self._slots.release()
+
     def close(self) -> None:
         self._closed.set()
         if self._thread is not None:
-            with contextlib.suppress(queue.Empty):  # unblock a worker waiting to put
-                while True:
-                    self._queue.get_nowait()
             self._thread.join(timeout=30)
 
 

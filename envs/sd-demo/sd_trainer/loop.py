@@ -139,6 +139,8 @@ class Trainer:
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.transformer)
             with sync:
                 loss = self.micro_step_loss(step, micro)
+                if self.batches is not None:
+                    self.batches.resume()  # the next batch is prepared while backward runs without the GIL
                 with profile.phase("backward"):
                     self.accelerator.backward(loss / accumulation)
             losses.append(loss.detach())
@@ -182,6 +184,11 @@ class Trainer:
 
 def total_steps(config: TrainConfig, plan: data.BatchPlan) -> int:
     return config.max_train_steps if config.max_train_steps > 0 else config.num_train_epochs * plan.steps_per_epoch()
+
+
+def flush_metrics(metrics_log: metrics.MetricsLog | None) -> None:
+    if metrics_log is not None:
+        metrics_log.flush()
 
 
 def stop_everywhere(accelerator, stop: StopFlag) -> bool:
@@ -228,7 +235,7 @@ def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
     log.info("data: %s; %s", f"{config.dataloader_prefetch_qlen} micro-batches read ahead"
              if config.dataloader_prefetch_qlen else "no read-ahead (dataloader_prefetch_qlen=0)",
              f"latents + embeddings kept in memory once read ({held / 2**20:.1f} MiB)" if held is not None
-             else f"latents + embeddings read per batch (their files exceed cache_ram_budget_mb={config.cache_ram_budget_mb})")
+             else f"latents + embeddings read per batch (over cache_ram_budget_mb={config.cache_ram_budget_mb})")
     plan = data.BatchPlan(training_set.order, config.train_batch_size, config.gradient_accumulation_steps,
                           accelerator.num_processes, config.seed, training_set.buckets)
     max_steps = total_steps(config, plan)
@@ -272,8 +279,7 @@ def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
 
     def save_checkpoint(step: int) -> Path | None:
         path = None
-        if metrics_log:
-            metrics_log.flush()  # a resumed run keeps the records up to its checkpoint
+        flush_metrics(metrics_log)  # a resumed run keeps the records up to its checkpoint
         if accelerator.is_main_process:
             try:
                 path = checkpoint.save_checkpoint(output_dir, step, unwrapped, optimizer, lr_scheduler, {"seed": config.seed})
@@ -312,7 +318,7 @@ def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
             lr = lr_scheduler.get_last_lr()[0]
             loss = trainer.train_step(step)
             seconds = time.perf_counter() - started
-            with profile.phase("logging"):  # buffered: progress flushed every events.PROGRESS_FLUSH_S, metrics in batches
+            with profile.phase("logging"):  # buffered: see events.PROGRESS_FLUSH_S and MetricsLog.FLUSH_RECORDS
                 events.emit("progress", step=step, max_steps=max_steps, loss=round(loss, 6), lr=lr,
                             s_per_step=round(seconds, 4))
                 if metrics_log:
@@ -324,8 +330,7 @@ def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
                 validate(step)
     finally:
         trainer.batches.close()
-        if metrics_log:
-            metrics_log.flush()
+        flush_metrics(metrics_log)
 
     # ---- final outputs
     if accelerator.is_main_process:
