@@ -8,8 +8,10 @@ The transformer is built here with random weights from SD3.5-medium's published 
 (diffusers' SD3Transformer2DModel config: 24 layers, 24 heads of 64, dual attention in
 layers 0-12, RMS qk-norm, joint dim 4096, pooled dim 2048): nothing is downloaded. The LoRA
 is the trainer's own (`sd_trainer.model.add_lora`, attention targets, rank 16), the step
-the trainer's objective (noise -> predict -> MSE -> AdamW). Without CUDA (and no --tiny) it
-says so and exits 0 having measured nothing.
+the trainer's objective (noise -> predict -> MSE -> AdamW). Each row also has the step's
+breakdown (sd_trainer.profile.StepProfile: data = the batch's tensors made on the device,
+forward, backward, optimizer; the GPU is synchronized around each phase), printed as a table.
+Without CUDA (and no --tiny) it says so and exits 0 having measured nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def measure(transformer, shape: dict, batch: int, resolution: int, checkpointing
     import torch
     import torch.nn.functional as F
 
+    from sd_trainer.profile import StepProfile
+
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     else:
@@ -66,29 +70,38 @@ def measure(transformer, shape: dict, batch: int, resolution: int, checkpointing
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     timings = []
+    profile = StepProfile(torch.cuda.synchronize if cuda else None, skip=warmup)
     for step in range(warmup + steps):
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        latents = torch.randn(batch, shape["in_channels"], latent, latent, device=device)
-        noise = torch.randn_like(latents)
-        sigma = torch.rand(batch, device=device).view(-1, 1, 1, 1)
-        embeds = torch.randn(batch, CLIP_TOKENS + T5_TOKENS, shape["joint_attention_dim"], device=device, dtype=dtype)
-        pooled = torch.randn(batch, shape["pooled_projection_dim"], device=device, dtype=dtype)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = transformer(hidden_states=((1 - sigma) * latents + sigma * noise).to(dtype),
-                                     timestep=sigma.flatten() * 1000, encoder_hidden_states=embeds,
-                                     pooled_projections=pooled, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), noise - latents)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        profile.begin_step()
+        with profile.phase("data"):
+            latents = torch.randn(batch, shape["in_channels"], latent, latent, device=device)
+            noise = torch.randn_like(latents)
+            sigma = torch.rand(batch, device=device).view(-1, 1, 1, 1)
+            embeds = torch.randn(batch, CLIP_TOKENS + T5_TOKENS, shape["joint_attention_dim"], device=device,
+                                 dtype=dtype)
+            pooled = torch.randn(batch, shape["pooled_projection_dim"], device=device, dtype=dtype)
+        with profile.phase("forward"):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                prediction = transformer(hidden_states=((1 - sigma) * latents + sigma * noise).to(dtype),
+                                         timestep=sigma.flatten() * 1000, encoder_hidden_states=embeds,
+                                         pooled_projections=pooled, return_dict=False)[0]
+            loss = F.mse_loss(prediction.float(), noise - latents)
+        with profile.phase("backward"):
+            loss.backward()
+        with profile.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        profile.end_step()
         if cuda:
             torch.cuda.synchronize()
         if step >= warmup:
             timings.append(time.perf_counter() - started)
     del optimizer
-    result = {"batch": batch, "checkpointing": checkpointing, "s_per_step": round(statistics.median(timings), 4)}
+    result = {"batch": batch, "checkpointing": checkpointing, "s_per_step": round(statistics.median(timings), 4),
+              "phases": profile.summary()}
     if cuda:
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -111,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from sd_trainer import device as device_facts
     from sd_trainer import model
     from sd_trainer.config import LORA_TARGETS
+    from sd_trainer.profile import table
 
     if args.tiny:
         device, dtype, shape = torch.device("cpu"), torch.float32, TINY
@@ -154,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = "OOM" if row.get("oom") else f"{row['s_per_step']:.3f}"
         print(f"{row['batch']:5d} {'on' if row['checkpointing'] else 'off':>13} {seconds:>8} "
               f"{row.get('peak_allocated_gib', '-'):>15} {row.get('peak_reserved_gib', '-'):>18}")
+    measured = {f"b{row['batch']}{' ckpt' if row['checkpointing'] else ''}": row["phases"]
+                for row in rows if "phases" in row}
+    if measured:
+        print(table(measured))
     print(json.dumps(summary))
     return 0
 

@@ -113,6 +113,10 @@ class LazyEmbeddings:
         self.paths = paths
         self._load = lru_cache(maxsize=keep)(self._read)
 
+    def keep_all(self) -> None:
+        """Keep every embedding once read (the caller checked that they fit in memory)."""
+        self._load = lru_cache(maxsize=None)(self._read)
+
     def _read(self, prompt_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = load_file(str(self.paths[prompt_id]))
         return tensors["embeds"], tensors["pooled"]

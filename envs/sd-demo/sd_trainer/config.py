@@ -43,7 +43,7 @@ IGNORED_KEYS = {
     "aws_max_pool_connections", "enable_xformers_memory_efficient_attention", "delete_problematic_images",
     "delete_unwanted_images", "validation_torch_compile", "compress_disk_cache", "num_validation_images",
     "override_dataset_config", "validation_image_dir", "logging_dir", "webhook_config",
-    "use_ema", "ema_decay", "noise_offset", "disable_tf32", "validation_num_video_frames", "model_card_note",
+    "use_ema", "ema_decay", "dataloader_prefetch", "noise_offset", "disable_tf32", "validation_num_video_frames", "model_card_note",
     "snr_gamma", "use_soft_min_snr", "lr_end", "text_encoder_limit",
     "set_grads_to_none", "max_train_samples", "train_id", "quantize_via", "validation_guidance_rescale",
     "validation_guidance_skip_layers", "validation_guidance_skip_layers_start", "validation_guidance_skip_layers_stop",
@@ -159,6 +159,8 @@ class TrainConfig:
     t5_padding: str = "unmodified"
     gradient_checkpointing: bool | None = None  # None: on at resolution >= 768
     vae_batch_size: int = 4
+    dataloader_prefetch_qlen: int = 4  # batches prepared ahead in a background thread; 0: each on its step
+    cache_ram_budget_mb: int = 1024  # latents + embeddings stay in memory when their cache files total at most this
     process_group_timeout: int = 7200  # seconds a rank may wait for the others (cache encoding)
     checkpointing_steps: int = 0
     checkpoints_total_limit: int | None = None
@@ -393,6 +395,8 @@ def validate(config: TrainConfig, where: Path) -> None:
     need(config.checkpointing_steps >= 0 and config.validation_steps >= 0, "checkpointing_steps/validation_steps must be >= 0")
     need(config.aspect_bucket_alignment in (None, 8, 16, 32, 64), "aspect_bucket_alignment must be 16, 32 or 64")
     need(config.process_group_timeout > 0, "process_group_timeout must be > 0 seconds")
+    need(config.dataloader_prefetch_qlen >= 0 and config.cache_ram_budget_mb >= 0,
+         "dataloader_prefetch_qlen/cache_ram_budget_mb must be >= 0")
     if config.tokenizer_max_length > T5_LENGTH_WARNING:
         log.warning("config: tokenizer_max_length=%d is above %d; SD3 is known to degrade with longer T5 sequences",
                     config.tokenizer_max_length, T5_LENGTH_WARNING)

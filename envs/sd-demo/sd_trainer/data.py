@@ -3,6 +3,8 @@
 After `build_training_set` returns, the VAE and the three text encoders are gone from
 memory and every latent and prompt embedding lives in its own file (`cache.py`); a
 training step reads only the files of its batch. A batch always comes from one bucket.
+When the files fit the RAM budget they are read once and kept (`TrainingSet.hold_in_memory`);
+`ReadAhead` prepares the coming steps' batches in a background thread.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import random
+import threading
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +56,7 @@ class TrainingSet:
     order: torch.Tensor  # sample index per epoch position, repeats expanded
     report: dict = field(default_factory=dict)
     _ids: dict[str, int] = field(default_factory=dict)
+    _kept: dict[int, dict[str, torch.Tensor]] | None = None  # sample -> its latent file's tensors, once read
 
     def __post_init__(self):
         self._ids = {text: number for number, text in enumerate(self.prompts)}
@@ -58,13 +64,32 @@ class TrainingSet:
     def prompt_id(self, text: str) -> int:
         return self._ids[text]
 
+    def hold_in_memory(self, budget_mb: int) -> int | None:
+        """Keep every latent and embedding once read when their cache files total at most `budget_mb` MiB.
+
+        Returns their total size in bytes when they fit (None when not: then each batch reads its files,
+        and at most a few embeddings stay in memory). Nothing is read here: the first epoch fills it.
+        """
+        paths = set(self.latent_files) | set(self.embeddings.paths)
+        total = sum(path.stat().st_size for path in paths)
+        if total > budget_mb * 2**20:
+            return None
+        self._kept = {}
+        self.embeddings.keep_all()
+        return total
+
     def latents(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C, h, w] fp32 latents of one bucket; `flip` picks the mirrored image's latent per sample."""
         loaded = []
+        kept = self._kept
         for position, index in enumerate(indices.tolist()):
-            tensors = cache.read(self.latent_files[index])
+            tensors = kept.get(index) if kept is not None else None
             if tensors is None:
-                raise DataError(f"latent cache file {self.latent_files[index]} vanished or is damaged during training")
+                tensors = cache.read(self.latent_files[index])
+                if tensors is None:
+                    raise DataError(f"latent cache file {self.latent_files[index]} vanished or is damaged during training")
+                if kept is not None:
+                    kept[index] = tensors
             mirrored = flip is not None and bool(flip[position])
             loaded.append(tensors["flipped" if mirrored else "latent"])
         return torch.stack(loaded)
@@ -74,6 +99,92 @@ class TrainingSet:
 
 
 EMPTY_PROMPT_ID = 0
+
+
+@dataclass
+class Batch:
+    """One micro-batch as the transformer takes it, computed on the CPU before its step."""
+
+    noisy: torch.Tensor  # (1 - sigma) * latents + sigma * noise, fp32
+    target: torch.Tensor  # noise - latents, fp32
+    timesteps: torch.Tensor  # sigma * 1000
+    prompt_embeds: torch.Tensor
+    pooled_embeds: torch.Tensor
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies: the host-to-GPU copies of the step can then run asynchronously."""
+        return Batch(*(tensor.pin_memory() for tensor in (self.noisy, self.target, self.timesteps, self.prompt_embeds,
+                                                          self.pooled_embeds)))
+
+
+class ReadAhead:
+    """`prepare(key)` for each key in order, at most `depth` keys ahead, in one background thread.
+
+    `get(key)` hands the prepared value over (or raises what `prepare` raised for that key).
+    `prepare` must depend on its key only (the trainer's batches and noise are functions of
+    (seed, step, micro-batch, rank)), so a value prepared ahead is the one `get` would have
+    computed itself. `depth=0`: no thread, `get` prepares on the caller's thread.
+
+    The slot of a value handed over is given back to the worker by `resume()` (or by the next
+    `get`): the trainer calls it just before backward, which runs without the GIL, so the
+    worker's Python work does not compete with the forward pass for it.
+    """
+
+    def __init__(self, prepare: Callable[[Hashable], object], keys: Iterable[Hashable], depth: int):
+        self.prepare, self.depth = prepare, depth
+        self._queue: queue.Queue = queue.Queue()  # bounded by the slots
+        self._slots = threading.Semaphore(depth)
+        self._owed = 0  # slots of values handed over and not given back yet
+        self._closed = threading.Event()
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, args=(iter(keys),), name="sd-trainer-read-ahead",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self, keys) -> None:
+        for key in keys:
+            while not self._slots.acquire(timeout=0.2):
+                if self._closed.is_set():
+                    return
+            if self._closed.is_set():
+                return
+            try:
+                item = (key, self.prepare(key), None)
+            except BaseException as error:  # noqa: BLE001 - handed to the step that needs this batch
+                item = (key, None, error)
+            self._queue.put(item)
+            if item[2] is not None:
+                return
+
+    def get(self, key: Hashable):
+        if self._thread is None:
+            return self.prepare(key)
+        self.resume()
+        while True:
+            try:
+                got, value, error = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(f"read-ahead ended before {key}") from None
+        self._owed += 1
+        if got != key:
+            raise RuntimeError(f"read-ahead out of order: asked for {key}, next prepared is {got}")
+        if error is not None:
+            raise error
+        return value
+
+    def resume(self) -> None:
+        """Let the worker prepare the next values now (the caller is about to run without the GIL)."""
+        while self._owed:
+            self._owed -= 1
+            self._slots.release()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
 # ---------------------------------------------------------------- discovery

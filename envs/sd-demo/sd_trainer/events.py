@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 _is_main = True
+PROGRESS_FLUSH_S = 0.5
+_flushed = float("-inf")  # when stdout was last flushed
 
 
 def set_main_process(is_main: bool) -> None:
@@ -28,8 +31,16 @@ def _clean(value):
 
 
 def emit(event: str, **fields) -> None:
-    """Print `{"event": event, **fields}` as one line on stdout (main process only)."""
+    """Print `{"event": event, **fields}` as one line on stdout (main process only).
+
+    Every event is flushed at once except `progress`, which is flushed at most every
+    PROGRESS_FLUSH_S (the first one at once): a step does not wait for a pipe per line.
+    """
+    global _flushed
     if not _is_main:
         return
     sys.stdout.write(json.dumps({"event": event, **_clean(fields)}) + "\n")
-    sys.stdout.flush()
+    now = time.monotonic()
+    if event != "progress" or now - _flushed >= PROGRESS_FLUSH_S:
+        sys.stdout.flush()
+        _flushed = now

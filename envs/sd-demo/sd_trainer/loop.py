@@ -2,7 +2,9 @@
 
 Read `train` top to bottom: set-up, cache, model + LoRA, optimizer, resume, then one
 `train_step` per optimizer step, with checkpoints, validation and a clean stop on
-SIGTERM/SIGINT (checkpoint, exit code 130).
+SIGTERM/SIGINT (checkpoint, exit code 130). Each micro-batch (latents, embeddings, noise,
+timesteps) is prepared on the CPU by `Trainer.prepare_batch`, a background thread a few steps
+ahead (`data.ReadAhead`); the step itself only moves it to the device and runs the model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from . import checkpoint, data, events, metrics, model, validation
 from .config import LORA_TARGETS, TrainConfig
 from .device import check_gpu_request, gradient_checkpointing_wanted
+from .profile import NO_PROFILE
 
 log = logging.getLogger("sd_trainer")
 EXIT_INTERRUPTED = 130
@@ -71,6 +74,8 @@ class Trainer:
     dtype: torch.dtype
     shift: float
     nonfinite_streak: int = field(default=0)
+    profile: object = field(default=NO_PROFILE)  # a profile.StepProfile to time the phases of each step
+    batches: data.ReadAhead | None = None  # None: each micro-batch is prepared when its step needs it
 
     def sample_sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """Logit-normal (or uniform) u, then the model's timestep shift: sigma = s*u / (1 + (s-1)*u)."""
@@ -81,9 +86,10 @@ class Trainer:
             u = torch.rand(count, generator=generator)
         return self.shift * u / (1 + (self.shift - 1) * u)
 
-    def micro_step_loss(self, step: int, micro: int) -> torch.Tensor:
-        config, accelerator, cached = self.config, self.accelerator, self.training_set
-        device, rank = accelerator.device, accelerator.process_index
+    def prepare_batch(self, key: tuple[int, int]) -> data.Batch:
+        """Micro-batch `micro` of `step` on this rank, on the CPU: a function of (seed, step, micro, rank) only."""
+        step, micro = key
+        config, cached, rank = self.config, self.training_set, self.accelerator.process_index
         indices = self.plan.indices(step, micro, rank)
         generator = data.step_generator(config.seed, step, micro, rank)
 
@@ -100,29 +106,49 @@ class Trainer:
         sigmas = self.sample_sigmas(len(indices), generator)
 
         sigma = sigmas.view(-1, 1, 1, 1)
-        noisy = ((1 - sigma) * latents + sigma * noise).to(device, self.dtype)
-        target = (noise - latents).to(device, torch.float32)
-        with accelerator.autocast():
-            prediction = self.transformer(
-                hidden_states=noisy,
-                timestep=(sigmas * 1000).to(device),
-                encoder_hidden_states=prompt_embeds.to(device, self.dtype),
-                pooled_projections=pooled_embeds.to(device, self.dtype),
-                return_dict=False,
-            )[0]
-        return F.mse_loss(prediction.float(), target)
+        batch = data.Batch(noisy=(1 - sigma) * latents + sigma * noise, target=noise - latents, timesteps=sigmas * 1000,
+                           prompt_embeds=prompt_embeds, pooled_embeds=pooled_embeds)
+        return batch.pin_memory() if self.accelerator.device.type == "cuda" else batch
+
+    def micro_step_loss(self, step: int, micro: int) -> torch.Tensor:
+        accelerator, device, profile = self.accelerator, self.accelerator.device, self.profile
+        with profile.phase("data"):
+            key = (step, micro)
+            batch = self.batches.get(key) if self.batches is not None else self.prepare_batch(key)
+        with profile.phase("forward"):
+            asynchronous = device.type == "cuda"
+            noisy = batch.noisy.to(device, self.dtype, non_blocking=asynchronous)
+            target = batch.target.to(device, torch.float32, non_blocking=asynchronous)
+            with accelerator.autocast():
+                prediction = self.transformer(
+                    hidden_states=noisy,
+                    timestep=batch.timesteps.to(device, non_blocking=asynchronous),
+                    encoder_hidden_states=batch.prompt_embeds.to(device, self.dtype, non_blocking=asynchronous),
+                    pooled_projections=batch.pooled_embeds.to(device, self.dtype, non_blocking=asynchronous),
+                    return_dict=False,
+                )[0]
+            return F.mse_loss(prediction.float(), target)
 
     def train_step(self, step: int) -> float:
-        accumulation = self.config.gradient_accumulation_steps
+        accumulation, profile = self.config.gradient_accumulation_steps, self.profile
         losses = []
-        self.transformer.train()
+        if not self.transformer.training:  # validation puts it back in training mode; no walk over every module
+            self.transformer.train()
         for micro in range(accumulation):
             last = micro == accumulation - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.transformer)
             with sync:
                 loss = self.micro_step_loss(step, micro)
-                self.accelerator.backward(loss / accumulation)
+                if self.batches is not None:
+                    self.batches.resume()  # the next batch is prepared while backward runs without the GIL
+                with profile.phase("backward"):
+                    self.accelerator.backward(loss / accumulation)
             losses.append(loss.detach())
+        with profile.phase("optimizer"):
+            return self.finish_step(step, losses)
+
+    def finish_step(self, step: int, losses: list[torch.Tensor]) -> float:
+        """The mean loss over the micro-batches; clip, step and schedule unless it is not finite."""
         mean = torch.stack(losses).mean()
         if self.accelerator.num_processes > 1:
             mean = self.accelerator.reduce(mean, reduction="mean")
@@ -160,6 +186,11 @@ def total_steps(config: TrainConfig, plan: data.BatchPlan) -> int:
     return config.max_train_steps if config.max_train_steps > 0 else config.num_train_epochs * plan.steps_per_epoch()
 
 
+def flush_metrics(metrics_log: metrics.MetricsLog | None) -> None:
+    if metrics_log is not None:
+        metrics_log.flush()
+
+
 def stop_everywhere(accelerator, stop: StopFlag) -> bool:
     """All processes must agree to stop at the same step, or collectives would hang."""
     if accelerator.num_processes == 1:
@@ -168,7 +199,8 @@ def stop_everywhere(accelerator, stop: StopFlag) -> bool:
     return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
-def train(config: TrainConfig, stop: StopFlag) -> int:
+def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
+    """One training run; `profile` (a profile.StepProfile) times the phases of every step (the benches)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
     from diffusers.optimization import get_scheduler
@@ -199,6 +231,11 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
         events.emit("interrupted", step=0, checkpoint=None)
         return EXIT_INTERRUPTED
     events.emit("dataset", **training_set.report)
+    held = training_set.hold_in_memory(config.cache_ram_budget_mb)
+    log.info("data: %s; %s", f"{config.dataloader_prefetch_qlen} micro-batches read ahead"
+             if config.dataloader_prefetch_qlen else "no read-ahead (dataloader_prefetch_qlen=0)",
+             f"latents + embeddings kept in memory once read ({held / 2**20:.1f} MiB)" if held is not None
+             else f"latents + embeddings read per batch (over cache_ram_budget_mb={config.cache_ram_budget_mb})")
     plan = data.BatchPlan(training_set.order, config.train_batch_size, config.gradient_accumulation_steps,
                           accelerator.num_processes, config.seed, training_set.buckets)
     max_steps = total_steps(config, plan)
@@ -242,6 +279,7 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
 
     def save_checkpoint(step: int) -> Path | None:
         path = None
+        flush_metrics(metrics_log)  # a resumed run keeps the records up to its checkpoint
         if accelerator.is_main_process:
             try:
                 path = checkpoint.save_checkpoint(output_dir, step, unwrapped, optimizer, lr_scheduler, {"seed": config.seed})
@@ -263,24 +301,36 @@ def train(config: TrainConfig, stop: StopFlag) -> int:
                 events.emit("validation", step=step, path=str(path), **extra)
         accelerator.wait_for_everyone()
 
-    # ---- the loop
+    # ---- the loop: the micro-batches of the coming steps are prepared in the background
+    keys = ((step, micro) for step in range(start_step + 1, max_steps + 1)
+            for micro in range(config.gradient_accumulation_steps))
+    trainer.batches = data.ReadAhead(trainer.prepare_batch, keys, config.dataloader_prefetch_qlen)
+    trainer.profile = profile
     loss = None
-    for step in range(start_step + 1, max_steps + 1):
-        if stop_everywhere(accelerator, stop):
-            path = save_checkpoint(step - 1) if step - 1 > start_step else None
-            events.emit("interrupted", step=step - 1, checkpoint=str(path) if path else None)
-            return EXIT_INTERRUPTED
-        started = time.perf_counter()
-        lr = lr_scheduler.get_last_lr()[0]
-        loss = trainer.train_step(step)
-        seconds = time.perf_counter() - started
-        events.emit("progress", step=step, max_steps=max_steps, loss=round(loss, 6), lr=lr, s_per_step=round(seconds, 4))
-        if metrics_log:
-            metrics_log.append({"step": step, "loss": loss, "lr": lr, "s_per_step": seconds})
-        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-            save_checkpoint(step)
-        if config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
-            validate(step)
+    try:
+        for step in range(start_step + 1, max_steps + 1):
+            if stop_everywhere(accelerator, stop):
+                path = save_checkpoint(step - 1) if step - 1 > start_step else None
+                events.emit("interrupted", step=step - 1, checkpoint=str(path) if path else None)
+                return EXIT_INTERRUPTED
+            profile.begin_step()
+            started = time.perf_counter()
+            lr = lr_scheduler.get_last_lr()[0]
+            loss = trainer.train_step(step)
+            seconds = time.perf_counter() - started
+            with profile.phase("logging"):  # buffered: see events.PROGRESS_FLUSH_S and MetricsLog.FLUSH_RECORDS
+                events.emit("progress", step=step, max_steps=max_steps, loss=round(loss, 6), lr=lr,
+                            s_per_step=round(seconds, 4))
+                if metrics_log:
+                    metrics_log.append({"step": step, "loss": loss, "lr": lr, "s_per_step": seconds})
+            profile.end_step()
+            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+                save_checkpoint(step)
+            if config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
+                validate(step)
+    finally:
+        trainer.batches.close()
+        flush_metrics(metrics_log)
 
     # ---- final outputs
     if accelerator.is_main_process:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger("sd_trainer")
 
 
 class MetricsLog:
+    """Records are buffered and appended in batches (every FLUSH_RECORDS records or FLUSH_S seconds, and on
+    `flush`: before a checkpoint, at the end): no per-step open, write and close on the step's path."""
+
+    FLUSH_RECORDS = 100
+    FLUSH_S = 5.0
+
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
         kept = []
@@ -24,18 +31,30 @@ class MetricsLog:
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
         self.failed = False
+        self._pending: list[tuple[int | None, str]] = []
+        self._written = time.monotonic()
 
     def append(self, record: dict) -> None:
+        self._pending.append((record.get("step"), json.dumps(record) + "\n"))
+        if len(self._pending) >= self.FLUSH_RECORDS or time.monotonic() - self._written >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._written = time.monotonic()
+        if not pending:
+            return
         try:
             with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write("".join(line for _step, line in pending))
         except OSError as error:   # a full disk: training goes on; the log says which steps are missing
             if not self.failed:
                 log.error("cannot append to %s (%s): steps from %s on are not in it", self.path, error.strerror,
-                          record.get("step"))
+                          pending[0][0])
             self.failed = True
 
     def records(self) -> list[dict]:
+        self.flush()
         found = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
