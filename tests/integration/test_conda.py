@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.conda_channel import CHANNEL, Channel, build_channel, build_example_wheels
 from tests.support.pypi import Index
+from tests.support.said import error_lines
 
 pytestmark = pytest.mark.engine
 
@@ -291,7 +292,7 @@ def test_bad_input_gives_one_clear_line(conda_ws, channel_a, pypi_a):
         f"channels:\n  - {CHANNEL}\ndependencies:\n  - hello-tool\n  - numpy >>>1\n")
     proc = conda_ws.envmgr("lock", conda_ws.name, check=False)
     assert proc.returncode == 2 and "environment.yml:5:" in proc.stderr and "numpy >>>1" in proc.stderr
-    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+    assert len(error_lines(proc.stderr)) == 1
 
 
 def test_mirror_down_or_serving_other_bytes_fails_the_build(conda_ws, engine, channel_root, channel_a, pypi_a):

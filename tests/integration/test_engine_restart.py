@@ -23,10 +23,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.integration.conftest import REPO as SOURCE_ROOT
-from tests.integration.conftest import TINY_PYPROJECT, TINY_SPEC
+from tests.integration.conftest import REPO as SOURCE_ROOT, TINY_PYPROJECT, TINY_SPEC
 from tests.support.engine import ensure_engine
 from tests.support.engine_proxy import EngineProxy
+from tests.support.said import error_lines
 
 pytestmark = pytest.mark.engine
 
@@ -95,7 +95,7 @@ def test_engine_socket_going_away_during_a_run_is_recorded_and_runs_removes_the_
             proc.kill()
         proxy.stop()
     try:
-        errors = [line for line in err.splitlines() if line.strip()]
+        errors = error_lines(err)
         assert proc.returncode == 4, (proc.returncode, out, err)
         assert "Traceback" not in err and len(errors) <= 2, err
         assert "stopped answering while the container ran" in errors[0], err
@@ -147,7 +147,7 @@ def test_engine_stopping_during_a_run_is_recorded_and_nothing_is_left_once_it_is
         ensure_engine()          # always: the engine is shared, it must be up whatever happened
     down_s = time.monotonic() - stopped_at if stopped_at else None
 
-    errors = [line for line in err.splitlines() if line.strip()]
+    errors = error_lines(err)
     assert proc.returncode == 4, (proc.returncode, out, err)
     assert "Traceback" not in err and len(errors) <= 2, err
     assert "stopped answering while the container ran" in errors[0] and str(run_dir / "run.json") in errors[0], err

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO as SOURCE_ROOT
-from tests.integration.conftest import TINY_MAIN, TINY_PYPROJECT, TINY_SPEC
+from tests.integration.conftest import REPO as SOURCE_ROOT, TINY_MAIN, TINY_PYPROJECT, TINY_SPEC
+from tests.support.said import error_lines
 
 pytestmark = pytest.mark.engine
 
@@ -136,7 +136,7 @@ def test_full_disk_under_the_build_cache_is_one_line_and_leaves_nothing_half_mad
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(full)], check=True)
         try:
             proc = faults.envmgr("build", NAME, mirror=mirror_a.url, check=False, ENVMGR_CACHE_DIR=str(full))
-            errors = [line for line in proc.stderr.splitlines() if line.strip()]
+            errors = error_lines(proc.stderr)
             outcomes.append((size, proc.returncode, errors[:1]))
             assert proc.returncode == 1, (size, proc.stdout, proc.stderr)
             assert "disk full" in proc.stderr and "nothing was tagged" in proc.stderr, proc.stderr
@@ -221,7 +221,7 @@ def test_full_disk_during_a_runs_checkpoints_is_recorded_with_where_and_keeps_ea
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(runs)], check=True)
     try:
         proc = workspace.envmgr("run", FILLER, "--gpus", "none", "--env", f"FILL_CLEANUP={int(cleanup)}", check=False)
-        errors = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning")]
+        errors = error_lines(proc.stderr)
         assert proc.returncode == 1, (proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr and len(errors) <= 2, proc.stderr
         assert "failed (disk full): no space left on " + str(runs) in errors[0], proc.stderr

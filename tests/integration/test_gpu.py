@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from tests.support.said import error_lines
+
 pytestmark = pytest.mark.engine
 
 VARIANT_SPEC = """
@@ -93,7 +95,7 @@ def test_gpus_all_on_an_engine_without_nvidia_fails_with_the_toolkit_message_and
     proc = workspace.envmgr("run", "tiny", "--gpus", "all", mirror=mirror_a.url, check=False)
     assert proc.returncode == 2
     assert "NVIDIA Container Toolkit" in proc.stderr and "--gpus none" in proc.stderr
-    assert len([line for line in proc.stderr.splitlines() if line.strip()]) <= 2
+    assert len(error_lines(proc.stderr)) <= 2
     _assert_no_container_left(engine)
     assert not list((workspace.base_dir / "runs").glob("tiny/*"))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import TINY_PYPROJECT, TINY_SPEC, Workspace
+from tests.support.said import error_lines
 from tests.support.slurm import slurm_cluster  # noqa: F401 - the session's cluster
 
 pytestmark = pytest.mark.engine
@@ -265,7 +266,7 @@ def test_no_slurm_is_one_line(site, tmp_path):
     empty.mkdir()
     proc = _run(site, "run", NAME, "--on", "slurm", check=False, PATH=str(empty))
     assert proc.returncode == 2
-    assert "Slurm not found: no `sinfo` on PATH" in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+    assert "Slurm not found: no `sinfo` on PATH" in proc.stderr and len(error_lines(proc.stderr)) <= 2
 
 
 def test_unknown_partition_and_zero_nodes_are_one_line_each(site):
@@ -366,7 +367,7 @@ def test_nodes_that_require_signatures_import_the_archive_submitted_with_sign(si
     runs_before = set(runs.iterdir()) if runs.is_dir() else set()
     unsigned = _run(site, "run", NAME, "--on", "slurm", "--partition", "held", "--", "--steps=2", check=False, **strict)
     assert unsigned.returncode == 2 and "is not signed and [trust] require_signature is set" in unsigned.stderr
-    assert "--sign KEY" in unsigned.stderr and len([x for x in unsigned.stderr.splitlines() if x.strip()]) <= 2
+    assert "--sign KEY" in unsigned.stderr and len(error_lines(unsigned.stderr)) <= 2
     assert (set(runs.iterdir()) if runs.is_dir() else set()) == runs_before          # nothing was submitted
 
     proc = _run(site, "--json", "run", NAME, "--on", "slurm", "--partition", "held", "--sign", str(key),

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import TINY_MAIN, TINY_PYPROJECT, TINY_SPEC, Workspace
+from tests.support.said import error_lines
 
 pytestmark = pytest.mark.engine
 
@@ -219,7 +220,7 @@ def test_damaged_or_foreign_archives_load_nothing_and_name_the_part(source, arch
         proc = target.envmgr("import", str(path), check=False)
         assert proc.returncode == 2, proc.stderr
         assert expected in proc.stderr and "nothing was loaded" in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+        assert "Traceback" not in proc.stderr and len(error_lines(proc.stderr)) <= 2
         _assert_nothing_loaded(target, engine)
 
 
