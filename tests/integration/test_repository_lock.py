@@ -15,6 +15,7 @@ import pytest
 import tomli_w
 
 from tests.support.pypi import Index, build_wheel
+from tests.support.said import run_dir_of
 
 pytestmark = pytest.mark.engine
 
@@ -298,7 +299,7 @@ def test_repository_with_its_lock_runs_with_system_packages_inputs_and_a_writabl
     crashed = workspace.envmgr("run", "ownrun", "--gpus", "none", "--dataset", "pets.zip", "--env", "MODE=crash",
                                check=False)
     assert crashed.returncode == 1 and "failed (no outputs)" in crashed.stderr, crashed.stderr
-    crash_dir = max((workspace.base_dir / "runs" / "ownrun").iterdir(), key=lambda p: p.name)
+    crash_dir = run_dir_of(crashed, workspace.base_dir / "runs" / "ownrun")
     crash = json.loads((crash_dir / "run.json").read_text())
     assert (crash["status"], crash["reason"], crash["exit_code"]) == ("failed", "no outputs", 0)
     assert crash["missing_outputs"] == ["output/*.safetensors"]

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from tests.support.said import run_dir_of
+
 pytestmark = pytest.mark.engine
 
 POETRY_REPO = {
@@ -261,7 +263,7 @@ def test_launcher_gets_inputs_env_a_writable_folder_and_an_honest_verdict(worksp
                                check=False)
     assert crashed.returncode == 1 and "failed (uncaught traceback)" in crashed.stderr, crashed.stderr
     assert "(rule: traceback)" in crashed.stderr and 'dataset_mode = "writable"' in crashed.stderr, crashed.stderr
-    crash_dir = max((workspace.base_dir / "runs" / "launcher").iterdir(), key=lambda p: p.name)
+    crash_dir = run_dir_of(crashed, workspace.base_dir / "runs" / "launcher")
     record = json.loads((crash_dir / "run.json").read_text())
     assert (record["status"], record["reason"], record["exit_code"]) == ("failed", "uncaught traceback", 0)
     assert record["verdict"]["rule"] == "traceback" and "/envmgr/data/pets" in record["verdict"]["detail"]
@@ -277,7 +279,7 @@ def test_launcher_gets_inputs_env_a_writable_folder_and_an_honest_verdict(worksp
 
     cached = workspace.envmgr("run", "launcher", "--gpus", "none", "--env", "MODE=cache-only", check=False)
     assert cached.returncode == 1 and "failed (no training outputs)" in cached.stderr, cached.stderr
-    cache_dir = max((workspace.base_dir / "runs" / "launcher").iterdir(), key=lambda p: p.name)
+    cache_dir = run_dir_of(cached, workspace.base_dir / "runs" / "launcher")
     record = json.loads((cache_dir / "run.json").read_text())
     assert (record["status"], record["exit_code"], record["verdict"]["rule"]) == ("failed", 0, "training files")
 
@@ -387,7 +389,7 @@ def test_a_file_placed_with_file_reaches_the_method_folder_and_is_placed_again_o
     crashed = workspace.envmgr("run", "reader", "--gpus", "none", "--env", "ENV=my", "--env", "CRASH_ONCE=1",
                                "--file", f"{cfg}:config/my/config.json", check=False)
     assert crashed.returncode == 1 and "crashed" in crashed.stderr, crashed.stderr
-    run_dir = max((workspace.base_dir / "runs" / "reader").iterdir(), key=lambda p: p.name)
+    run_dir = run_dir_of(crashed, workspace.base_dir / "runs" / "reader")
     placed = run_dir / "work" / "method" / "config" / "my" / "config.json"
     assert placed.read_text() == "garbage\n", "the method saw (and overwrote) the placed file"
     [given] = json.loads((run_dir / "run.json").read_text())["files"]

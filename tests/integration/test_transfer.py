@@ -436,7 +436,7 @@ def test_gc_removes_superseded_images_and_leftovers_but_nothing_in_use(source, e
             "a stored environment layer of the current image went"
         assert done["bytes_freed"] > 0
         plain = source.envmgr("gc", "--keep", "0", "--method", NAME, "--dry-run")
-        assert "would remove image" in plain.stdout and "MB" in plain.stdout
+        assert "would remove image" in plain.stderr and "MB" in plain.stderr   # talk: on stderr
     finally:
         running.remove(force=True)
         for image_id in made:

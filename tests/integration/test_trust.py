@@ -48,7 +48,7 @@ def keys(tmp_path_factory) -> dict[str, Path]:
     found = {}
     for who in ("site", "attacker"):
         proc = Workspace(root, root / "cache", root).envmgr("key", "generate", str(root / who))
-        assert "key ed25519:" in proc.stdout
+        assert "key ed25519:" in proc.stderr   # a status line: on stderr
         found[who] = root / who
     return found
 
@@ -183,7 +183,7 @@ def test_signed_export_imports_under_require_signature_and_verify_reports_the_si
     ok = _done(target.envmgr("--json", "verify", NAME, "--no-rebuild", **strict))
     assert ok["signature"]["state"] == "trusted" and ok["signature"]["layers_match"] and ok["ok"]
     plain = target.envmgr("verify", NAME, "--no-rebuild", **strict)
-    assert "signature: signed by trusted key ed25519:" in plain.stdout
+    assert "signature: signed by trusted key ed25519:" in plain.stdout + plain.stderr
 
     # the SBOM travelled with the archive, covered by the signature
     sbom = json.loads(target.envmgr("sbom", NAME, "--format", "cyclonedx-json", **strict).stdout)
@@ -307,7 +307,8 @@ def test_gc_removes_sboms_and_signature_records_of_gone_images_only(source, sign
     assert {("sbom", str(gone[0])), ("signature", str(gone[1]))} <= listed
     assert not {str(p) for p in live} & {what for _, what in listed}
     assert all(p.is_file() for p in gone)
-    plain = target.envmgr("gc", "--method", NAME, "--dry-run", **strict).stdout
+    said = target.envmgr("gc", "--method", NAME, "--dry-run", **strict)
+    plain = said.stdout + said.stderr   # what gc would do is talk: on stderr
     assert f"would remove sbom: {gone[0]}" in plain and f"would remove signature: {gone[1]}" in plain
 
     done = _done(target.envmgr("--json", "gc", "--method", NAME, **strict))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
-
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
