@@ -98,6 +98,8 @@ def test_sigkill_during_build_leaves_no_partial_tag_and_the_next_build_completes
         # written (a fast machine, `installing` + 1 s) must not let the next one skip past its point
         for made in ("layers", "index"):
             shutil.rmtree(faults.cache_dir / "store" / made, ignore_errors=True)
+        for image in engine.images.list(TAG_REPO):   # a kill that landed after the whole build: start cold again
+            engine.images.remove(image.id, force=True)
         killed, seen = _build_until(faults, mirror_a.url, point, delay)
         assert killed, f"never reached {point!r}: {seen}"
         tried += 1
