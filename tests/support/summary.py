@@ -12,7 +12,8 @@ from pathlib import Path
 
 STAGES = [("unit", "tests/unit"), ("method", "tests/method (trainer, in .venv-method)"),
           ("integration", "tests/integration (real engine)"),
-          ("engine-restart", "tests/integration -m engine_restart (stops and restarts dockerd)")]
+          ("engine-restart", "tests/integration -m engine_restart (stops and restarts dockerd)"),
+          ("installed", "tests/installed (the wheelhouse in a fresh venv, outside the checkout)")]
 NOT_RUN = {"engine-restart": "not run: it stops and restarts this machine's dockerd; opt in with "
                              "ENVMGR_TEST_ENGINE_RESTART=1 (CI sets it)"}
 
