@@ -43,14 +43,14 @@ def test_a_missing_system_library_is_named_at_build_and_at_run(workspace, tmp_pa
         zf.writestr("glrepo/train.py", "import envmgr_glneed\n")
     index, apt = Index(wheels).start(), ContentsMirror(gzip.compress(CONTENTS.encode()))
     try:
-        mirrors = {"mirror": index.url, "ENVMGR_MIRRORS_APT": f"http://127.0.0.1:{apt.port}/debian"}
+        mirrors = {"mirror": index.url, "ENVMGR_MIRRORS_APT": f"http://127.0.0.1:{apt.port}/apt-mirror"}
         workspace.envmgr("method", "add", str(repo), "--name", "glneed")
         workspace.envmgr("lock", "glneed", **mirrors)
         built = workspace.envmgr("build", "glneed", **mirrors)
         assert "libGL.so.1 (needed by lib/python3.11/site-packages/envmgr_glneed/_gl.so): Debian package libgl1" \
             in built.stderr, built.stderr
         assert '[system] apt = ["libgl1"]' in built.stderr
-        assert apt.requests == ["/debian/dists/bookworm/main/Contents-amd64.gz"]
+        assert apt.requests == ["/apt-mirror/dists/bookworm/main/Contents-amd64.gz"]
 
         ran = workspace.envmgr("run", "glneed", "--gpus", "none", check=False)
         assert ran.returncode == 1 and "libGL.so.1: cannot open shared object file" in ran.stderr

@@ -8,7 +8,7 @@ from tests.support.loopback import LoopbackServer
 
 
 class ContentsMirror(LoopbackServer):
-    """Serves `body` (a gzipped Contents index) at /debian/dists/bookworm/main/Contents-amd64.gz."""
+    """Serves `body` (a gzipped Contents index) at /apt-mirror/dists/bookworm/main/Contents-amd64.gz."""
 
     def __init__(self, body: bytes):
         self.username = self.password = None
@@ -18,7 +18,7 @@ class ContentsMirror(LoopbackServer):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's name
                 mirror.requests.append(self.path)
-                if self.path != "/debian/dists/bookworm/main/Contents-amd64.gz":
+                if self.path != "/apt-mirror/dists/bookworm/main/Contents-amd64.gz":
                     self.send_error(404)
                     return
                 self.send_response(200)

@@ -115,7 +115,7 @@ def _ctx(tmp_path: Path, apt: str | None) -> SimpleNamespace:
 def test_the_apt_line_names_the_packages_from_the_mirrors_contents_index(tmp_path):
     mirror = ContentsMirror(gzip.compress(CONTENTS.encode()))
     try:
-        ctx = _ctx(tmp_path, f"http://127.0.0.1:{mirror.port}/debian")
+        ctx = _ctx(tmp_path, f"http://127.0.0.1:{mirror.port}/apt-mirror")
         lacking = {"libenvmgrmissing.so.1": ["a.so", "b.so"], "libGL.so.1": ["cv2/cv2.abi3.so"]}
         line = report(ctx, "cv", lacking, "bookworm", "x86_64", ["libyaml-0-2"])
         assert line == '[system] apt = ["libenvmgr-missing1", "libgl1", "libyaml-0-2"]'
