@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from envmgr.layers import (
+from envmgr.build.layers import (
     BIG_BYTES,
     BUCKETS,
     MAX_ENV_LAYERS,

@@ -11,16 +11,16 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from envmgr.build import _excluded
-from envmgr.engine import Engine
-from envmgr.errors import UsageError
-from envmgr.logs import LineSplitter
-from envmgr.methods import add_method
-from envmgr.run import RunRequest, _failure, _given
-from envmgr.run_inputs import copy_method, parse_env, parse_input, parse_inputs, recorded_env, recorded_inputs
-from envmgr.spec import MethodSpec
-from envmgr.ui import Reporter, TrainingProgress, latest_segment
-from envmgr.verdict import missing_outputs
+from envmgr.build.build import _excluded
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import MethodSpec
+from envmgr.core.ui import Reporter, TrainingProgress, latest_segment
+from envmgr.door.engine import Engine
+from envmgr.door.logs import LineSplitter
+from envmgr.lock.methods import add_method
+from envmgr.runs.inputs import copy_method, parse_env, parse_input, parse_inputs, recorded_env, recorded_inputs
+from envmgr.runs.run import RunRequest, _failure, _given
+from envmgr.runs.verdict import missing_outputs
 
 OLD_NS = 1_000_000_000_000_000_000   # 2001: a file from an earlier attempt
 
@@ -273,8 +273,8 @@ def test_plain_mode_is_unchanged_by_method_lines(capsys):
 def test_a_run_settled_after_envmgr_died_gets_the_same_verdict(tmp_path):
     import socket
 
-    from envmgr import records
-    from envmgr.run import settle
+    from envmgr.runs import records
+    from envmgr.runs.run import settle
 
     base = tmp_path / "base"
     method = base / "methods" / "m"
