@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from envmgr.door.context import Context
 
 if TYPE_CHECKING:
-    from envmgr.build.build import BuildTarget
+    from envmgr.build.target import BuildTarget
 from envmgr.core.errors import EnvmgrError
 from envmgr.images.image import CHUNK, ImageConfig, Layer
 

@@ -26,7 +26,7 @@ def record_path(spec) -> Path:
 
 def current(ctx, spec) -> dict:
     """What a build of `spec` gives now: its environment layers, bottom first, with their labels and sizes."""
-    from envmgr.build.build import target
+    from envmgr.build.target import target
 
     wanted = target(ctx, spec)
     config = wanted.config(ctx)

@@ -103,27 +103,6 @@ def canonical_requirement(text: str) -> tuple[str, str]:
     return name, head + "".join(f" \\\n    --hash={h}" for h in hashes)
 
 
-def split_requirements(text: str) -> list[str]:
-    """A hashed requirements file cut into one entry per distribution (continuation lines kept together)."""
-    entries: list[str] = []
-    current: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or (stripped.startswith("#") and not current):
-            continue
-        if stripped.startswith("#"):
-            continue
-        if not current and stripped.startswith("-"):
-            continue   # options (--index-url etc.) never reach a lock envmgr writes; ignore them here
-        current.append(line)
-        if not stripped.endswith("\\"):
-            entries.append("\n".join(current))
-            current = []
-    if current:
-        entries.append("\n".join(current))
-    return entries
-
-
 def _digest(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -256,7 +256,7 @@ def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Contex
 
 def for_method(ctx: Context, method: str, fmt: str = "cyclonedx-json") -> tuple[str, bytes]:
     """(image ID, SBOM bytes) of the method's current image."""
-    from envmgr.build.build import require_image
+    from envmgr.build.target import require_image
     from envmgr.core.errors import UsageError
 
     if fmt not in FORMATS:

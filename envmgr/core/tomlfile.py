@@ -61,7 +61,7 @@ def describe_validation_error(path: Path | str, exc: ValidationError, prefix: st
         else:
             what = error["msg"]
             if "input" in error and not isinstance(error["input"], (dict, list)):
-                from envmgr.core.config import mask_credentials  # a mistyped value may hold a credential
+                from envmgr.core.credentials import mask_credentials  # a mistyped value may hold a credential
 
                 what += f" (got {mask_credentials(repr(error['input']))})"
         messages.append(f"{where}: key '{full_key}': {what}")

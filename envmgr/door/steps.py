@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 from envmgr.core import paths
-from envmgr.core.config import strip_credentials
+from envmgr.core.credentials import strip_credentials
 from envmgr.core.errors import EnvmgrError, MirrorError
 from envmgr.door.containers import BindMount, ContainerSpec
 from envmgr.door.logs import uncaught_traceback

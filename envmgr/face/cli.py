@@ -116,7 +116,7 @@ def _internal_error(exc: BaseException) -> None:
     """An exception envmgr did not expect: one line, the traceback in a log file, the command to rerun with -v."""
     import traceback
 
-    from envmgr.core.config import mask_credentials
+    from envmgr.core.credentials import mask_credentials
 
     ui = STATE.get("ui") or Reporter(STATE.get("mode"))
     text = "".join(traceback.format_exception(exc))

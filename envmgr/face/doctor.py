@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from envmgr.core import paths
-from envmgr.core.config import EffectiveConfig, mask_url
+from envmgr.core.config import EffectiveConfig
+from envmgr.core.credentials import mask_url
 from envmgr.core.errors import EngineError, Exit
 from envmgr.door.context import Context
 from envmgr.images.base import missing_tools

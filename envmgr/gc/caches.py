@@ -276,9 +276,9 @@ def held(cache_dir: Path) -> Iterator[bool]:
 
 def busy(ctx: Context) -> str | None:
     """Why the caches cannot be trimmed now (a build, or a step holding the uv cache), or None."""
-    from envmgr.gc.gc import _build_running
+    from envmgr.build.target import build_running
 
-    if _build_running(ctx.cache_dir):
+    if build_running(ctx.cache_dir):
         return "a build is running"
     lock = ctx.cache_dir / "uv.lock"
     if lock.is_file():

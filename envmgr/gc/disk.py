@@ -9,6 +9,7 @@ layer its spec names). Runs: everything under <base>/runs/<method> (outputs, log
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -80,8 +81,6 @@ def usage(ctx: Context, only: set[str] | None = None) -> list[MethodDisk]:
 def _count_images(ctx: Context, found: dict[str, MethodDisk]) -> None:
     """Each method's images as the set of their layers: a layer counts once per method, as its own when no
     image of another method (or a base image) has it, as shared otherwise."""
-    from envmgr.gc.gc import _layers
-
     chains: dict[str, dict[str, int]] = {}       # method ("" for any other image) -> layer chain -> size
     figures = {i["Id"]: i for i in ctx.engine.image_disk_usage()}
     for image in ctx.engine.images():
@@ -89,7 +88,7 @@ def _count_images(ctx: Context, found: dict[str, MethodDisk]) -> None:
         owner = method if method in found else ""
         if owner:
             found[owner].images += 1
-        layers = _layers(ctx, image["Id"])
+        layers = image_layers(ctx, image["Id"])
         if layers is None:     # the engine's own figure for this image alone
             figure = figures.get(image["Id"], image)
             layers = [(f"{image['Id']}-own", max(0, int(figure.get("Size") or 0)
@@ -130,3 +129,21 @@ def describe(entry: MethodDisk) -> str:
     return (f"{entry.method}: {entry.images} image{'' if entry.images == 1 else 's'} {gb(entry.image_bytes)} "
             f"({gb(entry.unique_bytes)} its own, {gb(entry.shared_bytes)} shared), cached layers "
             f"{gb(entry.layer_bytes)}, {entry.runs} run{'' if entry.runs == 1 else 's'} {gb(entry.runs_bytes)}")
+
+
+def image_layers(ctx: Context, image_id: str) -> list[tuple[str, int]] | None:
+    """(chain, size) of each layer, oldest first; None when the history does not map onto the layers."""
+    info = ctx.engine.inspect_image(image_id) or {}
+    diff_ids = (info.get("RootFS") or {}).get("Layers") or []
+    newest_first = ctx.engine.image_history(image_id)
+    if newest_first is None:
+        return None
+    history = list(reversed(newest_first))
+    if len(history) != len(diff_ids):
+        return None
+    chain = hashlib.sha256()
+    found = []
+    for diff_id, entry in zip(diff_ids, history, strict=True):
+        chain.update(diff_id.encode())  # a layer is shared only with the same layers below it
+        found.append((chain.hexdigest(), int(entry.get("Size") or 0)))
+    return found

@@ -15,8 +15,6 @@ engine and kept.
 from __future__ import annotations
 
 import base64
-import fcntl
-import hashlib
 import json
 import re
 import shutil
@@ -24,15 +22,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envmgr.build.build import target
 from envmgr.build.layers import RELEASE_BYTES, LayerStore
 from envmgr.build.sbom import SBOM_DIR
+from envmgr.build.target import build_running, target
 from envmgr.core import paths
 from envmgr.core.errors import EngineError, UsageError
-from envmgr.core.files import open_lock
 from envmgr.core.spec import list_methods
 from envmgr.core.variants import all_variants
 from envmgr.door.context import Context
+from envmgr.gc.disk import image_layers
 from envmgr.images.base import current_base
 from envmgr.images.image import file_sha256
 from envmgr.lock.uv_cache import shared_uv_cache
@@ -171,24 +169,6 @@ def _last_tagged(ctx: Context, image_id: str) -> str:
     return (info.get("Metadata") or {}).get("LastTagTime") or ""
 
 
-def _layers(ctx: Context, image_id: str) -> list[tuple[str, int]] | None:
-    """(chain, size) of each layer, oldest first; None when the history does not map onto the layers."""
-    info = ctx.engine.inspect_image(image_id) or {}
-    diff_ids = (info.get("RootFS") or {}).get("Layers") or []
-    newest_first = ctx.engine.image_history(image_id)
-    if newest_first is None:
-        return None
-    history = list(reversed(newest_first))
-    if len(history) != len(diff_ids):
-        return None
-    chain = hashlib.sha256()
-    found = []
-    for diff_id, entry in zip(diff_ids, history, strict=True):
-        chain.update(diff_id.encode())  # a layer is shared only with the same layers below it
-        found.append((chain.hexdigest(), int(entry.get("Size") or 0)))
-    return found
-
-
 def _count_image_bytes(ctx: Context, result: Plan) -> None:
     """The bytes removing these images frees: layers that no remaining image (of any kind) has."""
     removed = [item for item in result.remove if item.kind == "image"]
@@ -198,10 +178,10 @@ def _count_image_bytes(ctx: Context, result: Plan) -> None:
     kept_chains: set[str] = set()
     for image in ctx.engine.images(all_=True):
         if image["Id"] not in doomed:
-            kept_chains.update(chain for chain, _ in (_layers(ctx, image["Id"]) or []))
+            kept_chains.update(chain for chain, _ in (image_layers(ctx, image["Id"]) or []))
     counted: set[str] = set()
     for item in removed:
-        layers = _layers(ctx, item.what)
+        layers = image_layers(ctx, item.what)
         if layers is None:  # fall back to the engine's own figure for this image alone
             image = next((i for i in ctx.engine.image_disk_usage() if i["Id"] == item.what), {})
             item.bytes = max(0, int(image.get("Size", 0)) - max(0, int(image.get("SharedSize", 0))))
@@ -223,7 +203,7 @@ def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[st
     if layers.is_dir():
         for path in sorted(layers.iterdir()):
             if path.name.endswith(".partial"):
-                if not _build_running(cache):
+                if not build_running(cache):
                     result.remove.append(Item("layer", str(path), _size(path), "unfinished layer"))
                 continue
             match = LAYER_FILE.match(path.name)
@@ -237,7 +217,7 @@ def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[st
             if record.is_file():
                 result.remove.append(Item("layer", str(record), _size(record), "its layer's record"))
     _plan_store(ctx, result, used)
-    if _build_running(cache):
+    if build_running(cache):
         result.keep.append(Item("work", str(cache / "work"), 0, "a build is running"))
         return
     with shared_uv_cache(cache):   # a uv cache a killed build left in its stage goes home before the stage goes
@@ -254,7 +234,7 @@ def _plan_cache(ctx: Context, result: Plan, kept_images: list[str], only: set[st
 def _plan_image_records(ctx: Context, result: Plan, only: set[str]) -> None:
     """SBOMs and signature records kept per image ID: removed once their image is gone (or goes in this gc)."""
     removed_images = {item.what for item in result.remove if item.kind == "image"}
-    building = _build_running(ctx.cache_dir)   # a build writes its SBOM before it loads the image
+    building = build_running(ctx.cache_dir)   # a build writes its SBOM before it loads the image
     for kind, folder, suffix in IMAGE_RECORDS:
         root = ctx.cache_dir / folder
         for path in sorted(root.iterdir()) if root.is_dir() else []:
@@ -298,7 +278,7 @@ def _plan_store(ctx: Context, result: Plan, used: set[str]) -> None:
     store = LayerStore(ctx.cache_dir / "store")
     if not store.layers.is_dir():
         return
-    if _build_running(ctx.cache_dir):
+    if build_running(ctx.cache_dir):
         result.keep.append(Item("layer", str(store.layers), 0, "a build is running"))
         return
     records = store.recorded_diff_ids()
@@ -331,20 +311,6 @@ def _diff_id(tar: Path) -> str:
         except (ValueError, KeyError):
             pass
     return "sha256:" + file_sha256(tar)[0]
-
-
-def _build_running(cache: Path, besides: str = "") -> bool:
-    """Whether a build holds its lock (`besides`: the caller's own lock file name, not counted)."""
-    for guard_path in (cache / "locks").glob("build-*.lock") if (cache / "locks").is_dir() else []:
-        if guard_path.name == besides:
-            continue
-        with open_lock(guard_path) as guard:
-            try:
-                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(guard, fcntl.LOCK_UN)
-            except BlockingIOError:
-                return True
-    return False
 
 
 def _size(path: Path) -> int:

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envmgr.build.build import _excluded, build as build_image
+from envmgr.build.build import build as build_image
 from envmgr.build.sonames import runtime_hint
+from envmgr.build.target import method_excludes
 from envmgr.core import paths
 from envmgr.core.errors import EngineError, EnvmgrError, Interrupted, UsageError
 from envmgr.core.files import atomic_write
@@ -480,7 +481,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         for folder in (output, work):
             owned.ensure_folder(run_dir, folder.name, _ids(user))
         if spec.workdir == "method":
-            place_files(files, copy_method(spec, work, user, _excluded(spec)), user)
+            place_files(files, copy_method(spec, work, user, method_excludes(spec)), user)
         prepared = data.prepare(spec, run_dir, user)
 
     # Only output/ and the scratch work/ are writable by the method; run.json and log.txt are not mounted.

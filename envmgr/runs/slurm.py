@@ -143,7 +143,8 @@ def node_address(node: str) -> str:
 
 def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     """Check, write run.json + job.sbatch into a run dir, sbatch it; with --wait follow it to the end."""
-    from envmgr.build.build import build as build_image, target
+    from envmgr.build.build import build as build_image
+    from envmgr.build.target import target
     from envmgr.runs.run import (
         _given,
         _ids,

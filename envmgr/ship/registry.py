@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from envmgr.build.build import require_image, target
+from envmgr.build.target import require_image, target
 from envmgr.core import paths
 from envmgr.core.errors import EnvmgrError, Exit, UsageError
 from envmgr.core.files import atomic_write, open_lock

@@ -17,8 +17,8 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from envmgr.build.build import require_image
 from envmgr.build.layer_bytes import exported_config, with_layer_files
+from envmgr.build.target import require_image
 from envmgr.core.errors import EnvmgrError, UsageError
 from envmgr.door.context import Context
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from envmgr.core.errors import UsageError
 from envmgr.door.context import Context
 from envmgr.images.image import ImageConfig
+from envmgr.ship.manifest import THIN_FORMAT, read_manifest
 from envmgr.ship.trust import TrustError
 
-THIN_FORMAT = "envmgr-export/2+thin"
 LEFT_OUT = "left_out"
 THIN_FOR = "thin_for"
 _DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
@@ -48,8 +48,6 @@ def archive_layers(manifest: dict) -> list[str]:
 
 def target_layers(ctx: Context, target: str) -> tuple[str, list[str]]:
     """(image ID, layer diff IDs) of `--thin-for TARGET`: an export archive file, or an engine image."""
-    from envmgr.ship.transfer import read_manifest
-
     path = Path(target)
     if path.is_file():
         manifest = read_manifest(path)   # only export.json: nothing is loaded or fully read

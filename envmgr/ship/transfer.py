@@ -39,8 +39,8 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from envmgr.build.build import _excluded, inputs, installer_id, lock_hash, require_image
 from envmgr.build.layer_bytes import exported_config, with_layer_files
+from envmgr.build.target import inputs, installer_id, lock_hash, method_excludes, require_image
 from envmgr.core import names, paths
 from envmgr.core.archive import contained
 from envmgr.core.errors import EngineError, EnvmgrError, UsageError
@@ -49,16 +49,14 @@ from envmgr.door.context import Context
 from envmgr.images.base import BaseImage, _load as load_base_image, current_base
 from envmgr.images.image import CHUNK, CountingReader, archive_parts, file_sha256, tarinfo, tree_hash
 from envmgr.lock.backends import get_backend
+from envmgr.ship.manifest import FORMAT, MANIFEST, ArchiveError, read_signed_manifest
 from envmgr.ship.trust import SBOM_MEMBER, SIGNATURE_MEMBER
 
-FORMAT = "envmgr-export/2"   # 2: method files once (in the method layer), SBOM, signature
-MANIFEST = "envmgr/export.json"
 METHOD_PREFIX = "envmgr/method/"
 ENGINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
 
-class ArchiveError(UsageError):
-    """A damaged, truncated or foreign archive: bad input, exit 2; nothing was loaded."""
+
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -115,7 +113,7 @@ def method_members(spec: MethodSpec, in_layer: bool = False) -> list[Member]:
     for lock_file in get_backend(spec).lock_files(spec):
         if lock_file.is_file():
             add(lock_file, f"lock file {lock_file.name}")
-    excluded = _excluded(spec)
+    excluded = method_excludes(spec)
     source = spec.source_path
     if in_layer:
         return [found[name] for name in sorted(found)]
@@ -282,29 +280,6 @@ def _open(path: Path):
     return raw, (gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw)
 
 
-def read_manifest(path: Path) -> dict:
-    return read_signed_manifest(path)[0]
-
-
-def read_signed_manifest(path: Path) -> tuple[dict, bytes, bytes | None]:
-    """The manifest, its exact bytes (what a signature covers) and the signature document, if any."""
-    from envmgr.ship.trust import read_head
-
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    manifest_bytes, signature = read_head(path, MANIFEST)
-    try:
-        manifest = json.loads(manifest_bytes)
-    except json.JSONDecodeError as exc:
-        raise ArchiveError(f"{path}: not a readable envmgr export ({exc}); nothing was loaded") from None
-    from envmgr.ship.thin import THIN_FORMAT
-
-    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, THIN_FORMAT):
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ArchiveError(f"{path}: format {found!r} is not {FORMAT!r}; nothing was loaded")
-    return manifest, manifest_bytes, signature
-
-
 class _MemberEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -454,7 +429,7 @@ def zlib_error():
 
 def _method_hashes(spec: MethodSpec, ctx: Context) -> dict[str, str]:
     return {"lock": lock_hash(ctx, spec), "spec": spec.spec_hash(),
-            "method_files": tree_hash(spec.source_path, _excluded(spec))}
+            "method_files": tree_hash(spec.source_path, method_excludes(spec))}
 
 
 def _differences(have: dict[str, str], want: dict[str, str]) -> list[str]:
@@ -602,7 +577,7 @@ def _verify_and_stage(ctx: Context, path: Path, manifest: dict, staging: Path, b
     """Check every member while streaming it once, stage the method's files (from `envmgr/method/` and
     the method layer), and check the chain: manifest.json, inputs, tag, method layer. Returns the staged
     method folder and the SBOM file."""
-    from envmgr.build.build import _digest, image_tag, method_layer
+    from envmgr.build.target import image_tag, inputs_digest, method_layer
     from envmgr.ship import thin, trust
 
     name, tag, image_id, want = manifest["method"], manifest["tag"], manifest["image_id"], manifest["inputs"]
@@ -634,13 +609,13 @@ def _verify_and_stage(ctx: Context, path: Path, manifest: dict, staging: Path, b
     if got != want:
         raise ArchiveError(f"{path}: its method files give other inputs than its manifest "
                            f"({', '.join(_differences(got, want))}); nothing was loaded")
-    if tag != image_tag(staged, _digest(want)):
+    if tag != image_tag(staged, inputs_digest(want)):
         raise ArchiveError(f"{path}: its tag {tag} is not the one its inputs give "
-                           f"({image_tag(staged, _digest(want))}); nothing was loaded")
+                           f"({image_tag(staged, inputs_digest(want))}); nothing was loaded")
     # the method layer made here from the staged files, in a scratch cache: refused input leaves no cache entry
     scratch = Context(config=dataclasses.replace(ctx.config, cache_dir=staging / "cache"), ui=ctx.ui,
                       _engine=ctx._engine)
-    remade = method_layer(scratch, staged, want, _digest(want))
+    remade = method_layer(scratch, staged, want, inputs_digest(want))
     if remade.diff_id != last_layer:
         raise ArchiveError(f"{path}: its method layer is not the one its method files make ({last_layer[:19]}, "
                            f"made here {remade.diff_id[:19]}); nothing was loaded",

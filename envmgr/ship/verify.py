@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from envmgr.build.build import target
+from envmgr.build.target import target
 from envmgr.core import paths
 from envmgr.core.errors import EnvmgrError, UsageError
 from envmgr.core.spec import MethodSpec, find_method

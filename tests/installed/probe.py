@@ -4,7 +4,7 @@ the base image ID is fixed, so only what this envmgr reads from its own files ca
 
 import json
 
-from envmgr.build import build
+from envmgr.build import target as build
 from envmgr.core import paths
 from envmgr.core.config import load_config
 from envmgr.core.spec import list_methods
@@ -20,7 +20,7 @@ ctx = Context(config=load_config({}, inherit_host=False, files=[]), ui=Reporter(
 methods = {}
 for spec in list_methods(None):
     data = build.inputs(ctx, spec, BASE)
-    digest = build._digest(data)
+    digest = build.inputs_digest(data)
     methods[spec.name] = {"folder": str(spec.folder), "inputs": data, "inputs_hash": digest,
                           "tag": build.image_tag(spec, digest)}
 print(json.dumps({"envmgr": build.__file__, "methods": methods, "version": describe(),

@@ -267,7 +267,7 @@ def _assert_cache_holds_the_wheels_unchanged(uv_cache: Path, wheels: list[Path])
 def test_layered_environment_equals_a_single_install(methods, tmp_path, store, layer_index, monkeypatch):
     """Same files, byte for byte (pycs, RECORDs, .pth files, scripts), as one uv install of the same lock;
     uv hard-linked them from its cache, and the cache's files are unchanged."""
-    from envmgr.build.build import target
+    from envmgr.build.target import target
     from envmgr.build.layers import PHYSICAL_PREFIX
     from envmgr.core import paths
     from envmgr.core.config import load_config

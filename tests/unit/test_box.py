@@ -10,7 +10,8 @@ import time
 import pytest
 
 from envmgr.core.archive import extract
-from envmgr.core.config import credentials_in, load_config, mask_credentials, mask_url
+from envmgr.core.config import load_config
+from envmgr.core.credentials import credentials_in, mask_credentials, mask_url
 from envmgr.core.errors import UsageError
 from envmgr.core.spec import MethodSpec, name_problem
 from envmgr.door.logs import LineSplitter, split_lines

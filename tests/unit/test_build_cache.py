@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from envmgr.build.build import _cached_layer, _write_record
+from envmgr.build.target import _cached_layer, _write_record
 from envmgr.core.ui import Reporter
 
 

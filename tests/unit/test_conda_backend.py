@@ -9,8 +9,8 @@ import pytest
 
 from envmgr.core.config import MirrorsConfig
 from envmgr.core.errors import StaleLockError, UsageError
-from envmgr.core.mirrors import conda_channel_mirrors
 from envmgr.core.spec import MethodSpec, load_spec
+from envmgr.door.mirrors import conda_channel_mirrors
 from envmgr.lock.backends import entry_command, get_backend
 from envmgr.lock.backends.conda import CondaBackend, _locked_pip, _normalize_prefix, _record, read_environment
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.core.config import host_apt_mirror, load_config, mask_url
+from envmgr.core.config import host_apt_mirror, load_config
+from envmgr.core.credentials import mask_url
 from envmgr.core.errors import UsageError
 
 

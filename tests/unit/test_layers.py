@@ -15,9 +15,9 @@ from envmgr.build.layers import (
     bucket_of,
     canonical_requirement,
     plan_groups,
-    split_requirements,
     units,
 )
+from envmgr.lock.backends.common import split_requirements
 
 LAYOUT = "4"
 

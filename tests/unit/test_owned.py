@@ -299,7 +299,7 @@ def test_pyxis_step_applies_the_recorded_inputs_and_env(tmp_path):
 
 def _submit(tmp_path, monkeypatch, **request_fields) -> dict:
     """What `submit` does before sbatch, with Slurm, the engine and the image left out."""
-    from envmgr.build import build
+    from envmgr.build import target as build_target
     from envmgr.runs.run import RunRequest
 
     monkeypatch.setattr(slurm, "_check_request", lambda request, spec, s: 0)
@@ -307,7 +307,7 @@ def _submit(tmp_path, monkeypatch, **request_fields) -> dict:
     monkeypatch.setattr(slurm, "batch_script", lambda *a: "#!/bin/bash\n")
     monkeypatch.setattr(slurm, "_slurm", lambda args, check=True: SimpleNamespace(returncode=0, stdout="42\n",
                                                                                    stderr=""))
-    monkeypatch.setattr(build, "target", lambda ctx, spec: SimpleNamespace(digest="sha256:1", tag="envmgr/t:1",
+    monkeypatch.setattr(build_target, "target", lambda ctx, spec: SimpleNamespace(digest="sha256:1", tag="envmgr/t:1",
                                                                           lock_hash="sha256:2"))
     ctx = SimpleNamespace(config=SimpleNamespace(base_dir=tmp_path / "base",
                                                  run=SimpleNamespace(run_as="65534:65534")),

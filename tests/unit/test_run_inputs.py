@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from envmgr.build.build import _excluded
+from envmgr.build.target import method_excludes
 from envmgr.core.errors import UsageError
 from envmgr.core.spec import MethodSpec
 from envmgr.core.ui import Reporter, TrainingProgress, latest_segment
@@ -197,13 +197,13 @@ def test_method_copy_is_the_image_files_writable_and_kept_on_resume(tmp_path):
     work = tmp_path / "run" / "work"
     work.mkdir(parents=True)
     user = f"{os.getuid()}:{os.getgid()}"
-    copy = copy_method(spec, work, user, _excluded(spec))
+    copy = copy_method(spec, work, user, method_excludes(spec))
     assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*")) == [
         "config", "config/config.json", "train.sh"]
     assert (copy / "config" / "config.json").stat().st_mode & 0o200, "the run's user can write its copy"
     (copy / "debug.log").write_text("state")
     (source / "train.sh").write_text("changed\n")
-    assert copy_method(spec, work, user, _excluded(spec)) == copy
+    assert copy_method(spec, work, user, method_excludes(spec)) == copy
     assert (copy / "debug.log").read_text() == "state" and (copy / "train.sh").read_text() == "echo hi\n"
 
 
@@ -214,7 +214,7 @@ def test_method_copy_through_a_link_is_refused(tmp_path):
     work.mkdir()
     (work / "method").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(UsageError, match="symbolic link"):
-        copy_method(spec, work, f"{os.getuid()}:{os.getgid()}", _excluded(spec))
+        copy_method(spec, work, f"{os.getuid()}:{os.getgid()}", method_excludes(spec))
 
 
 # ---------------------------------------------------------------- progress for any method

@@ -13,7 +13,7 @@ import pytest
 from envmgr.core.errors import UsageError
 from envmgr.images.image import ImageConfig, Layer, tarinfo
 from envmgr.ship import thin
-from envmgr.ship.transfer import MANIFEST, read_manifest
+from envmgr.ship.manifest import MANIFEST, read_manifest
 from envmgr.ship.trust import TrustError, statement_layers
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from envmgr.core import paths
 from envmgr.core.errors import StaleLockError
-from envmgr.core.mirrors import ca_mounts, uv_env
 from envmgr.core.spec import MethodSpec
 from envmgr.door.containers import BindMount
 from envmgr.door.context import Context
+from envmgr.door.mirrors import ca_mounts, uv_env
 from envmgr.door.steps import Step
 from envmgr.images.base import BaseImage
 from envmgr.lock.uv_cache import shared_uv_cache, uv_cache_dir
@@ -93,3 +93,24 @@ def safe_remove_tree(path: Path) -> None:
 
     if path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def split_requirements(text: str) -> list[str]:
+    """A hashed requirements file cut into one entry per distribution (continuation lines kept together)."""
+    entries: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or (stripped.startswith("#") and not current):
+            continue
+        if stripped.startswith("#"):
+            continue
+        if not current and stripped.startswith("-"):
+            continue   # options (--index-url etc.) never reach a lock envmgr writes; ignore them here
+        current.append(line)
+        if not stripped.endswith("\\"):
+            entries.append("\n".join(current))
+            current = []
+    if current:
+        entries.append("\n".join(current))
+    return entries

@@ -32,12 +32,12 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from envmgr.core import paths
-from envmgr.core.config import strip_credentials
+from envmgr.core.credentials import strip_credentials
 from envmgr.core.errors import EnvmgrError, MirrorError, StaleLockError, UsageError
-from envmgr.core.mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from envmgr.core.spec import MethodSpec
 from envmgr.door.containers import BindMount
 from envmgr.door.context import Context
+from envmgr.door.mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from envmgr.door.steps import SDIST_ONLY, sdist_only_error
 from envmgr.images.base import BaseImage
 from envmgr.lock.backends.common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env

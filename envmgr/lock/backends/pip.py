@@ -19,14 +19,21 @@ from urllib.parse import urlsplit
 from envmgr.core import paths
 from envmgr.core.errors import EnvmgrError, StaleLockError, UsageError
 from envmgr.core.files import atomic_write
-from envmgr.core.mirrors import mirror_hosts
 from envmgr.core.spec import MethodSpec
 from envmgr.door.containers import BindMount
 from envmgr.door.context import Context
+from envmgr.door.mirrors import mirror_hosts
 from envmgr.images.base import BaseImage
 from envmgr.lock.adapt import effective_requirements, lock_drift, raise_if_unreachable
 from envmgr.lock.backends import source_builds
-from envmgr.lock.backends.common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
+from envmgr.lock.backends.common import (
+    install_requirements_script,
+    missing_lock,
+    run_step,
+    split_requirements,
+    uv_mounts,
+    uv_step_env,
+)
 from envmgr.lock.repository_pins import (
     SEED_RECORD,
     RepositoryPins,
@@ -183,8 +190,6 @@ class PipBackend:
 
     def layer_entries(self, ctx: Context, spec: MethodSpec, base: BaseImage) -> tuple[list[str], list[str]]:
         """(one requirement per distribution, mirrors of declared indexes): what build installs unit by unit."""
-        from envmgr.build.layers import split_requirements
-
         lock = spec.lock_path / LOCK
         if not lock.is_file():
             raise missing_lock(spec, LOCK)

@@ -24,10 +24,10 @@ from packaging.utils import canonicalize_name
 from envmgr.core import paths
 from envmgr.core.errors import EnvmgrError, MirrorError, StaleLockError, UsageError
 from envmgr.core.files import atomic_write, open_lock
-from envmgr.core.mirrors import mirror_hosts, poetry_env
 from envmgr.core.spec import MethodSpec
 from envmgr.door.containers import BindMount
 from envmgr.door.context import Context
+from envmgr.door.mirrors import mirror_hosts, poetry_env
 from envmgr.door.steps import sdist_only_error
 from envmgr.images.base import BaseImage
 from envmgr.lock.adapt import (
