@@ -379,7 +379,8 @@ def run(
     """Run a method in its image. Arguments after `--` go to the method's entry
     (e.g. `envmgr run sd-demo --dataset sample.zip -- --max_steps=100`)."""
     from envmgr.core.spec import find_method
-    from envmgr.runs.run import RunRequest, run as run_method
+    from envmgr.runs import targets
+    from envmgr.runs.plan import RunRequest
 
     ctx = _context()
     spec = find_method(method, ctx.config.base_dir)
@@ -387,28 +388,17 @@ def run(
                          args=list(typer_ctx.args), resume=resume, shm_size=shm_size,
                          memory=memory, as_root=as_root, variant=variant,
                          inputs=list(inputs or []), env=list(env_vars or []), files=list(files or []))
-    if on == "slurm":
-        from envmgr.runs.slurm import SlurmRequest, submit
-
-        record = submit(ctx, request, SlurmRequest(
-            nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
-            time=time_limit, account=account, registry=registry, runtime=node_runtime, wait=wait,
-            wait_timeout=wait_timeout, sign=sign))
+    target = targets.pick(on)
+    record = target.submit(ctx, request, {
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "tasks_per_node": tasks_per_node, "partition": partition,
+        "time": time_limit, "account": account, "registry": registry, "runtime": node_runtime, "sign": sign})
+    if target.hands_over:   # the run goes on there: followed with --wait, else said where it went
         if not wait:
-            ctx.ui.success(f"run {record['run_id']} submitted: Slurm job {record['scheduler']['job_id']} "
-                           f"(`envmgr runs show {record['run_id']}`)", run_id=record["run_id"],
-                           job_id=record["scheduler"]["job_id"], status=record["status"])
+            where, fields = target.handed_over(record)
+            ctx.ui.success(f"run {record['run_id']} submitted: {where} (`envmgr runs show {record['run_id']}`)",
+                           run_id=record["run_id"], **fields, status=record["status"])
             return
-    elif on != "local":
-        from envmgr.core.errors import UsageError
-
-        raise UsageError(f"--on {on!r}: expected local or slurm")
-    elif sign is not None:
-        from envmgr.core.errors import UsageError
-
-        raise UsageError("--sign is for --on slurm (it signs the archive the nodes import)")
-    else:
-        record = run_method(ctx, request)
+        record = target.follow(ctx, record, wait_timeout)
     run_dir = ctx.config.base_dir / "runs" / spec.name / record["run_id"]
     found = record.get("artifacts", {})
     ctx.ui.success(f"run {record['run_id']} succeeded → {run_dir}", run_id=record["run_id"], run_dir=str(run_dir),
@@ -429,8 +419,8 @@ def runs_list(typer_ctx: typer.Context,
     """List runs (newest last)."""
     if typer_ctx.invoked_subcommand:
         return
-    from envmgr.runs.run import list_runs
-    from envmgr.runs.slurm import refresh
+    from envmgr.runs import targets
+    from envmgr.runs.ledger import list_runs, refresh
 
     ctx = _context()
     records = refresh(list_runs(ctx, method))
@@ -442,9 +432,7 @@ def runs_list(typer_ctx: typer.Context,
     table = Table("run", "method", "status", "where", "started", "ended", "image", box=None)
     for r in records:
         image = r["image"] if isinstance(r.get("image"), dict) else {}
-        sched = r["scheduler"] if isinstance(r.get("scheduler"), dict) else {}
-        where = f"slurm job {sched.get('job_id')}" if sched.get("kind") == "slurm" else "local"
-        table.add_row(r["run_id"], r["method"], r["status"], where, str(r.get("started") or ""),
+        table.add_row(r["run_id"], r["method"], r["status"], targets.of(r).where(r), str(r.get("started") or ""),
                       str(r.get("ended") or ""), str(image.get("tag") or ""))
     ctx.ui.console.print(table)
 
@@ -453,8 +441,7 @@ def runs_list(typer_ctx: typer.Context,
 @verb
 def runs_show(run_id: Annotated[str, typer.Argument(help="Run id (from `envmgr runs`).")]):
     """Show one run's record."""
-    from envmgr.runs.run import find_run
-    from envmgr.runs.slurm import refresh
+    from envmgr.runs.ledger import find_run, refresh
 
     ctx = _context()
     record = refresh([find_run(ctx, run_id)])[0]
@@ -474,7 +461,7 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id (from `envmgr r
 @verb
 def runs_cancel(run_id: Annotated[str, typer.Argument(help="Run id of a Slurm run (from `envmgr runs`).")]):
     """Cancel a Slurm run: its steps stop their containers and keep their checkpoints (`interrupted`)."""
-    from envmgr.runs.slurm import cancel
+    from envmgr.runs.ledger import cancel
 
     ctx = _context()
     record = cancel(ctx, run_id)
@@ -630,7 +617,7 @@ def gc(
 ):
     """Remove superseded method images, stopped envmgr containers and stale cache entries (never what is in use)."""
     from envmgr.gc.gc import apply, plan
-    from envmgr.runs.run import list_runs
+    from envmgr.runs.ledger import list_runs
 
     ctx = _context()
     if not dry_run:

@@ -18,7 +18,8 @@ from envmgr.core.spec import find_method
 from envmgr.core.ui import Reporter
 from envmgr.door.containers import BindMount, ContainerSpec
 from envmgr.door.context import Context
-from envmgr.runs.run import RunRequest, prepare_base_dir, run
+from envmgr.runs.plan import RunRequest, prepare_base_dir
+from envmgr.runs.run import run
 
 MODEL = "tiny-sd3"
 DATASET = "sample-dataset.zip"

@@ -64,11 +64,10 @@ def checks(ctx: Context) -> list[Check]:
     from envmgr.runs.gpu_plan import doctor_row  # gpu_plan reads specs and host GPUs: only when doctor runs
 
     found.append(Check(*doctor_row(ctx)))
-    from envmgr.runs.slurm import (
-        doctor_checks,  # Slurm answers? base dir shared? (informational: only `--on slurm` needs it)
-    )
+    from envmgr.runs.targets import TARGETS
 
-    found.extend(Check(*row) for row in doctor_checks(ctx.config.base_dir))
+    for target in TARGETS.values():   # e.g. Slurm answers? base dir shared? (only `--on slurm` needs it)
+        found.extend(Check(*row) for row in target.doctor_checks(ctx.config.base_dir))
     for label, name in (("built-in methods", "envs"), ("base images", "images")):   # the wheel's data, or a checkout's
         found.append(Check(label, paths.builtin_origin(name), paths.builtin_dir(name).is_dir()))
     missing = missing_tools()

@@ -16,6 +16,7 @@ The method wrote `output/` as it liked, so envmgr looks at it without following 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections import Counter
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
+from envmgr.core.errors import UsageError
+from envmgr.door.context import Context
 from envmgr.runs import owned, records
 
 DROPPED_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_IWOTH
@@ -113,6 +116,24 @@ def inspect(run_dir: Path, handover: Handover | None = None) -> Outputs:
     if handover is not None:
         _hand_over(run_dir, top, found, handover)
     return found
+
+
+def inspect_noted(ctx: Context, run_dir: Path, handover: Handover | None, log_file: str = records.LOG) -> Outputs:
+    """`inspect`, with what is refused and changed named in the run's log and said as warnings; an output/
+    that cannot be inspected is itself refused."""
+    try:
+        outputs = inspect(run_dir, handover)
+    except (OSError, UsageError) as exc:
+        reason = exc.message if isinstance(exc, UsageError) else str(exc)
+        outputs = Outputs(refused=[{"path": records.OUTPUT, "reason": f"not inspected: {reason}"}])
+    notes = ([f"{r['path']} is not listed as an output: {r['reason']}" for r in outputs.refused]
+             + [f"{c['path']}: {c['change']}" for c in outputs.changed])
+    if notes:
+        with contextlib.suppress(OSError, UsageError), records.open_log(run_dir, log_file) as log:
+            log.writelines(f"# envmgr: {note}\n" for note in notes)
+        for note in notes:
+            ctx.ui.warn(note)
+    return outputs
 
 
 def _link_target(run_dir: Path, shown: str) -> str:

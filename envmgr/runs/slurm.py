@@ -2,7 +2,8 @@
 site's Slurm instead of the local engine. envmgr has no queue of its own: sbatch schedules, srun starts
 one job step per machine, and each step is `envmgr slurm-step`, a node-local `envmgr run` through that
 node's own Docker Engine (run.py's `NodeStep` hook), so mounts, uid:gid, read-only models, labels and
-the GPU check are the local run's code.
+the GPU check are the local run's code (envmgr/runs/run.py; the request and its plan: envmgr/runs/plan.py).
+`SlurmTarget` in envmgr/runs/targets.py is how the verbs reach this module.
 
 The run directory is the hand-over: the submission writes `job.sbatch` and `run.json` (status
 `pending`, `scheduler.job_id`) into it; the steps update `run.json` as a local run does; the batch
@@ -17,6 +18,7 @@ that hash. Multi-machine runs use accelerate's multi-machine launch over the hos
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import os
 import shutil
@@ -26,23 +28,37 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from envmgr.build import build as build_module, target as build_target
 from envmgr.core import paths
 from envmgr.core.errors import EnvmgrError, Exit, Interrupted, UsageError
 from envmgr.core.files import open_lock
-from envmgr.core.spec import MethodSpec
+from envmgr.core.spec import MethodSpec, find_method
 from envmgr.door.context import Context
-from envmgr.runs import owned, records
+from envmgr.runs import outputs as run_outputs, owned, records
+from envmgr.runs.plan import (
+    NodeStep,
+    RunRequest,
+    end_attempt,
+    given,
+    ids,
+    inputs_record,
+    method_command,
+    new_run_id,
+    now,
+    prepare_base_dir,
+    progress_event,
+    refusal_recorded,
+    run_data,
+    run_user,
+)
+from envmgr.runs.records import ACTIVE, TERMINAL, Status
+from envmgr.runs.run import run as run_locally
 from envmgr.runs.verdict import Verdict, describe as describe_verdict, judge
-
-if TYPE_CHECKING:
-    from envmgr.runs.run import RunRequest
 
 SCRIPT = "job.sbatch"
 EXPORTS = "exports"
-ACTIVE = ("pending", "running")
-TERMINAL = ("succeeded", "failed", "interrupted")
 SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
                 "SIGNALING", "STAGE_OUT"}
 SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "cifs", "smb3", "glusterfs",
@@ -64,8 +80,6 @@ class SlurmRequest:
     account: str | None = None
     registry: str | None = None
     runtime: str = "docker"               # docker (a step per machine through its engine) | pyxis (enroot)
-    wait: bool = False
-    wait_timeout: float | None = None     # seconds a job may stay pending while --wait follows it
     sign: Path | None = None              # private key that signs the export archive the nodes import
 
     @property
@@ -142,29 +156,16 @@ def node_address(node: str) -> str:
 
 
 def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
-    """Check, write run.json + job.sbatch into a run dir, sbatch it; with --wait follow it to the end."""
-    from envmgr.build.build import build as build_image
-    from envmgr.build.target import target
-    from envmgr.runs.run import (
-        _given,
-        _ids,
-        _refusal_recorded,
-        _run_user,
-        content_hash,
-        new_run_id,
-        prepare_base_dir,
-        run_data,
-    )
-
+    """Check, write run.json + job.sbatch into a run dir, sbatch it: the record, `pending` (`--wait`: `follow`)."""
     spec: MethodSpec = request.method
     gpus_per_node = _check_request(request, spec, slurm)
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
-    wanted = target(ctx, spec)
+    wanted = build_target.target(ctx, spec)
     inputs_hash, tag = wanted.digest, wanted.tag
     image_id = ctx.engine.image_id(tag)
     if image_id is None and not slurm.registry:   # the nodes get it from an archive this host writes
-        image_id = build_image(ctx, spec).image_id
+        image_id = build_module.build(ctx, spec).image_id
     image_source = _image_source(ctx, spec, tag, inputs_hash, slurm)
 
     previous: dict | None = None
@@ -176,15 +177,15 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
         args = list(request.args)
     data = run_data(base_dir, request, previous)
     # --input and --env as given (on --resume without them: as recorded), recorded for the job steps to apply
-    inputs, user_env = _given(request, previous, run_dir)
+    inputs, user_env = given(request, previous, run_dir)
     as_root = request.as_root or bool(previous and previous.get("as_root"))
     run_dir.mkdir(parents=True, exist_ok=request.resume is not None)
-    with _refusal_recorded(run_dir, previous, records.RECORD):   # a new run that fails here leaves no run dir
+    with refusal_recorded(run_dir, previous, records.RECORD):   # a new run that fails here leaves no run dir
         if slurm.runtime == "pyxis":      # a docker step makes them itself, owned by the user its container runs as
             for sub in (records.OUTPUT, records.WORK):
-                owned.ensure_folder(run_dir, sub, _ids(_run_user(ctx, as_root)))   # never through a link
+                owned.ensure_folder(run_dir, sub, ids(run_user(ctx, as_root)))   # never through a link
         # the dataset as the method's dataset_mode asks, extracted here into the shared run dir: the steps find it
-        prepared = data.prepare(spec, run_dir, _run_user(ctx, as_root))
+        prepared = data.prepare(spec, run_dir, run_user(ctx, as_root))
 
     network = "host" if slurm.machines > 1 else request.network
     record = previous or {}
@@ -193,20 +194,19 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
                  "tasks_per_node": slurm.tasks_per_node, "machines": slurm.machines,
                  "gpus_per_node": gpus_per_node, "partition": slurm.partition, "time": slurm.time,
                  "account": slurm.account, "runtime": slurm.runtime, "image_source": image_source,
-                 "script": SCRIPT, "submitted": _now()}
+                 "script": SCRIPT, "submitted": now()}
     record.update({
         "run_id": run_id, "method": spec.name, "image": {"id": image_id, "tag": tag},
         "layout": records.LAYOUT, "lock_hash": wanted.lock_hash, "inputs_hash": inputs_hash,
         **data.record(prepared, run_dir, ctx.cache_dir),
-        "inputs": [{"name": i.name, "path": str(i.path), "hash": content_hash(i.path, ctx.cache_dir)}
-                   for i in inputs],
+        "inputs": inputs_record(inputs, ctx.cache_dir),
         "env": user_env,
         "arguments": args, "gpus": f"{gpus_per_node} per node", "network": network,
         "shm_size": request.shm_size, "memory": request.memory, "as_root": as_root,
         "variant": request.variant or (previous or {}).get("variant"),
-        "status": "pending", "exit_code": None, "reason": None, "ended": None, "scheduler": scheduler,
+        "status": Status.PENDING, "exit_code": None, "reason": None, "ended": None, "scheduler": scheduler,
     })
-    record.setdefault("attempts", []).append({"started": None, "ended": None, "status": "pending"})
+    record.setdefault("attempts", []).append({"started": None, "ended": None, "status": Status.PENDING})
     record.setdefault("started", None)
     records.write_record(run_dir, record)
     script = batch_script(ctx, spec, record, run_dir, slurm)
@@ -215,8 +215,8 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     started = time.monotonic()
     proc = _slurm(["sbatch", "--parsable", str(run_dir / SCRIPT)], check=False)
     if proc.returncode != 0:
-        record.update(status="failed", ended=_now(), reason=f"sbatch: {_first_error(proc.stderr)}")
-        record["attempts"][-1].update(status="failed", ended=record["ended"])
+        record.update(status=Status.FAILED, ended=now(), reason=f"sbatch: {_first_error(proc.stderr)}")
+        end_attempt(record, Status.FAILED)
         records.write_record(run_dir, record)
         raise SlurmError(f"Slurm refused the job: {_first_error(proc.stderr) or 'sbatch failed'}")
     job_id = proc.stdout.strip().split(";")[0]
@@ -225,9 +225,7 @@ def submit(ctx: Context, request: RunRequest, slurm: SlurmRequest) -> dict:
     ctx.ui.step(f"run {run_id}: {spec.name} submitted as Slurm job {job_id} ({slurm.nodes} node(s) × "
                 f"{slurm.tasks_per_node} task(s), {gpus_per_node} GPU(s) per node, image by {image_source['kind']}) "
                 f"in {time.monotonic() - started:.2f} s", run_id=run_id, run_dir=str(run_dir), job_id=job_id)
-    if not slurm.wait:
-        return _read(run_dir)
-    return follow(ctx, run_dir, job_id, slurm.wait_timeout)
+    return _read(run_dir)
 
 
 def _resubmit(ctx: Context, spec: MethodSpec, resume: str) -> tuple[str, Path, dict, list[str]]:
@@ -374,8 +372,6 @@ def pyxis_step(spec: MethodSpec, record: dict, run_dir: Path) -> list[str]:
     """
     from envmgr.runs.datasets import recorded as recorded_dataset
     from envmgr.runs.inputs import recorded_env, recorded_inputs
-    from envmgr.runs.run import _entry_command
-
     image = record["scheduler"]["image_source"]["file"]
     # as a local run: only output/ and the scratch work/ are writable; run.json and log.txt are not mounted
     mounts = [f"{run_dir / records.WORK}:{paths.CONTAINER_RUN}",
@@ -393,7 +389,7 @@ def pyxis_step(spec: MethodSpec, record: dict, run_dir: Path) -> list[str]:
     if inputs:
         exports += f" ENVMGR_INPUTS_DIR={paths.CONTAINER_INPUTS}"
     exports += "".join(f" {name}={_quote(value)}" for name, value in recorded_env(record, run_dir).items())
-    command = _entry_command(spec) + [f"--train_id={record['run_id']}",
+    command = method_command(spec) + [f"--train_id={record['run_id']}",
                                       f"--output_dir={paths.CONTAINER_RUN}/output"] + record["arguments"]
     return [exports,
             f"srun --container-image={_quote(image)} --container-mounts={_quote(','.join(mounts))} "
@@ -422,7 +418,7 @@ def follow(ctx: Context, run_dir: Path, job_id: str, wait_timeout: float | None 
             state, reason = job_states([job_id]).get(job_id, ("GONE", ""))
             if state == "PENDING" and wait_timeout is not None and time.monotonic() - submitted > wait_timeout:
                 _slurm(["scancel", job_id], check=False)
-                _mark(run_dir, "failed", f"pending for more than {wait_timeout:g} s ({reason}); cancelled")
+                _mark(run_dir, Status.FAILED, f"pending for more than {wait_timeout:g} s ({reason}); cancelled")
                 raise SlurmError(f"job {job_id} still pending after {wait_timeout:g} s (reason: {reason or 'none'}); "
                                  "cancelled it", hint="try another --partition, or a longer --wait-timeout")
             if state == "RUNNING" and not said_running:
@@ -438,11 +434,11 @@ def follow(ctx: Context, run_dir: Path, job_id: str, wait_timeout: float | None 
                 time.sleep(1.0)
                 record = _read(run_dir)
                 if record.get("status") not in TERMINAL:
-                    _mark(run_dir, "failed", f"job {job_id} ended {state} and no step wrote to {run_dir}: is the "
+                    _mark(run_dir, Status.FAILED, f"job {job_id} ended {state} and no step wrote to {run_dir}: is the "
                           "base dir on storage the nodes share, and can the job write it there?")
                 break
             if state == "GONE" and time.monotonic() - submitted > 5:
-                _mark(run_dir, "failed", f"Slurm no longer knows job {job_id}; no step wrote a record")
+                _mark(run_dir, Status.FAILED, f"Slurm no longer knows job {job_id}; no step wrote a record")
                 break
             time.sleep(0.3)
     except KeyboardInterrupt:
@@ -453,8 +449,6 @@ def follow(ctx: Context, run_dir: Path, job_id: str, wait_timeout: float | None 
 
 def _show_new_lines(ctx: Context, log: Path, offset: int) -> int:
     """Show the complete lines the log gained since `offset`; returns the new offset."""
-    from envmgr.runs.run import _progress_event
-
     if not log.is_file():
         return offset
     with open(log, "rb") as fh:
@@ -462,7 +456,7 @@ def _show_new_lines(ctx: Context, log: Path, offset: int) -> int:
         chunk = fh.read()
     complete = chunk[:chunk.rfind(b"\n") + 1]
     for line in complete.decode("utf-8", errors="replace").splitlines():
-        _show(ctx, line, _progress_event(line))
+        _show(ctx, line, progress_event(line))
     return offset + len(complete)
 
 
@@ -480,9 +474,9 @@ def _show(ctx: Context, line: str, event: dict | None) -> None:
 def verdict(run_dir: Path) -> dict:
     record = _read(run_dir)
     run_id, status = record["run_id"], record.get("status")
-    if status == "succeeded":
+    if status == Status.SUCCEEDED:
         return record
-    if status == "interrupted":
+    if status == Status.INTERRUPTED:
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {run_dir / 'output'}",
                           hint=f"continue with `envmgr run {record['method']} --resume {run_id} --on slurm`")
     why = record.get("reason") or f"exit {record.get('exit_code')}"
@@ -504,28 +498,29 @@ def _tail(path: Path, count: int) -> list[str]:
 # ---------------------------------------------------------------------- state, cancel
 
 
-def refresh(records: list[dict]) -> list[dict]:
+def refresh(runs: list[dict]) -> list[dict]:
     """Slurm runs still pending or running by their record: their state as Slurm sees it now."""
-    live = [r for r in records if (r.get("scheduler") or {}).get("kind") == "slurm" and r.get("status") in ACTIVE
+    live = [r for r in runs if (r.get("scheduler") or {}).get("kind") == "slurm" and r.get("status") in ACTIVE
             and r["scheduler"].get("job_id")]
     if not live or shutil.which("squeue") is None:
-        return records
+        return runs
     try:
         states = job_states([r["scheduler"]["job_id"] for r in live])
     except (SlurmError, subprocess.SubprocessError):
-        return records
+        return runs
     for record in live:
         state, reason = states.get(record["scheduler"]["job_id"], ("GONE", ""))
         record["scheduler"]["state"] = state
         if state == "PENDING":
-            record["status"] = "pending"
+            record["status"] = Status.PENDING
             record["scheduler"]["reason"] = reason
         elif state in SLURM_ACTIVE:
-            record["status"] = "running" if record["status"] == "running" or state == "RUNNING" else record["status"]
+            running = record["status"] == Status.RUNNING or state == "RUNNING"
+            record["status"] = Status.RUNNING if running else record["status"]
         else:  # ended without a step's verdict (killed, node failure, lost)
-            record["status"] = "failed"
+            record["status"] = Status.FAILED
             record["reason"] = f"Slurm says {state}; no step wrote a record"
-    return records
+    return runs
 
 
 def job_alive(scheduler: dict) -> bool | None:
@@ -543,10 +538,9 @@ def job_alive(scheduler: dict) -> bool | None:
     return state is not None and state[0] in SLURM_ACTIVE
 
 
-def cancel(ctx: Context, run_id: str, wait_s: float = 300.0) -> dict:
-    from envmgr.runs.run import find_run
-
-    record = find_run(ctx, run_id)
+def cancel(ctx: Context, record: dict, wait_s: float = 300.0) -> dict:
+    """`envmgr runs cancel` of a Slurm run (its record as `envmgr.runs.ledger.find_run` found it)."""
+    run_id = record["run_id"]
     run_dir = Path(record["run_dir"])
     job_id = (record.get("scheduler") or {}).get("job_id")
     if (record.get("scheduler") or {}).get("kind") != "slurm" or not job_id:
@@ -556,7 +550,7 @@ def cancel(ctx: Context, run_id: str, wait_s: float = 300.0) -> dict:
     state = job_states([job_id]).get(job_id, ("GONE", ""))[0]
     if state == "PENDING" or state not in SLURM_ACTIVE:
         _slurm(["scancel", job_id], check=False)
-        _mark(run_dir, "interrupted", "cancelled before it started")
+        _mark(run_dir, Status.INTERRUPTED, "cancelled before it started")
         return _read(run_dir)
     # the steps turn SIGTERM into `interrupted` (checkpoint kept, container stopped); the batch shell is spared
     _slurm(["scancel", "--signal=TERM", job_id])
@@ -575,9 +569,6 @@ def cancel(ctx: Context, run_id: str, wait_s: float = 300.0) -> dict:
 
 def step(ctx: Context, run_dir: Path) -> dict:
     """One task of the job: get the image by content hash, then a node-local `envmgr run`."""
-    from envmgr.core.spec import find_method
-    from envmgr.runs.run import NodeStep, RunRequest, run
-
     record = _read(run_dir)
     rank = int(os.environ.get("SLURM_PROCID", "0"))
     machines = int(os.environ.get("SLURM_NTASKS", "1"))
@@ -601,7 +592,7 @@ def step(ctx: Context, run_dir: Path) -> dict:
                          shm_size=record.get("shm_size"), memory=record.get("memory"),
                          as_root=bool(record.get("as_root")), variant=record.get("variant"),
                          node=NodeStep(run_id=record["run_id"], run_dir=run_dir, rank=rank, env=env))
-    return run(ctx, request)
+    return run_locally(ctx, request)
 
 
 def gpu_indices(ids: list[str]) -> str:
@@ -686,29 +677,24 @@ def finish(run_dir: Path, status: int) -> None:
     if record.get("status") in TERMINAL:
         return
     if record.get("scheduler", {}).get("runtime") == "pyxis":
-        from envmgr.runs.run import artifacts
-
         if status in (130, 143):
-            _mark(run_dir, "interrupted", f"exit {status}", exit_code=status, artifacts=artifacts(run_dir / "output"))
+            _mark(run_dir, Status.INTERRUPTED, f"exit {status}", exit_code=status,
+                  artifacts=run_outputs.artifacts(run_dir))
             return
         judged = _pyxis_verdict(run_dir, record, status)
         _mark(run_dir, judged.status, judged.reason or (None if status == 0 else f"exit {status}"),
-              exit_code=status, artifacts=artifacts(run_dir / "output"),
+              exit_code=status, artifacts=run_outputs.artifacts(run_dir),
               **{k: v for k, v in judged.fields().items() if k != "reason"})
         return
     if status in (130, 143):
-        _mark(run_dir, "interrupted", "stopped before its container ran", exit_code=status)
+        _mark(run_dir, Status.INTERRUPTED, "stopped before its container ran", exit_code=status)
         return
-    _mark(run_dir, "failed", f"the job step ended (exit {status}) without writing the run's record; "
+    _mark(run_dir, Status.FAILED, f"the job step ended (exit {status}) without writing the run's record; "
           f"see {run_dir}/slurm-{os.environ.get('SLURM_JOB_ID', '')}.out", exit_code=status)
 
 
 def _pyxis_verdict(run_dir: Path, record: dict, status: int) -> Verdict:
     """verdict.judge for a pyxis job (no envmgr ran on its node): files written since it was submitted."""
-    import datetime as dt
-
-    from envmgr.core.spec import find_method
-
     submitted = (record.get("scheduler") or {}).get("submitted")
     try:
         spec = find_method(str(record.get("method")), run_dir.parents[2])     # <base_dir>/runs/<method>/<run id>
@@ -739,19 +725,12 @@ def _mark(run_dir: Path, status: str, reason: str | None, **fields) -> dict:
     def change(record: dict) -> None:
         if record.get("status") in TERMINAL:
             return
-        record.update(status=status, ended=_now(), **fields)
+        record.update(status=status, ended=now(), **fields)
         if reason:
             record["reason"] = reason
-        if record.get("attempts"):
-            record["attempts"][-1].update(status=status, ended=record["ended"])
+        end_attempt(record, status)
 
     return _update(run_dir, change)
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------- doctor

@@ -28,7 +28,7 @@ def main() -> int:
     from envmgr.door.containers import BindMount, ContainerSpec
     from envmgr.door.context import Context
     from envmgr.face.demo import DATASET, MODEL, _tool
-    from envmgr.runs.run import prepare_base_dir
+    from envmgr.runs.plan import prepare_base_dir
 
     base_dir = Path(os.environ.get("ENVMGR_BASE_DIR", REPO / ".demo"))
     env = {**os.environ, "ENVMGR_BASE_DIR": str(base_dir)}

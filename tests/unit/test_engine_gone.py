@@ -19,7 +19,8 @@ from envmgr.door.containers import ContainerResult, ContainerSpec
 from envmgr.door.context import Context
 from envmgr.door.engine import Engine, EngineGone
 from envmgr.runs import records
-from envmgr.runs.run import _follow, list_runs
+from envmgr.runs.ledger import list_runs
+from envmgr.runs.run import _follow
 
 NAME = "envmgr-run-m-20261129-230000-abcd"
 

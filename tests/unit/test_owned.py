@@ -25,7 +25,8 @@ from envmgr.runs import outputs as run_outputs, owned, slurm
 from envmgr.runs.datasets import prepare_dataset
 from envmgr.runs.inputs import parse_input, recorded_inputs
 from envmgr.runs.records import read_record, write_record
-from envmgr.runs.run import _check_owned_mounts, _refusal_recorded
+from envmgr.runs.plan import refusal_recorded as _refusal_recorded
+from envmgr.runs.run import _check_owned_mounts
 
 USER = f"{os.getuid()}:{os.getgid()}"
 
@@ -300,7 +301,7 @@ def test_pyxis_step_applies_the_recorded_inputs_and_env(tmp_path):
 def _submit(tmp_path, monkeypatch, **request_fields) -> dict:
     """What `submit` does before sbatch, with Slurm, the engine and the image left out."""
     from envmgr.build import target as build_target
-    from envmgr.runs.run import RunRequest
+    from envmgr.runs.plan import RunRequest
 
     monkeypatch.setattr(slurm, "_check_request", lambda request, spec, s: 0)
     monkeypatch.setattr(slurm, "_image_source", lambda *a: {"kind": "archive", "file": "x"})
@@ -343,7 +344,8 @@ def test_a_slurm_submission_whose_dataset_will_not_extract_leaves_no_run_dir(tmp
 def _limits(monkeypatch, host_gib: int, request_fields: dict | None = None, spec_limits: dict | None = None,
             **site):
     from envmgr.runs import run as run_module
-    from envmgr.runs.run import Limits, RunRequest
+    from envmgr.runs.plan import RunRequest
+    from envmgr.runs.run import Limits
 
     monkeypatch.setattr(run_module, "_host_memory", lambda: host_gib << 30)
     run_config = SimpleNamespace(**{"memory": None, "shm_size": None, "tmp_size": None, **site})

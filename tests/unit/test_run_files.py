@@ -130,7 +130,7 @@ def test_without_a_copy_files_are_mounted_over_the_image_method_folder(cfg):
 
 def test_slurm_refuses_file_before_anything_is_submitted(cfg, tmp_path):
     from envmgr.core.spec import MethodSpec
-    from envmgr.runs.run import RunRequest
+    from envmgr.runs.plan import RunRequest
     from envmgr.runs.slurm import SlurmRequest, _check_request
 
     spec = MethodSpec(name="m", entry=["bash", "train.sh"], workdir="method")

@@ -19,7 +19,8 @@ from envmgr.door.engine import Engine
 from envmgr.door.logs import LineSplitter
 from envmgr.lock.methods import add_method
 from envmgr.runs.inputs import copy_method, parse_env, parse_input, parse_inputs, recorded_env, recorded_inputs
-from envmgr.runs.run import RunRequest, _failure, _given
+from envmgr.runs.plan import RunRequest, given as _given
+from envmgr.runs.run import _failure
 from envmgr.runs.verdict import missing_outputs
 
 OLD_NS = 1_000_000_000_000_000_000   # 2001: a file from an earlier attempt
@@ -274,7 +275,7 @@ def test_a_run_settled_after_envmgr_died_gets_the_same_verdict(tmp_path):
     import socket
 
     from envmgr.runs import records
-    from envmgr.runs.run import settle
+    from envmgr.runs.ledger import settle
 
     base = tmp_path / "base"
     method = base / "methods" / "m"

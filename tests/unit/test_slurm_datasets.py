@@ -13,7 +13,7 @@ import pytest
 from envmgr.core.errors import UsageError
 from envmgr.core.spec import MethodSpec, find_method
 from envmgr.runs import slurm
-from envmgr.runs.run import NodeStep, RunRequest, run_data
+from envmgr.runs.plan import NodeStep, RunRequest, run_data
 
 USER = f"{os.getuid()}:{os.getgid()}"
 
