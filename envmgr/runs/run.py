@@ -298,7 +298,7 @@ def _record_end(r: _Run, record: dict, ended: _Ended, outputs: run_outputs.Outpu
     verdict = judge(r.spec, r.run_dir, ended.code, started_ns, r.run_dir / r.log_file, log_start,
                     record.get("dataset"), outputs=not r.rank) if status in (Status.SUCCEEDED, Status.FAILED) else None
     if verdict:
-        status = Status(verdict.status)
+        status = verdict.status
         record.update(verdict.fields())
     missing = bool(verdict and verdict.reason)   # an exit 0 turned failed: its rule says why, not the disk
     disk_full = (_disk_full(r.output, ended) if status == Status.FAILED and not missing and ended.engine_gone is None

@@ -88,7 +88,7 @@ def settle(ctx: Context, run_dir: Path, record: dict, alive: Callable[[dict], bo
     verdict = _verdict_after_kill(ctx, run_dir, record) if status == Status.SUCCEEDED else None
     if verdict:
         record.update(verdict.fields())
-        status, reason = Status(verdict.status), verdict.reason or reason
+        status, reason = verdict.status, verdict.reason or reason
     record.update(status=status, reason=reason, exit_code=code, ended=now(), artifacts=outputs.artifacts(),
                   refused_outputs=outputs.refused, changed_outputs=outputs.changed)
     end_attempt(record, status)

@@ -30,6 +30,7 @@ from typing import Any
 
 from envmgr.core.spec import MethodSpec
 from envmgr.door.logs import uncaught_traceback
+from envmgr.runs.records import Status
 
 # Filesystem timestamps come from a coarse kernel clock: a file written just after the container
 # started may carry a time a little before the moment envmgr read from its own clock.
@@ -144,7 +145,7 @@ def dataset_hint(lines: list[str], dataset: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str                       # succeeded | failed
+    status: Status                    # succeeded | failed
     rule: str                         # which rule decided (RULE_*)
     detail: str                       # one line for the user
     reason: str | None = None         # run.json's short `reason` when the rule turned an exit 0 into a failure
@@ -170,31 +171,33 @@ def judge(spec: MethodSpec | None, run_dir: Path, exit_code: int | None, started
     hint = dataset_hint(lines, dataset)
     if exit_code != 0:
         said = "without an exit status" if exit_code is None else f"exit {exit_code}"
-        return Verdict("failed", RULE_EXIT, said, hint=hint)
+        return Verdict(Status.FAILED, RULE_EXIT, said, hint=hint)
     if spec is None or not outputs:
-        return Verdict("succeeded", RULE_EXIT, "exit 0")
+        return Verdict(Status.SUCCEEDED, RULE_EXIT, "exit 0")
     globs = explicit_globs(spec)
     if globs is not None:
         missing = missing_outputs(spec, run_dir, started_ns)
         if missing:
-            return Verdict("failed", RULE_SUCCESS, f"exit 0 but it wrote nothing that matches {', '.join(missing)}",
+            return Verdict(Status.FAILED, RULE_SUCCESS,
+                           f"exit 0 but it wrote nothing that matches {', '.join(missing)}",
                            reason="no outputs", missing=tuple(missing),
                            hint=hint or "the spec's `success` names what a run must write")
-        return Verdict("succeeded", RULE_SUCCESS, f"exit 0 and it wrote {', '.join(globs)}" if globs else "exit 0")
+        return Verdict(Status.SUCCEEDED, RULE_SUCCESS, f"exit 0 and it wrote {', '.join(globs)}" if globs else "exit 0")
     if default_rule(spec) != "training":
-        return Verdict("succeeded", RULE_EXIT, "exit 0")
+        return Verdict(Status.SUCCEEDED, RULE_EXIT, "exit 0")
     crash = uncaught_traceback(lines)
     if crash:
-        return Verdict("failed", RULE_TRACEBACK, f"exit 0 but the log ends in an uncaught traceback: {crash[:300]}",
+        return Verdict(Status.FAILED, RULE_TRACEBACK,
+                       f"exit 0 but the log ends in an uncaught traceback: {crash[:300]}",
                        reason="uncaught traceback", hint=hint)
     written = training_files(run_dir / "output", started_ns)
     if not written:
-        return Verdict("failed", RULE_TRAINING, f"exit 0 but it wrote no weights or checkpoint under output/ "
+        return Verdict(Status.FAILED, RULE_TRAINING, f"exit 0 but it wrote no weights or checkpoint under output/ "
                        f"({TRAINING_KINDS}; caches and logs do not count)", reason="no training outputs",
                        hint=hint or "if the method writes something else, name it in its envmgr.toml: "
                                     "success = [\"output/<what it writes>\"]")
     more = f" (+{len(written) - 1} more)" if len(written) > 1 else ""
-    return Verdict("succeeded", RULE_TRAINING, f"exit 0 and it wrote {written[0]}{more}")
+    return Verdict(Status.SUCCEEDED, RULE_TRAINING, f"exit 0 and it wrote {written[0]}{more}")
 
 
 def describe(record: dict) -> str:
