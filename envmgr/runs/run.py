@@ -146,11 +146,12 @@ def _gpu_check(ctx: Context, r: _Run) -> tuple[GpuRequest, GpuPlan]:
                                r.request.variant or (recorded_variant if isinstance(recorded_variant, str) else None))
 
 
-def _gather(ctx: Context, r: _Run, base_dir: Path) -> _Given:
-    """Model, dataset, --input, --env and --file (as given or recorded), each readable by the user it runs as."""
+def _gather(ctx: Context, r: _Run, data: RunData) -> _Given:
+    """--input, --env and --file (as given or recorded) beside the model and dataset, each readable by the user
+    the method runs as."""
     inputs, user_env = given(r.request, r.previous, r.run_dir)
     files = given_files(r.request.files, r.previous, r.run_dir)
-    found = _Given(run_data(base_dir, r.request, r.previous), inputs, user_env, files, run_user(ctx, r.as_root))
+    found = _Given(data, inputs, user_env, files, run_user(ctx, r.as_root))
     _check_inputs_readable([("model", found.model), ("dataset", found.data.dataset)]
                            + [(f"input {i.name}", i.path) for i in inputs]
                            + ([] if r.spec.workdir == "method" else [(f"file {f.path}", f.source) for f in files]),
@@ -253,9 +254,10 @@ def run(ctx: Context, request: RunRequest) -> dict:
     prepare_base_dir(base_dir)
     limits = Limits.of(ctx, request)
     r = _begin(ctx, request, base_dir)
+    data = run_data(base_dir, request, r.previous)   # model and dataset (as given or recorded) first
     gpus, gpu_plan = _gpu_check(ctx, r)
     r.spec = spec = gpu_plan.spec
-    found = _gather(ctx, r, base_dir)
+    found = _gather(ctx, r, data)
     result = build_image(ctx, spec)
     gpu_plan.confirm(ctx, result.image_id)   # GPU architectures of the built image vs the host's GPUs
     _prepare_run_dir(r, found)
