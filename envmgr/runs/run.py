@@ -16,7 +16,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ from envmgr.runs.plan import (
     run_user,
 )
 from envmgr.runs.records import Status, check_run_id
-from envmgr.runs.settle import owner_record, settle
+from envmgr.runs.settle import owner_alive, owner_record, settle
 from envmgr.runs.verdict import describe as describe_verdict, judge
 
 
@@ -654,3 +654,36 @@ class Limits:
 
     def record(self) -> dict[str, str]:
         return {"memory": self.memory, "shm": self.shm, "tmp": self.tmp}
+
+
+class LocalTarget:
+    """This host's engine: `envmgr run` runs the container and follows it to its end (envmgr/runs/run.py)."""
+
+    name = records.LOCAL
+    hands_over = False
+
+    def submit(self, ctx: Context, request: RunRequest, options: Mapping[str, Any]) -> dict:
+        if options.get("sign") is not None:
+            raise UsageError("--sign is for --on slurm (it signs the archive the nodes import)")
+        return run(ctx, request)
+
+    def follow(self, ctx: Context, record: dict, timeout: float | None = None) -> dict:
+        return record     # the envmgr that ran it followed it (its record is its verdict)
+
+    def refresh(self, runs: list[dict]) -> None:
+        return None       # the record is the truth; a dead envmgr's run is settled when it is read
+
+    def cancel(self, ctx: Context, record: dict) -> dict:
+        raise UsageError(f"run {record['run_id']} is a local run: stop it with Ctrl-C (or SIGTERM) where it runs")
+
+    def alive(self, record: dict) -> bool:
+        return owner_alive(record)
+
+    def doctor_checks(self, base_dir: Path) -> list[tuple[str, str, bool]]:
+        return []         # the engine and the GPU runtime are doctor's own first rows
+
+    def where(self, record: dict) -> str:
+        return "local"
+
+    def handed_over(self, record: dict) -> tuple[str, dict[str, Any]]:
+        return "this host's engine", {}

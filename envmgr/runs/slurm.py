@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from envmgr.runs.plan import (
 )
 from envmgr.runs.records import ACTIVE, TERMINAL, Status
 from envmgr.runs.run import run as run_locally
+from envmgr.runs.settle import owner_alive
 from envmgr.runs.verdict import Verdict, describe as describe_verdict, judge
 
 SCRIPT = "job.sbatch"
@@ -768,3 +769,40 @@ def filesystem_type(path: Path) -> str:
                 best, kind = point, parts[2]
     return kind
 
+
+# ---------------------------------------------------------------------- the target (envmgr/runs/targets.py)
+
+
+class SlurmTarget:
+    """The site's Slurm (envmgr/runs/slurm.py): sbatch, one node-local run per job step."""
+
+    name = "slurm"
+    hands_over = True
+
+    def submit(self, ctx: Context, request: RunRequest, options: Mapping[str, Any]) -> dict:
+        fields = {k: v for k, v in options.items() if k in SlurmRequest.__dataclass_fields__}
+        return submit(ctx, request, SlurmRequest(**fields))
+
+    def follow(self, ctx: Context, record: dict, timeout: float | None = None) -> dict:
+        run_dir = ctx.config.base_dir / "runs" / record["method"] / record["run_id"]
+        return follow(ctx, run_dir, str(record["scheduler"]["job_id"]), timeout)
+
+    def refresh(self, runs: list[dict]) -> None:
+        refresh(runs)
+
+    def cancel(self, ctx: Context, record: dict) -> dict:
+        return cancel(ctx, record)
+
+    def alive(self, record: dict) -> bool:
+        # Slurm still has the job (or does not answer): its steps own the record; else as a local run's
+        return job_alive(record["scheduler"]) is not False or owner_alive(record)
+
+    def doctor_checks(self, base_dir: Path) -> list[tuple[str, str, bool]]:
+        return doctor_checks(base_dir)
+
+    def where(self, record: dict) -> str:
+        return f"slurm job {record['scheduler'].get('job_id')}"
+
+    def handed_over(self, record: dict) -> tuple[str, dict[str, Any]]:
+        job_id = record["scheduler"]["job_id"]
+        return f"Slurm job {job_id}", {"job_id": job_id}

@@ -2,8 +2,9 @@
 `runs cancel` and `doctor` reach a run's target through the same table. A record names its target by
 `scheduler.kind` (envmgr/runs/records.py `target_name`); a record without one is a local run.
 
-Adding a target (Kubernetes, say) is one module (its submission, its job's state, its cancel) and one entry in
-`TARGETS`; tests/unit/test_targets.py registers a fake one that runs through the same verbs."""
+Adding a target (Kubernetes, say) is one module (its submission, its job's state, its cancel, and a class with
+the `Target` methods, as `LocalTarget` in run.py and `SlurmTarget` in slurm.py) and one entry in `TARGETS`;
+tests/unit/test_targets.py registers a fake one that runs through the same verbs."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from typing import Any, Protocol
 
 from envmgr.core.errors import UsageError
 from envmgr.door.context import Context
-from envmgr.runs import records, slurm
+from envmgr.runs import records
 from envmgr.runs.plan import RunRequest
-from envmgr.runs.run import run as run_locally
-from envmgr.runs.settle import owner_alive
+from envmgr.runs.run import LocalTarget
+from envmgr.runs.slurm import SlurmTarget
 
 Row = tuple[str, str, bool]   # a `envmgr doctor` row: check, what it found, ok
 
@@ -60,74 +61,6 @@ class Target(Protocol):
     def handed_over(self, record: dict) -> tuple[str, dict[str, Any]]:
         """What `envmgr run` says of a run it handed over: words, and the fields of its `--json` line."""
         ...
-
-
-class LocalTarget:
-    """This host's engine: `envmgr run` runs the container and follows it to its end (envmgr/runs/run.py)."""
-
-    name = records.LOCAL
-    hands_over = False
-
-    def submit(self, ctx: Context, request: RunRequest, options: Mapping[str, Any]) -> dict:
-        if options.get("sign") is not None:
-            raise UsageError("--sign is for --on slurm (it signs the archive the nodes import)")
-        return run_locally(ctx, request)
-
-    def follow(self, ctx: Context, record: dict, timeout: float | None = None) -> dict:
-        return record     # the envmgr that ran it followed it (its record is its verdict)
-
-    def refresh(self, runs: list[dict]) -> None:
-        return None       # the record is the truth; a dead envmgr's run is settled when it is read
-
-    def cancel(self, ctx: Context, record: dict) -> dict:
-        raise UsageError(f"run {record['run_id']} is a local run: stop it with Ctrl-C (or SIGTERM) where it runs")
-
-    def alive(self, record: dict) -> bool:
-        return owner_alive(record)
-
-    def doctor_checks(self, base_dir: Path) -> list[Row]:
-        return []         # the engine and the GPU runtime are doctor's own first rows
-
-    def where(self, record: dict) -> str:
-        return "local"
-
-    def handed_over(self, record: dict) -> tuple[str, dict[str, Any]]:
-        return "this host's engine", {}
-
-
-class SlurmTarget:
-    """The site's Slurm (envmgr/runs/slurm.py): sbatch, one node-local run per job step."""
-
-    name = "slurm"
-    hands_over = True
-
-    def submit(self, ctx: Context, request: RunRequest, options: Mapping[str, Any]) -> dict:
-        fields = {k: v for k, v in options.items() if k in slurm.SlurmRequest.__dataclass_fields__}
-        return slurm.submit(ctx, request, slurm.SlurmRequest(**fields))
-
-    def follow(self, ctx: Context, record: dict, timeout: float | None = None) -> dict:
-        run_dir = ctx.config.base_dir / "runs" / record["method"] / record["run_id"]
-        return slurm.follow(ctx, run_dir, str(record["scheduler"]["job_id"]), timeout)
-
-    def refresh(self, runs: list[dict]) -> None:
-        slurm.refresh(runs)
-
-    def cancel(self, ctx: Context, record: dict) -> dict:
-        return slurm.cancel(ctx, record)
-
-    def alive(self, record: dict) -> bool:
-        # Slurm still has the job (or does not answer): its steps own the record; else as a local run's
-        return slurm.job_alive(record["scheduler"]) is not False or owner_alive(record)
-
-    def doctor_checks(self, base_dir: Path) -> list[Row]:
-        return slurm.doctor_checks(base_dir)
-
-    def where(self, record: dict) -> str:
-        return f"slurm job {record['scheduler'].get('job_id')}"
-
-    def handed_over(self, record: dict) -> tuple[str, dict[str, Any]]:
-        job_id = record["scheduler"]["job_id"]
-        return f"Slurm job {job_id}", {"job_id": job_id}
 
 
 TARGETS: dict[str, Target] = {target.name: target for target in (LocalTarget(), SlurmTarget())}
