@@ -430,7 +430,7 @@ def resolve_gpus(ctx: Context, spec: MethodSpec, given: str | None) -> GpuReques
     return parse_gpus("none")
 
 
-def run(ctx: Context, request: RunRequest) -> dict:
+def run(ctx: Context, request: RunRequest) -> dict:  # noqa: C901 - split by the runs helper (issue 25)
     spec = request.method
     base_dir = ctx.config.base_dir
     prepare_base_dir(base_dir)
