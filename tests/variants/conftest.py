@@ -7,7 +7,6 @@ import pytest
 
 from tests.integration.conftest import engine, store  # noqa: F401 - fixtures used by the tests here
 
-
 VARIANTS = Path(__file__).resolve().parent
 
 
