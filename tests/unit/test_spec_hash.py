@@ -5,9 +5,8 @@ dumped every field and dropped the run-only ones by hand."""
 from pathlib import Path
 
 import pytest
-from pydantic import Field
 
-from envmgr.core.spec import MethodSpec, load_spec
+from envmgr.core.spec import Image, MethodSpec, image_fields, load_spec
 from envmgr.core.variants import variant_spec
 
 ENVS = Path(__file__).resolve().parents[2] / "envs"
@@ -48,3 +47,32 @@ def test_built_in_methods_keep_their_spec_hash():
 ], ids=["tiny-fixture", "added-method", "every-field"])
 def test_fixture_specs_keep_their_spec_hash(data, expected):
     assert MethodSpec(**data).spec_hash() == expected
+
+
+class _WithRunField(MethodSpec):
+    """The spec model with one more field that only shapes a run (unmarked, as every run-only field is)."""
+
+    run_note: str = "checkpoint every 500 steps"
+
+
+class _WithImageField(MethodSpec):
+    build_flag: Image[str] = "on"
+
+
+def test_a_run_only_field_keeps_the_image_id():
+    for data in (TINY, ADDED, EVERYTHING):
+        plain = MethodSpec(**data)
+        assert _WithRunField(**data).spec_hash() == plain.spec_hash()
+        assert _WithRunField(**data, run_note="another").spec_hash() == plain.spec_hash()
+
+
+def test_a_field_marked_image_is_hashed():
+    assert _WithImageField(**TINY).spec_hash() != MethodSpec(**TINY).spec_hash()
+    assert _WithImageField(**TINY, build_flag="off").spec_hash() != _WithImageField(**TINY).spec_hash()
+
+
+def test_the_run_only_fields_of_today_are_unmarked():
+    hashed = image_fields(MethodSpec)
+    for name in ("verdict", "dataset_mode", "gpu_memory_gb", "limits", "variants", "variant", "folder", "builtin"):
+        assert name not in hashed
+    assert set(hashed["adapt"]) == set(MethodSpec.model_fields["adapt"].annotation.model_fields)
