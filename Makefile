@@ -60,10 +60,12 @@ engine: host-tools install
 demo: engine
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m envmgr.face.demo
 
-# ruff (pyflakes, bugbear, isort, complexity, style) and mypy on envmgr/, configured in pyproject.toml.
+# ruff (pyflakes, bugbear, isort, complexity, style), mypy, and the import contracts (the stages import one
+# way, no module loop: lint-imports) on envmgr/, configured in pyproject.toml.
 lint: install
 	$(VENV)/bin/ruff check envmgr
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 test-unit: install
 	$(VENV)/bin/python -m pytest tests/unit -q -rs --junitxml=$(REPORTS)/unit.xml
