@@ -40,7 +40,9 @@ from envmgr.door.context import Context
 from envmgr.door.mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from envmgr.door.steps import SDIST_ONLY, sdist_only_error
 from envmgr.images.base import BaseImage
+from envmgr.lock.backends import Evidence
 from envmgr.lock.backends.common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env
+from envmgr.lock.backends.poetry_lock import file_hashes
 from envmgr.lock.uv_cache import shared_uv_cache, uv_cache_dir
 
 ENVIRONMENT = "environment.yml"
@@ -228,6 +230,17 @@ def _shorten(text: str, limit: int = 400) -> str:
 
 class CondaBackend:
     name = "conda"
+    env_file = ENVIRONMENT
+    layered = False     # rattler links the whole prefix with the method's own path in its files: one layer
+
+    # ------------------------------------------------------------------ detecting
+
+    def detect(self, root: Path, pyproject: dict) -> Evidence | None:
+        found = [name for name in (ENVIRONMENT, "environment.yaml") if (root / name).is_file()]
+        return Evidence(found[-1]) if found else None
+
+    def refuse_over(self, root: Path, pyproject: dict, others: list[str]) -> None:
+        return None     # what else was found is named in the note; nothing of it is refused
 
     def lock_files(self, spec: MethodSpec) -> list[Path]:
         files = [spec.lock_path / LOCK]
@@ -529,11 +542,24 @@ class CondaBackend:
                          uv_step_env(ctx), method=spec.name,
                          on_line=lambda line: task.advance(1) if line.strip().startswith("+ ") else None)
 
-    # ------------------------------------------------------------------ activating
+    def layer_entries(self, ctx: Context, spec: MethodSpec, base: BaseImage) -> None:
+        return None     # not layered: `install` makes the environment's one layer
+
+    # ------------------------------------------------------------------ what else is asked of a backend
 
     def entry_prefix(self, spec: MethodSpec) -> list[str]:
         """Start the entry through `conda run`, so the env's activate.d scripts run first."""
         return ["conda", "run", "-n", spec.name, "--no-capture-output"]
+
+    def drift(self, spec: MethodSpec) -> None:
+        return None     # conda locks are solved afresh; no repository lock is compared
+
+    def seeded_from(self, spec: MethodSpec) -> None:
+        return None
+
+    def lock_file_hashes(self, spec: MethodSpec) -> dict[str, list[str]]:
+        """The Python part's poetry.lock (conda packages carry their sha256 in conda-meta)."""
+        return file_hashes(spec.lock_path / "poetry.lock")
 
 
 # ---------------------------------------------------------------------- conversions
