@@ -873,6 +873,38 @@ def _say_shared(ctx: Context, shared: Shared) -> None:
                 f"({len(differing)} with different contents)")
 
 
+def _record_staged_sizes(store: LayerStore, todo: list[Unit], stage: Path, files: dict[str, dict]) -> None:
+    """Each unit just staged, into the store: its size (its staged tree plus the shared files it left to
+    another unit's layer: its whole install) and its RECORD."""
+    dropped_bytes = shared_files(files).dropped_bytes
+    for unit in todo:
+        record = store.dist(unit.key)
+        size = tree_size(stage / f"d-{unit.key}") + dropped_bytes.get(unit.key, 0)
+        store.put_dist(unit.key, **{**record, "name": unit.name, "size": size,
+                                    "record": files[unit.key]["record"]})
+
+
+def _layers_for_plan(ctx: Context, store: LayerStore, method: str, plan: list[Group], stage: Path,
+                 need_bytes: frozenset[str], send: bool) -> list[Layer]:
+    """One layer per group of the plan, in its order: from the store when there, else written from the staged
+    trees (all there: build_env_layers staged every group the store lacked)."""
+    found_layers: dict[str, Layer] = {}
+    missing: list[tuple[Group, list[tuple[Path, str]]]] = []
+    for group in plan:
+        layer = store.group(group.key, need_bytes)
+        if layer is not None:
+            found_layers[group.key] = _sent_layer(layer)
+            continue
+        names = [STAGE_SKELETON] if group.kind == "skeleton" else [u.key for u in group.members]
+        trees = [(stage / f"d-{name}", PHYSICAL_PREFIX) for name in names]
+        if not all(tree.is_dir() for tree, _ in trees):   # its layer left the store meanwhile
+            raise EnvmgrError(f"{method}: environment layer {group.label} left the layer store during "
+                              "the build (a concurrent gc?)", hint="run the build again")
+        missing.append((group, trees))
+    found_layers.update(_write_groups(ctx, store, missing, send=send))
+    return [found_layers[group.key] for group in plan]
+
+
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
                      layout: str, installer: str, uv: str, has_torch: bool,
                      need_bytes: frozenset[str] = frozenset(),
@@ -921,33 +953,14 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             skeleton_staged = skeleton_staged or want_skeleton
             for unit in todo:
                 files[unit.key] = _staged_files(store, unit, stage)
-            dropped_bytes = shared_files(files).dropped_bytes
-            for unit in todo:
-                staged.add(unit.key)
-                record = store.dist(unit.key)
-                size = tree_size(stage / f"d-{unit.key}") + dropped_bytes.get(unit.key, 0)
-                store.put_dist(unit.key, **{**record, "name": unit.name, "size": size,
-                                            "record": files[unit.key]["record"]})
+            _record_staged_sizes(store, todo, stage, files)
+            staged.update(u.key for u in todo)
             if want_archs and torch is not None:
                 archs = found or []
                 store.put_dist(torch.key, **{**store.dist(torch.key), "gpu_archs": archs})
         _say_shared(ctx, shared_files(files))
         plan = [skeleton, *groups]
-        found_layers: dict[str, Layer] = {}
-        missing: list[tuple[Group, list[tuple[Path, str]]]] = []
-        for group in plan:
-            layer = store.group(group.key, need_bytes)
-            if layer is not None:
-                found_layers[group.key] = _sent_layer(layer)
-                continue
-            names = [STAGE_SKELETON] if group.kind == "skeleton" else [u.key for u in group.members]
-            trees = [(stage / f"d-{name}", PHYSICAL_PREFIX) for name in names]
-            if not all(tree.is_dir() for tree, _ in trees):   # its layer left the store meanwhile
-                raise EnvmgrError(f"{method}: environment layer {group.label} left the layer store during "
-                                  "the build (a concurrent gc?)", hint="run the build again")
-            missing.append((group, trees))
-        found_layers.update(_write_groups(ctx, store, missing, send=defer is not None))
-        layers = [found_layers[group.key] for group in plan]
+        layers = _layers_for_plan(ctx, store, method, plan, stage, need_bytes, send=defer is not None)
         labels = [group.label for group in plan]
         if torch is not None and has_torch:
             archs = store.dist(torch.key).get("gpu_archs", archs or [])

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import tarfile
-import tomllib
 import uuid
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from envmgr.core.spec import MethodSpec
 from envmgr.door.context import Context
 from envmgr.images.base import BaseImage
 from envmgr.images.image import ImageConfig, Layer
+from envmgr.lock.backends import get_backend
 
 SBOM_DIR = "sbom"
 FORMATS = ("cyclonedx-json",)
@@ -207,20 +207,6 @@ def debian_components(status: str) -> list[Component]:
     return sorted(found, key=lambda c: c.name)
 
 
-def lock_file_hashes(spec: MethodSpec) -> dict[str, list[str]]:
-    """name -> sha256 of every file a poetry lock allows for it (conda packages carry their own)."""
-    lock = spec.lock_path / "poetry.lock"
-    if not lock.is_file():
-        return {}
-    data = tomllib.loads(lock.read_text())
-    found: dict[str, list[str]] = {}
-    for package in data.get("package", []):
-        hashes = [f["hash"].removeprefix("sha256:") for f in package.get("files", [])
-                  if str(f.get("hash", "")).startswith("sha256:")]
-        found[_normal(package["name"])] = hashes
-    return found
-
-
 def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Context | None = None) -> bytes:
     # base, environment layers, [system packages,] method: the system layer's dpkg status holds the base's too
     env_end = -2 if spec.system.apt else -1
@@ -236,7 +222,7 @@ def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Contex
     else:
         status = next((text for layer in reversed(system) if (text := dpkg_status(layer.path))), "")
     image_id = config.image_id()
-    components = [*python_components(env_layer, lock_file_hashes(spec)), *conda_components(env_layer),
+    components = [*python_components(env_layer, get_backend(spec).lock_file_hashes(spec)), *conda_components(env_layer),
                   *debian_components(status)]
     root = Component(name=spec.image_repository, version=config.labels.get("org.envmgr.inputs-hash", "")[:16],
                      type=ComponentType.CONTAINER, bom_ref=image_id,

@@ -184,20 +184,20 @@ def env_record(ctx: Context, spec: MethodSpec, data: dict[str, str]) -> Path:
 
 def is_layered(spec: MethodSpec) -> bool:
     """Whether the method's environment is made of per-distribution layers (its backend lists units)."""
-    return hasattr(get_backend(spec), "layer_entries")
+    return get_backend(spec).layered
 
 
 def env_layers(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str],
                need_bytes: frozenset[str] = frozenset(), defer: contextlib.ExitStack | None = None) -> EnvLayers:
     """The environment's layers, bottom first: per distribution from the layer store (poetry, pip) or
     one layer (conda: rattler links the whole prefix with the method's own path in its files)."""
-    entries_of = getattr(get_backend(spec), "layer_entries", None)
-    if entries_of is None:
+    units = get_backend(spec).layer_entries(ctx, spec, base)
+    if units is None:
         layer = env_layer(ctx, spec, base, data, need_bytes)
         record = env_record(ctx, spec, data)
         archs = json.loads(record.read_text()).get("gpu_archs", []) if record.is_file() else []
         return EnvLayers([layer], ["environment"], archs)
-    entries, extra_indexes = entries_of(ctx, spec, base)
+    entries, extra_indexes = units
     return build_env_layers(ctx, spec.name, base, entries, extra_indexes, data["layout"], data["installer"],
                             uv_version(ctx), bool(lock_facts(spec).torch), need_bytes, defer)
 

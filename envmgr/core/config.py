@@ -265,6 +265,25 @@ def default_base_dir() -> Path:
 def load_config(flags: dict[str, Any] | None = None, *, inherit_host: bool = True,
                 files: list[Path] | None = None) -> EffectiveConfig:
     """Merge every layer and validate. `flags` uses the file's shape ({"mirrors": {"pypi": ...}})."""
+    site, origins = _site_config(flags, files)
+    mirrors = site.mirrors.model_copy()
+    if inherit_host:
+        _inherit_host_mirrors(mirrors, origins)
+
+    base_dir = (site.base_dir or default_base_dir()).expanduser()
+    origins.setdefault("base_dir", "default")
+    cache_dir = (site.cache_dir or base_dir / "cache").expanduser()
+    origins.setdefault("cache_dir", "default (<base_dir>/cache)")
+    engine_url = site.engine.url or os.environ.get("DOCKER_HOST")
+    if not site.engine.url and os.environ.get("DOCKER_HOST"):
+        origins["engine.url"] = "inherited: environment DOCKER_HOST"
+    return EffectiveConfig(base_dir=base_dir, cache_dir=cache_dir, engine_url=engine_url,
+                           mirrors=mirrors, origins=origins, run=site.run, trust=site.trust)
+
+
+def _site_config(flags: dict[str, Any] | None, files: list[Path] | None) -> tuple[SiteConfig, dict[str, str]]:
+    """Config files, then the environment, then flags, each over the one before; with where each key came
+    from. Each file is validated alone first, so an error names the file that holds it."""
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
     config_files = files if files is not None else [paths.SYSTEM_CONFIG, paths.USER_CONFIG.expanduser()]
@@ -287,56 +306,58 @@ def load_config(flags: dict[str, Any] | None = None, *, inherit_host: bool = Tru
     if flags:
         _merge(merged, flags, "command-line flag", origins)
     try:
-        site = SiteConfig.model_validate(merged)
+        return SiteConfig.model_validate(merged), origins
     except ValidationError as exc:
         raise UsageError(describe_validation_error("configuration (environment or flags)", exc)) from None
 
-    mirrors = site.mirrors.model_copy()
-    if inherit_host:
-        pip = host_pip_settings()
-        if mirrors.pypi is None and "index-url" in pip and _reachable_from_container(pip["index-url"].value):
-            mirrors.pypi = pip["index-url"].value
-            origins["mirrors.pypi"] = "inherited: " + pip["index-url"].origin
-        elif mirrors.pypi is None and (default := pip_default_index()):
-            # poetry needs an index it can read through the simple API (see backends/poetry.py)
-            mirrors.pypi = default.value
-            origins["mirrors.pypi"] = default.origin
-        if "mirrors.extra_indexes" not in origins and "extra-index-url" in pip:
-            urls = [u for u in pip["extra-index-url"].value.split() if _reachable_from_container(u)]
-            if urls:
-                mirrors.extra_indexes = urls
-                origins["mirrors.extra_indexes"] = "inherited: " + pip["extra-index-url"].origin
-        if "mirrors.find_links" not in origins and "find-links" in pip:
-            urls = [u for u in pip["find-links"].value.split() if _reachable_from_container(u)]
-            if urls:
-                mirrors.find_links = urls
-                origins["mirrors.find_links"] = "inherited: " + pip["find-links"].origin
-        if mirrors.ca_bundle is None:
-            ca = host_ca_bundle(pip)
-            if ca:
-                mirrors.ca_bundle = ca.value
-                origins["mirrors.ca_bundle"] = "inherited: " + ca.origin
-        if mirrors.apt is None:
-            apt = host_apt_mirror()
-            if apt:
-                mirrors.apt = apt.value
-                origins["mirrors.apt"] = "inherited: " + apt.origin
-        for key, env_names_ in (("http_proxy", ("HTTP_PROXY", "http_proxy")),
-                                ("https_proxy", ("HTTPS_PROXY", "https_proxy")),
-                                ("no_proxy", ("NO_PROXY", "no_proxy"))):
-            if getattr(mirrors, key) is None:
-                for env in env_names_:
-                    if os.environ.get(env):
-                        setattr(mirrors, key, os.environ[env])
-                        origins[f"mirrors.{key}"] = f"inherited: environment {env}"
-                        break
 
-    base_dir = (site.base_dir or default_base_dir()).expanduser()
-    origins.setdefault("base_dir", "default")
-    cache_dir = (site.cache_dir or base_dir / "cache").expanduser()
-    origins.setdefault("cache_dir", "default (<base_dir>/cache)")
-    engine_url = site.engine.url or os.environ.get("DOCKER_HOST")
-    if not site.engine.url and os.environ.get("DOCKER_HOST"):
-        origins["engine.url"] = "inherited: environment DOCKER_HOST"
-    return EffectiveConfig(base_dir=base_dir, cache_dir=cache_dir, engine_url=engine_url,
-                           mirrors=mirrors, origins=origins, run=site.run, trust=site.trust)
+def _inherit_host_mirrors(mirrors: MirrorsConfig, origins: dict[str, str]) -> None:
+    """What the site config leaves unset, taken from the host (pip's config, CA bundle, apt sources, proxy
+    variables), in place, each origin marked "inherited"."""
+    pip = host_pip_settings()
+    _inherit_pip_indexes(mirrors, origins, pip)
+    if mirrors.ca_bundle is None:
+        ca = host_ca_bundle(pip)
+        if ca:
+            mirrors.ca_bundle = ca.value
+            origins["mirrors.ca_bundle"] = "inherited: " + ca.origin
+    if mirrors.apt is None:
+        apt = host_apt_mirror()
+        if apt:
+            mirrors.apt = apt.value
+            origins["mirrors.apt"] = "inherited: " + apt.origin
+    _inherit_proxies(mirrors, origins)
+
+
+def _inherit_pip_indexes(mirrors: MirrorsConfig, origins: dict[str, str], pip: dict[str, Setting]) -> None:
+    """pip's index-url, extra-index-url and find-links, only http(s) ones (a container cannot read host paths)."""
+    if mirrors.pypi is None and "index-url" in pip and _reachable_from_container(pip["index-url"].value):
+        mirrors.pypi = pip["index-url"].value
+        origins["mirrors.pypi"] = "inherited: " + pip["index-url"].origin
+    elif mirrors.pypi is None and (default := pip_default_index()):
+        # poetry needs an index it can read through the simple API (see backends/poetry.py)
+        mirrors.pypi = default.value
+        origins["mirrors.pypi"] = default.origin
+    if "mirrors.extra_indexes" not in origins and "extra-index-url" in pip:
+        urls = [u for u in pip["extra-index-url"].value.split() if _reachable_from_container(u)]
+        if urls:
+            mirrors.extra_indexes = urls
+            origins["mirrors.extra_indexes"] = "inherited: " + pip["extra-index-url"].origin
+    if "mirrors.find_links" not in origins and "find-links" in pip:
+        urls = [u for u in pip["find-links"].value.split() if _reachable_from_container(u)]
+        if urls:
+            mirrors.find_links = urls
+            origins["mirrors.find_links"] = "inherited: " + pip["find-links"].origin
+
+
+def _inherit_proxies(mirrors: MirrorsConfig, origins: dict[str, str]) -> None:
+    """http_proxy, https_proxy, no_proxy from the environment (upper case first) where the config has none."""
+    for key, env_names in (("http_proxy", ("HTTP_PROXY", "http_proxy")),
+                           ("https_proxy", ("HTTPS_PROXY", "https_proxy")),
+                           ("no_proxy", ("NO_PROXY", "no_proxy"))):
+        if getattr(mirrors, key) is None:
+            for env in env_names:
+                if os.environ.get(env):
+                    setattr(mirrors, key, os.environ[env])
+                    origins[f"mirrors.{key}"] = f"inherited: environment {env}"
+                    break

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +19,32 @@ NAME_RE = names.METHOD
 RESERVED_PREFIXES = ("base-",)
 NAME_RULE = ("lower-case letters and digits, joined by single '.', '_' or '-' (no leading, trailing or "
              "doubled dots), at most 63 characters, not starting with 'base-' (envmgr's base images)")
+
+
+class _ShapesImage:
+    """Marks a spec field whose value decides what an image holds: it is hashed into the image's inputs
+    (`MethodSpec.spec_hash`). A field without the mark (how a run mounts its dataset, is judged, may grow)
+    is not, so adding one rebuilds no image."""
+
+    def __repr__(self) -> str:
+        return "Image"
+
+
+_SHAPES_IMAGE = _ShapesImage()
+_T = TypeVar("_T")
+Image = Annotated[_T, _SHAPES_IMAGE]    # `name: Image[str]`: the field is part of spec_hash
+
+
+def image_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The marked fields of `model` as a pydantic `include` tree (a marked field holding a model: its own
+    marked fields)."""
+    tree: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if _SHAPES_IMAGE not in info.metadata:
+            continue
+        nested = info.annotation
+        tree[name] = image_fields(nested) if isinstance(nested, type) and issubclass(nested, BaseModel) else True
+    return tree
 
 
 def name_problem(name: str) -> str | None:
@@ -35,16 +61,17 @@ class Adaptations(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pin: dict[str, str] = Field(default_factory=dict)      # name -> version: replaces a range, a git or URL source
-    drop: list[str] = Field(default_factory=list)          # dependencies removed
-    add: dict[str, str] = Field(default_factory=dict)      # name -> constraint ("*" for any)
-    sources: dict[str, str] = Field(default_factory=dict)  # a declared index -> "default" or "mirror"
+    # every adaptation changes the lock, so each is part of the image's spec hash
+    pin: Image[dict[str, str]] = Field(default_factory=dict)      # name -> version: replaces a range, git or URL
+    drop: Image[list[str]] = Field(default_factory=list)          # dependencies removed
+    add: Image[dict[str, str]] = Field(default_factory=dict)      # name -> constraint ("*" for any)
+    sources: Image[dict[str, str]] = Field(default_factory=dict)  # a declared index -> "default" or "mirror"
     # pip methods: the repository's file of exact pins its lock starts from (envmgr/lock/repository_pins.py);
     # None: the common names are detected, false: none (a fresh solve)
-    repository_pins: str | Literal[False] | None = None
+    repository_pins: Image[str | Literal[False] | None] = None
     # packages allowed to be built from their source distribution, by name; envmgr installs wheels only,
     # and builds these in a box of their own (no network, no credentials: envmgr/lock/backends/source_builds.py)
-    build_from_source: list[str] = Field(default_factory=list)
+    build_from_source: Image[list[str]] = Field(default_factory=list)
 
     @field_validator("repository_pins")
     @classmethod
@@ -81,7 +108,7 @@ class SystemPackages(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    apt: list[str] = Field(default_factory=list)
+    apt: Image[list[str]] = Field(default_factory=list)
 
     @field_validator("apt")
     @classmethod
@@ -115,38 +142,40 @@ class RunLimits(BaseModel):
 
 
 class MethodSpec(BaseModel):
+    # Fields marked `Image[...]` decide what the method's image holds and are hashed into its inputs
+    # (spec_hash); unmarked ones (how a run is judged, mounted or sized) change no image.
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    description: str = ""
-    backend: str = "poetry"
-    python: str = "3.11"
-    base_image: str = "bookworm-py311"
-    source_dir: str = "."                       # relative to the spec's folder: files copied into the image
-    lock_dir: str = "."                         # relative to the spec's folder: where envmgr writes the lock
-    entry: list[str]                            # run in CONTAINER_METHOD_DIR, e.g. ["python", "sd-demo.py"]
-    default_model: str | None = None
-    gpu: Literal["required", "optional", "none"] = "optional"
-    platform: Literal["linux-64", "linux-aarch64"] = "linux-64"   # what images are built for
+    name: Image[str]
+    description: Image[str] = ""
+    backend: Image[str] = "poetry"
+    python: Image[str] = "3.11"
+    base_image: Image[str] = "bookworm-py311"
+    source_dir: Image[str] = "."                # relative to the spec's folder: files copied into the image
+    lock_dir: Image[str] = "."                  # relative to the spec's folder: where envmgr writes the lock
+    entry: Image[list[str]]                     # run in CONTAINER_METHOD_DIR, e.g. ["python", "sd-demo.py"]
+    default_model: Image[str | None] = None
+    gpu: Image[Literal["required", "optional", "none"]] = "optional"
+    platform: Image[Literal["linux-64", "linux-aarch64"]] = "linux-64"   # what images are built for
     # conda methods: the platforms the lock is solved for (default: `platform`) and the virtual
     # packages the solver may assume there, e.g. {"__cuda" = "12.4"}; __glibc defaults to the base's
-    platforms: list[Literal["linux-64", "linux-aarch64"]] = Field(default_factory=list)
-    virtual_packages: dict[str, str] = Field(default_factory=dict)
-    env: dict[str, str] = Field(default_factory=dict)
-    exclude: list[str] = Field(default_factory=list)   # glob patterns of files not copied into the image
-    platform_args: bool = True    # pass the platform's --model_path/--pic_relative_path/... to the entry
+    platforms: Image[list[Literal["linux-64", "linux-aarch64"]]] = Field(default_factory=list)
+    virtual_packages: Image[dict[str, str]] = Field(default_factory=dict)
+    env: Image[dict[str, str]] = Field(default_factory=dict)
+    exclude: Image[list[str]] = Field(default_factory=list)   # glob patterns of files not copied into the image
+    platform_args: Image[bool] = True   # pass the platform's --model_path/--pic_relative_path/... to the entry
     # the entry's working directory: the run dir, or a writable copy of its own files (<run_dir>/work/method)
-    workdir: Literal["run", "method"] = "run"
+    workdir: Image[Literal["run", "method"]] = "run"
     # globs relative to the run dir that must each match a file the run wrote, else exit 0 is `failed (no outputs)`
-    success: list[str] | None = None
+    success: Image[list[str] | None] = None
     # without `success`: "training" (what `method add` writes) fails an exit 0 whose log ends in a traceback or
     # that wrote no weights/checkpoint under output/; "exit-code" (the default) lets the exit status decide
     verdict: Literal["training", "exit-code"] | None = None
     # how a run sees its dataset (envmgr/runs/datasets.py): as given, extracted read-only, or a writable copy;
     # default: added methods get an archive extracted, anything else as given
     dataset_mode: Literal["archive", "extracted", "writable"] | None = None
-    adapt: Adaptations = Field(default_factory=Adaptations)
-    system: SystemPackages = Field(default_factory=SystemPackages)
+    adapt: Image[Adaptations] = Field(default_factory=Adaptations)
+    system: Image[SystemPackages] = Field(default_factory=SystemPackages)
     gpu_memory_gb: float | None = Field(default=None, gt=0)   # the least memory (GB, 10^9 bytes) a GPU needs
     limits: RunLimits = Field(default_factory=RunLimits)     # memory, /dev/shm and /tmp a run needs
     variants: dict[str, Variant] = Field(default_factory=dict)
@@ -245,13 +274,9 @@ class MethodSpec(BaseModel):
         return f"{paths.IMAGE_REPO_PREFIX}{self.name}" + (f"-{self.variant}" if self.variant else "")
 
     def spec_hash(self) -> str:
-        data = self.model_dump(mode="json")
-        # neither changes what an image holds (a variant's pins reach its own spec through `adapt`)
-        data.pop("variants", None)
-        data.pop("gpu_memory_gb", None)
-        data.pop("dataset_mode", None)    # how a run mounts its dataset, not what the image holds
-        data.pop("limits", None)          # how large a run's container may grow, not what the image holds
-        data.pop("verdict", None)         # how a run is judged, not what the image holds
+        """The hash of the fields marked `Image` (what the image holds); a variant's pins reach its own spec
+        through `adapt`, and a field that only shapes a run is left unmarked."""
+        data = self.model_dump(mode="json", include=image_fields(type(self)))
         if not self.system.apt:
             data.pop("system", None)       # specs without system packages keep the hash they had
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

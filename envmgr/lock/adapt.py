@@ -125,68 +125,100 @@ def _set_pep508_version(text: str, version: str) -> str:
     return f"{req.name}{extras}=={version}{marker}"
 
 
+def _require_dependencies(adapt: Adaptations, present: set[str], where: Path, known: str = "") -> None:
+    """[adapt] pin and drop name only what the method depends on: a misspelt name would otherwise do nothing."""
+    for name in [*adapt.pin, *adapt.drop]:
+        if _name(name) not in present:
+            raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on{known}")
+
+
 def adapt_pyproject(data: dict, adapt: Adaptations, where: Path, mirror_urls: dict[str, str] | None = None) -> dict:
     """The effective pyproject: adaptations applied; with `mirror_urls`, mapped indexes point to mirrors."""
     data = copy.deepcopy(data)
     present = pyproject_names(data)
-    for name in [*adapt.pin, *adapt.drop]:
-        if _name(name) not in present:
-            raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on "
-                             f"(it has: {', '.join(sorted(present)) or 'nothing'})")
+    _require_dependencies(adapt, present, where, f" (it has: {', '.join(sorted(present)) or 'nothing'})")
     dropped = {_name(n) for n in adapt.drop}
     pins = {_name(n): v for n, v in adapt.pin.items()}
     default_sources = {n for n, target in adapt.sources.items() if target == "default"}
     for table in _poetry_tables(data):
-        for name in list(table):
-            key = _name(name)
-            if key in dropped:
-                del table[name]
-                continue
-            value = table[name]
-            if key in pins:
-                if isinstance(value, dict):
-                    value = {k: v for k, v in value.items() if k not in SOURCE_KEYS}
-                    value["version"] = f"=={pins[key]}"
-                    table[name] = value if set(value) - {"version"} else value["version"]
-                else:
-                    table[name] = f"=={pins[key]}"
-                value = table[name]
-            if isinstance(value, list):
-                table[name] = [_from_default(e, default_sources) if isinstance(e, dict) else e for e in value]
-            elif isinstance(value, dict) and value.get("source") in default_sources:
-                value = _from_default(value, default_sources)
-                table[name] = value if set(value) - {"version"} else value.get("version", "*")
+        _adapt_poetry_table(table, dropped, pins, default_sources)
     for lst in _pep508_lists(data):
-        for index in range(len(lst) - 1, -1, -1):
-            try:
-                req = Requirement(lst[index])
-            except InvalidRequirement:
-                continue
-            key = _name(req.name)
-            if key in dropped:
-                del lst[index]
-            elif key in pins:
-                lst[index] = _set_pep508_version(lst[index], pins[key])
+        _adapt_pep508_list(lst, dropped, pins)
     if adapt.add:
-        project_deps = data.get("project", {}).get("dependencies")
-        for name, constraint in adapt.add.items():
-            if isinstance(project_deps, list):
-                project_deps.append(name if constraint in ("", "*") else f"{name}{_pep440(constraint)}")
-            else:
-                data.setdefault("tool", {}).setdefault("poetry", {}).setdefault("dependencies", {})[name] = constraint
-    poetry = data.get("tool", {}).get("poetry", {})
-    if "source" in poetry:
-        kept = []
-        for source in poetry["source"]:
-            if source.get("name") in default_sources:
-                continue
-            if mirror_urls and source.get("name") in mirror_urls:
-                source = {**source, "url": mirror_urls[source["name"]]}
-            kept.append(source)
-        poetry["source"] = kept
-        if not kept:
-            del poetry["source"]
+        _add_dependencies(data, adapt.add)
+    _adapt_poetry_sources(data.get("tool", {}).get("poetry", {}), default_sources, mirror_urls)
     return data
+
+
+def _adapt_poetry_table(table: dict, dropped: set[str], pins: dict[str, str], default_sources: set[str]) -> None:
+    """One poetry dependency table, in place: dropped names leave, pinned ones become `==version` (a release
+    from an index, so no git/path/url keys), entries of an index mapped to the default lose their `source`."""
+    for name in list(table):
+        key = _name(name)
+        if key in dropped:
+            del table[name]
+            continue
+        value = table[name]
+        if key in pins:
+            table[name] = _pinned_poetry_entry(value, pins[key])
+            value = table[name]
+        if isinstance(value, list):
+            table[name] = [_from_default(e, default_sources) if isinstance(e, dict) else e for e in value]
+        elif isinstance(value, dict) and value.get("source") in default_sources:
+            value = _from_default(value, default_sources)
+            table[name] = value if set(value) - {"version"} else value.get("version", "*")
+
+
+def _pinned_poetry_entry(value: str | dict | list, version: str) -> str | dict:
+    """A poetry dependency pinned to `==version`: a table keeps its other keys (extras, markers) but not its
+    source; one left with only a version becomes the plain string."""
+    if not isinstance(value, dict):
+        return f"=={version}"
+    value = {k: v for k, v in value.items() if k not in SOURCE_KEYS}
+    value["version"] = f"=={version}"
+    return value if set(value) - {"version"} else value["version"]
+
+
+def _adapt_pep508_list(lst: list, dropped: set[str], pins: dict[str, str]) -> None:
+    """A PEP 508 list ([project] dependencies, optional groups), in place; from the end, so deleting keeps the
+    indexes still to visit. Lines that are not requirements stay as they are."""
+    for index in range(len(lst) - 1, -1, -1):
+        try:
+            req = Requirement(lst[index])
+        except InvalidRequirement:
+            continue
+        key = _name(req.name)
+        if key in dropped:
+            del lst[index]
+        elif key in pins:
+            lst[index] = _set_pep508_version(lst[index], pins[key])
+
+
+def _add_dependencies(data: dict, add: dict[str, str]) -> None:
+    """[adapt] add: into [project] dependencies when the method declares them there, else poetry's table."""
+    project_deps = data.get("project", {}).get("dependencies")
+    for name, constraint in add.items():
+        if isinstance(project_deps, list):
+            project_deps.append(name if constraint in ("", "*") else f"{name}{_pep440(constraint)}")
+        else:
+            data.setdefault("tool", {}).setdefault("poetry", {}).setdefault("dependencies", {})[name] = constraint
+
+
+def _adapt_poetry_sources(poetry: dict, default_sources: set[str], mirror_urls: dict[str, str] | None) -> None:
+    """[[tool.poetry.source]], in place: indexes mapped to the default leave (an empty list goes entirely),
+    mapped mirrors replace their URL."""
+    if "source" not in poetry:
+        return
+    kept = []
+    for source in poetry["source"]:
+        if source.get("name") in default_sources:
+            continue
+        if mirror_urls and source.get("name") in mirror_urls:
+            source = {**source, "url": mirror_urls[source["name"]]}
+        kept.append(source)
+    poetry["source"] = kept
+    if not kept:
+        del poetry["source"]
 
 
 def _from_default(entry: dict, default_sources: set[str]) -> dict:
@@ -321,17 +353,8 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
             continue
         option = re.match(r"^(-i|--index-url|--extra-index-url|-f|--find-links)[\s=]+(\S+)", stripped)
         if option:
-            url = option.group(2)
-            name = _index_name(url)
-            mapped = adapt.sources.get(name)
-            if mapped == "default":
+            if _map_index_option(option.group(2), adapt, site_sources, mirrors, problems):
                 to_default = True
-                continue
-            if mapped == "mirror" and name in site_sources:
-                mirrors.append(site_sources[name])
-                continue
-            problems.append(f"index {name!r} ({url}) has no site mirror → [adapt] sources = {{ \"{name}\" = "
-                            f"\"default\" }} (or \"mirror\" with [mirrors] sources.\"{name}\")")
             continue
         if stripped.startswith(("-e ", "--editable")) or stripped.startswith(("git+", "http://", "https://", "./",
                                                                               "../", "/", "file:")):
@@ -362,12 +385,26 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
     if to_default and not mirrors:
         # `torch==2.5.1+cu124` from an index mapped to the default index: the default index's release
         lines = [strip_local(line) if not line.startswith("-") else line for line in lines]
-    for name in [*adapt.pin, *adapt.drop]:
-        if _name(name) not in present:
-            raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on")
+    _require_dependencies(adapt, present, where)
     for name, constraint in adapt.add.items():
         lines.append(name if constraint in ("", "*") else f"{name}{_pep440(constraint)}")
     return "\n".join(lines) + "\n", mirrors, problems
+
+
+def _map_index_option(url: str, adapt: Adaptations, site_sources: dict[str, str], mirrors: list[str],
+                      problems: list[str]) -> bool:
+    """An index option of the requirements (`--extra-index-url URL`...): its site mirror goes to `mirrors`, an
+    index without one to `problems`; True when [adapt] maps it to the default index (its local labels go)."""
+    name = _index_name(url)
+    mapped = adapt.sources.get(name)
+    if mapped == "default":
+        return True
+    if mapped == "mirror" and name in site_sources:
+        mirrors.append(site_sources[name])
+        return False
+    problems.append(f"index {name!r} ({url}) has no site mirror → [adapt] sources = {{ \"{name}\" = "
+                    f"\"default\" }} (or \"mirror\" with [mirrors] sources.\"{name}\")")
+    return False
 
 
 def _logical_lines(text: str, base: Path, where: Path, depth: int = 0) -> list[str]:

@@ -38,7 +38,5 @@ def lock(ctx: Context, method: str, *, check: bool = False, regenerate: bool = F
     base = ensure_base(ctx, spec.base_image)
     written = backend.lock(ctx, spec, base, regenerate=regenerate)
     backend.check(spec)
-    drift = getattr(backend, "drift", None)
-    seeded_from = getattr(backend, "seeded_from", None)
-    return LockResult(spec.name, current=False, files=written, drift=drift(spec) if drift else None,
-                      seeded_from=seeded_from(spec) if seeded_from else None)
+    return LockResult(spec.name, current=False, files=written, drift=backend.drift(spec),
+                      seeded_from=backend.seeded_from(spec))

@@ -13,49 +13,18 @@ import re
 import shutil
 import tempfile
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
 
 from envmgr.core.archive import extract, single_top_folder
 from envmgr.core.errors import UsageError
 from envmgr.core.spec import MethodSpec, find_method, name_problem
 from envmgr.images.base import pick_base, python_series
+from envmgr.lock.backends import Detected, detect
 
 SOURCE_DIR = "source"
 LOCK_DIR = "lock"
-
-
-_ENV_FILES = {"poetry": "pyproject.toml", "conda": "environment.yml", "pip": "requirements.txt"}
-
-
-@dataclass
-class Detected:
-    backend: str
-    reason: str
-    note: str | None = None
-
-
-def _names_in_requirements(path: Path) -> set[str]:
-    names: set[str] = set()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line or line.startswith("-"):
-            continue
-        try:
-            names.add(canonicalize_name(Requirement(line).name))
-        except InvalidRequirement:
-            continue
-    return names
-
-
-def _names_in_pyproject(data: dict) -> set[str]:
-    from envmgr.lock.adapt import pyproject_names
-
-    return pyproject_names(data)
 
 
 def _pyproject_data(root: Path) -> dict:
@@ -69,40 +38,8 @@ def _pyproject_data(root: Path) -> dict:
 
 
 def detect_backend(root: Path, choice: str | None) -> Detected:
-    found: dict[str, str] = {}
-    data = _pyproject_data(root)
-    if data:
-        if "poetry" in data.get("tool", {}) or (root / "poetry.lock").is_file() or data.get("project", {}).get(
-                "dependencies"):
-            found["poetry"] = "pyproject.toml" + (" + poetry.lock" if (root / "poetry.lock").is_file() else "")
-    for name in ("environment.yml", "environment.yaml"):
-        if (root / name).is_file():
-            found["conda"] = name
-    if (root / "requirements.txt").is_file():
-        found["pip"] = "requirements.txt"
-    elif not found and _dependencies_from_backend(root, data):
-        found["pip"] = next(n for n in ("setup.py", "setup.cfg", "pyproject.toml") if (root / n).is_file()) + \
-            " (dependencies named by its build backend, read in a box with no network)"
-    if choice:
-        if choice not in found:
-            raise UsageError(f"--backend {choice}: the repository has no "
-                             f"{_ENV_FILES.get(choice, choice)}")
-        return Detected(choice, found[choice])
-    if not found:
-        raise UsageError(f"{root}: no environment file found (pyproject.toml, environment.yml or requirements.txt)",
-                         hint="add one to the repository, then `envmgr method add` again")
-    order = [b for b in ("poetry", "conda", "pip") if b in found]
-    winner = order[0]
-    if len(order) > 1:
-        note = f"found {', '.join(found[b] for b in order)}; using {found[winner]} ({winner})"
-        if "pip" in order and winner == "poetry":
-            extra = _names_in_requirements(root / "requirements.txt") - _names_in_pyproject(data)
-            if extra:
-                raise UsageError(f"{root}: pyproject.toml and requirements.txt disagree (requirements.txt also has "
-                                 f"{', '.join(sorted(extra)[:5])}); poetry would win",
-                                 hint="choose one with --backend poetry or --backend pip")
-        return Detected(winner, found[winner], note + " (choose another with --backend)")
-    return Detected(winner, found[winner])
+    """Which backend the repository's environment files make (each backend answers for its own files)."""
+    return detect(root, _pyproject_data(root), choice)
 
 
 _POETRY_CARET = re.compile(r"\^(\d+)(?:\.(\d+))?(?:\.(\d+))?")
@@ -147,15 +84,6 @@ def requires_python(root: Path, data: dict) -> tuple[str | None, str]:
             if found and found.group(1).strip():
                 return found.group(1).strip().rstrip(","), f"{name} python_requires"
     return None, ""
-
-
-def _dependencies_from_backend(root: Path, data: dict) -> bool:
-    """A project whose dependencies only its build backend knows: setup.py / setup.cfg, or a pyproject.toml
-    whose [project] declares them dynamic (computed when the backend runs)."""
-    if (root / "setup.py").is_file() or (root / "setup.cfg").is_file():
-        return True
-    project = data.get("project", {})
-    return "dependencies" in (project.get("dynamic") or []) and "build-system" in data
 
 
 def detect_entry(root: Path, entry: str | None) -> list[str]:

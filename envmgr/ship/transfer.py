@@ -34,8 +34,10 @@ import shutil
 import stat
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -51,6 +53,9 @@ from envmgr.images.image import CHUNK, CountingReader, archive_parts, file_sha25
 from envmgr.lock.backends import get_backend
 from envmgr.ship.manifest import FORMAT, MANIFEST, ArchiveError, read_signed_manifest
 from envmgr.ship.trust import SBOM_MEMBER, SIGNATURE_MEMBER
+
+if TYPE_CHECKING:
+    from envmgr.ship.signing import SignatureCheck
 
 METHOD_PREFIX = "envmgr/method/"
 ENGINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -382,33 +387,9 @@ def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Conte
                         raise ArchiveError(f"{path}: {entry['part']} is not the link the manifest names; "
                                            "nothing was loaded")
                     continue
-                if not info.isfile() or info.size != entry["size"]:
-                    raise ArchiveError(f"{path}: {entry['part']} has {info.size} bytes, the manifest says "
-                                       f"{entry['size']}; nothing was loaded")
-                sha = hashlib.sha256()
-                source = tar.extractfile(info)
-                assert source is not None  # info.isfile() was checked above
-                if info.name not in keep and not info.name.endswith("/layer.tar") and info.size > SMALL_MAX:
-                    raise ArchiveError(f"{path}: {entry['part']} is too large to be what it says "
-                                       f"({info.size} bytes); nothing was loaded")
-                sink = open(keep[info.name], "wb") if info.name in keep else None
-                buffer = None if info.name.endswith("/layer.tar") or sink else bytearray()
-                try:
-                    while chunk := source.read(CHUNK):
-                        sha.update(chunk)
-                        task.advance(len(chunk))
-                        if sink:
-                            sink.write(chunk)
-                        if buffer is not None:
-                            buffer += chunk
-                finally:
-                    if sink:
-                        sink.close()
-                if sha.hexdigest() != entry["sha256"]:
-                    raise ArchiveError(f"{path}: {entry['part']} is damaged (sha256 {sha.hexdigest()[:16]}…, "
-                                       f"expected {entry['sha256'][:16]}…); nothing was loaded")
-                if buffer is not None:
-                    small[info.name] = bytes(buffer)
+                content = _verify_file_member(path, tar, info, entry, keep.get(info.name), task.advance)
+                if content is not None:
+                    small[info.name] = content
     except ArchiveError:
         raise
     except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
@@ -419,6 +400,39 @@ def verify_members(path: Path, manifest: dict, keep: dict[str, Path], ctx: Conte
     if missing:
         raise ArchiveError(f"{path}: truncated: missing {', '.join(missing)}; nothing was loaded")
     return small
+
+
+def _verify_file_member(path: Path, tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict, keep: Path | None,
+                        advance: Callable[[int], object]) -> bytes | None:
+    """One regular member, streamed once: its size and sha256 against the manifest's `entry`. Written to
+    `keep` when given; a layer is only hashed; any other member is small (the config, manifest.json) and
+    returned, so a member claiming to be one cannot fill memory."""
+    if not info.isfile() or info.size != entry["size"]:
+        raise ArchiveError(f"{path}: {entry['part']} has {info.size} bytes, the manifest says "
+                           f"{entry['size']}; nothing was loaded")
+    sha = hashlib.sha256()
+    source = tar.extractfile(info)
+    assert source is not None  # info.isfile() was checked above
+    if keep is None and not info.name.endswith("/layer.tar") and info.size > SMALL_MAX:
+        raise ArchiveError(f"{path}: {entry['part']} is too large to be what it says "
+                           f"({info.size} bytes); nothing was loaded")
+    sink = open(keep, "wb") if keep is not None else None
+    buffer = None if info.name.endswith("/layer.tar") or sink else bytearray()
+    try:
+        while chunk := source.read(CHUNK):
+            sha.update(chunk)
+            advance(len(chunk))
+            if sink:
+                sink.write(chunk)
+            if buffer is not None:
+                buffer += chunk
+    finally:
+        if sink:
+            sink.close()
+    if sha.hexdigest() != entry["sha256"]:
+        raise ArchiveError(f"{path}: {entry['part']} is damaged (sha256 {sha.hexdigest()[:16]}…, "
+                           f"expected {entry['sha256'][:16]}…); nothing was loaded")
+    return bytes(buffer) if buffer is not None else None
 
 
 def zlib_error():
@@ -459,54 +473,12 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
     from envmgr.build import sbom
     from envmgr.ship import thin, trust
 
-    manifest, manifest_bytes, signature = read_signed_manifest(path)
-    check_manifest_fields(path, manifest)   # before any of its names is used
-    signed = trust.check_signature(ctx, str(path), manifest_bytes, signature)   # before anything else
-    trust.check_structure(path, manifest)
-    thin.check_listing(path, manifest)
+    manifest, manifest_bytes, signature, signed = _checked_manifest(ctx, path)
     name, tag, image_id = manifest["method"], manifest["tag"], manifest["image_id"]
-    here = engine_architecture(ctx)
-    if manifest.get("architecture") != here:
-        raise ArchiveError(f"{path}: {name} was built for {manifest.get('os')}/{manifest.get('architecture')}, "
-                           f"this engine runs {here}; nothing was loaded")
-    want = manifest["inputs"]
-    installer = installer_id(ctx)
-    if want.get("installer") != installer:
-        raise ArchiveError(f"{path}: exported by an envmgr whose installer is {want.get('installer')}, this one "
-                           f"has {installer}: `envmgr build` here would not find the image",
-                           hint="install the same envmgr version on both servers")
-
-    # Is the method already here (built-in or added), and the same?
-    existing: MethodSpec | None
-    try:
-        existing = find_method(name, ctx.config.base_dir)
-    except UsageError:
-        existing = None
-    register = True
-    if existing is not None:
-        differs = _differences(_method_hashes(existing, ctx), want)
-        if not differs:
-            register = False
-        elif existing.builtin:
-            raise UsageError(f"{path}: the built-in method {name} here differs from the archive's "
-                             f"({', '.join(differs)}); nothing was loaded")
-        elif not replace:
-            raise UsageError(f"{path}: method {name} is already added here with another {', '.join(differs)}; "
-                             "nothing was loaded", hint="`--replace` replaces the added method's files")
-
+    register = _must_register(ctx, path, name, manifest["inputs"], replace)
     base_info = manifest["base"]
-    base = current_base(ctx, base_info["name"])
-    install_base = base is None or base.image_id != base_info["image_id"]
-    if base is not None and install_base and not replace_base:
-        raise UsageError(f"{path}: base image {base_info['name']} here is {base.image_id[:19]}, the archive's is "
-                         f"{base_info['image_id'][:19]}; nothing was loaded",
-                         hint="`--replace-base` makes the archive's base current here (other methods then "
-                              "build on it too)")
     left_out = {entry["diff_id"] for entry in manifest.get(thin.LEFT_OUT) or []}
-    if install_base and base_info["diff_id"] in left_out:
-        raise ArchiveError(f"{path}: a thin archive without the base layer, and this server's base "
-                           f"{base_info['name']} is not its {base_info['image_id'][:19]}; nothing was loaded",
-                           hint="import a full archive (`envmgr export` without --thin-for)")
+    install_base = _must_install_base(ctx, path, base_info, left_out, replace_base)
     loaded = ctx.engine.image_id(tag) == image_id
     if not loaded and left_out:
         missing = thin.missing_layers(ctx, manifest)
@@ -532,39 +504,121 @@ def import_archive(ctx: Context, path: Path, replace_base: bool = False, replace
         if _stamp(path) != before:   # what is loaded must be what was checked
             raise ArchiveError(f"{path} changed while it was being checked; nothing was loaded")
         if not loaded:
-            with open(path, "rb") as fh, ctx.ui.progress(f"loading {tag} into the engine",
-                                                         total=path.stat().st_size, unit="bytes") as task:
-                try:
-                    ctx.engine.load_archive(_chunks(fh, task.advance))
-                except EngineError:
-                    missing = thin.missing_layers(ctx, manifest) if left_out else []
-                    if missing:   # removed between the check and the load (a gc meanwhile)
-                        raise ArchiveError(thin.refusal(path, manifest, missing)) from None
-                    raise
-            if ctx.engine.image_id(tag) != image_id:
-                raise EnvmgrError(f"the engine did not report {image_id[:19]} as {tag} after loading {path}")
+            _load_into_engine(ctx, path, manifest, left_out)
         ctx.engine.tag(image_id, tag.rsplit(":", 1)[0], "latest")
         trust.record_signature(ctx, image_id, "export", manifest_bytes, signature)
         if sbom_tmp.is_file():
             sbom.store(ctx, image_id, sbom_tmp.read_bytes())
         if install_base:
-            layer_path = base_dir / f"{base_hex}.tar"
-            os.replace(base_tmp, layer_path)
-            new_base = BaseImage(**{**base_info, "layer_path": str(layer_path)})
-            load_base_image(ctx, new_base)
-            (base_dir / "current.json").write_text(json.dumps(asdict(new_base), indent=1, sort_keys=True))
+            _make_base_current(ctx, base_info, base_dir / f"{base_hex}.tar", base_tmp)
         if register:
-            final = names.beneath(methods_root, name)
-            if final.exists():
-                old = methods_root / f".replaced-{name}-{os.getpid()}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, final)
+            _register_method(methods_root, name, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         base_tmp.unlink(missing_ok=True)
     return ImportResult(name, tag, image_id, changed=True, signature=signed.as_dict(), registered=register,
                         base_installed=install_base, loaded=not loaded)
+
+
+def _checked_manifest(ctx: Context, path: Path) -> tuple[dict, bytes, bytes | None, SignatureCheck]:
+    """The archive's manifest, trusted before anything else is read: its fields, its signature, its
+    structure and listing, then this engine's architecture and this envmgr's installer (an image built by
+    another installer would never be found by `envmgr build` here). With the signature check."""
+    from envmgr.ship import thin, trust
+
+    manifest, manifest_bytes, signature = read_signed_manifest(path)
+    check_manifest_fields(path, manifest)   # before any of its names is used
+    signed = trust.check_signature(ctx, str(path), manifest_bytes, signature)   # before anything else
+    trust.check_structure(path, manifest)
+    thin.check_listing(path, manifest)
+    name = manifest["method"]
+    here = engine_architecture(ctx)
+    if manifest.get("architecture") != here:
+        raise ArchiveError(f"{path}: {name} was built for {manifest.get('os')}/{manifest.get('architecture')}, "
+                           f"this engine runs {here}; nothing was loaded")
+    want = manifest["inputs"]
+    installer = installer_id(ctx)
+    if want.get("installer") != installer:
+        raise ArchiveError(f"{path}: exported by an envmgr whose installer is {want.get('installer')}, this one "
+                           f"has {installer}: `envmgr build` here would not find the image",
+                           hint="install the same envmgr version on both servers")
+    return manifest, manifest_bytes, signature, signed
+
+
+def _must_register(ctx: Context, path: Path, name: str, want: dict[str, str], replace: bool) -> bool:
+    """Whether the archive's method files must be written here: not when the same method is here already
+    (built-in or added); a different built-in one, or an added one without `replace`, refuses the import."""
+    existing: MethodSpec | None
+    try:
+        existing = find_method(name, ctx.config.base_dir)
+    except UsageError:
+        existing = None
+    if existing is None:
+        return True
+    differs = _differences(_method_hashes(existing, ctx), want)
+    if not differs:
+        return False
+    if existing.builtin:
+        raise UsageError(f"{path}: the built-in method {name} here differs from the archive's "
+                         f"({', '.join(differs)}); nothing was loaded")
+    if not replace:
+        raise UsageError(f"{path}: method {name} is already added here with another {', '.join(differs)}; "
+                         "nothing was loaded", hint="`--replace` replaces the added method's files")
+    return True
+
+
+def _must_install_base(ctx: Context, path: Path, base_info: dict, left_out: set[str], replace_base: bool) -> bool:
+    """Whether the archive's base must become current here: another current base refuses the import without
+    `replace_base`; a thin archive that left the base layer out cannot install it."""
+    base = current_base(ctx, base_info["name"])
+    install_base = base is None or base.image_id != base_info["image_id"]
+    if base is not None and install_base and not replace_base:
+        raise UsageError(f"{path}: base image {base_info['name']} here is {base.image_id[:19]}, the archive's is "
+                         f"{base_info['image_id'][:19]}; nothing was loaded",
+                         hint="`--replace-base` makes the archive's base current here (other methods then "
+                              "build on it too)")
+    if install_base and base_info["diff_id"] in left_out:
+        raise ArchiveError(f"{path}: a thin archive without the base layer, and this server's base "
+                           f"{base_info['name']} is not its {base_info['image_id'][:19]}; nothing was loaded",
+                           hint="import a full archive (`envmgr export` without --thin-for)")
+    return install_base
+
+
+def _load_into_engine(ctx: Context, path: Path, manifest: dict, left_out: set[str]) -> None:
+    """The checked archive into the engine, which must then report the manifest's image ID under its tag. A
+    thin archive's load fails when a layer it left out went meanwhile: that says which."""
+    from envmgr.ship import thin
+
+    tag, image_id = manifest["tag"], manifest["image_id"]
+    with open(path, "rb") as fh, ctx.ui.progress(f"loading {tag} into the engine",
+                                                 total=path.stat().st_size, unit="bytes") as task:
+        try:
+            ctx.engine.load_archive(_chunks(fh, task.advance))
+        except EngineError:
+            missing = thin.missing_layers(ctx, manifest) if left_out else []
+            if missing:   # removed between the check and the load (a gc meanwhile)
+                raise ArchiveError(thin.refusal(path, manifest, missing)) from None
+            raise
+    if ctx.engine.image_id(tag) != image_id:
+        raise EnvmgrError(f"the engine did not report {image_id[:19]} as {tag} after loading {path}")
+
+
+def _make_base_current(ctx: Context, base_info: dict, layer_path: Path, base_tmp: Path) -> None:
+    """The verified base layer to its place, loaded into the engine, then recorded as current."""
+    os.replace(base_tmp, layer_path)
+    new_base = BaseImage(**{**base_info, "layer_path": str(layer_path)})
+    load_base_image(ctx, new_base)
+    (layer_path.parent / "current.json").write_text(json.dumps(asdict(new_base), indent=1, sort_keys=True))
+
+
+def _register_method(methods_root: Path, name: str, folder: Path) -> None:
+    """The staged method folder becomes the method's; a replaced one is first moved aside, then removed."""
+    final = names.beneath(methods_root, name)
+    if final.exists():
+        old = methods_root / f".replaced-{name}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, final)
 
 
 def _stamp(path: Path) -> tuple[int, int, int, int]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
 from envmgr.core import paths
 from envmgr.core.errors import StaleLockError
 from envmgr.core.spec import MethodSpec
@@ -93,6 +96,20 @@ def safe_remove_tree(path: Path) -> None:
 
     if path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def requirement_names(path: Path) -> set[str]:
+    """The normalized names a requirements file asks for (options, comments and unparsable lines skipped)."""
+    names: set[str] = set()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        try:
+            names.add(canonicalize_name(Requirement(line).name))
+        except InvalidRequirement:
+            continue
+    return names
 
 
 def split_requirements(text: str) -> list[str]:

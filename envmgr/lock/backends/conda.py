@@ -40,7 +40,9 @@ from envmgr.door.context import Context
 from envmgr.door.mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from envmgr.door.steps import SDIST_ONLY, sdist_only_error
 from envmgr.images.base import BaseImage
+from envmgr.lock.backends import Evidence
 from envmgr.lock.backends.common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env
+from envmgr.lock.backends.poetry_lock import file_hashes
 from envmgr.lock.uv_cache import shared_uv_cache, uv_cache_dir
 
 ENVIRONMENT = "environment.yml"
@@ -75,42 +77,63 @@ def _fail_at(path: Path, node, message: str) -> UsageError:
 def read_environment(path: Path) -> Environment:
     """Parse environment.yml, with the line number of whatever is wrong in it."""
     import yaml
-    from rattler import MatchSpec
 
     if not path.is_file():
         raise UsageError(f"{path}: missing (a conda method needs {ENVIRONMENT})")
-    try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UsageError(f"{path}{where}: not valid YAML: {problem}") from None
+    root = _compose_yaml(path)
     if root is None or not isinstance(root, yaml.MappingNode):
         raise _fail_at(path, root, "expected a mapping with `channels` and `dependencies`")
     keys = {key.value: value for key, value in root.value}
     for key, _ in root.value:
         if key.value not in _ENV_KEYS:
             raise _fail_at(path, key, f"key {key.value!r} is not supported (known: {', '.join(sorted(_ENV_KEYS))})")
-
-    def strings(node, what: str) -> list[tuple[str, object]]:
-        if not isinstance(node, yaml.SequenceNode):
-            raise _fail_at(path, node, f"`{what}` must be a list")
-        out = []
-        for item in node.value:
-            if not isinstance(item, yaml.ScalarNode) or not str(item.value).strip():
-                raise _fail_at(path, item, f"`{what}` entries must be strings")
-            out.append((str(item.value).strip(), item))
-        return out
-
     if "channels" not in keys:
         raise _fail_at(path, root, "no `channels` list (name the channels to solve from)")
-    channels = [value for value, _ in strings(keys["channels"], "channels")]
+    channels = [value for value, _ in _yaml_strings(path, keys["channels"], "channels")]
     if "dependencies" not in keys:
         raise _fail_at(path, root, "no `dependencies` list")
+    deps = keys["dependencies"]
+    conda, pip = _environment_dependencies(path, deps)
+    if pip and not any(_spec_name(s) == "python" for s in conda):
+        raise _fail_at(path, deps, "a `pip:` section needs `python` among the conda dependencies")
+    return Environment(path=path, channels=channels, conda=conda, pip=pip)
+
+
+def _compose_yaml(path: Path):
+    """The YAML node tree (nodes keep their line numbers, for the messages), or the parser's problem, with
+    its line, as a UsageError."""
+    import yaml
+
+    try:
+        return yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{path}{where}: not valid YAML: {problem}") from None
+
+
+def _yaml_strings(path: Path, node, what: str) -> list[tuple[str, object]]:
+    """A list of non-empty strings (stripped), each with its node (for the line of a later complaint)."""
+    import yaml
+
+    if not isinstance(node, yaml.SequenceNode):
+        raise _fail_at(path, node, f"`{what}` must be a list")
+    out = []
+    for item in node.value:
+        if not isinstance(item, yaml.ScalarNode) or not str(item.value).strip():
+            raise _fail_at(path, item, f"`{what}` entries must be strings")
+        out.append((str(item.value).strip(), item))
+    return out
+
+
+def _environment_dependencies(path: Path, deps) -> tuple[list[str], list[str]]:
+    """`dependencies`: (conda match specs, each parsed by rattler; the `pip:` entries), as written."""
+    import yaml
+    from rattler import MatchSpec
+
     conda: list[str] = []
     pip: list[str] = []
-    deps = keys["dependencies"]
     if not isinstance(deps, yaml.SequenceNode):
         raise _fail_at(path, deps, "`dependencies` must be a list")
     for item in deps.value:
@@ -118,7 +141,7 @@ def read_environment(path: Path) -> Environment:
             entries = {k.value: v for k, v in item.value}
             if set(entries) != {"pip"}:
                 raise _fail_at(path, item, "a mapping in `dependencies` must be `pip: [...]`")
-            pip += [value for value, _ in strings(entries["pip"], "pip")]
+            pip += [value for value, _ in _yaml_strings(path, entries["pip"], "pip")]
             continue
         if not isinstance(item, yaml.ScalarNode) or not str(item.value).strip():
             raise _fail_at(path, item, "`dependencies` entries must be conda match specs")
@@ -128,9 +151,7 @@ def read_environment(path: Path) -> Environment:
         except Exception as exc:  # noqa: BLE001 - rattler's parse errors have several types
             raise _fail_at(path, item, f"{text!r} is not a conda match spec: {exc}") from None
         conda.append(text)
-    if pip and not any(_spec_name(s) == "python" for s in conda):
-        raise _fail_at(path, deps, "a `pip:` section needs `python` among the conda dependencies")
-    return Environment(path=path, channels=channels, conda=conda, pip=pip)
+    return conda, pip
 
 
 def _spec_name(spec: str) -> str:
@@ -209,6 +230,17 @@ def _shorten(text: str, limit: int = 400) -> str:
 
 class CondaBackend:
     name = "conda"
+    env_file = ENVIRONMENT
+    layered = False     # rattler links the whole prefix with the method's own path in its files: one layer
+
+    # ------------------------------------------------------------------ detecting
+
+    def detect(self, root: Path, pyproject: dict) -> Evidence | None:
+        found = [name for name in (ENVIRONMENT, "environment.yaml") if (root / name).is_file()]
+        return Evidence(found[-1]) if found else None
+
+    def refuse_over(self, root: Path, pyproject: dict, others: list[str]) -> None:
+        return None     # what else was found is named in the note; nothing of it is refused
 
     def lock_files(self, spec: MethodSpec) -> list[Path]:
         files = [spec.lock_path / LOCK]
@@ -510,11 +542,24 @@ class CondaBackend:
                          uv_step_env(ctx), method=spec.name,
                          on_line=lambda line: task.advance(1) if line.strip().startswith("+ ") else None)
 
-    # ------------------------------------------------------------------ activating
+    def layer_entries(self, ctx: Context, spec: MethodSpec, base: BaseImage) -> None:
+        return None     # not layered: `install` makes the environment's one layer
+
+    # ------------------------------------------------------------------ what else is asked of a backend
 
     def entry_prefix(self, spec: MethodSpec) -> list[str]:
         """Start the entry through `conda run`, so the env's activate.d scripts run first."""
         return ["conda", "run", "-n", spec.name, "--no-capture-output"]
+
+    def drift(self, spec: MethodSpec) -> None:
+        return None     # conda locks are solved afresh; no repository lock is compared
+
+    def seeded_from(self, spec: MethodSpec) -> None:
+        return None
+
+    def lock_file_hashes(self, spec: MethodSpec) -> dict[str, list[str]]:
+        """The Python part's poetry.lock (conda packages carry their sha256 in conda-meta)."""
+        return file_hashes(spec.lock_path / "poetry.lock")
 
 
 # ---------------------------------------------------------------------- conversions

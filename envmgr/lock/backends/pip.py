@@ -25,7 +25,7 @@ from envmgr.door.context import Context
 from envmgr.door.mirrors import mirror_hosts
 from envmgr.images.base import BaseImage
 from envmgr.lock.adapt import effective_requirements, lock_drift, raise_if_unreachable
-from envmgr.lock.backends import source_builds
+from envmgr.lock.backends import Evidence, source_builds
 from envmgr.lock.backends.common import (
     install_requirements_script,
     missing_lock,
@@ -54,6 +54,23 @@ HEADER = "# envmgr lock: "
 
 class PipBackend:
     name = "pip"
+    env_file = MANIFEST
+    layered = True
+
+    # ------------------------------------------------------------------ detecting
+
+    def detect(self, root: Path, pyproject: dict) -> Evidence | None:
+        """requirements.txt; else, weakly, a project whose build backend names its dependencies."""
+        if (root / MANIFEST).is_file():
+            return Evidence(MANIFEST)
+        if _dependencies_from_backend(root, pyproject):
+            found = next(n for n in ("setup.py", "setup.cfg", "pyproject.toml") if (root / n).is_file())
+            return Evidence(found + " (dependencies named by its build backend, read in a box with no network)",
+                            weak=True)
+        return None
+
+    def refuse_over(self, root: Path, pyproject: dict, others: list[str]) -> None:
+        return None     # pip is the last choice: it never wins over another kind
 
     def lock_files(self, spec: MethodSpec) -> list[Path]:
         return [spec.lock_path / LOCK]
@@ -197,6 +214,12 @@ class PipBackend:
         return source_builds.with_built_wheels(ctx, spec, base, split_requirements(lock.read_text(encoding="utf-8")),
                                                extra)
 
+    def entry_prefix(self, spec: MethodSpec) -> list[str]:
+        return []       # the venv's interpreter is on PATH: nothing to activate
+
+    def lock_file_hashes(self, spec: MethodSpec) -> dict[str, list[str]]:
+        return {}       # the SBOM reads file hashes from poetry locks only
+
     def install(self, ctx: Context, spec: MethodSpec, base: BaseImage, prefix: Path) -> None:
         lock = spec.lock_path / LOCK
         count = len(re.findall(r"^[A-Za-z0-9_.\-]+==", lock.read_text(), flags=re.M))
@@ -213,6 +236,15 @@ class PipBackend:
                           BindMount(Path(work), paths.CONTAINER_WORK, read_only=True), *uv_mounts(ctx)],
                          uv_step_env(ctx, extra), method=spec.name,
                          on_line=lambda line: task.advance(1) if line.strip().startswith("+ ") else None)
+
+
+def _dependencies_from_backend(root: Path, pyproject: dict) -> bool:
+    """A project whose dependencies only its build backend knows: setup.py / setup.cfg, or a pyproject.toml
+    whose [project] declares them dynamic (computed when the backend runs)."""
+    if (root / "setup.py").is_file() or (root / "setup.cfg").is_file():
+        return True
+    project = pyproject.get("project", {})
+    return "dependencies" in (project.get("dynamic") or []) and "build-system" in pyproject
 
 
 def is_project(spec: MethodSpec) -> bool:

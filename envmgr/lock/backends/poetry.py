@@ -34,13 +34,21 @@ from envmgr.lock.adapt import (
     adapt_pyproject,
     lock_drift,
     locked_versions,
+    pyproject_names,
     raise_if_unreachable,
     seed_lock,
     unreachable_in_pyproject,
 )
-from envmgr.lock.backends import source_builds
-from envmgr.lock.backends.common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
-from envmgr.lock.backends.poetry_lock import select
+from envmgr.lock.backends import Evidence, source_builds
+from envmgr.lock.backends.common import (
+    install_requirements_script,
+    missing_lock,
+    requirement_names,
+    run_step,
+    uv_mounts,
+    uv_step_env,
+)
+from envmgr.lock.backends.poetry_lock import file_hashes, select
 
 POETRY_VERSION = "2.5.1"
 PYPI_MIRROR_PLUGIN_VERSION = "0.6.5"
@@ -183,6 +191,29 @@ def _refuse_sdist_only(spec: MethodSpec, lock: dict) -> None:
 
 class PoetryBackend:
     name = "poetry"
+    env_file = PYPROJECT
+    layered = True
+
+    # ------------------------------------------------------------------ detecting
+
+    def detect(self, root: Path, pyproject: dict) -> Evidence | None:
+        """A pyproject.toml with a [tool.poetry] table, a poetry.lock beside it, or static [project] dependencies."""
+        if not pyproject:
+            return None
+        has_lock = (root / LOCK).is_file()
+        if "poetry" in pyproject.get("tool", {}) or has_lock or pyproject.get("project", {}).get("dependencies"):
+            return Evidence(PYPROJECT + (f" + {LOCK}" if has_lock else ""))
+        return None
+
+    def refuse_over(self, root: Path, pyproject: dict, others: list[str]) -> None:
+        """A requirements.txt naming what pyproject.toml does not: poetry winning would silently drop it."""
+        if "pip" not in others:
+            return
+        extra = requirement_names(root / "requirements.txt") - pyproject_names(pyproject)
+        if extra:
+            raise UsageError(f"{root}: pyproject.toml and requirements.txt disagree (requirements.txt also has "
+                             f"{', '.join(sorted(extra)[:5])}); poetry would win",
+                             hint="choose one with --backend poetry or --backend pip")
 
     def lock_files(self, spec: MethodSpec) -> list[Path]:
         return [spec.lock_path / LOCK]
@@ -260,6 +291,12 @@ class PoetryBackend:
         return source_builds.with_built_wheels(ctx, spec, base, self.requirement_entries(spec, base),
                                                list(self._mapped_indexes(ctx, spec).values()))
 
+    def entry_prefix(self, spec: MethodSpec) -> list[str]:
+        return []       # the venv's interpreter is on PATH: nothing to activate
+
+    def lock_file_hashes(self, spec: MethodSpec) -> dict[str, list[str]]:
+        return file_hashes(spec.lock_path / LOCK)
+
     def summary(self, spec: MethodSpec) -> dict:
         try:
             lock = self._lock_data(spec)
@@ -316,6 +353,9 @@ class PoetryBackend:
         if theirs is None or not (spec.lock_path / LOCK).is_file():
             return None
         return lock_drift(theirs, self._lock_data(spec))
+
+    def seeded_from(self, spec: MethodSpec) -> None:
+        return None     # a repository's own poetry.lock seeds the solve, but it is the method's lock, not a pins file
 
     def lock(self, ctx: Context, spec: MethodSpec, base: BaseImage, regenerate: bool = False) -> list[Path]:
         source = self._source_pyproject(spec)

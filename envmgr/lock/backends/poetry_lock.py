@@ -10,8 +10,10 @@ name the highest locked version that satisfies every constraint met on the way.
 from __future__ import annotations
 
 import re
+import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
@@ -20,6 +22,19 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from envmgr.core.errors import StaleLockError
+
+
+def file_hashes(path: Path) -> dict[str, list[str]]:
+    """Normalized name -> sha256 of every file a poetry.lock allows for it ({}: no lock at `path`)."""
+    if not path.is_file():
+        return {}
+    data = tomllib.loads(path.read_text())
+    found: dict[str, list[str]] = {}
+    for package in data.get("package", []):
+        hashes = [f["hash"].removeprefix("sha256:") for f in package.get("files", [])
+                  if str(f.get("hash", "")).startswith("sha256:")]
+        found[canonicalize_name(package["name"])] = hashes
+    return found
 
 
 @dataclass
