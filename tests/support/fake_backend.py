@@ -12,7 +12,7 @@ from envmgr.core.errors import StaleLockError, UsageError
 from envmgr.core.spec import MethodSpec
 from envmgr.door.context import Context
 from envmgr.images.base import BaseImage
-from envmgr.lock.backends import Evidence
+from envmgr.lock.backends.protocol import Evidence
 
 MANIFEST = "pixi.toml"
 LOCK = "pixi.lock"

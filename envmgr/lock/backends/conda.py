@@ -40,9 +40,9 @@ from envmgr.door.context import Context
 from envmgr.door.mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
 from envmgr.door.steps import SDIST_ONLY, sdist_only_error
 from envmgr.images.base import BaseImage
-from envmgr.lock.backends import Evidence
 from envmgr.lock.backends.common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env
 from envmgr.lock.backends.poetry_lock import file_hashes
+from envmgr.lock.backends.protocol import Evidence
 from envmgr.lock.uv_cache import shared_uv_cache, uv_cache_dir
 
 ENVIRONMENT = "environment.yml"

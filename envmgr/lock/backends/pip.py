@@ -25,7 +25,7 @@ from envmgr.door.context import Context
 from envmgr.door.mirrors import mirror_hosts
 from envmgr.images.base import BaseImage
 from envmgr.lock.adapt import effective_requirements, lock_drift, raise_if_unreachable
-from envmgr.lock.backends import Evidence, source_builds
+from envmgr.lock.backends import source_builds
 from envmgr.lock.backends.common import (
     install_requirements_script,
     missing_lock,
@@ -34,6 +34,7 @@ from envmgr.lock.backends.common import (
     uv_mounts,
     uv_step_env,
 )
+from envmgr.lock.backends.protocol import Evidence
 from envmgr.lock.repository_pins import (
     SEED_RECORD,
     RepositoryPins,

@@ -39,7 +39,7 @@ from envmgr.lock.adapt import (
     seed_lock,
     unreachable_in_pyproject,
 )
-from envmgr.lock.backends import Evidence, source_builds
+from envmgr.lock.backends import source_builds
 from envmgr.lock.backends.common import (
     install_requirements_script,
     missing_lock,
@@ -49,6 +49,7 @@ from envmgr.lock.backends.common import (
     uv_step_env,
 )
 from envmgr.lock.backends.poetry_lock import file_hashes, select
+from envmgr.lock.backends.protocol import Evidence
 
 POETRY_VERSION = "2.5.1"
 PYPI_MIRROR_PLUGIN_VERSION = "0.6.5"
