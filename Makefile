@@ -58,12 +58,14 @@ engine: host-tools install
 	@$(VENV)/bin/python -c "from tests.support.engine import ensure_engine; ensure_engine()" && echo "engine: up"
 
 demo: engine
-	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m envmgr.demo
+	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m envmgr.face.demo
 
-# ruff (pyflakes, bugbear, isort, complexity, style) and mypy on envmgr/, configured in pyproject.toml.
+# ruff (pyflakes, bugbear, isort, complexity, style), mypy, and the import contracts (the stages import one
+# way, no module loop: lint-imports) on envmgr/, configured in pyproject.toml.
 lint: install
 	$(VENV)/bin/ruff check envmgr
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 test-unit: install
 	$(VENV)/bin/python -m pytest tests/unit -q -rs --junitxml=$(REPORTS)/unit.xml
@@ -133,7 +135,7 @@ bench: engine method-venv
 # sd-demo's environment layer digests (envs/sd-demo/env-layers.json), compared by its integration test.
 # Run after a lock or layout change and commit the record with it (builds the layers when missing: minutes).
 record-layers: engine
-	$(VENV)/bin/python -m envmgr.layer_record sd-demo
+	$(VENV)/bin/python -m envmgr.build.layer_record sd-demo
 
 clean:
 	rm -rf $(VENV) $(METHOD_VENV) .demo build $(DIST) $(REPORTS)

@@ -1,9 +1,9 @@
 """Build hooks; everything declarative is in pyproject.toml.
 
 The repository keeps its built-in methods (envs/) and base image definitions (images/) at the top level;
-a wheel carries them inside the package, as envmgr/_builtin/{envs,images} (read by envmgr.paths.builtin_dir),
+a wheel carries them inside the package, as envmgr/_builtin/{envs,images} (read by envmgr.core.paths.builtin_dir),
 with the files' executable bits, since those are part of a method's inputs hash. The wheel also records
-the commit it was built from (envmgr/_build.json, read by envmgr.version); an sdist carries that record so
+the commit it was built from (envmgr/_build.json, read by envmgr.core.version); an sdist carries that record so
 a wheel built from it names the same commit.
 """
 

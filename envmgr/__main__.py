@@ -1,3 +1,3 @@
-from .cli import entry
+from envmgr.face.cli import entry
 
 entry()

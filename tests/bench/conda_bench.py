@@ -27,12 +27,12 @@ NAME = "conda-bench"
 
 
 def main() -> int:
-    from envmgr.backends.conda import CondaBackend
-    from envmgr.base import ensure_base
-    from envmgr.config import load_config
-    from envmgr.context import Context
-    from envmgr.spec import find_method
-    from envmgr.ui import Reporter
+    from envmgr.core.config import load_config
+    from envmgr.core.spec import find_method
+    from envmgr.core.ui import Reporter
+    from envmgr.door.context import Context
+    from envmgr.images.base import ensure_base
+    from envmgr.lock.backends.conda import CondaBackend
     from tests.support.conda_channel import CHANNEL, Channel, build_channel, build_example_wheels
     from tests.support.pypi import Index
 

@@ -36,9 +36,9 @@ def envmgr(*args: str, env: dict[str, str]) -> float:
 
 
 def requirements_file(ctx, directory: Path) -> Path:
-    from envmgr.backends import get_backend
-    from envmgr.base import ensure_base
-    from envmgr.spec import find_method
+    from envmgr.core.spec import find_method
+    from envmgr.images.base import ensure_base
+    from envmgr.lock.backends import get_backend
 
     spec = find_method("sd-demo", None)
     base = ensure_base(ctx, spec.base_image)
@@ -75,9 +75,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold build (downloads GBs twice)")
     args = parser.parse_args()
-    from envmgr.config import load_config
-    from envmgr.context import Context
-    from envmgr.ui import Reporter
+    from envmgr.core.config import load_config
+    from envmgr.core.ui import Reporter
+    from envmgr.door.context import Context
 
     work = Path(tempfile.mkdtemp(prefix="envmgr-bench-", dir="/var/tmp"))
     cache = Path(os.environ.get("ENVMGR_BENCH_CACHE", "/var/tmp/envmgr-bench-cache"))
@@ -116,8 +116,8 @@ def main() -> int:
             results.update(cold_build_s=round(cold, 1), download_unpack_s=round(download, 1),
                            cold_ratio=round(cold / download, 2))
 
-        from envmgr.build import build
-        from envmgr.spec import find_method
+        from envmgr.build.build import build
+        from envmgr.core.spec import find_method
 
         image = ctx.engine.inspect_image(build(ctx, find_method("sd-demo", None)).image_id)
         results["image_size_gb"] = round(image["Size"] / 1e9, 2)

@@ -75,9 +75,9 @@ def timed_build(name: str, env: dict[str, str]) -> tuple[float, dict[str, float]
 
 
 def main() -> int:
-    from envmgr.config import load_config
-    from envmgr.context import Context
-    from envmgr.ui import Reporter
+    from envmgr.core.config import load_config
+    from envmgr.core.ui import Reporter
+    from envmgr.door.context import Context
 
     work = Path(tempfile.mkdtemp(prefix="envmgr-layers-bench-", dir="/var/tmp"))
     cache = Path(os.environ.get("ENVMGR_BENCH_CACHE", "/var/tmp/envmgr-bench-cache"))

@@ -21,14 +21,14 @@ ARGS = ["--max_steps=1", "--resolution=64", "--validation_steps=0", "--checkpoin
 
 
 def main() -> int:
-    from envmgr.build import build
-    from envmgr.config import load_config
-    from envmgr.containers import BindMount, ContainerSpec
-    from envmgr.context import Context
-    from envmgr.demo import DATASET, MODEL, _tool
-    from envmgr.run import prepare_base_dir
-    from envmgr.spec import find_method
-    from envmgr.ui import Reporter
+    from envmgr.build.build import build
+    from envmgr.core.config import load_config
+    from envmgr.core.spec import find_method
+    from envmgr.core.ui import Reporter
+    from envmgr.door.containers import BindMount, ContainerSpec
+    from envmgr.door.context import Context
+    from envmgr.face.demo import DATASET, MODEL, _tool
+    from envmgr.runs.plan import prepare_base_dir
 
     base_dir = Path(os.environ.get("ENVMGR_BASE_DIR", REPO / ".demo"))
     env = {**os.environ, "ENVMGR_BASE_DIR": str(base_dir)}

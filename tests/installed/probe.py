@@ -4,13 +4,14 @@ the base image ID is fixed, so only what this envmgr reads from its own files ca
 
 import json
 
-from envmgr import build, paths
-from envmgr.base import BaseImage, load_definition
-from envmgr.config import load_config
-from envmgr.context import Context
-from envmgr.spec import list_methods
-from envmgr.ui import Reporter
-from envmgr.version import describe
+from envmgr.build import target as build
+from envmgr.core import paths
+from envmgr.core.config import load_config
+from envmgr.core.spec import list_methods
+from envmgr.core.ui import Reporter
+from envmgr.core.version import describe
+from envmgr.door.context import Context
+from envmgr.images.base import BaseImage, load_definition
 
 BASE = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,
                  layer_path="/nonexistent", python="/usr/bin/python3.11", python_version="3.11.2", packages={})
@@ -19,7 +20,7 @@ ctx = Context(config=load_config({}, inherit_host=False, files=[]), ui=Reporter(
 methods = {}
 for spec in list_methods(None):
     data = build.inputs(ctx, spec, BASE)
-    digest = build._digest(data)
+    digest = build.inputs_digest(data)
     methods[spec.name] = {"folder": str(spec.folder), "inputs": data, "inputs_hash": digest,
                           "tag": build.image_tag(spec, digest)}
 print(json.dumps({"envmgr": build.__file__, "methods": methods, "version": describe(),

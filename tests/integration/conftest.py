@@ -52,11 +52,11 @@ def engine():
 @pytest.fixture(scope="session")
 def store(engine) -> Path:
     """Base image + poetry tools, built once (through the host's inherited mirrors)."""
-    from envmgr.backends.poetry import PoetryBackend
-    from envmgr.base import ensure_base
-    from envmgr.config import load_config
-    from envmgr.context import Context
-    from envmgr.ui import Reporter
+    from envmgr.core.config import load_config
+    from envmgr.core.ui import Reporter
+    from envmgr.door.context import Context
+    from envmgr.images.base import ensure_base
+    from envmgr.lock.backends.poetry import PoetryBackend
 
     STORE.mkdir(parents=True, exist_ok=True)
     os.environ["ENVMGR_STORE_DIR"] = str(STORE)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.config import load_config
+from envmgr.core.config import load_config
 
 pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parents[2]

@@ -85,8 +85,8 @@ def test_two_archives_from_fresh_caches_are_byte_identical(workspace, mirror_a, 
     digests = []
     for attempt in range(2):
         cache = tmp_path / f"cache-{attempt}"
-        code = ("import sys; from envmgr.config import load_config; from envmgr.context import Context;"
-                "from envmgr.ui import Reporter; from envmgr.spec import find_method; from envmgr.build import "
+        code = ("import sys; from envmgr.core.config import load_config; from envmgr.door.context import Context;"
+                "from envmgr.core.ui import Reporter; from envmgr.core.spec import find_method; from envmgr.build.build import "
                 "export_archive; from pathlib import Path;"
                 "ctx = Context(load_config(), Reporter('plain'));"
                 "spec = find_method('tiny', ctx.config.base_dir);"

@@ -69,7 +69,7 @@ def _build_until(ws, mirror: str, point: str, delay: float) -> tuple[bool, list[
 def _cache_is_sound(cache: Path) -> None:
     """No file under a final name is partial: every cached layer hashes to its record, every stored layer
     to its name."""
-    from envmgr.image import file_sha256
+    from envmgr.images.image import file_sha256
 
     layers = cache / "layers"
     for record in layers.glob("env-*.json") if layers.is_dir() else []:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.layers import COMPILE_CHUNK_FILES
+from envmgr.build.layers import COMPILE_CHUNK_FILES
 from tests.support.pypi import FIXED_TIME, Index, build_wheel
 
 REPO = Path(__file__).resolve().parents[2]
-BIG_MB = 34   # over envmgr.layers.BIG_BYTES (32 MiB): a torch-like distribution with a layer of its own
+BIG_MB = 34   # over envmgr.build.layers.BIG_BYTES (32 MiB): a torch-like distribution with a layer of its own
 
 
 def build_big_wheel(out_dir: Path, name: str, version: str, mb: int = BIG_MB) -> Path:
@@ -267,16 +267,16 @@ def _assert_cache_holds_the_wheels_unchanged(uv_cache: Path, wheels: list[Path])
 def test_layered_environment_equals_a_single_install(methods, tmp_path, store, layer_index, monkeypatch):
     """Same files, byte for byte (pycs, RECORDs, .pth files, scripts), as one uv install of the same lock;
     uv hard-linked them from its cache, and the cache's files are unchanged."""
-    from envmgr import paths
-    from envmgr.backends.common import install_requirements_script, run_step, uv_mounts, uv_step_env
-    from envmgr.base import ensure_base
-    from envmgr.build import target
-    from envmgr.config import load_config
-    from envmgr.containers import BindMount
-    from envmgr.context import Context
-    from envmgr.layers import PHYSICAL_PREFIX
-    from envmgr.spec import find_method
-    from envmgr.ui import Reporter
+    from envmgr.build.target import target
+    from envmgr.build.layers import PHYSICAL_PREFIX
+    from envmgr.core import paths
+    from envmgr.core.config import load_config
+    from envmgr.core.spec import find_method
+    from envmgr.core.ui import Reporter
+    from envmgr.door.containers import BindMount
+    from envmgr.door.context import Context
+    from envmgr.images.base import ensure_base
+    from envmgr.lock.backends.common import install_requirements_script, run_step, uv_mounts, uv_step_env
 
     name = methods.add(["lyr-apple==1.0", "lyr-ns-one", "lyr-ns-two", "lyr-hook", "lyr-bigtorch", "lyr-kiwi",
                         "lyr-broken", "lyr-many"])

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.config import load_config
-from envmgr.context import Context
-from envmgr.demo import _tool
-from envmgr.ui import Reporter
+from envmgr.core.config import load_config
+from envmgr.core.ui import Reporter
+from envmgr.door.context import Context
+from envmgr.face.demo import _tool
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -202,7 +202,7 @@ def test_environment_layers_equal_the_recorded_ones(sd_base, engine):
     """envs/sd-demo/env-layers.json holds sd-demo's environment layer digests; on a fresh machine (CI)
     this build is a clean-cache rebuild, so equal digests prove the layers depend only on the lock,
     the installer, Python and the layout. A lock or layout change updates the record: `make record-layers`."""
-    from envmgr.layer_record import env_diff_ids
+    from envmgr.build.layer_record import env_diff_ids
 
     _, _, tag = sd_base
     record = json.loads((REPO / "envs" / "sd-demo" / "env-layers.json").read_text())

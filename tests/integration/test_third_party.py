@@ -299,12 +299,12 @@ def test_a_bar_redrawn_with_carriage_returns_reaches_the_display_before_its_newl
     """The engine's log stream holds a line back until its newline; the attached stream does not."""
     import time
 
-    from envmgr.base import ensure_base
-    from envmgr.config import load_config
-    from envmgr.containers import ContainerSpec
-    from envmgr.context import Context
-    from envmgr.engine import Engine
-    from envmgr.ui import Reporter
+    from envmgr.core.config import load_config
+    from envmgr.core.ui import Reporter
+    from envmgr.door.containers import ContainerSpec
+    from envmgr.door.context import Context
+    from envmgr.door.engine import Engine
+    from envmgr.images.base import ensure_base
 
     ctx = Context(config=load_config({"cache_dir": str(store / "cache")}, files=[]), ui=Reporter("plain"))
     image = ensure_base(ctx, "bookworm-py311").image_id

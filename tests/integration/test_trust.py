@@ -148,7 +148,7 @@ def forge(archive: Path, out: Path, *, trojan: bool = False, extra_tags: tuple[s
             entry.update(name=name, size=len(body), sha256=hashlib.sha256(body).hexdigest())
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     if sign_with is not None:
-        from envmgr import signing
+        from envmgr.ship import signing
 
         signature = signing.sign(manifest_bytes, signing.load_private_key(sign_with))
     result = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +19,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import make_sample_dataset  # noqa: E402
+
+# The trainer's tests run in its venv (`make test-method`: .venv-method, torch CPU). Under a Python without torch
+# (a bare `pytest` from the root with .venv) they are left out of collection, and the header says so.
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+if not HAS_TORCH:
+    collect_ignore_glob = ["test_*.py"]
+
+
+def pytest_report_header(config) -> str | None:
+    if HAS_TORCH:
+        return None
+    return "tests/method: not collected: this Python has no torch (`make test-method` runs them in .venv-method)"
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_trainer_config
 from sd_trainer import buckets, data
 from sd_trainer.config import ImageBackend, load_config
@@ -84,7 +83,6 @@ def test_batch_plan_never_mixes_buckets_and_covers_every_sample():
 
 def test_mixed_aspect_dataset_trains_in_its_buckets(tmp_path, tiny_model):
     from accelerate.state import AcceleratorState
-
     from sd_trainer.loop import StopFlag, train
 
     images = tmp_path / "images"

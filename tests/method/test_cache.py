@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import textfile_dataset, write_trainer_config
 from sd_trainer import data, model
 from sd_trainer.config import load_config
@@ -101,7 +100,6 @@ def test_a_machine_whose_cache_folder_is_its_own_encodes_what_the_others_did_els
 
 def test_ranks_wait_for_each_other_with_the_configured_timeout(tmp_path, monkeypatch):
     import accelerate
-
     from sd_trainer.loop import StopFlag, train
 
     seen = {}

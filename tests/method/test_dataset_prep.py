@@ -11,7 +11,6 @@ from pathlib import Path
 import make_sample_dataset
 import pytest
 from PIL import Image
-
 from sd_trainer.dataset_prep import DatasetError, Limits, prepare_dataset
 
 

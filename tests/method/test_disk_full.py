@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import METHOD_DIR, textfile_dataset, write_trainer_config
+from safetensors.torch import load_file
 from sd_trainer import checkpoint
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")

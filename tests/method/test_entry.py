@@ -14,7 +14,6 @@ from pathlib import Path
 
 import make_sample_dataset
 import pytest
-
 from conftest import METHOD_DIR, events_of, run_entry
 
 FAST = ["--resolution=64", "--lora_rank=4", "--validation_num_inference_steps=2", "--learning_rate=1e-3"]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import METHOD_DIR, textfile_dataset, write_trainer_config
 from sd_trainer import device
 
@@ -101,9 +100,8 @@ def test_gradient_checkpointing_default(configured, resolution, expected):
 
 
 def test_gradient_checkpointing_trains_the_same_losses(tmp_path, tiny_model, monkeypatch):
-    from test_training import losses_of, run_trainer
-
     from sd_trainer import model
+    from test_training import losses_of, run_trainer
 
     enabled = []
     real_load = model.load_transformer
@@ -128,7 +126,6 @@ def test_gradient_checkpointing_trains_the_same_losses(tmp_path, tiny_model, mon
 
 def test_repeated_non_finite_losses_stop_the_run_without_a_lora(tmp_path, tiny_model, monkeypatch, capsys):
     from accelerate.state import AcceleratorState
-
     from sd_trainer import cli, loop
 
     real_loss = loop.Trainer.micro_step_loss

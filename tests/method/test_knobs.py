@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import events_of, run_entry, textfile_dataset, write_trainer_config
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from conftest import events_of, run_entry, textfile_dataset, write_trainer_config
 from sd_trainer import data
 from sd_trainer.config import load_config
 from sd_trainer.dataset_prep import MAX_CAPTION_CHARS

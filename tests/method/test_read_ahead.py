@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-
 from conftest import textfile_dataset, write_trainer_config
 from sd_trainer import data, events, metrics
 from test_cache import build

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import textfile_dataset
 from sd_trainer.config import ConfigError, load_config
 
@@ -138,7 +137,6 @@ def test_area_resolution_is_megapixels(tmp_path):
 
 def test_t5_padding_zero_zeroes_only_the_t5_padding(tiny_model):
     import torch
-
     from sd_trainer import model
 
     pipeline = model.load_text_pipeline(tiny_model, torch.float32, torch.device("cpu"))

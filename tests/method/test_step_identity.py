@@ -74,7 +74,6 @@ def train_once(config_path: Path) -> dict:
     """One in-process run: the losses of metrics.jsonl (float.hex), a digest of the LoRA's tensors, the data line."""
     from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
-
     from sd_trainer.config import load_config
     from sd_trainer.loop import StopFlag, train
 

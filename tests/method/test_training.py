@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import textfile_dataset, write_trainer_config
 from sd_trainer import checkpoint
 from sd_trainer.config import load_config

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from envmgr.adapt import (
+from envmgr.core.spec import Adaptations
+from envmgr.lock.adapt import (
     adapt_pyproject,
     describe_drift,
     index_release,
@@ -11,7 +12,6 @@ from envmgr.adapt import (
     strip_local,
     unreachable_in_pyproject,
 )
-from envmgr.spec import Adaptations
 
 SOURCE = {"tool": {"poetry": {
     "dependencies": {
@@ -107,11 +107,11 @@ def test_drift_names_each_moved_added_and_removed_package():
 
 
 def test_a_failed_solve_shows_poetrys_reason_not_deprecation_text():
-    from envmgr.backends.poetry import solver_error
-    from envmgr.config import load_config
-    from envmgr.context import Context
-    from envmgr.spec import MethodSpec
-    from envmgr.ui import Reporter
+    from envmgr.core.config import load_config
+    from envmgr.core.spec import MethodSpec
+    from envmgr.core.ui import Reporter
+    from envmgr.door.context import Context
+    from envmgr.lock.backends.poetry import solver_error
 
     ctx = Context(config=load_config({}, files=[]), ui=Reporter("plain"))
     spec = MethodSpec(name="third", entry=["bash", "train.sh"])

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from envmgr import paths
-from envmgr.backends import get_backend
-from envmgr.base import BaseImage
-from envmgr.config import load_config
-from envmgr.containers import ContainerResult
-from envmgr.context import Context
-from envmgr.errors import EnvmgrError, MirrorError
-from envmgr.spec import MethodSpec, load_spec
-from envmgr.steps import Step, run_in_container
-from envmgr.ui import Reporter
+from envmgr.core import paths
+from envmgr.core.config import load_config
+from envmgr.core.errors import EnvmgrError, MirrorError
+from envmgr.core.spec import MethodSpec, load_spec
+from envmgr.core.ui import Reporter
+from envmgr.door.containers import ContainerResult
+from envmgr.door.context import Context
+from envmgr.door.steps import Step, run_in_container
+from envmgr.images.base import BaseImage
+from envmgr.lock.backends import get_backend
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from envmgr import base
-from envmgr.errors import UsageError
-from envmgr.methods import _poetry_python, requires_python
+from envmgr.core.errors import UsageError
+from envmgr.images import base
+from envmgr.lock.methods import _poetry_python, requires_python
 
 
 def test_every_base_definition_names_its_python_series():

@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from envmgr import records
-from envmgr.archive import extract
-from envmgr.config import credentials_in, load_config, mask_credentials, mask_url
-from envmgr.errors import UsageError
-from envmgr.logs import LineSplitter, split_lines
-from envmgr.run import parse_size
-from envmgr.spec import MethodSpec, name_problem
+from envmgr.core.archive import extract
+from envmgr.core.config import load_config
+from envmgr.core.credentials import credentials_in, mask_credentials, mask_url
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import MethodSpec, name_problem
+from envmgr.door.logs import LineSplitter, split_lines
+from envmgr.runs import records
+from envmgr.runs.run import parse_size
 
 
 def test_record_write_replaces_a_planted_link_never_its_target(tmp_path):
@@ -180,7 +181,7 @@ def test_non_utf8_config_is_a_usage_error(tmp_path):
 
 
 def test_a_model_the_run_user_cannot_read_is_refused_before_start(tmp_path):
-    from envmgr.run import _check_inputs_readable
+    from envmgr.runs.run import _check_inputs_readable
 
     model = tmp_path / "model"
     (model / "vae").mkdir(parents=True)
@@ -195,8 +196,8 @@ def test_a_model_the_run_user_cannot_read_is_refused_before_start(tmp_path):
 
 
 def test_import_staging_never_creates_a_folder_through_a_member_link(tmp_path):
-    from envmgr.errors import EnvmgrError
-    from envmgr.transfer import METHOD_PREFIX, _stage_targets
+    from envmgr.core.errors import EnvmgrError
+    from envmgr.ship.transfer import METHOD_PREFIX, _stage_targets
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -208,10 +209,10 @@ def test_import_staging_never_creates_a_folder_through_a_member_link(tmp_path):
 
 
 def test_step_credentials_go_to_a_mounted_netrc_never_the_environment(tmp_path):
-    from envmgr.config import load_config
-    from envmgr.context import Context
-    from envmgr.steps import credentials_file
-    from envmgr.ui import Reporter
+    from envmgr.core.config import load_config
+    from envmgr.core.ui import Reporter
+    from envmgr.door.context import Context
+    from envmgr.door.steps import credentials_file
 
     ctx = Context(load_config({"cache_dir": str(tmp_path)}, files=[], inherit_host=False), Reporter("plain"))
     env = {"UV_DEFAULT_INDEX": "http://builder:s3cret-Tok@127.0.0.1:8080/simple/",
@@ -229,7 +230,7 @@ def test_step_credentials_go_to_a_mounted_netrc_never_the_environment(tmp_path):
 
 
 def test_contained_paths_never_pass_through_a_link_or_leave_the_folder(tmp_path):
-    from envmgr.archive import contained
+    from envmgr.core.archive import contained
 
     folder = tmp_path / "staging"
     folder.mkdir()

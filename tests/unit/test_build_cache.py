@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from envmgr.build import _cached_layer, _write_record
-from envmgr.ui import Reporter
+from envmgr.build.target import _cached_layer, _write_record
+from envmgr.core.ui import Reporter
 
 
 class _Ctx:

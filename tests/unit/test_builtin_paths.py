@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from envmgr import paths, version
+from envmgr.core import paths, version
 
 REPO = Path(__file__).resolve().parents[2]
 

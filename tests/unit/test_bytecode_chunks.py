@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from envmgr.layers import COMPILE_CHUNK_FILES, SPLIT_SCRIPT, bytecode_chunks, bytecode_sources, record_digest
+from envmgr.build.layers import COMPILE_CHUNK_FILES, SPLIT_SCRIPT, bytecode_chunks, bytecode_sources, record_digest
 
 
 def test_chunks_are_fixed_runs_in_byte_order_whatever_the_input_order():

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from envmgr import caches
-from envmgr.backends.poetry import POETRY_VERSION, PYPI_MIRROR_PLUGIN_VERSION
-from envmgr.config import load_config
-from envmgr.context import Context
-from envmgr.gc import apply, plan
-from envmgr.ui import Reporter
+from envmgr.core.config import load_config
+from envmgr.core.ui import Reporter
+from envmgr.door.context import Context
+from envmgr.gc import caches
+from envmgr.gc.gc import apply, plan
+from envmgr.lock.backends.poetry import POETRY_VERSION, PYPI_MIRROR_PLUGIN_VERSION
 
 ARCHIVE_KEPT, ARCHIVE_OLD, ARCHIVE_LOOSE = "keptArchive00001", "oldArchive000002", "looseArchive0003"
 ARCHIVE_URL, ARCHIVE_INDEX = "urlArchive000004", "indexArchive0005"

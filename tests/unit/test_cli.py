@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from envmgr.engine import gpu_device_requests
-from envmgr.errors import UsageError
+from envmgr.core.errors import UsageError
+from envmgr.door.engine import gpu_device_requests
 
 
 def _envmgr(*args, **env):
@@ -48,7 +48,7 @@ def test_gpu_flag_becomes_device_requests():
 def test_messages_with_brackets_are_printed_verbatim():
     from rich.console import Console
 
-    from envmgr.ui import Reporter
+    from envmgr.core.ui import Reporter
 
     ui = Reporter("rich")
     ui.err = Console(record=True, width=200)
@@ -62,7 +62,7 @@ def test_messages_with_brackets_are_printed_verbatim():
 def _invoke(monkeypatch, tmp_path, *args):
     from typer.testing import CliRunner
 
-    from envmgr.cli import STATE, app
+    from envmgr.face.cli import STATE, app
 
     monkeypatch.setenv("ENVMGR_CONFIG", "/dev/null")
     monkeypatch.setattr(sys, "argv", ["envmgr", *args])
@@ -71,12 +71,12 @@ def _invoke(monkeypatch, tmp_path, *args):
 
 
 def test_an_unexpected_exception_is_one_line_with_the_traceback_in_a_log_file(monkeypatch, tmp_path):
-    import envmgr.spec
+    import envmgr.core.spec
 
     def broken(base_dir):
         return [][1]
 
-    monkeypatch.setattr(envmgr.spec, "list_methods", broken)
+    monkeypatch.setattr(envmgr.core.spec, "list_methods", broken)
     result = _invoke(monkeypatch, tmp_path, "--base-dir", str(tmp_path / "base"),
                      "--cache-dir", str(tmp_path / "cache"), "list")
     said = result.stdout + result.stderr
@@ -92,7 +92,7 @@ def test_an_unexpected_exception_is_one_line_with_the_traceback_in_a_log_file(mo
 
 
 def test_runs_show_says_the_verdict_and_the_rule(monkeypatch, tmp_path):
-    from envmgr import records
+    from envmgr.runs import records
 
     run_dir = tmp_path / "base" / "runs" / "m" / "20261206-100000-abcd"
     run_dir.mkdir(parents=True)
@@ -108,7 +108,7 @@ def test_runs_show_says_the_verdict_and_the_rule(monkeypatch, tmp_path):
 
 
 def test_unreachable_sources_put_one_fix_on_each_line():
-    from envmgr.adapt import UnreachableSources, raise_if_unreachable
+    from envmgr.lock.adapt import UnreachableSources, raise_if_unreachable
 
     problems = ["envmgr-beta comes from git x → [adapt] pin = { envmgr-beta = \"1.0\" }",
                 "index 'pytorch' (https://download.example.invalid) has no site mirror → [adapt] sources = {}"]

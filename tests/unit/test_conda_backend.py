@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.backends import entry_command, get_backend
-from envmgr.backends.conda import (CondaBackend, _locked_pip, _normalize_prefix, _record, read_environment)
-from envmgr.config import MirrorsConfig
-from envmgr.errors import StaleLockError, UsageError
-from envmgr.mirrors import conda_channel_mirrors
-from envmgr.spec import MethodSpec, load_spec
+from envmgr.core.config import MirrorsConfig
+from envmgr.core.errors import StaleLockError, UsageError
+from envmgr.core.spec import MethodSpec, load_spec
+from envmgr.door.mirrors import conda_channel_mirrors
+from envmgr.lock.backends import entry_command, get_backend
+from envmgr.lock.backends.conda import CondaBackend, _locked_pip, _normalize_prefix, _record, read_environment
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.config import host_apt_mirror, load_config, mask_url
-from envmgr.errors import UsageError
+from envmgr.core.config import host_apt_mirror, load_config
+from envmgr.core.credentials import mask_url
+from envmgr.core.errors import UsageError
 
 
 def test_layers_file_then_environment_then_flags(tmp_path, monkeypatch):
@@ -68,7 +69,7 @@ def test_mask_url_hides_only_the_password():
 
 
 def test_apt_mirror_from_deb822_and_one_line_sources(tmp_path, monkeypatch):
-    import envmgr.config as config_module
+    import envmgr.core.config as config_module
 
     sources = tmp_path / "debian.sources"
     sources.write_text("Types: deb\nURIs: http://apt.invalid/deb\nSuites: bookworm bookworm-updates\n"

@@ -1,9 +1,9 @@
 """Disk use per method: the engine's image figures, envmgr's cached layers and the runs folder."""
 
-from envmgr.config import load_config
-from envmgr.context import Context
-from envmgr.disk import describe, usage
-from envmgr.ui import Reporter
+from envmgr.core.config import load_config
+from envmgr.core.ui import Reporter
+from envmgr.door.context import Context
+from envmgr.gc.disk import describe, usage
 
 
 class FakeEngine:

@@ -12,14 +12,15 @@ import pytest
 import requests
 import urllib3.exceptions
 
-from envmgr import records
-from envmgr.config import load_config
-from envmgr.containers import ContainerResult, ContainerSpec
-from envmgr.context import Context
-from envmgr.engine import Engine, EngineGone
-from envmgr.errors import EngineError
-from envmgr.run import _follow, list_runs
-from envmgr.ui import Reporter
+from envmgr.core.config import load_config
+from envmgr.core.errors import EngineError
+from envmgr.core.ui import Reporter
+from envmgr.door.containers import ContainerResult, ContainerSpec
+from envmgr.door.context import Context
+from envmgr.door.engine import Engine, EngineGone
+from envmgr.runs import records
+from envmgr.runs.ledger import list_runs
+from envmgr.runs.run import _follow
 
 NAME = "envmgr-run-m-20261129-230000-abcd"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envmgr.files import atomic_write
+from envmgr.core.files import atomic_write
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):

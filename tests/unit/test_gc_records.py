@@ -6,10 +6,10 @@ import base64
 import json
 from pathlib import Path
 
-from envmgr.config import load_config
-from envmgr.context import Context
-from envmgr.gc import apply, plan
-from envmgr.ui import Reporter
+from envmgr.core.config import load_config
+from envmgr.core.ui import Reporter
+from envmgr.door.context import Context
+from envmgr.gc.gc import apply, plan
 
 KEPT = "sha256:" + "a" * 64
 GONE = "sha256:" + "b" * 64

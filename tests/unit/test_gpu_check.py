@@ -2,8 +2,8 @@
 
 import pytest
 
-from envmgr import paths
-from envmgr.gpu import (
+from envmgr.core import paths
+from envmgr.core.gpu import (
     HostGpu,
     HostGpuFacts,
     ImageGpuFacts,

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from envmgr import paths
-from envmgr.errors import StaleLockError, UsageError
-from envmgr.gpu import HostGpu, HostGpuFacts
-from envmgr.gpu_host import parse_probe, read, read_nvml
-from envmgr.gpu_plan import preflight
-from envmgr.spec import find_method, load_spec
-from envmgr.variants import variant_spec
+from envmgr.core import paths
+from envmgr.core.errors import StaleLockError, UsageError
+from envmgr.core.gpu import HostGpu, HostGpuFacts
+from envmgr.core.spec import find_method, load_spec
+from envmgr.core.variants import variant_spec
+from envmgr.runs.gpu_host import parse_probe, read, read_nvml
+from envmgr.runs.gpu_plan import preflight
 
 A100 = HostGpu(0, "NVIDIA A100-SXM4-80GB", (8, 0), 85_899_345_920)
 A100_B = HostGpu(1, "NVIDIA A100-SXM4-80GB", (8, 0), 85_899_345_920)
@@ -192,8 +192,8 @@ def test_probe_failure_keeps_both_reasons():
 
 def test_sd_demo_locks_are_current_and_name_their_cuda(sd_demo):
     """Both shipped locks match their inputs, offline: the default CUDA 13.0, the cu128 variant CUDA 12.8."""
-    from envmgr.backends import get_backend
-    from envmgr.gpu_image import lock_facts
+    from envmgr.build.gpu_image import lock_facts
+    from envmgr.lock.backends import get_backend
 
     for name, torch, cuda in [(None, "2.13.0", "13.0"), ("cu128", "2.10.0", "12.8")]:
         spec = variant_spec(sd_demo, name)
@@ -203,7 +203,7 @@ def test_sd_demo_locks_are_current_and_name_their_cuda(sd_demo):
 
 
 def test_remote_engine_is_asked_through_a_probe_not_this_machines_nvml(sd_demo, monkeypatch):
-    import envmgr.gpu_plan as gpu_plan
+    import envmgr.runs.gpu_plan as gpu_plan
 
     asked = []
 
@@ -224,7 +224,7 @@ def test_remote_engine_is_asked_through_a_probe_not_this_machines_nvml(sd_demo, 
 
 
 def test_doctor_says_which_variant_this_host_runs_or_why_none(sd_demo):
-    from envmgr.gpu_plan import doctor_row
+    from envmgr.runs.gpu_plan import doctor_row
 
     check, status, ok = doctor_row(NoEngine(), host=host("570.86.10", "12.8", A100), methods=[sd_demo])
     assert ok and "driver 570.86.10 (CUDA 12.8)" in status and "sd-demo → cu128" in status

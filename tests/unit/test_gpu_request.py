@@ -2,8 +2,8 @@
 
 import pytest
 
-from envmgr.errors import Exit, UsageError
-from envmgr.gpu import GpuRequest, parse_gpus
+from envmgr.core.errors import Exit, UsageError
+from envmgr.core.gpu import GpuRequest, parse_gpus
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -3,7 +3,7 @@ import io
 import os
 import tarfile
 
-from envmgr.image import EPOCH, ExtraFile, ImageConfig, tree_hash, write_archive, write_layer
+from envmgr.images.image import EPOCH, ExtraFile, ImageConfig, tree_hash, write_archive, write_layer
 
 
 def _tree(root, mtime):

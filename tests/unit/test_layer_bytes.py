@@ -7,9 +7,9 @@ import io
 import json
 import tarfile
 
-from envmgr.image import tarinfo
-from envmgr.layer_bytes import save_layers
-from envmgr.layers import LayerStore
+from envmgr.build.layer_bytes import save_layers
+from envmgr.build.layers import LayerStore
+from envmgr.images.image import tarinfo
 
 
 def _store_with_layer(tmp_path, size: int) -> tuple[LayerStore, str]:
@@ -90,7 +90,7 @@ def test_save_layers_never_returns_bytes_of_another_digest(tmp_path):
 def test_gc_drops_second_copies_and_records_of_layers_gone_from_the_engine(tmp_path):
     from types import SimpleNamespace
 
-    from envmgr import gc
+    from envmgr.gc import gc
 
     store = LayerStore(tmp_path / "store")
     trees = {}
@@ -132,8 +132,8 @@ def _site_tree(root):
 def test_a_measured_layer_is_the_written_one_made_again_from_its_trees(tmp_path):
     import pytest
 
-    from envmgr.image import measure_layer, open_layer, write_layer
-    from envmgr.sbom import layer_facts, tree_layer_facts
+    from envmgr.build.sbom import layer_facts, tree_layer_facts
+    from envmgr.images.image import measure_layer, open_layer, write_layer
 
     trees = _site_tree(tmp_path / "tree")
     written = write_layer(tmp_path / "written.tar", trees=trees)
@@ -155,7 +155,7 @@ def test_a_measured_layer_is_the_written_one_made_again_from_its_trees(tmp_path)
 def test_a_tree_that_grew_after_it_was_measured_fails_the_read(tmp_path):
     import pytest
 
-    from envmgr.image import measure_layer, open_layer
+    from envmgr.images.image import measure_layer, open_layer
 
     trees = _site_tree(tmp_path / "tree")
     measured = measure_layer(trees, tmp_path / "absent.tar")

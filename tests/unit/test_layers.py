@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from envmgr.layers import (
+from envmgr.build.layers import (
     BIG_BYTES,
     BUCKETS,
     MAX_ENV_LAYERS,
@@ -15,9 +15,9 @@ from envmgr.layers import (
     bucket_of,
     canonical_requirement,
     plan_groups,
-    split_requirements,
     units,
 )
+from envmgr.lock.backends.common import split_requirements
 
 LAYOUT = "4"
 

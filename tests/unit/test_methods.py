@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.adapt import adapt_pyproject, effective_requirements, unreachable_in_pyproject
-from envmgr.errors import UsageError
-from envmgr.methods import add_method
-from envmgr.spec import Adaptations
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import Adaptations
+from envmgr.lock.adapt import adapt_pyproject, effective_requirements, unreachable_in_pyproject
+from envmgr.lock.methods import add_method
 
 PYPROJECT = """\
 [tool.poetry]

@@ -1,4 +1,4 @@
-"""Untrusted names and paths (envmgr/names.py), the archive's export.json, lock files, trusted keys.
+"""Untrusted names and paths (envmgr/core/names.py), the archive's export.json, lock files, trusted keys.
 
 Property tests: whatever text arrives from outside, a name that passes is one plain component that
 stays under its root, and an archive whose export.json names a path creates nothing.
@@ -16,11 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from pydantic import ValidationError
 
-from envmgr import names, records, run_inputs, signing, spec, transfer
-from envmgr.config import TrustConfig
-from envmgr.errors import UsageError
-from envmgr.files import open_lock
-from envmgr.image import tarinfo
+from envmgr.core import names, spec
+from envmgr.core.config import TrustConfig
+from envmgr.core.errors import UsageError
+from envmgr.core.files import open_lock
+from envmgr.images.image import tarinfo
+from envmgr.runs import inputs as run_inputs, records
+from envmgr.ship import signing, transfer
 
 PATTERNS = [names.METHOD, names.RUN_ID, names.INPUT, names.ENV_VAR, names.DEB_PACKAGE, names.DIGEST]
 GOOD = {names.METHOD: "sd-demo", names.RUN_ID: "20261129-204839-1a2b", names.INPUT: "cfg.json",

@@ -1,5 +1,5 @@
 """Trees a method could write (work/, output/, its dataset and method copies) are never followed through a link:
-mount sources, copies, chmod/chown, reads and artifact lists all go through envmgr/owned.py. And the run-side
+mount sources, copies, chmod/chown, reads and artifact lists all go through envmgr/runs/owned.py. And the run-side
 odds and ends of issue #22: archives with a path that is both a file and a folder, tar hard links,
 `--input DIR/a:b`, and `--input`/`--env` of a Slurm submission."""
 
@@ -17,14 +17,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from envmgr import archive, owned, run_outputs, slurm
-from envmgr.containers import BindMount
-from envmgr.errors import UsageError
-from envmgr.records import read_record, write_record
-from envmgr.run import _check_owned_mounts, _refusal_recorded
-from envmgr.run_datasets import prepare_dataset
-from envmgr.run_inputs import parse_input, recorded_inputs
-from envmgr.spec import MethodSpec
+from envmgr.core import archive
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import MethodSpec
+from envmgr.door.containers import BindMount
+from envmgr.runs import outputs as run_outputs, owned, slurm
+from envmgr.runs.datasets import prepare_dataset
+from envmgr.runs.inputs import parse_input, recorded_inputs
+from envmgr.runs.records import read_record, write_record
+from envmgr.runs.plan import refusal_recorded as _refusal_recorded
+from envmgr.runs.run import _check_owned_mounts
 
 USER = f"{os.getuid()}:{os.getgid()}"
 
@@ -298,15 +300,15 @@ def test_pyxis_step_applies_the_recorded_inputs_and_env(tmp_path):
 
 def _submit(tmp_path, monkeypatch, **request_fields) -> dict:
     """What `submit` does before sbatch, with Slurm, the engine and the image left out."""
-    from envmgr import build
-    from envmgr.run import RunRequest
+    from envmgr.build import target as build_target
+    from envmgr.runs.plan import RunRequest
 
     monkeypatch.setattr(slurm, "_check_request", lambda request, spec, s: 0)
     monkeypatch.setattr(slurm, "_image_source", lambda *a: {"kind": "archive", "file": "x"})
     monkeypatch.setattr(slurm, "batch_script", lambda *a: "#!/bin/bash\n")
     monkeypatch.setattr(slurm, "_slurm", lambda args, check=True: SimpleNamespace(returncode=0, stdout="42\n",
                                                                                    stderr=""))
-    monkeypatch.setattr(build, "target", lambda ctx, spec: SimpleNamespace(digest="sha256:1", tag="envmgr/t:1",
+    monkeypatch.setattr(build_target, "target", lambda ctx, spec: SimpleNamespace(digest="sha256:1", tag="envmgr/t:1",
                                                                           lock_hash="sha256:2"))
     ctx = SimpleNamespace(config=SimpleNamespace(base_dir=tmp_path / "base",
                                                  run=SimpleNamespace(run_as="65534:65534")),
@@ -341,8 +343,9 @@ def test_a_slurm_submission_whose_dataset_will_not_extract_leaves_no_run_dir(tmp
 
 def _limits(monkeypatch, host_gib: int, request_fields: dict | None = None, spec_limits: dict | None = None,
             **site):
-    from envmgr import run as run_module
-    from envmgr.run import Limits, RunRequest
+    from envmgr.runs import run as run_module
+    from envmgr.runs.plan import RunRequest
+    from envmgr.runs.run import Limits
 
     monkeypatch.setattr(run_module, "_host_memory", lambda: host_gib << 30)
     run_config = SimpleNamespace(**{"memory": None, "shm_size": None, "tmp_size": None, **site})
@@ -375,13 +378,13 @@ def test_a_spec_says_what_its_runs_need_within_what_the_host_and_the_site_allow(
 
 
 def _limits_of(memory: str, shm: str, tmp: str):
-    from envmgr.run import Limits
+    from envmgr.runs.run import Limits
 
     return Limits(memory, shm, tmp)
 
 
 def test_the_run_containers_tmp_has_a_size():
-    from envmgr.containers import ContainerSpec
+    from envmgr.door.containers import ContainerSpec
 
     spec = ContainerSpec(image="x", command=["true"]).hardened(tmp_size="512m", mem_limit="4g")
     assert spec.tmpfs["/tmp"].endswith(",size=512m") and spec.mem_limit == "4g"

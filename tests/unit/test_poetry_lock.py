@@ -1,8 +1,8 @@
 import tomllib
 
-from envmgr.backends.poetry import content_hash
-from envmgr.backends.poetry_lock import satisfies, select
-from envmgr.paths import BUILTIN_METHODS_DIR
+from envmgr.core.paths import BUILTIN_METHODS_DIR
+from envmgr.lock.backends.poetry import content_hash
+from envmgr.lock.backends.poetry_lock import satisfies, select
 
 LINUX = {"python_version": "3.11", "python_full_version": "3.11.2", "sys_platform": "linux",
          "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",

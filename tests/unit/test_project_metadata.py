@@ -7,9 +7,9 @@ import zipfile
 
 import pytest
 
-from envmgr.backends.source_builds import _requires_dist
-from envmgr.errors import EnvmgrError
-from envmgr.methods import detect_backend
+from envmgr.core.errors import EnvmgrError
+from envmgr.lock.backends.source_builds import _requires_dist
+from envmgr.lock.methods import detect_backend
 
 
 def test_a_setup_py_or_dynamic_project_is_a_pip_method_read_by_its_build_backend(tmp_path):

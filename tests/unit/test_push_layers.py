@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from envmgr.registry import _stream
-from envmgr.ui import Reporter
+from envmgr.core.ui import Reporter
+from envmgr.ship.registry import _stream
 
 
 class _Ctx:

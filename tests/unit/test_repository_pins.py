@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from envmgr import paths
-from envmgr.adapt import effective_requirements
-from envmgr.backends import get_backend
-from envmgr.base import BaseImage
-from envmgr.config import load_config
-from envmgr.context import Context
-from envmgr.errors import UsageError
-from envmgr.repository_pins import find_pins, read_pins, recorded_seed, seed_requirements
-from envmgr.spec import Adaptations, load_spec
-from envmgr.steps import Step
-from envmgr.ui import Reporter
+from envmgr.core import paths
+from envmgr.core.config import load_config
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import Adaptations, load_spec
+from envmgr.core.ui import Reporter
+from envmgr.door.context import Context
+from envmgr.door.steps import Step
+from envmgr.images.base import BaseImage
+from envmgr.lock.adapt import effective_requirements
+from envmgr.lock.backends import get_backend
+from envmgr.lock.repository_pins import find_pins, read_pins, recorded_seed, seed_requirements
 from tests.support.pypi import Index, build_wheel
 
 FROZEN = """\

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from envmgr.doctor import Check, exit_code
-from envmgr.errors import Exit
-from envmgr.registry import PullResult, PushResult
-from envmgr.transfer import ExportResult, ImportResult
-from envmgr.verify import VerifyResult
+from envmgr.core.errors import Exit
+from envmgr.face.doctor import Check, exit_code
+from envmgr.ship.registry import PullResult, PushResult
+from envmgr.ship.transfer import ExportResult, ImportResult
+from envmgr.ship.verify import VerifyResult
 
 IMAGE = "sha256:" + "1" * 64
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.errors import UsageError
-from envmgr.run_datasets import default_mode, prepare_dataset, record
-from envmgr.spec import MethodSpec
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import MethodSpec
+from envmgr.runs.datasets import default_mode, prepare_dataset, record
 
 USER = f"{os.getuid()}:{os.getgid()}"
 
@@ -101,7 +101,7 @@ def test_an_archive_with_a_link_out_is_refused_and_leaves_nothing(tmp_path):
 
 
 def test_the_dataset_starts_inside_the_folder_zipping_made(tmp_path):
-    from envmgr.run_datasets import dataset_root
+    from envmgr.runs.datasets import dataset_root
 
     (tmp_path / "a" / "pets" / "images").mkdir(parents=True)
     (tmp_path / "a" / "pets" / "images" / "1.jpg").write_text("x")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.errors import UsageError
-from envmgr.run_files import given_files, mounts_over_image, parse_files, place_files, recorded_files
+from envmgr.core.errors import UsageError
+from envmgr.runs.method_files import given_files, mounts_over_image, parse_files, place_files, recorded_files
 
 USER = f"{os.getuid()}:{os.getgid()}"
 
@@ -129,9 +129,9 @@ def test_without_a_copy_files_are_mounted_over_the_image_method_folder(cfg):
 
 
 def test_slurm_refuses_file_before_anything_is_submitted(cfg, tmp_path):
-    from envmgr.run import RunRequest
-    from envmgr.slurm import SlurmRequest, _check_request
-    from envmgr.spec import MethodSpec
+    from envmgr.core.spec import MethodSpec
+    from envmgr.runs.plan import RunRequest
+    from envmgr.runs.slurm import SlurmRequest, _check_request
 
     spec = MethodSpec(name="m", entry=["bash", "train.sh"], workdir="method")
     request = RunRequest(method=spec, files=[f"{cfg}:config/my/config.json"])

@@ -11,16 +11,17 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from envmgr.build import _excluded
-from envmgr.engine import Engine
-from envmgr.errors import UsageError
-from envmgr.logs import LineSplitter
-from envmgr.methods import add_method
-from envmgr.run import RunRequest, _failure, _given
-from envmgr.run_inputs import copy_method, parse_env, parse_input, parse_inputs, recorded_env, recorded_inputs
-from envmgr.spec import MethodSpec
-from envmgr.ui import Reporter, TrainingProgress, latest_segment
-from envmgr.verdict import missing_outputs
+from envmgr.build.target import method_excludes
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import MethodSpec
+from envmgr.core.ui import Reporter, TrainingProgress, latest_segment
+from envmgr.door.engine import Engine
+from envmgr.door.logs import LineSplitter
+from envmgr.lock.methods import add_method
+from envmgr.runs.inputs import copy_method, parse_env, parse_input, parse_inputs, recorded_env, recorded_inputs
+from envmgr.runs.plan import RunRequest, given as _given
+from envmgr.runs.run import _failure
+from envmgr.runs.verdict import missing_outputs
 
 OLD_NS = 1_000_000_000_000_000_000   # 2001: a file from an earlier attempt
 
@@ -197,13 +198,13 @@ def test_method_copy_is_the_image_files_writable_and_kept_on_resume(tmp_path):
     work = tmp_path / "run" / "work"
     work.mkdir(parents=True)
     user = f"{os.getuid()}:{os.getgid()}"
-    copy = copy_method(spec, work, user, _excluded(spec))
+    copy = copy_method(spec, work, user, method_excludes(spec))
     assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*")) == [
         "config", "config/config.json", "train.sh"]
     assert (copy / "config" / "config.json").stat().st_mode & 0o200, "the run's user can write its copy"
     (copy / "debug.log").write_text("state")
     (source / "train.sh").write_text("changed\n")
-    assert copy_method(spec, work, user, _excluded(spec)) == copy
+    assert copy_method(spec, work, user, method_excludes(spec)) == copy
     assert (copy / "debug.log").read_text() == "state" and (copy / "train.sh").read_text() == "echo hi\n"
 
 
@@ -214,7 +215,7 @@ def test_method_copy_through_a_link_is_refused(tmp_path):
     work.mkdir()
     (work / "method").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(UsageError, match="symbolic link"):
-        copy_method(spec, work, f"{os.getuid()}:{os.getgid()}", _excluded(spec))
+        copy_method(spec, work, f"{os.getuid()}:{os.getgid()}", method_excludes(spec))
 
 
 # ---------------------------------------------------------------- progress for any method
@@ -273,8 +274,8 @@ def test_plain_mode_is_unchanged_by_method_lines(capsys):
 def test_a_run_settled_after_envmgr_died_gets_the_same_verdict(tmp_path):
     import socket
 
-    from envmgr import records
-    from envmgr.run import settle
+    from envmgr.runs import records
+    from envmgr.runs.ledger import settle
 
     base = tmp_path / "base"
     method = base / "methods" / "m"

@@ -2,7 +2,7 @@
 
 import os
 
-from envmgr.run import content_hash
+from envmgr.runs.plan import content_hash
 
 
 def test_content_hash_is_remembered_until_a_file_changes(tmp_path):

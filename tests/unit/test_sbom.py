@@ -7,8 +7,8 @@ import json
 import tarfile
 from pathlib import Path
 
-from envmgr import sbom
-from envmgr.image import tarinfo
+from envmgr.build import sbom
+from envmgr.images.image import tarinfo
 
 STATUS = """\
 Package: libc6
@@ -61,9 +61,9 @@ def test_python_and_conda_packages_come_from_the_environment_layer(tmp_path):
 
 
 def test_the_same_image_gives_the_same_sbom_bytes(tmp_path):
-    from envmgr.base import BaseImage
-    from envmgr.image import ImageConfig, Layer
-    from envmgr.spec import load_spec
+    from envmgr.core.spec import load_spec
+    from envmgr.images.base import BaseImage
+    from envmgr.images.image import ImageConfig, Layer
 
     base_tar = _tar(tmp_path / "base.tar", {"var/lib/dpkg/status": STATUS.encode()})
     env_tar = _tar(tmp_path / "env.tar", {})

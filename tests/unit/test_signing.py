@@ -9,10 +9,10 @@ import tarfile
 
 import pytest
 
-from envmgr import signing, trust
-from envmgr.config import TrustConfig, load_config
-from envmgr.errors import UsageError
-from envmgr.image import tarinfo
+from envmgr.core.config import TrustConfig, load_config
+from envmgr.core.errors import UsageError
+from envmgr.images.image import tarinfo
+from envmgr.ship import signing, trust
 
 
 @pytest.fixture

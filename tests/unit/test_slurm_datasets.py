@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from envmgr import slurm
-from envmgr.errors import UsageError
-from envmgr.run import NodeStep, RunRequest, run_data
-from envmgr.spec import MethodSpec, find_method
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import MethodSpec, find_method
+from envmgr.runs import slurm
+from envmgr.runs.plan import NodeStep, RunRequest, run_data
 
 USER = f"{os.getuid()}:{os.getgid()}"
 

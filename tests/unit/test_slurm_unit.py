@@ -11,13 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from envmgr import slurm
-from envmgr.errors import UsageError
-from envmgr.gpu import GpuRequest, parse_gpus
-from envmgr.records import read_record, write_record
-from envmgr.run import NodeStep, settle
-from envmgr.spec import find_method
-from envmgr.squashfs import apply_layer, write_enroot_files
+from envmgr.core.errors import UsageError
+from envmgr.core.gpu import GpuRequest, parse_gpus
+from envmgr.core.spec import find_method
+from envmgr.runs import slurm
+from envmgr.runs.records import read_record, write_record
+from envmgr.runs.ledger import settle
+from envmgr.runs.plan import NodeStep
+from envmgr.ship.squashfs import apply_layer, write_enroot_files
 
 
 def test_gpus_come_from_slurms_allocation_split_among_the_nodes_tasks(monkeypatch):
@@ -164,8 +165,8 @@ def test_enroot_files_hold_the_environment_and_the_entry(tmp_path):
 @pytest.mark.parametrize(("extra", "said"), [({"registry": "127.0.0.1:5000"}, "envmgr push --sign KEY"),
                                              ({"runtime": "pyxis"}, "carries no signature")])
 def test_sign_is_refused_where_the_nodes_do_not_import_an_archive(tmp_path, extra, said):
-    from envmgr.errors import UsageError
-    from envmgr.slurm import SlurmRequest, _image_source
+    from envmgr.core.errors import UsageError
+    from envmgr.runs.slurm import SlurmRequest, _image_source
 
     with pytest.raises(UsageError, match="--sign signs the export archive") as refused:
         _image_source(None, None, "envmgr/m:0", "0" * 64, SlurmRequest(sign=tmp_path / "k", **extra))  # type: ignore[arg-type]

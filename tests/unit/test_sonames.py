@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from envmgr.elf_needed import dynamic_info, missing
-from envmgr.run import _failure
-from envmgr.sonames import apt_line, fetch_index, reduce_contents, report, runtime_hint
+from envmgr.build.elf_needed import dynamic_info, missing
+from envmgr.build.sonames import apt_line, fetch_index, reduce_contents, report, runtime_hint
+from envmgr.runs.run import _failure
 from tests.support.apt_contents import ContentsMirror
 
 SITE = "lib/python3.11/site-packages"

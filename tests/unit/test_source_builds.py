@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.backends import source_builds
-from envmgr.backends.poetry import _refuse_sdist_only
-from envmgr.errors import EnvmgrError, UsageError
-from envmgr.spec import Adaptations, MethodSpec
-from envmgr.steps import SDIST_ONLY, WHEELS_ONLY
+from envmgr.core.errors import EnvmgrError, UsageError
+from envmgr.core.spec import Adaptations, MethodSpec
+from envmgr.door.steps import SDIST_ONLY, WHEELS_ONLY
+from envmgr.lock.backends import source_builds
+from envmgr.lock.backends.poetry import _refuse_sdist_only
 from tests.support.pypi import Index
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from envmgr.errors import UsageError
-from envmgr.spec import find_method, load_spec, list_methods
+from envmgr.core.errors import UsageError
+from envmgr.core.spec import find_method, list_methods, load_spec
 
 
 def _write(folder, text):

@@ -7,15 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from envmgr.layers import (
-    SPLIT_ERROR,
-    SPLIT_SCRIPT,
-    Unit,
-    plan_groups,
-    record_digest,
-    shared_files,
-    shared_owners,
-)
+from envmgr.build.layers import SPLIT_ERROR, SPLIT_SCRIPT, Unit, plan_groups, record_digest, shared_files, shared_owners
 
 SITE = "lib/python3.11/site-packages"
 
@@ -175,12 +167,12 @@ def test_group_keys_change_only_where_a_member_leaves_a_shared_file_to_another()
 def test_a_split_failure_reaches_the_user_as_one_line_naming_the_distribution(tmp_path):
     import pytest
 
-    from envmgr.base import BaseImage
-    from envmgr.config import load_config
-    from envmgr.context import Context
-    from envmgr.errors import EnvmgrError
-    from envmgr.layers import stage_units
-    from envmgr.ui import Reporter
+    from envmgr.build.layers import stage_units
+    from envmgr.core.config import load_config
+    from envmgr.core.errors import EnvmgrError
+    from envmgr.core.ui import Reporter
+    from envmgr.door.context import Context
+    from envmgr.images.base import BaseImage
 
     said = f"{SPLIT_ERROR}innocent: {SITE}/innocent/__init__.py does not match the hash in its RECORD"
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from envmgr.config import load_config
-from envmgr.context import Context
-from envmgr.image import ImageConfig, Layer, tarinfo
-from envmgr.layer_bytes import with_layer_files
-from envmgr.ui import Reporter
+from envmgr.build.layer_bytes import with_layer_files
+from envmgr.core.config import load_config
+from envmgr.core.ui import Reporter
+from envmgr.door.context import Context
+from envmgr.images.image import ImageConfig, Layer, tarinfo
 
 REPO = Path(__file__).resolve().parents[2]
 SBOM = '{"bomFormat": "CycloneDX", "components": []}'
@@ -82,7 +82,7 @@ def test_plain_progress_beats_while_the_step_lasts(capsys):
 
 
 def test_heartbeat_line_says_what_is_known():
-    from envmgr.ui import heartbeat_line
+    from envmgr.core.ui import heartbeat_line
 
     assert heartbeat_line("writing layers", 1.2e9, 5.4e9, "bytes", 30) == \
         "  … writing layers: 1200.0 MB of 5400.0 MB, 40.0 MB/s, 30 s so far"
@@ -128,8 +128,8 @@ def _fake_sbom(ctx, method, fmt):
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])
 def test_sbom_stdout_is_the_sbom_alone(monkeypatch, tmp_path, json_flag):
-    from envmgr import sbom
-    from envmgr.cli import app
+    from envmgr.build import sbom
+    from envmgr.face.cli import app
 
     monkeypatch.setattr(sbom, "for_method", _fake_sbom)
     monkeypatch.setenv("ENVMGR_CACHE_DIR", str(tmp_path / "cache"))
@@ -188,7 +188,7 @@ def test_json_verbs_that_write_files_give_stdout_that_parses(tmp_path):
 
 def test_version_names_the_commit_of_the_checkout(tmp_path):
     from envmgr import __version__
-    from envmgr.version import describe
+    from envmgr.core.version import describe
 
     said = _envmgr(tmp_path, "--version").stdout.strip()
     assert said.startswith(f"envmgr {__version__}")

@@ -3,9 +3,9 @@
 import pytest
 from pydantic import ValidationError
 
-from envmgr.base import BaseImage
-from envmgr.spec import MethodSpec
-from envmgr.system_layer import system_key
+from envmgr.build.system_layer import system_key
+from envmgr.core.spec import MethodSpec
+from envmgr.images.base import BaseImage
 
 BASE = BaseImage(name="bookworm-py311", image_id="sha256:" + "3" * 64, diff_id="sha256:" + "1" * 64,
                  layer_path="/nonexistent", python="/usr/bin/python3.11", python_version="3.11.2", packages={})

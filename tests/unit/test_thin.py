@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from envmgr import thin
-from envmgr.errors import UsageError
-from envmgr.image import ImageConfig, Layer, tarinfo
-from envmgr.transfer import MANIFEST, read_manifest
-from envmgr.trust import TrustError, statement_layers
+from envmgr.core.errors import UsageError
+from envmgr.images.image import ImageConfig, Layer, tarinfo
+from envmgr.ship import thin
+from envmgr.ship.manifest import MANIFEST, read_manifest
+from envmgr.ship.trust import TrustError, statement_layers
 
 
 def _id(text: str) -> str:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.errors import EnvmgrError, UsageError
-from envmgr.gc import LAYER_FILE
-from envmgr.image import tarinfo
-from envmgr.registry import _check_registry
-from envmgr.transfer import MANIFEST, ArchiveError, _stage_targets, verify_members, write_atomically
-from envmgr.ui import Reporter
+from envmgr.core.errors import EnvmgrError, UsageError
+from envmgr.core.ui import Reporter
+from envmgr.gc.gc import LAYER_FILE
+from envmgr.images.image import tarinfo
+from envmgr.ship.registry import _check_registry
+from envmgr.ship.transfer import MANIFEST, ArchiveError, _stage_targets, verify_members, write_atomically
 
 
 class _Ctx:

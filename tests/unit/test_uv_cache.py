@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from envmgr.uv_cache import LENT_NAME, lend_uv_cache, shared_uv_cache
+from envmgr.lock.uv_cache import LENT_NAME, lend_uv_cache, shared_uv_cache
 
 
 def _cache(tmp_path):

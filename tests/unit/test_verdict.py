@@ -1,4 +1,4 @@
-"""The honest verdict (envmgr/verdict.py): which rule decides an exit 0, the read-only dataset hint,
+"""The honest verdict (envmgr/runs/verdict.py): which rule decides an exit 0, the read-only dataset hint,
 the record and `runs show` line, and the same verdict for a pyxis Slurm job. Engine-free."""
 
 from __future__ import annotations
@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from envmgr import records, slurm
-from envmgr.logs import uncaught_traceback
-from envmgr.run import _failure
-from envmgr.spec import MethodSpec
-from envmgr.verdict import (
-    LEGACY_DEFAULT,
-    default_rule,
-    describe,
-    explicit_globs,
-    judge,
-    training_files,
-)
+from envmgr.core.spec import MethodSpec
+from envmgr.door.logs import uncaught_traceback
+from envmgr.runs import records, slurm
+from envmgr.runs.run import _failure
+from envmgr.runs.verdict import LEGACY_DEFAULT, default_rule, describe, explicit_globs, judge, training_files
 
 OLD_NS = 1_000_000_000_000_000_000   # 2001: a file from an earlier attempt
 
@@ -247,7 +240,7 @@ def test_a_pyxis_job_gets_the_same_verdict(tmp_path):
 
 
 def test_sd_demo_is_judged_by_its_own_success_glob(tmp_path):
-    from envmgr.spec import find_method
+    from envmgr.core.spec import find_method
 
     spec = find_method("sd-demo", tmp_path / "base")
     assert spec.builtin and explicit_globs(spec) == ["output/pytorch_lora_weights.safetensors"]
