@@ -251,8 +251,10 @@ def build_model(config: TrainConfig, accelerator, dtype: torch.dtype, max_steps:
     parameters = model.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_dropout,
                                 config.lora_target_modules or LORA_TARGETS[config.lora_target])
     transformer.to(accelerator.device)
+    # foreach: each update is one call over all LoRA tensors, not a Python loop over them, with the same
+    # arithmetic in the same order (torch picks it by itself for GPU tensors, not for CPU ones)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, foreach=True)
     scheduler_name = config.lr_scheduler
     if scheduler_name == "constant" and config.lr_warmup_steps > 0:
         scheduler_name = "constant_with_warmup"
@@ -268,6 +270,8 @@ def resume(config: TrainConfig, output_dir: Path, unwrapped, optimizer, lr_sched
     if resume_from is None:
         return 0
     state = checkpoint.load_checkpoint(resume_from, unwrapped, optimizer, lr_scheduler)
+    for group in optimizer.param_groups:  # a checkpoint of an older trainer says foreach=None
+        group["foreach"] = True
     log.info("resumed from %s at step %d", resume_from, state["step"])
     events.emit("resume", step=state["step"], path=str(resume_from))
     return state["step"]
