@@ -18,8 +18,9 @@ sd-demo-sync (only with --modes): the trainer with dataloader_prefetch_qlen=0 an
 cache_ram_budget_mb=0, i.e. each batch's files read and its noise drawn on its step, as before.
 sd-demo-no-read-ahead (only with --modes): dataloader_prefetch_qlen=0 alone: the batches are made
 from the in-memory cache on the step's own thread.
-sd-demo@REV (with --against REV): the trainer as commit REV has it (`git archive`), interleaved with
-today's, to measure a change against its parent on the same machine at the same time.
+sd-demo@REV (with --against REV): the trainer as commit REV has it (`git archive`; or REV is a
+folder holding another copy of envs/sd-demo), interleaved with today's, to measure a change
+against its parent on the same machine at the same time.
 
 Both use the same model folder, the same platform-format images (tools/make_sample_dataset.py,
 unpacked by the entry script's preparation) and the same settings. Each run is its own process;
@@ -232,10 +233,12 @@ def run_plain(args, scratch: Path, text_every_step: bool) -> dict:
 
 
 def trainer_at(revision: str, scratch: Path) -> Path:
-    """envs/sd-demo as `revision` has it, extracted under `scratch`."""
+    """envs/sd-demo as `revision` has it, extracted under `scratch` (`revision` may be such a folder)."""
+    if Path(revision).is_dir():
+        return Path(revision).resolve()
     archive = subprocess.run(["git", "-C", str(METHOD_DIR), "archive", revision, "--", "."], capture_output=True,
                              check=True).stdout
-    folder = scratch / f"trainer-{revision.replace('/', '_')}"
+    folder = scratch / "trainer-against"
     folder.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=154, help="T5 tokens per prompt")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads in every run (default: torch's)")
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {', '.join(MODES)}")
-    parser.add_argument("--against", metavar="REV", help="also time the trainer of git revision REV (mode sd-demo@REV)")
+    parser.add_argument("--against", metavar="REV", help="also time the trainer of git revision (or folder) REV (mode sd-demo@REV)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", help=argparse.SUPPRESS)
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     if "sd-demo" not in modes or not any(mode.startswith("plain") for mode in modes) or set(modes) - set(MODES):
         parser.error(f"--modes: sd-demo, at least one plain mode, from {', '.join(MODES)}")
-    against = f"sd-demo@{args.against}" if args.against else None
+    against = f"sd-demo@{Path(args.against).name if Path(args.against).is_dir() else args.against}" \
+        if args.against else None
     if against:
         modes.insert(1, against)
     load_before = load()
