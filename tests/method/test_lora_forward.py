@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-
 from sd_trainer import model
 
 
