@@ -16,6 +16,11 @@ plain+text: the same, but the three text encoders also encode the batch's captio
 as diffusers' example does when every image has a caption of its own.
 sd-demo-sync (only with --modes): the trainer with dataloader_prefetch_qlen=0 and
 cache_ram_budget_mb=0, i.e. each batch's files read and its noise drawn on its step, as before.
+sd-demo-no-read-ahead (only with --modes): dataloader_prefetch_qlen=0 alone: the batches are made
+from the in-memory cache on the step's own thread.
+sd-demo@REV (with --against REV): the trainer as commit REV has it (`git archive`; or REV is a
+folder holding another copy of envs/sd-demo), interleaved with today's, to measure a change
+against its parent on the same machine at the same time.
 
 Both use the same model folder, the same platform-format images (tools/make_sample_dataset.py,
 unpacked by the entry script's preparation) and the same settings. Each run is its own process;
@@ -41,7 +46,7 @@ METHOD_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(METHOD_DIR))
 sys.path.insert(0, str(METHOD_DIR / "tools"))
 GOAL_RATIO = 0.5  # sd-demo's step at most half the plain loop's
-MODES = ("sd-demo", "plain", "plain+text", "sd-demo-sync")
+MODES = ("sd-demo", "plain", "plain+text", "sd-demo-sync", "sd-demo-no-read-ahead")
 DEFAULT_MODES = "sd-demo,plain,plain+text"
 
 
@@ -67,18 +72,29 @@ def trainer_config(args, scratch: Path, **extra):
                        image_backends=[backend], text_cache_dir=scratch / "cache" / "text", disable_validation=True)
 
 
+def step_profile():
+    """This tree's sd_trainer/profile.py as a module of its own: the same timers for a trainer of another revision."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_step_profile", METHOD_DIR / "sd_trainer" / "profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def synchronizer(device: str):
     import torch
 
     return torch.cuda.synchronize if device == "cuda" else None
 
 
-def run_sd_demo(args, scratch: Path, synchronous: bool = False) -> dict:
+def run_sd_demo(args, scratch: Path, mode: str) -> dict:
     from sd_trainer.loop import StopFlag, train
-    from sd_trainer.profile import StepProfile
+    StepProfile = step_profile().StepProfile
 
     profile = StepProfile(synchronizer(args.device), skip=args.warmup)
-    extra = dict(dataloader_prefetch_qlen=0, cache_ram_budget_mb=0) if synchronous else {}
+    extra = {"sd-demo-sync": dict(dataloader_prefetch_qlen=0, cache_ram_budget_mb=0),
+             "sd-demo-no-read-ahead": dict(dataloader_prefetch_qlen=0)}.get(mode, {})
     events = io.StringIO()  # what the platform reads from a pipe; kept in memory here
     with contextlib.redirect_stdout(events):
         code = train(trainer_config(args, scratch, **extra), StopFlag(), profile)
@@ -217,7 +233,7 @@ class PlainLoop:
 def run_plain(args, scratch: Path, text_every_step: bool) -> dict:
     import torch
 
-    from sd_trainer.profile import StepProfile
+    StepProfile = step_profile().StepProfile
 
     loop = PlainLoop(args, trainer_config(args, scratch), text_every_step)
     torch.manual_seed(0)
@@ -226,7 +242,21 @@ def run_plain(args, scratch: Path, text_every_step: bool) -> dict:
     return profile.summary()
 
 
+def trainer_at(revision: str, scratch: Path) -> Path:
+    """envs/sd-demo as `revision` has it, extracted under `scratch` (`revision` may be such a folder)."""
+    if Path(revision).is_dir():
+        return Path(revision).resolve()
+    archive = subprocess.run(["git", "-C", str(METHOD_DIR), "archive", revision, "--", "."], capture_output=True,
+                             check=True).stdout
+    folder = scratch / "trainer-against"
+    folder.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
 def child(args) -> int:
+    if args.trainer_dir:  # sd-demo@REV: that trainer's sd_trainer, not this one
+        sys.path.insert(0, args.trainer_dir)
     import torch
 
     if args.threads:
@@ -236,7 +266,7 @@ def child(args) -> int:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     if args.mode.startswith("sd-demo"):
-        summary = run_sd_demo(args, scratch, synchronous=args.mode == "sd-demo-sync")
+        summary = run_sd_demo(args, scratch, args.mode)
     else:
         summary = run_plain(args, scratch, text_every_step=args.mode == "plain+text")
     result = {
@@ -270,11 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=154, help="T5 tokens per prompt")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads in every run (default: torch's)")
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--against", metavar="REV", help="also time the trainer of git revision (or folder) REV (mode sd-demo@REV)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--trainer-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -283,11 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "bf16" and args.device == "cpu":
         parser.error("--dtype bf16 needs --device cuda")
 
-    from sd_trainer.profile import table
+    table = step_profile().table
 
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     if "sd-demo" not in modes or not any(mode.startswith("plain") for mode in modes) or set(modes) - set(MODES):
         parser.error(f"--modes: sd-demo, at least one plain mode, from {', '.join(MODES)}")
+    against = f"sd-demo@{Path(args.against).name if Path(args.against).is_dir() else args.against}" \
+        if args.against else None
+    if against:
+        modes.insert(1, against)
     load_before = load()
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as scratch_name:
@@ -302,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
                      str(args.resolution), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                      "--warmup", str(args.warmup), "--max-length", str(args.max_length), "--images-dir", str(images),
                      "--threads", str(args.threads), "--scratch", str(scratch)]
+        old_trainer = ["--trainer-dir", str(trainer_at(args.against, scratch))] if against else []
         for round_number in range(args.rounds):
             for mode in modes if round_number % 2 == 0 else modes[::-1]:  # interleaved: load changes hit all
-                result_file = scratch / f"{mode}-{round_number}.json"
-                completed = subprocess.run([sys.executable, __file__, *forwarded, "--mode", mode, "--result",
+                result_file = scratch / f"{mode.replace('/', '_')}-{round_number}.json"
+                which = ["--mode", "sd-demo", *old_trainer] if mode == against else ["--mode", mode]
+                completed = subprocess.run([sys.executable, __file__, *forwarded, *which, "--result",
                                             str(result_file)], capture_output=True, text=True)
                 if completed.returncode != 0:
                     print(completed.stderr[-3000:], file=sys.stderr)
@@ -318,12 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     best = {mode: min(runs[mode], key=step_ms) for mode in modes}
     ratios = {mode: round(step_ms(best["sd-demo"]) / step_ms(best[mode]), 3)
               for mode in modes if mode.startswith("plain")}
+
+    def cpu_ms(run: dict) -> float:
+        return run["profile"]["cpu"]["median_ms"]
+
+    least_cpu = {mode: min(cpu_ms(run) for run in runs[mode]) for mode in modes}
+    cpu_ratios = {mode: round(least_cpu["sd-demo"] / least_cpu[mode], 3) for mode in ratios}
     summary = {
         "device": best["sd-demo"]["device"], "dtype": args.dtype, "resolution": args.resolution,
         "batch_size": args.batch_size, "steps_timed": args.steps, "rounds": args.rounds,
         "torch_threads": best["sd-demo"]["torch_threads"], "load_average_before_after": [load_before, load()],
         "step_ms_per_round": {mode: [step_ms(run) for run in runs[mode]] for mode in modes},
-        "best": best, "ratios": ratios, "goal_ratio": GOAL_RATIO,
+        "cpu_ms_per_round": {mode: [cpu_ms(run) for run in runs[mode]] for mode in modes},
+        "best": best, "ratios": ratios, "cpu_ratios": cpu_ratios, "goal_ratio": GOAL_RATIO,
         "meets_goal": {mode: ratio <= GOAL_RATIO for mode, ratio in ratios.items()},
     }
     if args.json:
@@ -342,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
           + ("; peak GPU MB: " + ", ".join(f"{mode} {best[mode]['peak_gpu_mb']}" for mode in modes)
              if args.device == "cuda" else ""))
     for mode, ratio in ratios.items():
-        print(f"sd-demo / {mode} = {ratio:.3f} (goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'NOT met'})")
+        print(f"sd-demo / {mode} = {ratio:.3f} (goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'NOT met'}); "
+              f"in process CPU time per step {cpu_ratios[mode]:.3f}")
+    if against:
+        print(f"sd-demo / {against} = {step_ms(best['sd-demo']) / step_ms(best[against]):.3f}; in process CPU time "
+              f"per step {least_cpu['sd-demo'] / least_cpu[against]:.3f}")
     print(json.dumps({key: value for key, value in summary.items() if key != "best"}))
     return 0
 

@@ -315,26 +315,42 @@ def load_config(path: Path) -> TrainConfig:
     for name, value in options.items():
         if name in ("model_type", "model_family", "lora_type", "base_model_precision", "resolution_type", *IMAGE_OPTION_KEYS[1:]):
             continue
-        if name == "resolution":
-            config.resolution = _resolution_in_pixels(value, resolution_type, path)
-        elif name == "validation_resolution":
-            config.validation_resolution = parse_size(value, name, path)
-        elif name == "validation_prompts":
-            config.validation_prompts = _prompt_list(value, name, path)
-        elif name == "user_prompt_library":
-            config.validation_prompts += _prompt_library(_relative_to_cwd(Path(str(value))))
-        elif name == "peft_lora_target_modules":
-            config.lora_target_modules = tuple(str(item) for item in (value if isinstance(value, list) else [value]))
-        elif name == "flow_use_uniform_schedule":
-            config.weighting_scheme = "none"
-        elif name in _FIELD_TYPES and name not in _SPECIAL_FIELDS:
-            setattr(config, name, _convert(name, value, str(_FIELD_TYPES[name]), path))
-        elif name in IGNORED_KEYS:
-            if name == "report_to" and str(value).lower() in ("none", ""):
-                continue
-            named.ignored(name, value, path)
-        elif name not in CRITICAL_FLAGS:
-            named.unknown(name, value, path)
+        _apply_option(config, name, value, resolution_type, path, named)
+    _settle(config, raw, options)
+    validate(config, path)
+    if config.data_backend_config is None:
+        raise ConfigError(f"{path}: data_backend_config is missing (path to multidatabackend.json)")
+    image_defaults = {key: options[key] for key in IMAGE_OPTION_KEYS if key in options}
+    _load_backends(config, _relative_to_cwd(config.data_backend_config), family, image_defaults, named)
+    return config
+
+
+def _apply_option(config: TrainConfig, name: str, value, resolution_type: str, path: Path, named: _Named) -> None:
+    """One (normalised, aliased) config key onto `config`; ignored and unknown keys are reported through `named`."""
+    if name == "resolution":
+        config.resolution = _resolution_in_pixels(value, resolution_type, path)
+    elif name == "validation_resolution":
+        config.validation_resolution = parse_size(value, name, path)
+    elif name == "validation_prompts":
+        config.validation_prompts = _prompt_list(value, name, path)
+    elif name == "user_prompt_library":
+        config.validation_prompts += _prompt_library(_relative_to_cwd(Path(str(value))))
+    elif name == "peft_lora_target_modules":
+        config.lora_target_modules = tuple(str(item) for item in (value if isinstance(value, list) else [value]))
+    elif name == "flow_use_uniform_schedule":
+        config.weighting_scheme = "none"
+    elif name in _FIELD_TYPES and name not in _SPECIAL_FIELDS:
+        setattr(config, name, _convert(name, value, str(_FIELD_TYPES[name]), path))
+    elif name in IGNORED_KEYS:
+        if name == "report_to" and str(value).lower() in ("none", ""):
+            return
+        named.ignored(name, value, path)
+    elif name not in CRITICAL_FLAGS:
+        named.unknown(name, value, path)
+
+
+def _settle(config: TrainConfig, raw: dict, options: dict) -> None:
+    """What follows from the keys together: an explicit false, the run name, the validation prompts' order."""
     if any(str(key).lstrip("-") == "gradient_checkpointing" for key in raw) and "gradient_checkpointing" not in options:
         config.gradient_checkpointing = False  # an explicit false means off, not "decide by resolution"
     if config.tracker_run_name is None and options.get("train_id"):
@@ -343,12 +359,6 @@ def load_config(path: Path) -> TrainConfig:
         config.validation_prompts = [config.validation_prompt] + [p for p in config.validation_prompts if p != config.validation_prompt]
     elif config.validation_prompts:
         config.validation_prompt = config.validation_prompts[0]
-    validate(config, path)
-    if config.data_backend_config is None:
-        raise ConfigError(f"{path}: data_backend_config is missing (path to multidatabackend.json)")
-    image_defaults = {key: options[key] for key in IMAGE_OPTION_KEYS if key in options}
-    _load_backends(config, _relative_to_cwd(config.data_backend_config), family, image_defaults, named)
-    return config
 
 
 def _prompt_list(value, name: str, where: Path) -> list[str]:

@@ -449,76 +449,19 @@ def prepare_dataset(source: Path, destination: Path, scratch: Path, limits: Limi
     source = Path(source)
     limits = limits or Limits.from_env()
     report = PrepReport(source=str(source))
-    if not source.exists():
-        raise DatasetError(f"dataset {source} does not exist")
-    if source.is_dir():
-        root = source
-    else:
-        if source.stat().st_size == 0:
-            raise DatasetError(f"dataset {source} is an empty file")
-        kind = _archive_kind(source)
-        if kind is None:
-            raise DatasetError(f"dataset {source} is not a zip, a tar.gz or a directory")
-        root = Path(scratch) / "extracted"
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
-        (extract_zip if kind == "zip" else extract_tar)(source, root, limits, report)
-
+    root = _unpacked_root(source, Path(scratch), limits, report)
     files = _walk(root, report)
     if not files:
         raise DatasetError(f"dataset {source} is empty (nothing but macOS/Windows metadata, if anything)")
     images = [f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
         raise DatasetError(f"dataset {source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-
-    jsonl = _pick_jsonl(files, source)
-    jsonl_captions: dict[str, str] = {}
-    if jsonl:
-        report.jsonl = jsonl
-        base = str(PurePosixPath(jsonl).parent)
-        index = _ImageIndex(images, "" if base == "." else base)
-        entries = read_jsonl(root / jsonl, f"{source}:{jsonl}" if not source.is_dir() else str(root / jsonl))
-        for _line, reference, caption in entries:
-            image = index.find(reference)
-            if image is None:
-                report.skip("listed_but_missing", reference)
-            elif caption and _clean_caption(caption) and image not in jsonl_captions:
-                jsonl_captions[image] = _clean_caption(caption)
-
+    jsonl_captions = _jsonl_captions(source, root, files, images, report)
     text_files = {f.lower(): f for f in files if f.lower().endswith(".txt")}
     if destination.exists():
         shutil.rmtree(destination)
     destination.mkdir(parents=True)
-    taken: set[str] = set()
-    cut: list[str] = []
-    for image in images:
-        caption = jsonl_captions.get(image)
-        if caption:
-            origin = "jsonl"
-        else:
-            text = text_files.get(str(PurePosixPath(image).with_suffix(".txt")).lower())
-            caption = _clean_caption((root / text).read_text(encoding="utf-8-sig", errors="replace")) if text else ""
-            origin = "txt"
-        caption, was_cut = cap_caption(caption)
-        if was_cut:
-            cut.append(image)
-        if not caption:
-            report.skip("no_caption", image)
-            continue
-        problem = _readable_image(root / image)
-        if problem:
-            report.skip("unreadable", image)
-            continue
-        name = _output_name(image, taken)
-        shutil.copyfile(root / image, destination / name)
-        (destination / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-        report.images += 1
-        if origin == "jsonl":
-            report.captions_from_jsonl += 1
-        else:
-            report.captions_from_txt += 1
-
+    cut = _write_images(root, images, jsonl_captions, text_files, destination, report)
     if report.images == 0:
         if report.skipped.get("no_caption"):
             raise DatasetError(
@@ -535,3 +478,74 @@ def prepare_dataset(source: Path, destination: Path, scratch: Path, limits: Limi
         report.warnings.append(f"skipped {report.skipped[reason]} ({reason.replace('_', ' ')}): {report.describe(reason)}")
     (destination / REPORT_NAME).write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
     return report
+
+
+def _unpacked_root(source: Path, scratch: Path, limits: Limits, report: PrepReport) -> Path:
+    """The folder to scan: `source` itself, or `scratch`/extracted with the archive unpacked into it."""
+    if not source.exists():
+        raise DatasetError(f"dataset {source} does not exist")
+    if source.is_dir():
+        return source
+    if source.stat().st_size == 0:
+        raise DatasetError(f"dataset {source} is an empty file")
+    kind = _archive_kind(source)
+    if kind is None:
+        raise DatasetError(f"dataset {source} is not a zip, a tar.gz or a directory")
+    root = scratch / "extracted"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (extract_zip if kind == "zip" else extract_tar)(source, root, limits, report)
+    return root
+
+
+def _jsonl_captions(source: Path, root: Path, files: list[str], images: list[str], report: PrepReport) -> dict[str, str]:
+    """{image: caption} from the dataset's JSONL file, if it has one (the first caption of an image wins)."""
+    jsonl = _pick_jsonl(files, source)
+    captions: dict[str, str] = {}
+    if not jsonl:
+        return captions
+    report.jsonl = jsonl
+    base = str(PurePosixPath(jsonl).parent)
+    index = _ImageIndex(images, "" if base == "." else base)
+    entries = read_jsonl(root / jsonl, f"{source}:{jsonl}" if not source.is_dir() else str(root / jsonl))
+    for _line, reference, caption in entries:
+        image = index.find(reference)
+        if image is None:
+            report.skip("listed_but_missing", reference)
+        elif caption and _clean_caption(caption) and image not in captions:
+            captions[image] = _clean_caption(caption)
+    return captions
+
+
+def _write_images(root: Path, images: list[str], jsonl_captions: dict[str, str], text_files: dict[str, str],
+                  destination: Path, report: PrepReport) -> list[str]:
+    """Each readable image with a caption (JSONL first, else its .txt) copied with its caption; the cut ones."""
+    taken: set[str] = set()
+    cut: list[str] = []
+    for image in images:
+        caption = jsonl_captions.get(image)
+        if caption:
+            origin = "jsonl"
+        else:
+            text = text_files.get(str(PurePosixPath(image).with_suffix(".txt")).lower())
+            caption = _clean_caption((root / text).read_text(encoding="utf-8-sig", errors="replace")) if text else ""
+            origin = "txt"
+        caption, was_cut = cap_caption(caption)
+        if was_cut:
+            cut.append(image)
+        if not caption:
+            report.skip("no_caption", image)
+            continue
+        if _readable_image(root / image):
+            report.skip("unreadable", image)
+            continue
+        name = _output_name(image, taken)
+        shutil.copyfile(root / image, destination / name)
+        (destination / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+        report.images += 1
+        if origin == "jsonl":
+            report.captions_from_jsonl += 1
+        else:
+            report.captions_from_txt += 1
+    return cut

@@ -199,26 +199,26 @@ def stop_everywhere(accelerator, stop: StopFlag) -> bool:
     return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
-def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
-    """One training run; `profile` (a profile.StepProfile) times the phases of every step (the benches)."""
+def start_accelerator(config: TrainConfig):
+    """The accelerator, the training dtype and the output folder (made on the main process)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
-    from diffusers.optimization import get_scheduler
 
-    # ---- set-up
     check_gpu_request()  # GPUs asked for but unusable: stop now, not hours later on the CPU
     precision = resolve_precision(config)
     accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[
         InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout))])
     events.set_main_process(accelerator.is_main_process)
-    dtype = DTYPES[precision]
     output_dir = Path(config.output_dir)
     model.check_model_folder(config.pretrained_model_name_or_path)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     log.info("device %s, %d process(es), precision %s", accelerator.device, accelerator.num_processes, precision)
+    return accelerator, DTYPES[precision], output_dir
 
-    # ---- cache latents and text embeddings once; VAE and text encoders are freed afterwards
+
+def cache_training_set(config: TrainConfig, accelerator, dtype: torch.dtype, stop: StopFlag) -> data.TrainingSet | None:
+    """Latents and text embeddings cached once (VAE and text encoders freed afterwards); None: stopped meanwhile."""
     try:
         training_set = data.build_training_set(config, accelerator, dtype, stop)
     except OSError as error:
@@ -228,19 +228,20 @@ def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
         raise TrainingError(f"cannot write the encode cache in {where}: {error.strerror} (nothing was trained; "
                             "free space there or set cache_dir_vae / text_cache_dir to a larger disk)") from None
     if training_set is None:
-        events.emit("interrupted", step=0, checkpoint=None)
-        return EXIT_INTERRUPTED
+        return None
     events.emit("dataset", **training_set.report)
     held = training_set.hold_in_memory(config.cache_ram_budget_mb)
     log.info("data: %s; %s", f"{config.dataloader_prefetch_qlen} micro-batches read ahead"
              if config.dataloader_prefetch_qlen else "no read-ahead (dataloader_prefetch_qlen=0)",
              f"latents + embeddings kept in memory once read ({held / 2**20:.1f} MiB)" if held is not None
              else f"latents + embeddings read per batch (over cache_ram_budget_mb={config.cache_ram_budget_mb})")
-    plan = data.BatchPlan(training_set.order, config.train_batch_size, config.gradient_accumulation_steps,
-                          accelerator.num_processes, config.seed, training_set.buckets)
-    max_steps = total_steps(config, plan)
+    return training_set
 
-    # ---- transformer + LoRA, optimizer, schedule
+
+def build_model(config: TrainConfig, accelerator, dtype: torch.dtype, max_steps: int):
+    """The transformer with its LoRA, the LoRA parameters, AdamW and the learning-rate schedule (prepared)."""
+    from diffusers.optimization import get_scheduler
+
     transformer = model.load_transformer(config.pretrained_model_name_or_path, dtype)
     checkpointing = gradient_checkpointing_wanted(config.gradient_checkpointing, config.resolution)
     if checkpointing:
@@ -250,58 +251,121 @@ def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
     parameters = model.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_dropout,
                                 config.lora_target_modules or LORA_TARGETS[config.lora_target])
     transformer.to(accelerator.device)
+    # foreach: each update is one call over all LoRA tensors, not a Python loop over them, with the same
+    # arithmetic in the same order (torch picks it by itself for GPU tensors, not for CPU ones)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, foreach=True)
     scheduler_name = config.lr_scheduler
     if scheduler_name == "constant" and config.lr_warmup_steps > 0:
         scheduler_name = "constant_with_warmup"
     lr_scheduler = get_scheduler(scheduler_name, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    unwrapped = accelerator.unwrap_model(transformer)
+    return transformer, parameters, optimizer, lr_scheduler
 
-    # ---- resume
-    start_step = 0
+
+def resume(config: TrainConfig, output_dir: Path, unwrapped, optimizer, lr_scheduler) -> int:
+    """The step to go on from: that of the checkpoint asked for (its LoRA, optimizer, schedule, RNG loaded), or 0."""
     resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
-    if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, unwrapped, optimizer, lr_scheduler)
-        start_step = state["step"]
-        log.info("resumed from %s at step %d", resume_from, start_step)
-        events.emit("resume", step=start_step, path=str(resume_from))
-    shift = config.flow_schedule_shift
-    if shift is None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    if resume_from is None:
+        return 0
+    state = checkpoint.load_checkpoint(resume_from, unwrapped, optimizer, lr_scheduler)
+    for group in optimizer.param_groups:  # a checkpoint of an older trainer says foreach=None
+        group["foreach"] = True
+    log.info("resumed from %s at step %d", resume_from, state["step"])
+    events.emit("resume", step=state["step"], path=str(resume_from))
+    return state["step"]
 
-        shift = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            config.pretrained_model_name_or_path, subfolder="scheduler", local_files_only=True).config.shift
-    trainer = Trainer(config, accelerator, transformer, parameters, optimizer, lr_scheduler, training_set, plan, dtype, shift)
-    metrics_log = metrics.MetricsLog(output_dir / "metrics.jsonl", start_step) if accelerator.is_main_process else None
 
-    def save_checkpoint(step: int) -> Path | None:
+def flow_shift(config: TrainConfig) -> float:
+    if config.flow_schedule_shift is not None:
+        return config.flow_schedule_shift
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(
+        config.pretrained_model_name_or_path, subfolder="scheduler", local_files_only=True).config.shift
+
+
+@dataclass
+class RunOutputs:
+    """What a run writes besides its steps: checkpoints, validation images, the final LoRA and plot."""
+
+    config: TrainConfig
+    accelerator: object
+    output_dir: Path
+    unwrapped: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    training_set: data.TrainingSet
+    dtype: torch.dtype
+    metrics_log: metrics.MetricsLog | None
+
+    def save_checkpoint(self, step: int) -> Path | None:
         path = None
-        flush_metrics(metrics_log)  # a resumed run keeps the records up to its checkpoint
-        if accelerator.is_main_process:
+        flush_metrics(self.metrics_log)  # a resumed run keeps the records up to its checkpoint
+        if self.accelerator.is_main_process:
             try:
-                path = checkpoint.save_checkpoint(output_dir, step, unwrapped, optimizer, lr_scheduler, {"seed": config.seed})
-                checkpoint.prune(output_dir, config.checkpoints_total_limit)
+                path = checkpoint.save_checkpoint(self.output_dir, step, self.unwrapped, self.optimizer,
+                                                  self.lr_scheduler, {"seed": self.config.seed})
+                checkpoint.prune(self.output_dir, self.config.checkpoints_total_limit)
                 events.emit("checkpoint", step=step, path=str(path))
             except OSError as error:  # e.g. disk full: the previous checkpoint stays the latest
                 log.error("checkpoint at step %d failed (%s); previous checkpoints are intact", step, error)
                 events.emit("checkpoint_failed", step=step, error=str(error))
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         return path
 
-    def validate(step: int) -> None:
+    def validate(self, step: int) -> None:
+        config, accelerator = self.config, self.accelerator
         if config.disable_validation or not config.validation_prompts:
             return
         if accelerator.is_main_process:
-            for number, path, seed in validation.render(unwrapped, config, training_set, step, accelerator.device,
-                                                        dtype, accelerator.autocast):
+            for number, path, seed in validation.render(self.unwrapped, config, self.training_set, step,
+                                                        accelerator.device, self.dtype, accelerator.autocast):
                 extra = {"prompt": number, "seed": seed} if len(config.validation_prompts) > 1 else {}
                 events.emit("validation", step=step, path=str(path), **extra)
         accelerator.wait_for_everyone()
 
-    # ---- the loop: the micro-batches of the coming steps are prepared in the background
+    def after_step(self, step: int, max_steps: int) -> None:
+        config = self.config
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            self.save_checkpoint(step)
+        if config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
+            self.validate(step)
+
+    def finish(self, max_steps: int, loss: float | None) -> None:
+        """The final LoRA (and its ComfyUI copy), the loss plot, the last validation and the `done` event."""
+        config, accelerator, output_dir = self.config, self.accelerator, self.output_dir
+        if accelerator.is_main_process:
+            try:
+                lora_file = checkpoint.save_lora(self.unwrapped, output_dir)
+                if config.export_comfyui:
+                    comfy = checkpoint.save_comfyui_lora(self.unwrapped, output_dir,
+                                                         config.lora_alpha or config.lora_rank)
+                    log.info("ComfyUI-style LoRA written to %s", comfy)
+                records = self.metrics_log.records()
+                metrics.plot_loss(records, output_dir / "loss.png")
+            except OSError as error:   # e.g. disk full: nothing half written under a final name (temp + rename)
+                raise self.final_outputs_error(error) from None
+            final_loss = records[-1]["loss"] if records else loss
+        self.validate(max_steps)
+        if accelerator.is_main_process:
+            events.emit("done", lora=str(lora_file), steps=max_steps, final_loss=final_loss)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+
+    def final_outputs_error(self, error: OSError) -> TrainingError:
+        kept = checkpoint.list_checkpoints(self.output_dir)
+        what = Path(error.filename).name.lstrip(".").removesuffix(".tmp") if error.filename else "the final outputs"
+        latest = f"checkpoint-{kept[-1][0]} is the latest complete checkpoint" if kept else "no checkpoint was kept"
+        return TrainingError(f"cannot write {what} in {self.output_dir}: {error.strerror or error} ({latest})")
+
+
+def run_steps(trainer: Trainer, outputs: RunOutputs, stop: StopFlag, start_step: int, max_steps: int,
+              profile) -> tuple[int | None, float | None]:
+    """Steps start_step + 1 .. max_steps: (EXIT_INTERRUPTED or None, the last loss)."""
+    config, accelerator, metrics_log = trainer.config, trainer.accelerator, outputs.metrics_log
+    # the micro-batches of the coming steps are prepared in the background
     keys = ((step, micro) for step in range(start_step + 1, max_steps + 1)
             for micro in range(config.gradient_accumulation_steps))
     trainer.batches = data.ReadAhead(trainer.prepare_batch, keys, config.dataloader_prefetch_qlen)
@@ -310,12 +374,12 @@ def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
     try:
         for step in range(start_step + 1, max_steps + 1):
             if stop_everywhere(accelerator, stop):
-                path = save_checkpoint(step - 1) if step - 1 > start_step else None
+                path = outputs.save_checkpoint(step - 1) if step - 1 > start_step else None
                 events.emit("interrupted", step=step - 1, checkpoint=str(path) if path else None)
-                return EXIT_INTERRUPTED
+                return EXIT_INTERRUPTED, loss
             profile.begin_step()
             started = time.perf_counter()
-            lr = lr_scheduler.get_last_lr()[0]
+            lr = trainer.lr_scheduler.get_last_lr()[0]
             loss = trainer.train_step(step)
             seconds = time.perf_counter() - started
             with profile.phase("logging"):  # buffered: see events.PROGRESS_FLUSH_S and MetricsLog.FLUSH_RECORDS
@@ -324,32 +388,33 @@ def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
                 if metrics_log:
                     metrics_log.append({"step": step, "loss": loss, "lr": lr, "s_per_step": seconds})
             profile.end_step()
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-                save_checkpoint(step)
-            if config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
-                validate(step)
+            outputs.after_step(step, max_steps)
     finally:
         trainer.batches.close()
         flush_metrics(metrics_log)
+    return None, loss
 
-    # ---- final outputs
-    if accelerator.is_main_process:
-        try:
-            lora_file = checkpoint.save_lora(unwrapped, output_dir)
-            if config.export_comfyui:
-                comfy = checkpoint.save_comfyui_lora(unwrapped, output_dir, config.lora_alpha or config.lora_rank)
-                log.info("ComfyUI-style LoRA written to %s", comfy)
-            records = metrics_log.records()
-            metrics.plot_loss(records, output_dir / "loss.png")
-        except OSError as error:   # e.g. disk full: nothing half written under a final name (temp + rename)
-            kept = checkpoint.list_checkpoints(output_dir)
-            what = Path(error.filename).name.lstrip(".").removesuffix(".tmp") if error.filename else "the final outputs"
-            latest = f"checkpoint-{kept[-1][0]} is the latest complete checkpoint" if kept else "no checkpoint was kept"
-            raise TrainingError(f"cannot write {what} in {output_dir}: {error.strerror or error} ({latest})") from None
-        final_loss = records[-1]["loss"] if records else loss
-    validate(max_steps)
-    if accelerator.is_main_process:
-        events.emit("done", lora=str(lora_file), steps=max_steps, final_loss=final_loss)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+def train(config: TrainConfig, stop: StopFlag, profile=NO_PROFILE) -> int:
+    """One training run; `profile` (a profile.StepProfile) times the phases of every step (the benches)."""
+    accelerator, dtype, output_dir = start_accelerator(config)
+    training_set = cache_training_set(config, accelerator, dtype, stop)
+    if training_set is None:
+        events.emit("interrupted", step=0, checkpoint=None)
+        return EXIT_INTERRUPTED
+    plan = data.BatchPlan(training_set.order, config.train_batch_size, config.gradient_accumulation_steps,
+                          accelerator.num_processes, config.seed, training_set.buckets)
+    max_steps = total_steps(config, plan)
+    transformer, parameters, optimizer, lr_scheduler = build_model(config, accelerator, dtype, max_steps)
+    unwrapped = accelerator.unwrap_model(transformer)
+    start_step = resume(config, output_dir, unwrapped, optimizer, lr_scheduler)
+    trainer = Trainer(config, accelerator, transformer, parameters, optimizer, lr_scheduler, training_set, plan, dtype,
+                      flow_shift(config))
+    metrics_log = metrics.MetricsLog(output_dir / "metrics.jsonl", start_step) if accelerator.is_main_process else None
+    outputs = RunOutputs(config, accelerator, output_dir, unwrapped, optimizer, lr_scheduler, training_set, dtype,
+                         metrics_log)
+    code, loss = run_steps(trainer, outputs, stop, start_step, max_steps, profile)
+    if code is not None:
+        return code
+    outputs.finish(max_steps, loss)
     return 0

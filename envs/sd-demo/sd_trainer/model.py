@@ -5,9 +5,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .model_folder import ModelError, check_model_folder, has_t5  # noqa: F401  (re-exported)
 
@@ -118,7 +120,54 @@ def add_lora(transformer, rank: int, alpha: float | None, dropout: float, target
     parameters = [p for p in transformer.parameters() if p.requires_grad]
     for parameter in parameters:
         parameter.data = parameter.data.float()
+    for module in transformer.modules():
+        direct_lora_forward(module)
     return parameters
+
+
+def direct_lora_forward(layer, adapter: str = "default") -> bool:
+    """Give a peft LoRA `Linear` a forward without peft's per-call bookkeeping; the same tensor ops.
+
+    peft's `Linear.forward` checks its arguments, loops over the active adapters, casts and calls
+    the LoRA `Linear`s and `Identity` dropout as modules, then multiplies by `scaling` even when it
+    is 1; on a small model that Python work is a good part of the step. `_direct_forward` computes
+    `base(x) + B(A(dropout(x))) [* scaling]` with the same kernels in the same order (`x * 1.0` and
+    its gradient are exactly `x`, so the multiplication is left out only then): losses and the LoRA
+    stay bit-identical (tests/method/test_step_identity.py). Whenever the layer is not in the plain
+    one-adapter state it was installed for (adapters disabled or merged, another adapter active,
+    extra arguments) it calls peft's own forward. Layers with a LoRA bias or a variant (DoRA) keep
+    peft's forward. Returns whether it was installed.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if type(layer) is not LoraLinear or adapter not in layer.lora_A or adapter in layer.lora_variant:
+        return False
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    if type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear or lora_a.bias is not None \
+            or lora_b.bias is not None:
+        return False
+    layer.direct_adapter = adapter
+    layer.forward = types.MethodType(_direct_forward, layer)  # a bound method: deepcopy rebinds it to the copy
+    return True
+
+
+def _direct_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    adapter = self.direct_adapter
+    if args or kwargs or self.disable_adapters or self.merged or self.active_adapters != [adapter]:
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own
+    result = self.base_layer(x)
+    result_dtype, weight = result.dtype, self.lora_A[adapter].weight
+    if x.dtype != weight.dtype and getattr(self, "cast_input_dtype_enabled", True):
+        x = x.to(dtype=weight.dtype)
+    dropout = self.lora_dropout[adapter]
+    if type(dropout) is not torch.nn.Identity:
+        x = dropout(x)
+    update = F.linear(F.linear(x, weight), self.lora_B[adapter].weight)
+    scaling = self.scaling[adapter]
+    if scaling != 1:
+        update = update * scaling
+    result = result + update
+    return result if result.dtype == result_dtype else result.to(result_dtype)
 
 
 def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
