@@ -44,14 +44,18 @@ def entry_command(spec: MethodSpec, command: list[str]) -> list[str]:
     return [*activate(spec), *command] if activate else list(command)
 
 
-def get_backend(spec: MethodSpec) -> Backend:
-    from .conda import CondaBackend
-    from .pip import PipBackend
-    from .poetry import PoetryBackend
+# backend name -> its module and class: only the method's own backend is imported (conda's pulls in rattler and
+# asyncio, which a poetry method's `envmgr run` and each of its Slurm steps would otherwise pay for at start)
+BACKENDS = {"poetry": ("poetry", "PoetryBackend"), "pip": ("pip", "PipBackend"), "conda": ("conda", "CondaBackend")}
 
-    backends: dict[str, Backend] = {"poetry": PoetryBackend(), "pip": PipBackend(), "conda": CondaBackend()}
+
+def get_backend(spec: MethodSpec) -> Backend:
+    import importlib
+
     try:
-        return backends[spec.backend]
+        module, name = BACKENDS[spec.backend]
     except KeyError:
         raise UsageError(f"{spec.folder / 'envmgr.toml'}: key 'backend': unknown backend {spec.backend!r} "
-                         f"(known: {', '.join(sorted(backends))})") from None
+                         f"(known: {', '.join(sorted(BACKENDS))})") from None
+    backend: Backend = getattr(importlib.import_module(f".{module}", __name__), name)()
+    return backend

@@ -231,3 +231,28 @@ def test_a_step_script_that_ends_in_a_traceback_is_named_by_its_last_line_not_it
     assert message == ("installing m failed (exit 1): FileNotFoundError: [Errno 2] No such file or directory: "
                        "'nvidia/__init__.py' (at split.py:88)")
     assert "Traceback" not in message and "-v" in (raised.value.hint or "")
+
+
+def test_a_method_imports_only_its_own_backend():
+    """`envmgr run` of a poetry method (and each of its Slurm steps) does not pay for conda's rattler at start."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from pathlib import Path; from envmgr.backends import get_backend; "
+             "from envmgr.spec import load_spec; "
+             f"backend = get_backend(load_spec(Path({str(REPO / 'envs' / 'sd-demo' / 'envmgr.toml')!r}))); "
+             "print(type(backend).__name__, sorted(m for m in sys.modules if m.startswith('envmgr.backends.')))")
+    said = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert said.startswith("PoetryBackend ")
+    assert "envmgr.backends.poetry" in said
+    assert "envmgr.backends.conda" not in said and "envmgr.backends.pip'" not in said
+
+
+def test_an_unknown_backend_is_one_line_naming_the_known_ones(tmp_path):
+    from envmgr.backends import get_backend
+    from envmgr.errors import UsageError
+
+    spec = _pip_spec(tmp_path)
+    broken = spec.model_copy(update={"backend": "pixi"})
+    with pytest.raises(UsageError, match=r"unknown backend 'pixi' \(known: conda, pip, poetry\)"):
+        get_backend(broken)
