@@ -128,6 +128,7 @@ bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
 	$(VENV)/bin/python -m tests.bench.wire_bench
 	$(VENV)/bin/python -m tests.bench.slurm_bench
+	$(VENV)/bin/python -m tests.bench.lock_bench
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_cache.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/gpu_bench.py

@@ -37,8 +37,9 @@ def _memory_mb() -> int:
 class LoopbackCluster:
     """`start()` → `env` (SLURM_CONF for the clients) → `stop()`."""
 
-    def __init__(self, root: Path, cpus: int | None = None):
+    def __init__(self, root: Path, cpus: int | None = None, scheduler_parameters: str | None = None):
         self.root = root
+        self.scheduler_parameters = scheduler_parameters   # e.g. README's batch_sched_delay=0 (None: Slurm's defaults)
         self.node = socket.gethostname().split(".")[0]
         self.cpus = cpus or max(2, os.cpu_count() or 2)
         self.conf = root / "slurm.conf"
@@ -80,6 +81,7 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
+{f"SchedulerParameters={self.scheduler_parameters}" if self.scheduler_parameters else ""}
 KillWait=60
 InactiveLimit=0
 MinJobAge=600

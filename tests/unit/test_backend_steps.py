@@ -17,6 +17,7 @@ from envmgr.door.context import Context
 from envmgr.door.steps import Step, run_in_container
 from envmgr.images.base import BaseImage
 from envmgr.lock.backends import get_backend
+from envmgr.lock.backends.poetry import POETRY_VERSION, PYPI_MIRROR_PLUGIN_VERSION, TOOLS_BYTECODE, PoetryBackend
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,
@@ -118,6 +119,60 @@ def test_poetry_install_hands_the_locked_pins_to_one_step(tmp_path):
     assert "diffusers" in pins and "--hash=sha256:" in seen[0]
 
 
+
+def test_poetry_lock_tools_are_installed_with_their_bytecode_once_per_base(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENVMGR_STORE_DIR", raising=False)
+    runner = FakeRunner()
+    ctx = _ctx(tmp_path, runner)
+    backend = PoetryBackend()
+    tools = backend._tools(ctx, BASE)
+    assert backend._tools(ctx, BASE) == tools
+    [step] = runner.steps     # the lock step runs poetry with -B from a read-only mount: the .pyc files come now
+    assert "pip install --quiet --compile-bytecode" in step.script and f"poetry=={POETRY_VERSION}" in step.script
+    assert (tools / ".complete").exists() and (tools / TOOLS_BYTECODE).exists()
+
+
+def test_poetry_lock_tools_made_without_bytecode_are_compiled_once_in_place(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENVMGR_STORE_DIR", raising=False)
+    runner = FakeRunner()
+    ctx = _ctx(tmp_path, runner)
+    name = f"poetry-{POETRY_VERSION}-mirror-{PYPI_MIRROR_PLUGIN_VERSION}-{BASE.diff_id.split(':')[1][:12]}"
+    made_before = ctx.store_dir / "tools" / name
+    made_before.mkdir(parents=True)
+    (made_before / ".complete").touch()
+    (made_before / "kept").touch()
+    backend = PoetryBackend()
+    assert backend._tools(ctx, BASE) == made_before and backend._tools(ctx, BASE) == made_before
+    [step] = runner.steps
+    assert "-m compileall" in step.script and "pip install" not in step.script
+    assert _mount(step, f"{paths.CONTAINER_TOOLS_DIR}/poetry") == made_before
+    assert not next(m for m in step.mounts if m.source == made_before).read_only
+    assert (made_before / "kept").exists() and (made_before / TOOLS_BYTECODE).exists()
+
+
+def test_poetry_lock_step_runs_poetry_without_a_keyring(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENVMGR_STORE_DIR", raising=False)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "envmgr.toml").write_text('name = "m"\nbackend = "poetry"\nentry = ["python", "x.py"]\n')
+    (folder / "pyproject.toml").write_text('[project]\nname = "m"\nversion = "0.1.0"\n'
+                                           'requires-python = ">=3.11,<3.12"\ndependencies = ["six==1.16.0"]\n'
+                                           '\n[tool.poetry]\npackage-mode = false\n')
+
+    def lock_in_container(step: Step) -> list[str]:
+        if "wheels_only_poetry.py lock" in step.script:
+            (_mount(step, paths.CONTAINER_WORK) / "poetry.lock").write_text(
+                'package = []\n\n[metadata]\nlock-version = "2.1"\npython-versions = ">=3.11,<3.12"\n'
+                'content-hash = "' + "0" * 64 + '"\n')
+        return []
+
+    runner = FakeRunner(lock_in_container)
+    spec = load_spec(folder / "envmgr.toml", builtin=False)
+    get_backend(spec).lock(_ctx(tmp_path, runner), spec, BASE)
+    [lock_step] = [s for s in runner.steps if "wheels_only_poetry.py lock" in s.script]
+    assert lock_step.env["POETRY_KEYRING_ENABLED"] == "false"
+    assert (spec.lock_path / "poetry.lock").is_file()
+
 def test_conda_pip_packages_go_into_the_conda_python_in_one_step(tmp_path):
     spec = load_spec(REPO / "envs" / "conda-demo" / "envmgr.toml")
     prefix = tmp_path / "prefix"
@@ -176,3 +231,28 @@ def test_a_step_script_that_ends_in_a_traceback_is_named_by_its_last_line_not_it
     assert message == ("installing m failed (exit 1): FileNotFoundError: [Errno 2] No such file or directory: "
                        "'nvidia/__init__.py' (at split.py:88)")
     assert "Traceback" not in message and "-v" in (raised.value.hint or "")
+
+
+def test_a_method_imports_only_its_own_backend():
+    """`envmgr run` of a poetry method (and each of its Slurm steps) does not pay for conda's rattler at start."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from pathlib import Path; from envmgr.lock.backends import get_backend; "
+             "from envmgr.core.spec import load_spec; "
+             f"backend = get_backend(load_spec(Path({str(REPO / 'envs' / 'sd-demo' / 'envmgr.toml')!r}))); "
+             "print(type(backend).__name__, sorted(m for m in sys.modules if m.startswith('envmgr.lock.backends.')))")
+    said = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert said.startswith("PoetryBackend ")
+    assert "envmgr.lock.backends.poetry" in said
+    assert "envmgr.lock.backends.conda" not in said and "envmgr.lock.backends.pip'" not in said
+
+
+def test_an_unknown_backend_is_one_line_naming_the_known_ones(tmp_path):
+    from envmgr.core.errors import UsageError
+    from envmgr.lock.backends import get_backend
+
+    spec = _pip_spec(tmp_path)
+    broken = spec.model_copy(update={"backend": "pixi"})
+    with pytest.raises(UsageError, match=r"unknown backend 'pixi' \(known: conda, pip, poetry\)"):
+        get_backend(broken)

@@ -12,6 +12,7 @@ backend a method uses.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,21 @@ from envmgr.core.errors import UsageError
 from envmgr.core.spec import MethodSpec
 from envmgr.lock.backends.protocol import Backend
 
-_REGISTRY: dict[str, Backend] | None = None
+# kind -> (module, class), in the order detection prefers them when a repository has several environment
+# files: the one table of kinds. Modules are imported on first use, and `get_backend` imports only the
+# method's own (conda's pulls in rattler and asyncio, which a poetry method's `envmgr run` and each of its
+# Slurm steps would otherwise pay for at start).
+KINDS = {"poetry": ("poetry", "PoetryBackend"), "conda": ("conda", "CondaBackend"), "pip": ("pip", "PipBackend")}
+
+_REGISTRY: dict[str, Backend] | None = None   # every kind, once detection asked for all of them
+_LOADED: dict[str, Backend] = {}
+
+
+def _load(kind: str) -> Backend:
+    if kind not in _LOADED:
+        module, name = KINDS[kind]
+        _LOADED[kind] = getattr(importlib.import_module(f"{__name__}.{module}"), name)()
+    return _LOADED[kind]
 
 
 def registry() -> dict[str, Backend]:
@@ -28,16 +43,18 @@ def registry() -> dict[str, Backend]:
     never ask a backend anything."""
     global _REGISTRY
     if _REGISTRY is None:
-        from envmgr.lock.backends.conda import CondaBackend
-        from envmgr.lock.backends.pip import PipBackend
-        from envmgr.lock.backends.poetry import PoetryBackend
-
-        _REGISTRY = {backend.name: backend for backend in (PoetryBackend(), CondaBackend(), PipBackend())}
+        _REGISTRY = {kind: _load(kind) for kind in KINDS}
     return _REGISTRY
 
 
 def get_backend(spec: MethodSpec) -> Backend:
-    backends = registry()
+    """The method's backend; only its own module is imported (unless the registry is already built)."""
+    if _REGISTRY is not None:
+        backends = _REGISTRY
+    elif spec.backend in KINDS:
+        return _load(spec.backend)
+    else:
+        backends = registry()
     try:
         return backends[spec.backend]
     except KeyError:
