@@ -107,6 +107,21 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
     return problems
 
 
+_NOT_DIRECT_HINT = ("pin and drop name the method's own dependencies; for a dependency of a dependency use "
+                    "add = { name = \"==VERSION\" } (or list it in build_from_source too, to build it at that pin)")
+
+
+def _is_source_pin(adapt: Adaptations, name: str) -> bool:
+    return _name(name) in {_name(n) for n in adapt.build_from_source} and name in adapt.pin
+
+
+def source_pins_of_dependencies(adapt: Adaptations, present: set[str]) -> dict[str, str]:
+    """A package built from source is built at one exact version, its pin, also when it is a dependency of a
+    dependency (uv and poetry name those too): such a pin becomes a `name==version` requirement of its own."""
+    return {name: version for name, version in adapt.pin.items()
+            if _name(name) not in present and _is_source_pin(adapt, name)}
+
+
 def proposed_pin(name: str, locked: dict[str, str]) -> str:
     """`pin = { name = "<release>" }`: the release the repository's lock (canonical name -> version) points at
     (`0.32.0.dev0` built from git -> `0.32.0`, with the locked version noted)."""
@@ -129,10 +144,11 @@ def adapt_pyproject(data: dict, adapt: Adaptations, where: Path, mirror_urls: di
     """The effective pyproject: adaptations applied; with `mirror_urls`, mapped indexes point to mirrors."""
     data = copy.deepcopy(data)
     present = pyproject_names(data)
+    added = {**adapt.add, **{n: f"=={v}" for n, v in source_pins_of_dependencies(adapt, present).items()}}
     for name in [*adapt.pin, *adapt.drop]:
-        if _name(name) not in present:
+        if _name(name) not in present and not _is_source_pin(adapt, name):
             raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on "
-                             f"(it has: {', '.join(sorted(present)) or 'nothing'})")
+                             f"(it has: {', '.join(sorted(present)) or 'nothing'})", hint=_NOT_DIRECT_HINT)
     dropped = {_name(n) for n in adapt.drop}
     pins = {_name(n): v for n, v in adapt.pin.items()}
     default_sources = {n for n, target in adapt.sources.items() if target == "default"}
@@ -167,9 +183,9 @@ def adapt_pyproject(data: dict, adapt: Adaptations, where: Path, mirror_urls: di
                 del lst[index]
             elif key in pins:
                 lst[index] = _set_pep508_version(lst[index], pins[key])
-    if adapt.add:
+    if added:
         project_deps = data.get("project", {}).get("dependencies")
-        for name, constraint in adapt.add.items():
+        for name, constraint in added.items():
             if isinstance(project_deps, list):
                 project_deps.append(name if constraint in ("", "*") else f"{name}{_pep440(constraint)}")
             else:
@@ -363,8 +379,11 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
         # `torch==2.5.1+cu124` from an index mapped to the default index: the default index's release
         lines = [strip_local(line) if not line.startswith("-") else line for line in lines]
     for name in [*adapt.pin, *adapt.drop]:
-        if _name(name) not in present:
-            raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on")
+        if _name(name) not in present and not _is_source_pin(adapt, name):
+            raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on",
+                             hint=_NOT_DIRECT_HINT)
+    for name, version in source_pins_of_dependencies(adapt, present).items():
+        lines.append(f"{name}=={version}")
     for name, constraint in adapt.add.items():
         lines.append(name if constraint in ("", "*") else f"{name}{_pep440(constraint)}")
     return "\n".join(lines) + "\n", mirrors, problems

@@ -158,16 +158,84 @@ def _dependencies_from_backend(root: Path, data: dict) -> bool:
     return "dependencies" in (project.get("dynamic") or []) and "build-system" in data
 
 
-def detect_entry(root: Path, entry: str | None) -> list[str]:
+def _module_of(root: Path, relative: str) -> str | None:
+    """`pkg.sub.train` for `pkg/sub/train.py` when every folder on the way is a package (has `__init__.py`):
+    such a file imports its own package absolutely (`from pkg.helpers import ...`), which works when it runs
+    as a module from the repository's folder (`python -m`), not as a script (its folder first on sys.path)."""
+    parts = Path(relative).parts
+    if len(parts) < 2 or not parts[-1].endswith(".py") or not all(p.isidentifier() for p in parts[:-1]):
+        return None
+    stem = parts[-1][:-3]
+    if not stem.isidentifier():
+        return None
+    folder = root
+    for part in parts[:-1]:
+        folder = folder / part
+        if not (folder / "__init__.py").is_file():
+            return None
+    return ".".join([*parts[:-1], stem])
+
+
+_CONSOLE_SCRIPT = re.compile(r"[\"']([A-Za-z0-9_.-]+)\s*=\s*([A-Za-z0-9_.]+)(?::[A-Za-z0-9_.]+)?[\"']")
+
+
+def _script_modules(root: Path, data: dict) -> list[str]:
+    """The modules the project's console scripts call ([project.scripts], poetry's scripts, setup.py's
+    console_scripts read as text), those whose script name says train, as repository paths that exist."""
+    scripts: dict[str, str] = {}
+    poetry_scripts = data.get("tool", {}).get("poetry", {}).get("scripts", {})
+    for table in (data.get("project", {}).get("scripts", {}), poetry_scripts):
+        scripts.update({k: v for k, v in table.items() if isinstance(v, str)})
+    setup_py = root / "setup.py"
+    if setup_py.is_file():
+        text = setup_py.read_text(encoding="utf-8", errors="replace")
+        scripts.update(dict(_CONSOLE_SCRIPT.findall(text)))
+    found = []
+    for name, target in scripts.items():
+        module = target.split(":", 1)[0].strip()
+        path = Path(*module.split(".")).with_suffix(".py").as_posix()
+        if "train" in name.lower() and (root / path).is_file() and path not in found:
+            found.append(path)
+    return found
+
+
+def _entry_command(root: Path, relative: str) -> list[str]:
+    if relative.endswith(".sh"):
+        return ["bash", relative]
+    if relative.endswith(".py"):
+        module = _module_of(root, relative)
+        return ["python", "-m", module] if module else ["python", relative]
+    return [relative]
+
+
+def detect_entry(root: Path, entry: str | None, data: dict | None = None, shown: str | None = None) -> list[str]:
+    """The command that starts the repository's training: `--entry`, else `train.sh` / `train.py` at the top,
+    else the one training module of a package-shaped repository (`pkg/train.py`, or the module a console
+    script named like train calls), run as a module. `shown` names the repository in messages."""
     if entry:
         path = root / entry
         if not path.is_file():
             raise UsageError(f"--entry {entry}: no such file in the repository")
-        return ["bash", entry] if entry.endswith(".sh") else ["python", entry] if entry.endswith(".py") else [entry]
-    for candidate, command in (("train.sh", ["bash", "train.sh"]), ("train.py", ["python", "train.py"])):
+        return _entry_command(root, entry)
+    for candidate in ("train.sh", "train.py"):
         if (root / candidate).is_file():
-            return command
-    raise UsageError(f"{root}: no train.sh or train.py at the top of the repository",
+            return _entry_command(root, candidate)
+    candidates = _script_modules(root, data or {})
+    for package in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
+        inside = f"{package.name}/train.py"
+        if (root / inside).is_file() and inside not in candidates:
+            candidates.append(inside)
+    candidates = [c for c in candidates if _module_of(root, c)]
+    if len(candidates) == 1:
+        return _entry_command(root, candidates[0])
+    where = shown or str(root)
+    if candidates:
+        raise UsageError(f"{where}: no train.sh or train.py at the top of the repository, and "
+                         f"{len(candidates)} training modules in its packages, one a line:"
+                         + "".join(f"\n  --entry {c}" for c in candidates),
+                         hint="name the one to run with --entry PATH (a file in a package runs as `python -m`)")
+    raise UsageError(f"{where}: no train.sh or train.py at the top of the repository, and no package with a "
+                     "train.py or a console script named like train",
                      hint="name the entry with --entry PATH")
 
 
@@ -198,8 +266,9 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
         if not any(root.iterdir()):
             raise UsageError(f"{source}: holds no files (only macOS junk?)")
         detected = detect_backend(root, backend)
-        command = detect_entry(root, entry)
-        wanted, declared_in = requires_python(root, _pyproject_data(root))
+        data = _pyproject_data(root)
+        command = detect_entry(root, entry, data, shown=str(source))
+        wanted, declared_in = requires_python(root, data)
         base = pick_base(wanted, f"{source.name} ({declared_in})")
         shutil.move(str(root), str(staging / SOURCE_DIR))
         shutil.rmtree(unpacked, ignore_errors=True)

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from packaging.utils import canonicalize_name
+
 from .. import paths
 from ..adapt import effective_requirements, lock_drift, raise_if_unreachable
 from ..base import BaseImage
@@ -34,6 +36,7 @@ from ..repository_pins import (
     seed_requirements,
 )
 from ..spec import MethodSpec
+from ..steps import SdistOnlyError, sdist_only_error
 from . import source_builds
 from .common import install_requirements_script, missing_lock, run_step, uv_mounts, uv_step_env
 
@@ -164,9 +167,7 @@ class PipBackend:
             with ctx.ui.progress(f"locking {spec.name} with uv pip compile in {base.tag}"
                                  + (f", starting from the repository's {theirs.relative}" if reseed and theirs
                                     else ""), total=1, unit="steps") as task:
-                run_step(ctx, base, f"locking {spec.name}", command,
-                         [BindMount(Path(work), paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)],
-                         uv_step_env(ctx, extra), workdir=paths.CONTAINER_WORK, method=spec.name)
+                _compile_naming_every_sdist(ctx, spec, base, command, Path(work), extra)
                 task.advance(1)
             body = (Path(work) / LOCK).read_text(encoding="utf-8")
             body = "\n".join(line for line in body.splitlines()
@@ -208,6 +209,44 @@ class PipBackend:
                           BindMount(Path(work), paths.CONTAINER_WORK, read_only=True), *uv_mounts(ctx)],
                          uv_step_env(ctx, extra), method=spec.name,
                          on_line=lambda line: task.advance(1) if line.strip().startswith("+ ") else None)
+
+
+PROBE_OVERRIDES = "sdist-only-probe.txt"
+MAX_SDIST_PROBES = 40
+
+
+def _compile_naming_every_sdist(ctx: Context, spec: MethodSpec, base: BaseImage, command: str, work: Path,
+                                extra: list[str]) -> None:
+    """`uv pip compile`, wheels only. uv stops at the first package that has only a source distribution; to name
+    them all in one message (not one `envmgr lock` each), the solve goes on with each one found left out (an
+    override whose marker is never true) until it succeeds or finds no new one. Nothing of those probes is
+    kept: the lock is written only by a solve that left nothing out."""
+    found: dict[str, str] = {}
+    probe = work / PROBE_OVERRIDES
+    while True:
+        try:
+            run_step(ctx, base, f"locking {spec.name}",
+                     command + (f" --override {paths.CONTAINER_WORK}/{PROBE_OVERRIDES}" if found else ""),
+                     [BindMount(work, paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)],
+                     uv_step_env(ctx, extra), workdir=paths.CONTAINER_WORK, method=spec.name)
+        except SdistOnlyError as exc:
+            new = {n: v for n, v in exc.packages.items() if canonicalize_name(n) not in
+                   {canonicalize_name(k) for k in found}}
+            if not new or len(found) >= MAX_SDIST_PROBES:
+                raise sdist_only_error(f"locking {spec.name}", {**found, **exc.packages}, spec.adapt) from None
+            found.update(new)
+            ctx.ui.log(f"{', '.join(new)}: only a source distribution; solving on without "
+                       f"{'them' if len(new) > 1 else 'it'} to find any other")
+            probe.write_text("".join(f"{name} ; sys_platform == 'envmgr-probe'\n" for name in found))
+            continue
+        except EnvmgrError:
+            if found:   # the probe's solve failed for another reason: what was found is still the answer
+                raise sdist_only_error(f"locking {spec.name}", found, spec.adapt) from None
+            raise
+        break
+    probe.unlink(missing_ok=True)
+    if found:
+        raise sdist_only_error(f"locking {spec.name}", found, spec.adapt)
 
 
 def is_project(spec: MethodSpec) -> bool:
