@@ -9,10 +9,16 @@ Layout of an added method in the base dir:
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
 import re
 import shutil
+import subprocess
+import tarfile
 import tempfile
 import tomllib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +245,45 @@ def detect_entry(root: Path, entry: str | None, data: dict | None = None, shown:
                      hint="name the entry with --entry PATH")
 
 
+def repository_date(source: Path) -> str | None:
+    """The repository's own day (YYYY-MM-DD, UTC): the newest time its files carry (a folder's mtimes, an
+    archive's member times; `.git` left out) or its newest commit, whichever is older (a fresh clone's files
+    are as new as the clone; a release unpacked and committed today keeps its files' times). None: no time."""
+    times: list[float] = []
+    if source.is_dir():
+        newest = 0.0
+        for root, dirs, files in os.walk(source):
+            dirs[:] = [d for d in dirs if d != ".git"]
+            for name in files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+        if newest:
+            times.append(newest)
+        if (source / ".git").exists() and shutil.which("git"):
+            # reads the history only (no hook, no filter, no fsmonitor runs for `log`)
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                proc = subprocess.run(["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={source}",
+                                       "-C", str(source), "log", "-1", "--format=%ct", "HEAD"],
+                                      capture_output=True, text=True, timeout=20)
+                if proc.returncode == 0 and proc.stdout.strip().isdigit():
+                    times.append(float(proc.stdout.strip()))
+    elif zipfile.is_zipfile(source):
+        with contextlib.suppress(OSError, zipfile.BadZipFile, ValueError), zipfile.ZipFile(source) as zf:
+            stamps = [datetime.datetime(*i.date_time, tzinfo=datetime.UTC).timestamp() for i in zf.infolist()
+                      if not i.is_dir()]
+            if stamps:
+                times.append(max(stamps))
+    else:
+        with contextlib.suppress(OSError, tarfile.TarError), tarfile.open(source) as tf:
+            stamps = [float(m.mtime) for m in tf.getmembers() if m.isfile()]
+            if stamps:
+                times.append(max(stamps))
+    times = [t for t in times if t > 86400 * 365 * 10]   # an epoch-0 or fixed-time archive says nothing
+    if not times:
+        return None
+    return datetime.datetime.fromtimestamp(min(times), datetime.UTC).date().isoformat()
+
+
 def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None, backend: str | None = None,
                gpu: str = "optional") -> tuple[MethodSpec, Detected]:
     problem = name_problem(name)
@@ -273,9 +318,11 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
         shutil.move(str(root), str(staging / SOURCE_DIR))
         shutil.rmtree(unpacked, ignore_errors=True)
         (staging / LOCK_DIR).mkdir()
+        day = repository_date(source)
         spec_data = {
             "name": name,
             "description": f"added from {source.name}",
+            **({"source_date": day} if day else {}),
             "backend": detected.backend,
             "python": python_series(base),
             "base_image": base.name,
@@ -287,8 +334,9 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             "workdir": "method",
             "verdict": "training",
             "env": {"DISABLE_UPDATES": "1", "HF_HUB_OFFLINE": "1"},
-            "adapt": {"pin": {}, "drop": [], "add": {}, "sources": {}},
         }
+        # written as one-line tables, the shape every message proposes (`pin = { name = "1.0" }` replaces a line)
+        adapt_table = ("\n[adapt]\npin = {}\ndrop = []\nadd = {}\nsources = {}\nbuild_from_source = []\n")
         header = ("# Written by `envmgr method add`. The repository is in source/ and stays as added:\n"
                   "# adapt it here instead. [adapt] pin = { pkg = \"1.2.3\" } replaces a range, git or URL source;\n"
                   "# drop = [\"pkg\"]; add = { pkg = \">=1\" }; sources = { index-name = \"default\" | \"mirror\" }.\n"
@@ -300,8 +348,11 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
                   "# workdir = \"method\": the entry runs in a writable copy of source/ made for each run.\n"
                   "# [system] apt = [\"libgl1\"]: Debian packages from the site's apt mirror, in their own layer.\n"
                   "# dataset_mode = \"archive\" | \"extracted\" | \"writable\": the dataset as given, extracted\n"
-                  "# read-only into the run, or a writable copy (default: an archive is extracted).\n")
-        (staging / "envmgr.toml").write_text(header + tomli_w.dumps(spec_data))
+                  "# read-only into the run, or a writable copy (default: an archive is extracted).\n"
+                  "# source_date: the repository's day; a pip repository that pins nothing is locked with\n"
+                  "# the versions published by then ([adapt] resolve_as_of = \"YYYY-MM-DD\": another day,\n"
+                  "# false: the newest).\n")
+        (staging / "envmgr.toml").write_text(header + tomli_w.dumps(spec_data) + adapt_table)
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from pathlib import Path
@@ -45,6 +46,14 @@ class Adaptations(BaseModel):
     # packages allowed to be built from their source distribution, by name; envmgr installs wheels only,
     # and builds these in a box of their own (no network, no credentials: envmgr/backends/source_builds.py)
     build_from_source: list[str] = Field(default_factory=list)
+    # pip methods: lock the versions the index had published before this day (YYYY-MM-DD; uv --exclude-newer),
+    # false: the newest; unset: before the day after the method's `source_date` when the repository pins nothing
+    resolve_as_of: str | Literal[False] | None = None
+
+    @field_validator("resolve_as_of")
+    @classmethod
+    def _resolve_as_of(cls, value: str | Literal[False] | None) -> str | Literal[False] | None:
+        return _date(value) if isinstance(value, str) else value
 
     @field_validator("repository_pins")
     @classmethod
@@ -65,6 +74,10 @@ class Adaptations(BaseModel):
                   for name, target in sorted(self.sources.items())]
         lines += [f"build {name} from its source distribution (no network, no credentials)"
                   for name in sorted(self.build_from_source)]
+        if self.resolve_as_of:
+            lines.append(f"versions published before {self.resolve_as_of}")
+        elif self.resolve_as_of is False:
+            lines.append("the newest versions (not as of the repository's date)")
         if self.repository_pins is False:
             lines.append("the repository's pins ignored (a fresh solve)")
         elif self.repository_pins:
@@ -114,6 +127,13 @@ class RunLimits(BaseModel):
     tmp_size: str | None = None
 
 
+def _date(value: str) -> str:
+    try:
+        return datetime.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError(f"{value!r}: a day, YYYY-MM-DD") from None
+
+
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -146,6 +166,9 @@ class MethodSpec(BaseModel):
     # default: added methods get an archive extracted, anything else as given
     dataset_mode: Literal["archive", "extracted", "writable"] | None = None
     adapt: Adaptations = Field(default_factory=Adaptations)
+    # the repository's own date (YYYY-MM-DD, `method add` reads it from its files and its git history): a
+    # repository that pins nothing is locked as of then (adapt.resolve_as_of)
+    source_date: str | None = None
     system: SystemPackages = Field(default_factory=SystemPackages)
     gpu_memory_gb: float | None = Field(default=None, gt=0)   # the least memory (GB, 10^9 bytes) a GPU needs
     limits: RunLimits = Field(default_factory=RunLimits)     # memory, /dev/shm and /tmp a run needs
@@ -165,6 +188,11 @@ class MethodSpec(BaseModel):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("source_date")
+    @classmethod
+    def _source_date(cls, value: str | None) -> str | None:
+        return _date(value) if value is not None else value
 
     @field_validator("source_dir", "lock_dir")
     @classmethod

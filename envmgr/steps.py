@@ -42,7 +42,8 @@ _BUILD_CALL = re.compile(r"Call to `([^`]+)` failed")
 _NO_WHEEL = re.compile(r"Distribution `([^`@ ]+)[^`]*` can't be installed because it doesn't have a source "
                        r"distribution or wheel for the current platform")
 # uv, wheels only, on a pin that has none for the target (`Because NAME==V has no usable wheels ...`)
-SDIST_ONLY = re.compile(r"Because (?:only )?([A-Za-z0-9][A-Za-z0-9._-]*)(?:([=<>!~]=?)([^ ,]*))? has no usable wheels")
+SDIST_ONLY = re.compile(r"(?<![A-Za-z0-9._<>=!~-])([A-Za-z0-9][A-Za-z0-9._-]*)(?:([=<>!~]=?)([^ ,]*))? "
+                        r"has no usable wheels")
 # the newest version uv saw of a package (`only NAME<=V is available`, `NAME==V has no usable wheels`)
 _SDIST_VERSION = r"(?:only {name}(?:==|<=)([^ ,]+) is available|{name}==([^ ,]+) has no usable wheels)"
 WHEELS_ONLY = Path(__file__).parent / "data" / "uv-wheels-only.toml"
