@@ -44,7 +44,7 @@ from .run_inputs import RunInput, copy_method, parse_env, parse_inputs, recorded
 from .sonames import runtime_hint
 from .spec import MethodSpec, find_method
 from .ui import TrainingProgress
-from .verdict import Verdict, describe as describe_verdict, judge
+from .verdict import Verdict, describe as describe_verdict, entry_hint, judge
 
 SUBDIRS = ("models", "datasets", "methods", "runs", "cache")
 
@@ -401,7 +401,8 @@ def _given(request: RunRequest, previous: dict | None, run_dir: Path) -> tuple[l
     return inputs, env
 
 
-def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_dir: Path | None = None) -> EnvmgrError:
+def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_dir: Path | None = None,
+             spec: MethodSpec | None = None) -> EnvmgrError:
     verdict: dict = record["verdict"] if isinstance(record.get("verdict"), dict) else {}
     if record.get("exit_code") == 0 and record.get("reason"):   # an exit 0 that a rule of verdict.py turned failed
         why = record["reason"]
@@ -414,7 +415,8 @@ def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_di
     return EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n{detail}  last lines:\n{last}",
                        hint=verdict.get("hint") or ("the spec's `success` names what a run must write"
                                                     if record.get("reason") == "no outputs" else None)
-                       or (runtime_hint(tail, cache_dir) if cache_dir else None))
+                       or (runtime_hint(tail, cache_dir) if cache_dir else None)
+                       or (entry_hint(tail, spec.entry, spec.source_path) if spec else None))
 
 
 def resolve_gpus(ctx: Context, spec: MethodSpec, given: str | None) -> GpuRequest:
@@ -598,7 +600,7 @@ def run(ctx: Context, request: RunRequest) -> dict:
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {output}",
                           hint=f"continue with `envmgr run {spec.name} --resume {run_id}`")
     if status == "failed":
-        raise _failure(run_id, run_dir, record, tail, ctx.cache_dir)
+        raise _failure(run_id, run_dir, record, tail, ctx.cache_dir, spec)
     return record
 
 
