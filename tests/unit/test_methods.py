@@ -225,3 +225,28 @@ def test_a_source_build_pin_may_name_a_dependency_of_a_dependency(tmp_path):
     with pytest.raises(UsageError, match="does not depend on") as err:   # a plain pin still names its own deps
         effective_requirements("num2words>=0.5\n", Adaptations(pin={"docopt": "0.6.2"}), where, {})
     assert 'add = { name = "==VERSION" }' in (err.value.hint or "")
+
+
+def test_the_repositorys_day_is_its_files_or_its_last_commit_whichever_is_older(tmp_path):
+    import os
+    import subprocess
+
+    from envmgr.methods import repository_date
+
+    repo = _repo(tmp_path / "r", {"requirements.txt": "numpy\n", "train.py": "print(1)\n"})
+    for name in ("requirements.txt", "train.py"):
+        os.utime(repo / name, (1764720000, 1764720000))   # 2025-12-03 (a release unpacked: its files' times)
+    assert repository_date(repo) == "2025-12-03"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@x", "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qm", "x"],
+                   check=True, env={**os.environ, "GIT_COMMITTER_DATE": "2026-06-01T00:00:00Z"})
+    assert repository_date(repo) == "2025-12-03"          # committed later: the files' day
+    os.utime(repo / "train.py")                          # a fresh clone: files of today, the commit's day
+    assert repository_date(repo) == "2026-06-01"
+    zipped = _zip(tmp_path / "r.zip", {"train.py": "x"})
+    assert repository_date(zipped) is not None
+    spec, _ = add_method(tmp_path / "base", repo, "dated")
+    assert spec.source_date == "2026-06-01"
+    text = (spec.folder / "envmgr.toml").read_text()
+    assert "\n[adapt]\npin = {}\n" in text                 # one-line tables: a proposed `pin = {...}` replaces it
