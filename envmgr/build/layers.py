@@ -535,6 +535,7 @@ def check_files(prefix, units, owners, claims):
     with ThreadPoolExecutor(max_workers=workers) as pool:
         found = list(pool.map(actual, work))
     again = {}
+    suspect = {}
     for (name, inner, digest), got in zip(work, found):
         if got == digest:
             continue
@@ -544,9 +545,34 @@ def check_files(prefix, units, owners, claims):
         if got in rivals.values():
             again.setdefault(name, []).append(inner)
             continue
-        raise SplitError(f"{name}: {inner} does not match the hash in its RECORD (its installed bytes were "
-                         "changed: a modified file in the uv cache?)")
-    return again
+        suspect.setdefault(name, []).append((inner, got))
+    return again, suspect
+
+
+def check_published(prefix, units, suspect, fresh, fresh_prefix):
+    # Installed bytes that differ from their RECORD: changed since the download (the uv cache uv hard-links
+    # from), or a wheel published with a RECORD that does not match its own files. The distribution is
+    # downloaded again, hash-checked against the lock, without the cache, into a prefix of its own: the same
+    # bytes there are the wheel's own (kept, with the hashes of those bytes, and said); others stop the build.
+    for name in sorted(suspect):
+        entry, key, rows, record = units[name]
+        changed = f"{name}: {suspect[name][0][0]} does not match the hash in its RECORD (its installed bytes " \
+                  "were changed: a modified file in the uv cache?)"
+        if not fresh:
+            raise SplitError(changed)
+        print(f"ENVMGR-PHASE downloading {name} again without the cache: {len(suspect[name])} file(s) differ "
+              "from its RECORD", flush=True)
+        done = subprocess.run(["sh", fresh, key], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise SplitError(changed + " (downloading it again without the cache failed)")
+        for inner, got in suspect[name]:
+            again = os.path.join(fresh_prefix, inner)
+            if os.path.islink(again) or not os.path.isfile(again) or file_digest(again, got.split("=", 1)[0]) != got:
+                raise SplitError(changed)
+            rows[inner] = (got, rows[inner][1])
+        print(f"{WARN}{name}: its wheel, as published, has a RECORD that does not match {len(suspect[name])} of its "
+              f"own files (e.g. {suspect[name][0][0]}); a fresh download has the same bytes, so they are kept, "
+              "recorded with their own hashes", flush=True)
 
 
 def move_units(prefix, envs, site, units, owners):
@@ -597,6 +623,8 @@ def main(argv):
     prefix, envs, units_file, skeleton_file, plan_file = argv[1:6]
     others_file = argv[6] if len(argv) > 6 else ""
     alone = argv[7] if len(argv) > 7 else ""
+    fresh = argv[8] if len(argv) > 8 else ""
+    fresh_prefix = argv[9] if len(argv) > 9 else FRESH_PREFIX
     keys = dict(reversed(line.split()) for line in open(units_file) if line.strip())
     skeleton = {line.strip()[2:] for line in open(skeleton_file) if line.strip()}
     lib = os.path.join(prefix, "lib")
@@ -613,7 +641,8 @@ def main(argv):
         for inner, (digest, _size) in rows.items():
             claims.setdefault(inner, {})[name] = digest
     owners = shared_owners(claims)
-    again = check_files(prefix, units, owners, claims)
+    again, suspect = check_files(prefix, units, owners, claims)
+    check_published(prefix, units, suspect, fresh, fresh_prefix)
     lists = os.path.dirname(plan_file)
     plans = move_units(prefix, envs, site, units, owners)
     if os.path.exists(os.path.join(prefix, ".lock")):
@@ -642,8 +671,11 @@ except Exception as error:   # noqa: BLE001 - one line for the user, whatever we
     sys.exit(1)
 """
 SPLIT_ERROR = "ENVMGR-SPLIT-ERROR "
+SPLIT_WARN = "ENVMGR-SPLIT-WARN "
+FRESH_PREFIX = "/tmp/envmgr-fresh"
 SPLIT_SCRIPT = (f"from __future__ import annotations\nimport json\nCOMPILE_CHUNK_FILES = {COMPILE_CHUNK_FILES}\n"
-                f"SPLIT_ERROR = {SPLIT_ERROR!r}\nRECORD_ALGORITHMS = {RECORD_ALGORITHMS!r}\n"
+                f"SPLIT_ERROR = {SPLIT_ERROR!r}\nWARN = {SPLIT_WARN!r}\nFRESH_PREFIX = {FRESH_PREFIX!r}\n"
+                f"RECORD_ALGORITHMS = {RECORD_ALGORITHMS!r}\n"
                 f"UNHASHED_RECORD_FILES = {UNHASHED_RECORD_FILES!r}\n"
                 + _source_of(bytecode_sources, bytecode_chunks, shared_owners) + "\n" + SPLIT_SCRIPT)
 
@@ -691,7 +723,7 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> tuple
     split = [
         "mkdir -p /tmp/bytecode",
         f"{python} -S -B {work}/split.py {prefix} {envs} {work}/units.txt {envs}/.skeleton-files "
-        f"/tmp/bytecode/plan {work}/others.jsonl {work}/alone.sh",
+        f"/tmp/bytecode/plan {work}/others.jsonl {work}/alone.sh {work}/fresh.sh",
         "echo ENVMGR-PHASE split",
         f"xargs -r -n 2 -P \"$(nproc)\" sh -c '{compile_one}' compile < /tmp/bytecode/plan || true",
         "echo ENVMGR-PHASE compiled",
@@ -708,6 +740,15 @@ def _alone_script(python: str) -> str:
     return "\n".join(["set -e", f"rm -rf {prefix}", f"{uv} venv --quiet --python {python} {prefix}",
                       f"{uv} pip install --quiet --python {prefix}/bin/python --require-hashes --no-deps "
                       f"-r {work}/alone/\"$1\".txt", ""])
+
+
+def _fresh_script(python: str) -> str:
+    """Download one unit again, hash-checked, without the uv cache, into a prefix of its own (see SPLIT_SCRIPT):
+    `sh fresh.sh <unit key>`."""
+    uv, work, fresh = paths.CONTAINER_UV, paths.CONTAINER_WORK, FRESH_PREFIX
+    return "\n".join(["set -e", f"rm -rf {fresh}", f"{uv} venv --quiet --python {python} {fresh}",
+                      f"{uv} pip install --quiet --no-cache --python {fresh}/bin/python --require-hashes --no-deps "
+                      f"-r {work}/alone/\"$1\".txt", f"rm -rf {fresh}/bin", ""])
 
 
 def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], stage: Path,
@@ -731,6 +772,7 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
         (Path(work) / "split.py").write_text(SPLIT_SCRIPT)
         (Path(work) / "others.jsonl").write_text("".join(json.dumps(list(row)) + "\n" for row in others))
         (Path(work) / "alone.sh").write_text(_alone_script(base.python))
+        (Path(work) / "fresh.sh").write_text(_fresh_script(base.python))
         (Path(work) / "alone").mkdir()
         for unit in todo:
             (Path(work) / "alone" / f"{unit.key}.txt").write_text(unit.requirement + "\n")
@@ -744,6 +786,8 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
                 lines.append(line)
                 if line.strip().startswith("+ "):
                     task.advance(1)
+                elif line.startswith(SPLIT_WARN):
+                    ctx.ui.warn(line[len(SPLIT_WARN):])
                 elif line.startswith("ENVMGR-PHASE "):
                     ctx.ui.log(f"{line} at {time.monotonic() - started:.1f} s")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from pathlib import Path
@@ -72,6 +73,14 @@ class Adaptations(BaseModel):
     # packages allowed to be built from their source distribution, by name; envmgr installs wheels only,
     # and builds these in a box of their own (no network, no credentials: envmgr/lock/backends/source_builds.py)
     build_from_source: Image[list[str]] = Field(default_factory=list)
+    # pip methods: lock the versions the index had published before this day (YYYY-MM-DD; uv --exclude-newer),
+    # false: the newest; unset: before the day after the method's `source_date` when the repository pins nothing
+    resolve_as_of: Image[str | Literal[False] | None] = None
+
+    @field_validator("resolve_as_of")
+    @classmethod
+    def _resolve_as_of(cls, value: str | Literal[False] | None) -> str | Literal[False] | None:
+        return _date(value) if isinstance(value, str) else value
 
     @field_validator("repository_pins")
     @classmethod
@@ -92,6 +101,10 @@ class Adaptations(BaseModel):
                   for name, target in sorted(self.sources.items())]
         lines += [f"build {name} from its source distribution (no network, no credentials)"
                   for name in sorted(self.build_from_source)]
+        if self.resolve_as_of:
+            lines.append(f"versions published before {self.resolve_as_of}")
+        elif self.resolve_as_of is False:
+            lines.append("the newest versions (not as of the repository's date)")
         if self.repository_pins is False:
             lines.append("the repository's pins ignored (a fresh solve)")
         elif self.repository_pins:
@@ -141,6 +154,13 @@ class RunLimits(BaseModel):
     tmp_size: str | None = None
 
 
+def _date(value: str) -> str:
+    try:
+        return datetime.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError(f"{value!r}: a day, YYYY-MM-DD") from None
+
+
 class MethodSpec(BaseModel):
     # Fields marked `Image[...]` decide what the method's image holds and are hashed into its inputs
     # (spec_hash); unmarked ones (how a run is judged, mounted or sized) change no image.
@@ -175,6 +195,9 @@ class MethodSpec(BaseModel):
     # default: added methods get an archive extracted, anything else as given
     dataset_mode: Literal["archive", "extracted", "writable"] | None = None
     adapt: Image[Adaptations] = Field(default_factory=Adaptations)
+    # the repository's own date (YYYY-MM-DD, `method add` reads it from its files and its git history): a
+    # repository that pins nothing is locked as of then (adapt.resolve_as_of). Unmarked: the lock holds it.
+    source_date: str | None = None
     system: Image[SystemPackages] = Field(default_factory=SystemPackages)
     gpu_memory_gb: float | None = Field(default=None, gt=0)   # the least memory (GB, 10^9 bytes) a GPU needs
     limits: RunLimits = Field(default_factory=RunLimits)     # memory, /dev/shm and /tmp a run needs
@@ -194,6 +217,11 @@ class MethodSpec(BaseModel):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("source_date")
+    @classmethod
+    def _source_date(cls, value: str | None) -> str | None:
+        return _date(value) if value is not None else value
 
     @field_validator("source_dir", "lock_dir")
     @classmethod
@@ -279,6 +307,8 @@ class MethodSpec(BaseModel):
         data = self.model_dump(mode="json", include=image_fields(type(self)))
         if not self.system.apt:
             data.pop("system", None)       # specs without system packages keep the hash they had
+        if self.adapt.resolve_as_of is None:
+            data["adapt"].pop("resolve_as_of", None)   # and specs that leave the day to envmgr
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
+from packaging.utils import canonicalize_name
+
 from envmgr.core import paths
 from envmgr.core.credentials import strip_credentials
 from envmgr.core.errors import EnvmgrError, MirrorError
@@ -29,6 +31,7 @@ from envmgr.door.containers import BindMount, ContainerSpec
 from envmgr.door.logs import uncaught_traceback
 
 if TYPE_CHECKING:
+    from envmgr.core.spec import Adaptations
     from envmgr.door.context import Context
 
 _MIRROR_FAILURES = re.compile(r"(Connection refused|connection error|Failed to fetch|failed to connect|"
@@ -39,7 +42,10 @@ _BUILD_CALL = re.compile(r"Call to `([^`]+)` failed")
 _NO_WHEEL = re.compile(r"Distribution `([^`@ ]+)[^`]*` can't be installed because it doesn't have a source "
                        r"distribution or wheel for the current platform")
 # uv, wheels only, on a pin that has none for the target (`Because NAME==V has no usable wheels ...`)
-SDIST_ONLY = re.compile(r"Because (?:only )?([A-Za-z0-9][A-Za-z0-9._-]*)(?:[=<>!~]=?[^ ]*)? has no usable wheels")
+SDIST_ONLY = re.compile(r"(?<![A-Za-z0-9._<>=!~-])([A-Za-z0-9][A-Za-z0-9._-]*)(?:([=<>!~]=?)([^ ,]*))? "
+                        r"has no usable wheels")
+# the newest version uv saw of a package (`only NAME<=V is available`, `NAME==V has no usable wheels`)
+_SDIST_VERSION = r"(?:only {name}(?:==|<=)([^ ,]+) is available|{name}==([^ ,]+) has no usable wheels)"
 WHEELS_ONLY = Path(__file__).parent.parent / "data" / "uv-wheels-only.toml"
 CONTAINER_UV_CONFIG = "/opt/envmgr/uv.toml"     # where every step finds it (UV_CONFIG_FILE)
 _HASH_FAILURES = re.compile(r"(hash mismatch|Hash mismatch|do not match the hashes|THESE PACKAGES DO NOT MATCH)", re.I)
@@ -126,14 +132,53 @@ def credentials_file(ctx: Context, env: dict[str, str]) -> Iterator[tuple[dict[s
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s,]+", re.I)
 
 
-def sdist_only_error(title: str, name: str, version: str = "") -> EnvmgrError:
-    """A package with only a source distribution: envmgr builds none unless the method allows it by name."""
-    pinned = f"{name}=={version}" if version else name
-    return EnvmgrError(f"{title}: {pinned} has only a source distribution for the target, and envmgr installs "
-                       "wheels only (building one runs the package's own code)",
-                       hint=f"pin a version of {name} that ships a wheel, or allow building it in the method's "
-                            f"envmgr.toml: [adapt] build_from_source = [\"{name}\"] (built with no network and "
-                            "no credentials)")
+class SdistOnlyError(EnvmgrError):
+    """Packages with only a source distribution for the target (`packages`: name -> version, "" when unknown)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, packages: dict[str, str] | None = None):
+        super().__init__(message, hint=hint)
+        self.packages = dict(packages or {})
+
+
+def sdist_only_found(text: str) -> tuple[str, str] | None:
+    """(name, version) of the package uv refused for having no usable wheel; version "" when uv named none."""
+    found = SDIST_ONLY.search(text)
+    if not found:
+        return None
+    name = found.group(1)
+    if found.group(2) == "==" and found.group(3):
+        return name, found.group(3)
+    newest = re.search(_SDIST_VERSION.format(name=re.escape(name)), text)
+    return name, (newest.group(1) or newest.group(2)) if newest else ""
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
+
+
+def sdist_only_error(title: str, packages: dict[str, str], adapt: Adaptations | None = None) -> SdistOnlyError:
+    """Packages with only a source distribution: envmgr builds none unless the method allows each by name at one
+    exact version. The hint holds the two [adapt] lines, whole (what the spec already allows and pins merged
+    in), with the version the resolver saw, to replace the spec's own `build_from_source` and `pin` lines."""
+    named = ", ".join(f"{n}=={v}" if v else n for n, v in packages.items())
+    several = len(packages) > 1
+    message = (f"{title}: {named} {'have' if several else 'has'} only a source distribution for the target, and "
+               "envmgr installs wheels only (building one runs the package's own code)")
+    allowed = list(adapt.build_from_source) if adapt else []
+    known = {canonicalize_name(n) for n in allowed}
+    allowed += [n for n in packages if canonicalize_name(n) not in known]
+    pins = dict(adapt.pin) if adapt else {}
+    pinned = {canonicalize_name(n) for n in pins}
+    pins.update({n: v or "VERSION" for n, v in packages.items() if canonicalize_name(n) not in pinned})
+    listed = ", ".join(f'"{n}"' for n in allowed)
+    pin_line = ", ".join(f'{_toml_key(n)} = "{v}"' for n, v in pins.items())
+    them = "them" if several else "it"
+    hint = (f"pin {'versions that ship' if several else 'a version that ships'} a wheel, or allow building {them} "
+            f"(no network, no credentials) with these lines in the method's envmgr.toml [adapt]:\n"
+            f"    build_from_source = [{listed}]\n    pin = {{ {pin_line} }}")
+    if any(not v for v in packages.values()):
+        hint += "\n(VERSION: one the index has; `pip index versions NAME` lists them)"
+    return SdistOnlyError(message, hint=hint, packages=packages)
 
 
 def _failure(ctx: Context, step: Step, code: int, lines: list[str]) -> EnvmgrError:
@@ -146,9 +191,9 @@ def _failure(ctx: Context, step: Step, code: int, lines: list[str]) -> EnvmgrErr
         return EnvmgrError(f"{step.title}: {no_wheel.group(1)} has no wheel (and no sdist) for the target "
                            f"(linux, Python of {step.target})",
                            hint="pin a version that ships one, or drop it in the method's [adapt]")
-    sdist_only = SDIST_ONLY.search(text)
+    sdist_only = sdist_only_found(text)
     if sdist_only:
-        return sdist_only_error(step.title, sdist_only.group(1))
+        return sdist_only_error(step.title, dict([sdist_only]))
     build_failed = _BUILD_FAILURE.search(text)
     if build_failed:
         call = _BUILD_CALL.search(text)

@@ -107,6 +107,21 @@ def unreachable_in_pyproject(data: dict, adapt: Adaptations, site_sources: dict[
     return problems
 
 
+_NOT_DIRECT_HINT = ("pin and drop name the method's own dependencies; for a dependency of a dependency use "
+                    "add = { name = \"==VERSION\" } (or list it in build_from_source too, to build it at that pin)")
+
+
+def _is_source_pin(adapt: Adaptations, name: str) -> bool:
+    return _name(name) in {_name(n) for n in adapt.build_from_source} and name in adapt.pin
+
+
+def source_pins_of_dependencies(adapt: Adaptations, present: set[str]) -> dict[str, str]:
+    """A package built from source is built at one exact version, its pin, also when it is a dependency of a
+    dependency (uv and poetry name those too): such a pin becomes a `name==version` requirement of its own."""
+    return {name: version for name, version in adapt.pin.items()
+            if _name(name) not in present and _is_source_pin(adapt, name)}
+
+
 def proposed_pin(name: str, locked: dict[str, str]) -> str:
     """`pin = { name = "<release>" }`: the release the repository's lock (canonical name -> version) points at
     (`0.32.0.dev0` built from git -> `0.32.0`, with the locked version noted)."""
@@ -128,14 +143,16 @@ def _set_pep508_version(text: str, version: str) -> str:
 def _require_dependencies(adapt: Adaptations, present: set[str], where: Path, known: str = "") -> None:
     """[adapt] pin and drop name only what the method depends on: a misspelt name would otherwise do nothing."""
     for name in [*adapt.pin, *adapt.drop]:
-        if _name(name) not in present:
-            raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on{known}")
+        if _name(name) not in present and not _is_source_pin(adapt, name):
+            raise UsageError(f"{where}: [adapt] names {name!r}, which the method does not depend on{known}",
+                             hint=_NOT_DIRECT_HINT)
 
 
 def adapt_pyproject(data: dict, adapt: Adaptations, where: Path, mirror_urls: dict[str, str] | None = None) -> dict:
     """The effective pyproject: adaptations applied; with `mirror_urls`, mapped indexes point to mirrors."""
     data = copy.deepcopy(data)
     present = pyproject_names(data)
+    added = {**adapt.add, **{n: f"=={v}" for n, v in source_pins_of_dependencies(adapt, present).items()}}
     _require_dependencies(adapt, present, where, f" (it has: {', '.join(sorted(present)) or 'nothing'})")
     dropped = {_name(n) for n in adapt.drop}
     pins = {_name(n): v for n, v in adapt.pin.items()}
@@ -144,8 +161,8 @@ def adapt_pyproject(data: dict, adapt: Adaptations, where: Path, mirror_urls: di
         _adapt_poetry_table(table, dropped, pins, default_sources)
     for lst in _pep508_lists(data):
         _adapt_pep508_list(lst, dropped, pins)
-    if adapt.add:
-        _add_dependencies(data, adapt.add)
+    if added:
+        _add_dependencies(data, added)
     _adapt_poetry_sources(data.get("tool", {}).get("poetry", {}), default_sources, mirror_urls)
     return data
 
@@ -386,6 +403,8 @@ def effective_requirements(text: str, adapt: Adaptations, where: Path, site_sour
         # `torch==2.5.1+cu124` from an index mapped to the default index: the default index's release
         lines = [strip_local(line) if not line.startswith("-") else line for line in lines]
     _require_dependencies(adapt, present, where)
+    for name, version in source_pins_of_dependencies(adapt, present).items():
+        lines.append(f"{name}=={version}")
     for name, constraint in adapt.add.items():
         lines.append(name if constraint in ("", "*") else f"{name}{_pep440(constraint)}")
     return "\n".join(lines) + "\n", mirrors, problems

@@ -9,10 +9,16 @@ Layout of an added method in the base dir:
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
 import re
 import shutil
+import subprocess
+import tarfile
 import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 import tomli_w
@@ -86,17 +92,124 @@ def requires_python(root: Path, data: dict) -> tuple[str | None, str]:
     return None, ""
 
 
-def detect_entry(root: Path, entry: str | None) -> list[str]:
+def _module_of(root: Path, relative: str) -> str | None:
+    """`pkg.sub.train` for `pkg/sub/train.py` when every folder on the way is a package (has `__init__.py`):
+    such a file imports its own package absolutely (`from pkg.helpers import ...`), which works when it runs
+    as a module from the repository's folder (`python -m`), not as a script (its folder first on sys.path)."""
+    parts = Path(relative).parts
+    if len(parts) < 2 or not parts[-1].endswith(".py") or not all(p.isidentifier() for p in parts[:-1]):
+        return None
+    stem = parts[-1][:-3]
+    if not stem.isidentifier():
+        return None
+    folder = root
+    for part in parts[:-1]:
+        folder = folder / part
+        if not (folder / "__init__.py").is_file():
+            return None
+    return ".".join([*parts[:-1], stem])
+
+
+_CONSOLE_SCRIPT = re.compile(r"[\"']([A-Za-z0-9_.-]+)\s*=\s*([A-Za-z0-9_.]+)(?::[A-Za-z0-9_.]+)?[\"']")
+
+
+def _script_modules(root: Path, data: dict) -> list[str]:
+    """The modules the project's console scripts call ([project.scripts], poetry's scripts, setup.py's
+    console_scripts read as text), those whose script name says train, as repository paths that exist."""
+    scripts: dict[str, str] = {}
+    poetry_scripts = data.get("tool", {}).get("poetry", {}).get("scripts", {})
+    for table in (data.get("project", {}).get("scripts", {}), poetry_scripts):
+        scripts.update({k: v for k, v in table.items() if isinstance(v, str)})
+    setup_py = root / "setup.py"
+    if setup_py.is_file():
+        text = setup_py.read_text(encoding="utf-8", errors="replace")
+        scripts.update(dict(_CONSOLE_SCRIPT.findall(text)))
+    found = []
+    for name, target in scripts.items():
+        module = target.split(":", 1)[0].strip()
+        path = Path(*module.split(".")).with_suffix(".py").as_posix()
+        if "train" in name.lower() and (root / path).is_file() and path not in found:
+            found.append(path)
+    return found
+
+
+def _entry_command(root: Path, relative: str) -> list[str]:
+    if relative.endswith(".sh"):
+        return ["bash", relative]
+    if relative.endswith(".py"):
+        module = _module_of(root, relative)
+        return ["python", "-m", module] if module else ["python", relative]
+    return [relative]
+
+
+def detect_entry(root: Path, entry: str | None, data: dict | None = None, shown: str | None = None) -> list[str]:
+    """The command that starts the repository's training: `--entry`, else `train.sh` / `train.py` at the top,
+    else the one training module of a package-shaped repository (`pkg/train.py`, or the module a console
+    script named like train calls), run as a module. `shown` names the repository in messages."""
     if entry:
         path = root / entry
         if not path.is_file():
             raise UsageError(f"--entry {entry}: no such file in the repository")
-        return ["bash", entry] if entry.endswith(".sh") else ["python", entry] if entry.endswith(".py") else [entry]
-    for candidate, command in (("train.sh", ["bash", "train.sh"]), ("train.py", ["python", "train.py"])):
+        return _entry_command(root, entry)
+    for candidate in ("train.sh", "train.py"):
         if (root / candidate).is_file():
-            return command
-    raise UsageError(f"{root}: no train.sh or train.py at the top of the repository",
+            return _entry_command(root, candidate)
+    candidates = _script_modules(root, data or {})
+    for package in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
+        inside = f"{package.name}/train.py"
+        if (root / inside).is_file() and inside not in candidates:
+            candidates.append(inside)
+    candidates = [c for c in candidates if _module_of(root, c)]
+    if len(candidates) == 1:
+        return _entry_command(root, candidates[0])
+    where = shown or str(root)
+    if candidates:
+        raise UsageError(f"{where}: no train.sh or train.py at the top of the repository, and "
+                         f"{len(candidates)} training modules in its packages, one a line:"
+                         + "".join(f"\n  --entry {c}" for c in candidates),
+                         hint="name the one to run with --entry PATH (a file in a package runs as `python -m`)")
+    raise UsageError(f"{where}: no train.sh or train.py at the top of the repository, and no package with a "
+                     "train.py or a console script named like train",
                      hint="name the entry with --entry PATH")
+
+
+def repository_date(source: Path) -> str | None:
+    """The repository's own day (YYYY-MM-DD, UTC): the newest time its files carry (a folder's mtimes, an
+    archive's member times; `.git` left out) or its newest commit, whichever is older (a fresh clone's files
+    are as new as the clone; a release unpacked and committed today keeps its files' times). None: no time."""
+    times: list[float] = []
+    if source.is_dir():
+        newest = 0.0
+        for root, dirs, files in os.walk(source):
+            dirs[:] = [d for d in dirs if d != ".git"]
+            for name in files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+        if newest:
+            times.append(newest)
+        if (source / ".git").exists() and shutil.which("git"):
+            # reads the history only (no hook, no filter, no fsmonitor runs for `log`)
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                proc = subprocess.run(["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={source}",
+                                       "-C", str(source), "log", "-1", "--format=%ct", "HEAD"],
+                                      capture_output=True, text=True, timeout=20)
+                if proc.returncode == 0 and proc.stdout.strip().isdigit():
+                    times.append(float(proc.stdout.strip()))
+    elif zipfile.is_zipfile(source):
+        with contextlib.suppress(OSError, zipfile.BadZipFile, ValueError), zipfile.ZipFile(source) as zf:
+            stamps = [datetime.datetime(*i.date_time, tzinfo=datetime.UTC).timestamp() for i in zf.infolist()
+                      if not i.is_dir()]
+            if stamps:
+                times.append(max(stamps))
+    else:
+        with contextlib.suppress(OSError, tarfile.TarError), tarfile.open(source) as tf:
+            stamps = [float(m.mtime) for m in tf.getmembers() if m.isfile()]
+            if stamps:
+                times.append(max(stamps))
+    times = [t for t in times if t > 86400 * 365 * 10]   # an epoch-0 or fixed-time archive says nothing
+    if not times:
+        return None
+    return datetime.datetime.fromtimestamp(min(times), datetime.UTC).date().isoformat()
 
 
 def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None, backend: str | None = None,
@@ -126,15 +239,18 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
         if not any(root.iterdir()):
             raise UsageError(f"{source}: holds no files (only macOS junk?)")
         detected = detect_backend(root, backend)
-        command = detect_entry(root, entry)
-        wanted, declared_in = requires_python(root, _pyproject_data(root))
+        data = _pyproject_data(root)
+        command = detect_entry(root, entry, data, shown=str(source))
+        wanted, declared_in = requires_python(root, data)
         base = pick_base(wanted, f"{source.name} ({declared_in})")
         shutil.move(str(root), str(staging / SOURCE_DIR))
         shutil.rmtree(unpacked, ignore_errors=True)
         (staging / LOCK_DIR).mkdir()
+        day = repository_date(source)
         spec_data = {
             "name": name,
             "description": f"added from {source.name}",
+            **({"source_date": day} if day else {}),
             "backend": detected.backend,
             "python": python_series(base),
             "base_image": base.name,
@@ -146,8 +262,9 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
             "workdir": "method",
             "verdict": "training",
             "env": {"DISABLE_UPDATES": "1", "HF_HUB_OFFLINE": "1"},
-            "adapt": {"pin": {}, "drop": [], "add": {}, "sources": {}},
         }
+        # written as one-line tables, the shape every message proposes (`pin = { name = "1.0" }` replaces a line)
+        adapt_table = ("\n[adapt]\npin = {}\ndrop = []\nadd = {}\nsources = {}\nbuild_from_source = []\n")
         header = ("# Written by `envmgr method add`. The repository is in source/ and stays as added:\n"
                   "# adapt it here instead. [adapt] pin = { pkg = \"1.2.3\" } replaces a range, git or URL source;\n"
                   "# drop = [\"pkg\"]; add = { pkg = \">=1\" }; sources = { index-name = \"default\" | \"mirror\" }.\n"
@@ -159,8 +276,11 @@ def add_method(base_dir: Path, source: Path, name: str, entry: str | None = None
                   "# workdir = \"method\": the entry runs in a writable copy of source/ made for each run.\n"
                   "# [system] apt = [\"libgl1\"]: Debian packages from the site's apt mirror, in their own layer.\n"
                   "# dataset_mode = \"archive\" | \"extracted\" | \"writable\": the dataset as given, extracted\n"
-                  "# read-only into the run, or a writable copy (default: an archive is extracted).\n")
-        (staging / "envmgr.toml").write_text(header + tomli_w.dumps(spec_data))
+                  "# read-only into the run, or a writable copy (default: an archive is extracted).\n"
+                  "# source_date: the repository's day; a pip repository that pins nothing is locked with\n"
+                  "# the versions published by then ([adapt] resolve_as_of = \"YYYY-MM-DD\": another day,\n"
+                  "# false: the newest).\n")
+        (staging / "envmgr.toml").write_text(header + tomli_w.dumps(spec_data) + adapt_table)
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

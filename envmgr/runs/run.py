@@ -59,7 +59,7 @@ from envmgr.runs.plan import (
 )
 from envmgr.runs.records import Status, check_run_id
 from envmgr.runs.settle import owner_alive, owner_record, settle
-from envmgr.runs.verdict import describe as describe_verdict, judge
+from envmgr.runs.verdict import describe as describe_verdict, entry_hint, judge
 
 
 @dataclass
@@ -333,10 +333,11 @@ def _raise_unless_succeeded(ctx: Context, r: _Run, record: dict, ended: _Ended, 
         raise Interrupted(f"run {run_id} interrupted: checkpoints kept in {r.output}",
                           hint=f"continue with `envmgr run {name} --resume {run_id}`")
     if record["status"] == Status.FAILED:
-        raise _failure(run_id, r.run_dir, record, ended.tail, ctx.cache_dir)
+        raise _failure(run_id, r.run_dir, record, ended.tail, ctx.cache_dir, r.spec)
 
 
-def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_dir: Path | None = None) -> EnvmgrError:
+def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_dir: Path | None = None,
+             spec: MethodSpec | None = None) -> EnvmgrError:
     verdict: dict = record["verdict"] if isinstance(record.get("verdict"), dict) else {}
     if record.get("exit_code") == 0 and record.get("reason"):   # an exit 0 that a rule of verdict.py turned failed
         why = record["reason"]
@@ -349,7 +350,8 @@ def _failure(run_id: str, run_dir: Path, record: dict, tail: list[str], cache_di
     return EnvmgrError(f"run {run_id} failed ({why}); log: {run_dir / records.LOG}\n{detail}  last lines:\n{last}",
                        hint=verdict.get("hint") or ("the spec's `success` names what a run must write"
                                                     if record.get("reason") == "no outputs" else None)
-                       or (runtime_hint(tail, cache_dir) if cache_dir else None))
+                       or (runtime_hint(tail, cache_dir) if cache_dir else None)
+                       or (entry_hint(tail, spec.entry, spec.source_path) if spec else None))
 
 
 def resolve_gpus(ctx: Context, spec: MethodSpec, given: str | None) -> GpuRequest:

@@ -140,6 +140,27 @@ def dataset_hint(lines: list[str], dataset: Any) -> str | None:
             "set dataset_mode = \"writable\" in the method's envmgr.toml for a writable copy per run")
 
 
+_NO_MODULE = re.compile(r"ModuleNotFoundError: No module named '([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def entry_hint(lines: list[str], entry: list[str], source: Path) -> str | None:
+    """`python -m pkg.mod` when the entry ran a file of the method's own package as a script and the log says
+    that package is not found: a script's own folder comes first on sys.path, not the repository's."""
+    missing = next((m.group(1) for line in reversed(lines) for m in [_NO_MODULE.search(line)] if m), None)
+    if missing is None or not (source / missing / "__init__.py").is_file():
+        return None
+    script = next((word for word in entry if word.endswith(".py") and (source / word).is_file()), None)
+    if script is None or "-m" in entry:
+        return None
+    parts = Path(script).with_suffix("").parts
+    if parts[0] != missing or not all(part.isidentifier() for part in parts):
+        return None
+    module = ".".join(parts)
+    return (f"{script} imports its own package {missing}, which a script run as `python {script}` does not find "
+            f"(its folder, not the repository's, comes first on sys.path): run it as a module: "
+            f"entry = [\"python\", \"-m\", \"{module}\"] in the method's envmgr.toml")
+
+
 # ---------------------------------------------------------------------- the verdict
 
 

@@ -219,7 +219,7 @@ def test_sdist_only_pin_is_refused_by_name_without_building(workspace, tmp_path)
     finally:
         index.stop()
     assert proc.returncode == 1, proc.stderr
-    assert "needs-torch has only a source distribution" in proc.stderr, proc.stderr
+    assert "needs-torch==0.1 has only a source distribution" in proc.stderr, proc.stderr
     assert 'build_from_source = ["needs-torch"]' in proc.stderr
     assert "Traceback" not in proc.stderr and "import torch" not in proc.stderr
 

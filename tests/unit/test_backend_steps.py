@@ -256,3 +256,75 @@ def test_an_unknown_backend_is_one_line_naming_the_known_ones(tmp_path):
     broken = spec.model_copy(update={"backend": "pixi"})
     with pytest.raises(UsageError, match=r"unknown backend 'pixi' \(known: conda, pip, poetry\)"):
         get_backend(broken)
+
+
+def _dated_pip_spec(tmp_path: Path, extra: str = "") -> MethodSpec:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "envmgr.toml").write_text('name = "d"\nbackend = "pip"\nentry = ["python", "x.py"]\n'
+                                        'source_date = "2025-12-03"\n' + extra)
+    (folder / "requirements.txt").write_text("requests>=2\n")
+    return load_spec(folder / "envmgr.toml", builtin=False)
+
+
+def _compiles(lock_line: str = "requests==2.31.0"):
+    def answer(step: Step) -> list[str]:
+        (_mount(step, paths.CONTAINER_WORK) / "requirements.lock.txt").write_text(
+            lock_line + " \\\n    --hash=sha256:" + "a" * 64 + "\n")
+        return []
+    return answer
+
+
+def test_a_repository_that_pins_nothing_is_locked_as_of_the_day_after_its_own(tmp_path):
+    runner = FakeRunner(_compiles())
+    spec = _dated_pip_spec(tmp_path)
+    backend = get_backend(spec)
+    backend.lock(_ctx(tmp_path, runner), spec, BASE)
+    [step] = runner.steps
+    assert "--exclude-newer 2025-12-04" in step.script
+    lock = (spec.lock_path / "requirements.lock.txt").read_text()
+    assert "# envmgr: versions published before 2025-12-04" in lock
+    backend.check(spec)
+    # another day in the spec makes the lock stale; false takes the newest versions
+    spec.adapt.resolve_as_of = "2026-01-01"
+    with pytest.raises(EnvmgrError, match="does not match"):
+        backend.check(spec)
+    spec.adapt.resolve_as_of = False
+    runner = FakeRunner(_compiles())
+    backend.lock(_ctx(tmp_path, runner), spec, BASE)
+    assert "--exclude-newer" not in runner.steps[0].script
+    backend.check(spec)
+
+
+def test_an_index_without_upload_dates_gets_the_newest_versions_said_so(tmp_path):
+    """uv's dated solve excludes every undated file; why, it says only without --quiet (a second, scratch run)."""
+    def runner(ctx, step, on_line=None):
+        if "--exclude-newer" in step.script and "--quiet" in step.script:
+            raise EnvmgrError("locking d failed (exit 1): error: No solution found | hint: `requests` was filtered "
+                              "by `exclude-newer` to only include packages uploaded before 2025-12-04T00:00:00Z")
+        if "--exclude-newer" in step.script:
+            assert "dated-probe.txt" in step.script   # never over the lock's own output file
+            on_line("warning: `requests-2.31.0-py3-none-any.whl` is missing an upload date, but user provided: "
+                    "2025-12-04T00:00:00Z")
+            raise EnvmgrError("locking d failed (exit 1)")
+        return _compiles()(step)
+
+    spec = _dated_pip_spec(tmp_path)
+    backend = get_backend(spec)
+    backend.lock(_ctx(tmp_path, runner), spec, BASE)
+    lock = (spec.lock_path / "requirements.lock.txt").read_text()
+    assert "no upload dates" in lock and "versions published before" not in lock
+    backend.check(spec)   # current: the index could not date it
+
+
+def test_a_pin_newer_than_the_day_is_told_how_to_move_the_day(tmp_path):
+    def answer(step: Step) -> list[str]:
+        if "--exclude-newer" in step.script:
+            raise EnvmgrError("locking d failed (exit 1): hint: `requests` was filtered by `exclude-newer` to only "
+                              "include packages uploaded before 2025-12-04T00:00:00Z")
+        return []
+
+    spec = _dated_pip_spec(tmp_path)
+    with pytest.raises(EnvmgrError) as raised:
+        get_backend(spec).lock(_ctx(tmp_path, FakeRunner(answer)), spec, BASE)
+    assert "resolve_as_of" in (raised.value.hint or "")

@@ -67,7 +67,7 @@ def test_add_detects_pip_and_train_py(tmp_path):
     ("zip-slip", "escapes the destination"),
     ("no-env", "no environment file found"),
     ("disagree", "disagree"),
-    ("no-entry", "no train.sh or train.py"),
+    ("no-entry", "no train.sh or train.py at the top of the repository, and no package"),
     ("bad-entry", "--entry nope.sh: no such file"),
 ])
 def test_bad_sources_add_nothing(tmp_path, case, message):
@@ -160,3 +160,93 @@ def test_requirements_adaptations_and_unreachable(tmp_path):
         path, {"download.invalid": "http://127.0.0.1:1/simple/"})
     assert problems == [] and mirrors == ["http://127.0.0.1:1/simple/"]
     assert effective.split() == ["envmgr-alpha>=1.0", "envmgr-beta==1.1"]
+
+
+SETUP_PY_PROJECT = """\
+[build-system]
+requires = ["setuptools>=61.0"]
+build-backend = "setuptools.build_meta"
+[project]
+name = "tuner"
+dynamic = ["version", "dependencies"]
+requires-python = ">=3.11"
+[project.scripts]
+tuner = "tuner.cli:main"
+tuner-train = "tuner.train:main"
+"""
+
+
+def test_a_package_shaped_repository_runs_its_training_module_with_python_m(tmp_path):
+    """SimpleTuner 3.x: no train.sh; `tuner/train.py` imports `tuner.helpers`, so it runs as a module from the
+    method's folder (as a script its own folder comes first on sys.path and `tuner` is not found)."""
+    files = {"pyproject.toml": SETUP_PY_PROJECT, "setup.py": "raise SystemExit('never run')\n",
+             "tuner/__init__.py": "", "tuner/train.py": "from tuner.helpers import x\n", "tuner/cli.py": "",
+             "tuner/helpers/__init__.py": "x = 1\n"}
+    spec, _ = add_method(tmp_path / "base", _repo(tmp_path / "r", files), "tuner")
+    assert spec.entry == ["python", "-m", "tuner.train"]
+    # --entry naming a file in a package gets the same; a top-level script stays a script
+    spec, _ = add_method(tmp_path / "base", _repo(tmp_path / "r", files), "tuner2", entry="tuner/train.py")
+    assert spec.entry == ["python", "-m", "tuner.train"]
+    files["tools/go.py"] = "print(1)\n"
+    spec, _ = add_method(tmp_path / "base", _repo(tmp_path / "r", files), "tuner3", entry="tools/go.py")
+    assert spec.entry == ["python", "tools/go.py"]
+
+
+def test_console_scripts_in_setup_py_name_the_training_module(tmp_path):
+    files = {"setup.py": "setup(entry_points={'console_scripts': ['fit-model = trainer.run:main']})\n",
+             "requirements.txt": "numpy\n", "trainer/__init__.py": "", "trainer/run.py": "print(1)\n"}
+    with pytest.raises(UsageError, match="no package with a train.py or a console script named like train"):
+        add_method(tmp_path / "base", _repo(tmp_path / "r", files), "fit")   # a script that does not say train
+    files = {"setup.py": "setup(entry_points={'console_scripts': ['train-model = trainer.run:main']})\n",
+             "requirements.txt": "numpy\n", "trainer/__init__.py": "", "trainer/run.py": "print(1)\n"}
+    spec, _ = add_method(tmp_path / "base", _repo(tmp_path / "r2", files), "fit2")
+    assert spec.entry == ["python", "-m", "trainer.run"]
+
+
+def test_several_training_modules_are_listed_one_a_line_under_the_name_the_user_gave(tmp_path):
+    files = {"requirements.txt": "numpy\n", "a/__init__.py": "", "a/train.py": "", "b/__init__.py": "",
+             "b/train.py": ""}
+    source = _repo(tmp_path / "myrepo", files)
+    with pytest.raises(UsageError) as err:
+        add_method(tmp_path / "base", source, "m")
+    assert str(source) in err.value.message and ".adding-" not in err.value.message
+    assert "\n  --entry a/train.py\n  --entry b/train.py" in err.value.message
+    assert not (tmp_path / "base" / "methods" / "m").exists()
+
+
+def test_a_source_build_pin_may_name_a_dependency_of_a_dependency(tmp_path):
+    """docopt comes with num2words: built from source at its pin, which becomes a requirement of its own."""
+    where = tmp_path / "requirements.txt"
+    adapt = Adaptations(build_from_source=["docopt"], pin={"docopt": "0.6.2"})
+    text, _, _ = effective_requirements("num2words>=0.5\n", adapt, where, {})
+    assert text.splitlines() == ["num2words>=0.5", "docopt==0.6.2"]
+    data = adapt_pyproject({"project": {"name": "x", "dependencies": ["num2words>=0.5"]}}, adapt, where)
+    assert data["project"]["dependencies"] == ["num2words>=0.5", "docopt==0.6.2"]
+    with pytest.raises(UsageError, match="does not depend on") as err:   # a plain pin still names its own deps
+        effective_requirements("num2words>=0.5\n", Adaptations(pin={"docopt": "0.6.2"}), where, {})
+    assert 'add = { name = "==VERSION" }' in (err.value.hint or "")
+
+
+def test_the_repositorys_day_is_its_files_or_its_last_commit_whichever_is_older(tmp_path):
+    import os
+    import subprocess
+
+    from envmgr.lock.methods import repository_date
+
+    repo = _repo(tmp_path / "r", {"requirements.txt": "numpy\n", "train.py": "print(1)\n"})
+    for name in ("requirements.txt", "train.py"):
+        os.utime(repo / name, (1764720000, 1764720000))   # 2025-12-03 (a release unpacked: its files' times)
+    assert repository_date(repo) == "2025-12-03"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@x", "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qm", "x"],
+                   check=True, env={**os.environ, "GIT_COMMITTER_DATE": "2026-06-01T00:00:00Z"})
+    assert repository_date(repo) == "2025-12-03"          # committed later: the files' day
+    os.utime(repo / "train.py")                          # a fresh clone: files of today, the commit's day
+    assert repository_date(repo) == "2026-06-01"
+    zipped = _zip(tmp_path / "r.zip", {"train.py": "x"})
+    assert repository_date(zipped) is not None
+    spec, _ = add_method(tmp_path / "base", repo, "dated")
+    assert spec.source_date == "2026-06-01"
+    text = (spec.folder / "envmgr.toml").read_text()
+    assert "\n[adapt]\npin = {}\n" in text                 # one-line tables: a proposed `pin = {...}` replaces it

@@ -24,8 +24,8 @@ from envmgr.door.containers import BindMount
 from envmgr.runs import outputs as run_outputs, owned, slurm
 from envmgr.runs.datasets import prepare_dataset
 from envmgr.runs.inputs import parse_input, recorded_inputs
-from envmgr.runs.records import read_record, write_record
 from envmgr.runs.plan import refusal_recorded as _refusal_recorded
+from envmgr.runs.records import read_record, write_record
 from envmgr.runs.run import _check_owned_mounts
 
 USER = f"{os.getuid()}:{os.getgid()}"

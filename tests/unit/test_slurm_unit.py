@@ -15,9 +15,9 @@ from envmgr.core.errors import UsageError
 from envmgr.core.gpu import GpuRequest, parse_gpus
 from envmgr.core.spec import find_method
 from envmgr.runs import slurm
-from envmgr.runs.records import read_record, write_record
 from envmgr.runs.ledger import settle
 from envmgr.runs.plan import NodeStep
+from envmgr.runs.records import read_record, write_record
 from envmgr.ship.squashfs import apply_layer, write_enroot_files
 
 

@@ -127,3 +127,29 @@ def test_the_download_step_fetches_the_sdist_with_the_netrc_and_checks_its_hash(
         assert fetch("").returncode != 0   # the index wants the password: the netrc is what carried it
     finally:
         index.stop()
+
+
+def test_uvs_refusal_gives_the_version_it_saw():
+    from envmgr.door.steps import sdist_only_found
+
+    exact = ("  cause: Because atomicwrites==1.4.1 has no usable wheels and only atomicwrites<=1.4.1 is available, "
+             "we can conclude that atomicwrites>=1.4.1 cannot be used.")
+    assert sdist_only_found(exact) == ("atomicwrites", "1.4.1")
+    newest = ("  cause: Because only docopt<=0.6.2 is available and docopt<=0.6.2 has no usable wheels, we can "
+              "conclude that all versions of docopt cannot be used.")
+    assert sdist_only_found(newest) == ("docopt", "0.6.2")
+    assert sdist_only_found("Because pkg has no usable wheels, ...") == ("pkg", "")
+    assert sdist_only_found("error: something else") is None
+
+
+def test_the_sdist_hint_holds_both_lines_whole_with_what_the_spec_already_has():
+    from envmgr.door.steps import sdist_only_error
+
+    adapt = Adaptations(build_from_source=["iterutils"], pin={"iterutils": "0.1.6", "torch": "2.5.1"})
+    error = sdist_only_error("locking st", {"atomicwrites": "1.4.1", "docopt": "", "iterutils": "0.1.6"}, adapt)
+    assert error.message.startswith("locking st: atomicwrites==1.4.1, docopt, iterutils==0.1.6 have only a source")
+    lines = [line.strip() for line in error.hint.splitlines()]
+    assert 'build_from_source = ["iterutils", "atomicwrites", "docopt"]' in lines
+    assert 'pin = { iterutils = "0.1.6", torch = "2.5.1", atomicwrites = "1.4.1", docopt = "VERSION" }' in lines
+    assert error.packages == {"atomicwrites": "1.4.1", "docopt": "", "iterutils": "0.1.6"}
+    assert "pip index versions" in error.hint   # a version it could not name: where to find one

@@ -193,3 +193,49 @@ def test_a_split_failure_reaches_the_user_as_one_line_naming_the_distribution(tm
                     want_skeleton=False, read_archs=False)
     assert caught.value.message == f"m: innocent: {SITE}/innocent/__init__.py does not match the hash in its RECORD"
     assert "Traceback" not in str(caught.value)
+
+
+def _fresh(tmp: Path, files: dict[str, bytes]) -> str:
+    """A stand-in for fresh.sh (download again without the cache): writes `files` into tmp/fresh."""
+    script = tmp / "fresh.sh"
+    lines = ["set -e"]
+    for rel, data in files.items():
+        target = tmp / "fresh" / SITE / rel
+        lines.append(f"mkdir -p '{target.parent}' && printf '%s' '{data.decode()}' > '{target}'")
+    script.write_text("\n".join(lines) + "\n")
+    return str(script)
+
+
+def _split_fresh(tmp: Path, units: dict[str, str], fresh: str) -> subprocess.CompletedProcess:
+    (tmp / "units.txt").write_text("".join(f"{key} {name}\n" for name, key in units.items()))
+    (tmp / "skeleton").write_text("")
+    (tmp / "others.jsonl").write_text("")
+    (tmp / "bytecode").mkdir(exist_ok=True)
+    (tmp / "split.py").write_text(SPLIT_SCRIPT)
+    return subprocess.run([sys.executable, "-S", "-B", str(tmp / "split.py"), str(tmp / "prefix"), str(tmp / "envs"),
+                           str(tmp / "units.txt"), str(tmp / "skeleton"), str(tmp / "bytecode" / "plan"),
+                           str(tmp / "others.jsonl"), "/nonexistent", fresh, str(tmp / "fresh")],
+                          capture_output=True, text=True)
+
+
+def test_a_wheel_published_with_a_wrong_record_is_kept_when_a_fresh_download_has_the_same_bytes(tmp_path):
+    """torch-optimi 0.3.2's wheel: its RECORD's hashes are not those of its own files, as published."""
+    from envmgr.build.layers import SPLIT_WARN
+
+    prefix = _setup(tmp_path)
+    _dist(prefix, "optimi-ish", {"optimi/__init__.py": b"x = 1\n"})
+    (prefix / SITE / "optimi" / "__init__.py").write_bytes(b"x = 2\n")   # the bytes the wheel really holds
+    proc = _split_fresh(tmp_path, {"optimi-ish": "k-o"}, _fresh(tmp_path, {"optimi/__init__.py": b"x = 2\n"}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warned = [line for line in proc.stdout.splitlines() if line.startswith(SPLIT_WARN)]
+    assert len(warned) == 1 and "optimi-ish" in warned[0] and "as published" in warned[0]
+    recorded = json.loads((tmp_path / "envs" / "files-k-o.json").read_text())
+    assert [SITE + "/optimi/__init__.py", record_digest(b"x = 2\n"), "6"] in recorded["files"]
+
+
+def test_bytes_a_fresh_download_does_not_have_stop_the_split(tmp_path):
+    prefix = _setup(tmp_path)
+    _dist(prefix, "optimi-ish", {"optimi/__init__.py": b"x = 1\n"})
+    (prefix / SITE / "optimi" / "__init__.py").write_bytes(b"x = 3\n")   # changed in the cache
+    proc = _split_fresh(tmp_path, {"optimi-ish": "k-o"}, _fresh(tmp_path, {"optimi/__init__.py": b"x = 1\n"}))
+    assert proc.returncode == 1 and "modified file in the uv cache" in proc.stdout

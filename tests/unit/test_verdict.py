@@ -257,3 +257,18 @@ def test_sd_demo_is_judged_by_its_own_success_glob(tmp_path):
 def test_the_verdict_key_leaves_the_image_hash_as_it_was(tmp_path):
     plain = _builtin(tmp_path)
     assert _builtin(tmp_path, verdict="training").spec_hash() == plain.spec_hash()
+
+
+def test_a_script_of_the_methods_own_package_that_misses_its_package_is_told_python_m(tmp_path):
+    from envmgr.runs.verdict import entry_hint
+
+    (tmp_path / "tuner" / "helpers").mkdir(parents=True)
+    for name in ("tuner/__init__.py", "tuner/helpers/__init__.py", "tuner/train.py"):
+        (tmp_path / name).write_text("")
+    tail = ["Traceback (most recent call last):", '  File "/envmgr/run/method/tuner/train.py", line 20, in <module>',
+            "    from tuner.helpers import log_format", "ModuleNotFoundError: No module named 'tuner'"]
+    hint = entry_hint(tail, ["python", "tuner/train.py"], tmp_path)
+    assert hint and 'entry = ["python", "-m", "tuner.train"]' in hint
+    assert entry_hint(tail, ["python", "-m", "tuner.train"], tmp_path) is None
+    other = tail[:-1] + ["ModuleNotFoundError: No module named 'numpy'"]   # a dependency: not the entry's fault
+    assert entry_hint(other, ["python", "tuner/train.py"], tmp_path) is None

@@ -38,7 +38,7 @@ from envmgr.core.spec import MethodSpec
 from envmgr.door.containers import BindMount
 from envmgr.door.context import Context
 from envmgr.door.mirrors import conda_channel_mirrors, mirror_hosts, on_host, uv_env
-from envmgr.door.steps import SDIST_ONLY, sdist_only_error
+from envmgr.door.steps import sdist_only_error, sdist_only_found
 from envmgr.images.base import BaseImage
 from envmgr.lock.backends.common import compile_bytecode_script, missing_lock, run_step, uv_mounts, uv_step_env
 from envmgr.lock.backends.poetry_lock import file_hashes
@@ -451,10 +451,10 @@ class CondaBackend:
                 proc = subprocess.run(command, capture_output=True, text=True, env=environ, cwd=work)
             for line in (proc.stdout + proc.stderr).splitlines():
                 ctx.ui.log(line)
-            sdist_only = SDIST_ONLY.search(proc.stderr)
+            sdist_only = sdist_only_found(proc.stderr)
             if proc.returncode != 0 and sdist_only:
-                refused = sdist_only_error(f"locking {spec.name}'s `pip:` section", sdist_only.group(1))
-                raise EnvmgrError(refused.message, hint=f"pin a version of {sdist_only.group(1)} that ships a wheel "
+                refused = sdist_only_error(f"locking {spec.name}'s `pip:` section", dict([sdist_only]))
+                raise EnvmgrError(refused.message, hint=f"pin a version of {sdist_only[0]} that ships a wheel "
                                                       "(conda methods build no source distributions)")
             if proc.returncode != 0:
                 detail = ctx.ui.redact(" | ".join(line.strip() for line in proc.stderr.splitlines()

@@ -9,12 +9,16 @@ own exact pins (envmgr/lock/repository_pins.py) seed the first lock: uv keeps wh
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import re
 import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from packaging.utils import canonicalize_name
 
 from envmgr.core import paths
 from envmgr.core.errors import EnvmgrError, StaleLockError, UsageError
@@ -23,6 +27,7 @@ from envmgr.core.spec import MethodSpec
 from envmgr.door.containers import BindMount
 from envmgr.door.context import Context
 from envmgr.door.mirrors import mirror_hosts
+from envmgr.door.steps import SdistOnlyError, sdist_only_error
 from envmgr.images.base import BaseImage
 from envmgr.lock.adapt import effective_requirements, lock_drift, raise_if_unreachable
 from envmgr.lock.backends import source_builds
@@ -102,8 +107,13 @@ class PipBackend:
         atomic_write(generated, header + "\n# the dependencies its build backend named (envmgr ran it with no "
                      "network and no credentials)\n" + "".join(line + "\n" for line in found))
 
-    def _inputs_hash(self, effective: str, spec: MethodSpec) -> str:
-        return hashlib.sha256(f"{effective}\0{spec.python}\0{spec.platform}".encode()).hexdigest()
+    def _inputs_hash(self, effective: str, spec: MethodSpec, as_of: str | None = None) -> str:
+        dated = f"\0as of {as_of}" if as_of else ""     # undated locks keep the hash they always had
+        return hashlib.sha256(f"{effective}\0{spec.python}\0{spec.platform}{dated}".encode()).hexdigest()
+
+    def _as_of(self, spec: MethodSpec, theirs: RepositoryPins | None) -> tuple[str | None, str]:
+        """(the day uv may take versions up to, exclusive, and why) — None: the newest versions."""
+        return resolve_as_of(spec, theirs is not None)
 
     def check(self, spec: MethodSpec, site_sources: dict[str, str] | None = None) -> None:
         lock = spec.lock_path / LOCK
@@ -114,9 +124,13 @@ class PipBackend:
                 and generated.read_text().splitlines()[:1] != [PROJECT_HEADER + project_hash(spec)]:
             raise StaleLockError(f"{spec.name}: the project's {', '.join(source_builds.PROJECT_FILES)} changed "
                                  "since its dependencies were read", hint=f"run `envmgr lock {spec.name}`")
+        theirs = self._repository_pins(spec)
         effective, _, _ = self._effective(site_sources or {}, spec)
-        first = lock.read_text(encoding="utf-8").splitlines()[:1]
-        if not first or first[0] != HEADER + self._inputs_hash(effective, spec):
+        text = lock.read_text(encoding="utf-8")
+        first = text.splitlines()[:1]
+        as_of, _ = self._as_of(spec, theirs)
+        undated = as_of is not None and UNDATED_NOTE in text   # the index had no upload dates when it was locked
+        if not first or first[0] != HEADER + self._inputs_hash(effective, spec, None if undated else as_of):
             raise StaleLockError(f"{spec.name}: {LOCK} does not match {MANIFEST} and the spec's [adapt]",
                                  hint=f"run `envmgr lock {spec.name}`")
 
@@ -181,6 +195,7 @@ class PipBackend:
             command = (f"{paths.CONTAINER_UV} pip compile --quiet --generate-hashes --no-header "
                        f"--python {base.python} {upgrade} -o {paths.CONTAINER_WORK}/{LOCK} "
                        f"{paths.CONTAINER_WORK}/{EFFECTIVE}")
+            as_of, why = self._as_of(spec, theirs)
             # the packages the method allows to build from source: built in their box first, found as wheels
             built = source_builds.build_for_lock(ctx, spec, base, extra, effective)
             if built:
@@ -188,20 +203,32 @@ class PipBackend:
                 command += f" --find-links {paths.CONTAINER_WORK}/built"
             with ctx.ui.progress(f"locking {spec.name} with uv pip compile in {base.tag}"
                                  + (f", starting from the repository's {theirs.relative}" if reseed and theirs
-                                    else ""), total=1, unit="steps") as task:
-                run_step(ctx, base, f"locking {spec.name}", command,
-                         [BindMount(Path(work), paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)],
-                         uv_step_env(ctx, extra), workdir=paths.CONTAINER_WORK, method=spec.name)
+                                    else "") + (f", versions published before {as_of} ({why})" if as_of else ""),
+                                 total=1, unit="steps") as task:
+                undated = False
+                try:
+                    _compile_naming_every_sdist(ctx, spec, base, command + (f" --exclude-newer {as_of}"
+                                                                            if as_of else ""), Path(work), extra)
+                except NoUploadDates:
+                    # the index says not when its files were published: the newest versions, said so
+                    ctx.ui.warn(f"{spec.name}: the package index gives no upload dates, so the lock takes the "
+                                f"newest versions, not those published before {as_of} ({why})")
+                    undated = True
+                    _compile_naming_every_sdist(ctx, spec, base, command, Path(work), extra)
                 task.advance(1)
             body = (Path(work) / LOCK).read_text(encoding="utf-8")
             body = "\n".join(line for line in body.splitlines()
-                             if not line.startswith((HEADER, SEED_RECORD))) + "\n"
+                             if not line.startswith((HEADER, SEED_RECORD, DATED_PREFIX))) + "\n"
             body = source_builds.record_sdist_hashes(body, built)
             declared_hosts = [urlsplit(url).hostname for url in (theirs.indexes if theirs else ())]
             if [host for host in [*mirror_hosts(ctx.config.mirrors), *declared_hosts] if host and host in body] \
                     or re.search(r"^\s*(-i|--index-url|--extra-index-url|-f|--find-links)\b", body, re.M):
                 raise EnvmgrError(f"{spec.name}: the resolver recorded an index in the lock; it was not written")
-            text = HEADER + self._inputs_hash(effective, spec) + "\n" + (theirs.record + "\n" if theirs else "") + body
+            dated = as_of if as_of and not undated else None
+            text = (HEADER + self._inputs_hash(effective, spec, dated) + "\n"
+                    + (f"# envmgr: versions published before {as_of}\n" if dated else "")
+                    + (f"{UNDATED_NOTE}\n" if undated else "")
+                    + (theirs.record + "\n" if theirs else "") + body)
             for name, content in ((EFFECTIVE, effective), (LOCK, text)):
                 atomic_write(spec.lock_path / name, content)
         return [spec.lock_path / LOCK, spec.lock_path / EFFECTIVE]
@@ -246,6 +273,90 @@ def _dependencies_from_backend(root: Path, pyproject: dict) -> bool:
         return True
     project = pyproject.get("project", {})
     return "dependencies" in (project.get("dynamic") or []) and "build-system" in pyproject
+
+
+UNDATED_NOTE = "# envmgr: the index gave no upload dates: the newest versions"
+DATED_PREFIX = "# envmgr: versions published before "
+_MISSING_UPLOAD_DATE = re.compile(r"(missing an upload date|no upload date|without an upload time)", re.I)
+
+
+class NoUploadDates(EnvmgrError):
+    """The index serves no upload times, so a dated solve excludes everything."""
+
+
+def resolve_as_of(spec: MethodSpec, has_pins: bool) -> tuple[str | None, str]:
+    """(the day, exclusive, whose versions a pip lock takes, and why); None: the newest. The spec's
+    [adapt] resolve_as_of wins; else a repository that pins nothing (no lock, no exact pins of its own) is
+    locked as of the day after its `source_date`: what its authors could have installed."""
+    chosen = spec.adapt.resolve_as_of
+    if chosen is False:
+        return None, ""
+    if chosen:
+        return chosen, "[adapt] resolve_as_of"
+    if has_pins or not spec.source_date:
+        return None, ""
+    day = datetime.date.fromisoformat(spec.source_date) + datetime.timedelta(days=1)
+    return day.isoformat(), f"the repository's date, {spec.source_date}"
+
+
+PROBE_OVERRIDES = "sdist-only-probe.txt"
+MAX_SDIST_PROBES = 40
+
+
+def _compile_naming_every_sdist(ctx: Context, spec: MethodSpec, base: BaseImage, command: str, work: Path,
+                                extra: list[str]) -> None:
+    """`uv pip compile`, wheels only. uv stops at the first package that has only a source distribution; to name
+    them all in one message (not one `envmgr lock` each), the solve goes on with each one found left out (an
+    override whose marker is never true) until it succeeds or finds no new one. Nothing of those probes is
+    kept: the lock is written only by a solve that left nothing out."""
+    found: dict[str, str] = {}
+    probe = work / PROBE_OVERRIDES
+    while True:
+        said: list[str] = []
+        try:
+            run_step(ctx, base, f"locking {spec.name}",
+                     command + (f" --override {paths.CONTAINER_WORK}/{PROBE_OVERRIDES}" if found else ""),
+                     [BindMount(work, paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)],
+                     uv_step_env(ctx, extra), workdir=paths.CONTAINER_WORK, method=spec.name, on_line=said.append)
+        except SdistOnlyError as exc:
+            new = {n: v for n, v in exc.packages.items() if canonicalize_name(n) not in
+                   {canonicalize_name(k) for k in found}}
+            if not new or len(found) >= MAX_SDIST_PROBES:
+                raise sdist_only_error(f"locking {spec.name}", {**found, **exc.packages}, spec.adapt) from None
+            found.update(new)
+            ctx.ui.log(f"{', '.join(new)}: only a source distribution; solving on without "
+                       f"{'them' if len(new) > 1 else 'it'} to find any other")
+            probe.write_text("".join(f"{name} ; sys_platform == 'envmgr-probe'\n" for name in found))
+            continue
+        except EnvmgrError as exc:
+            if found:   # the probe's solve failed for another reason: what was found is still the answer
+                raise sdist_only_error(f"locking {spec.name}", found, spec.adapt) from None
+            if "--exclude-newer" in command and "exclude-newer" in "\n".join(said) + str(exc):
+                if _index_lacks_upload_dates(ctx, spec, base, command, work, extra):
+                    raise NoUploadDates(str(exc)) from None
+                raise EnvmgrError(exc.message, hint="a requirement or pin asks for a version published after the "
+                                  "day the lock resolves as of: set [adapt] resolve_as_of = \"YYYY-MM-DD\" (a later "
+                                  "day) or false (the newest versions)") from None
+            raise
+        break
+    probe.unlink(missing_ok=True)
+    if found:
+        raise sdist_only_error(f"locking {spec.name}", found, spec.adapt)
+
+
+def _index_lacks_upload_dates(ctx: Context, spec: MethodSpec, base: BaseImage, command: str, work: Path,
+                              extra: list[str]) -> bool:
+    """A dated solve found nothing: uv says why only in its warnings (`--quiet` hides them), so it runs once more
+    without `--quiet`, into a scratch file, and envmgr reads whether the index left its files undated."""
+    said: list[str] = []
+    scratch = command.replace("--quiet ", "").replace(f"-o {paths.CONTAINER_WORK}/{LOCK}",
+                                                       f"-o {paths.CONTAINER_WORK}/dated-probe.txt")
+    with contextlib.suppress(EnvmgrError):
+        run_step(ctx, base, f"locking {spec.name}", scratch,
+                 [BindMount(work, paths.CONTAINER_WORK, read_only=False), *uv_mounts(ctx)],
+                 uv_step_env(ctx, extra), workdir=paths.CONTAINER_WORK, method=spec.name, on_line=said.append)
+    (work / "dated-probe.txt").unlink(missing_ok=True)
+    return bool(_MISSING_UPLOAD_DATE.search("\n".join(said)))
 
 
 def is_project(spec: MethodSpec) -> bool:

@@ -184,11 +184,14 @@ def _refuse_sdist_only(spec: MethodSpec, lock: dict) -> None:
     """A locked package with no wheel at all (poetry read its sdist's static metadata) is refused at lock time,
     unless the method allows building it: installing is wheels only."""
     allowed = {canonicalize_name(name) for name in spec.adapt.build_from_source}
+    refused: dict[str, str] = {}
     for package in lock.get("package", []):
         files = [f.get("file", "") for f in package.get("files", [])]
         if files and not any(name.endswith(".whl") for name in files) \
                 and canonicalize_name(package["name"]) not in allowed:
-            raise sdist_only_error(f"locking {spec.name}", package["name"], package["version"])
+            refused[package["name"]] = package["version"]
+    if refused:   # every one in one message: the lock names them all
+        raise sdist_only_error(f"locking {spec.name}", refused, spec.adapt)
 
 
 class PoetryBackend:
@@ -436,7 +439,7 @@ class PoetryBackend:
                 except EnvmgrError as exc:
                     sdist = next((line.split(SDIST_MARK, 1)[1].strip() for line in output if SDIST_MARK in line), None)
                     if sdist is not None:
-                        raise sdist_only_error(f"locking {spec.name}", sdist) from None
+                        raise sdist_only_error(f"locking {spec.name}", {sdist: ""}, spec.adapt) from None
                     raise solver_error(ctx, spec, output) or exc from None
                 task.advance(1)
             text = (Path(work) / LOCK).read_text(encoding="utf-8")
