@@ -26,7 +26,17 @@ from .engine import ImageGone
 from .errors import EngineError, EnvmgrError, UsageError
 from .files import atomic_write, open_lock
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
-from .image import CountingWriter, ExtraFile, ImageConfig, Layer, tree_hash, write_archive, write_layer
+from .image import (
+    CountingWriter,
+    ExtraFile,
+    ImageConfig,
+    Layer,
+    archive_pieces,
+    pieces_size,
+    tree_hash,
+    write_archive,
+    write_layer,
+)
 from .layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
 from .sonames import check_image
 from .spec import MethodSpec
@@ -482,8 +492,16 @@ def _hand_over(ctx: Context, wanted: BuildTarget, config: ImageConfig) -> None:
 
 
 def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> str:
-    """Write the archive into a pipe that the engine reads: no archive file on disk."""
+    """Send the archive to the engine without writing it anywhere: its file contents by sendfile(2) on the
+    engine's unix socket (never through Python: the engine's own load is then the cost, about a third
+    less time than a pipe, measured in tests/bench/load_paths_bench.py), else written into a pipe."""
     total = sum(layer.size for layer in config.layers if layer.diff_id not in present)
+    if ctx.engine.can_send_files():
+        pieces = archive_pieces(config, [], present)
+        with ctx.ui.progress(f"loading the image into the engine ({len(present)} of {len(config.layers)} layers "
+                             "already there)", total=total, unit="bytes") as task:
+            ctx.engine.load_files(pieces, pieces_size(pieces), progress=task.advance)
+        return config.image_id()
     read_end, write_end = os.pipe()
     result: dict = {}
 
