@@ -203,6 +203,9 @@ def envmgr_cold(method: str, env: dict[str, str]) -> dict[str, float]:
     if code != 0:
         raise SystemExit(f"envmgr build {method} failed:\n" + "\n".join(line for _, line in lines[-30:]))
     events = [json.loads(line) for _, line in lines if line.startswith("{")]
+    timeline = [(round(t, 1), f"{e.get('event')}: {e.get('message') or e.get('task') or e.get('line', '')}"[:120])
+                for t, line in lines if line.startswith("{")
+                for e in [json.loads(line)] if e.get("event") != "log" or "ENVMGR-PHASE" in e.get("line", "")]
     tasks = {e["task"]: float(e["seconds"]) for e in events if e.get("event") == "progress-end"}
     logs = [(0.0, e.get("line", "")) for e in events if e.get("event") == "log"]
     marks = {}
@@ -228,7 +231,7 @@ def envmgr_cold(method: str, env: dict[str, str]) -> dict[str, float]:
     phases["writing + hashing layers"] = write
     phases["engine load"] = load
     phases["rest (inputs, method layer, SBOM, tag, checks)"] = wall - install - write - load
-    return {"wall": wall, **phases}
+    return {"wall": wall, **phases, "timeline": timeline}  # type: ignore[dict-item]
 
 
 # ---------------------------------------------------------------------- the floor
@@ -330,7 +333,7 @@ def table(results: dict) -> None:
     rows = [("", "baseline (docker build + uv)", "envmgr build")]
     for side in ("baseline", "envmgr"):
         for phase, seconds in results[side].items():
-            if phase != "wall":
+            if phase not in ("wall", "timeline"):
                 rows.append((f"{side}: {phase}", f"{seconds:.1f} s" if side == "baseline" else "",
                              f"{seconds:.1f} s" if side == "envmgr" else ""))
     rows.append(("wall", f"{results['baseline']['wall']:.1f} s", f"{results['envmgr']['wall']:.1f} s"))
@@ -376,6 +379,7 @@ def main() -> int:
     tag = f"envmgr-bench/dockerfile-{args.method}:{os.getpid()}"
     runs: dict[str, list[dict[str, float]]] = {"baseline": [], "envmgr": []}
     env_bytes = 0
+    image_ids: set[str] = set()
     try:
         for round_ in range(args.rounds):
             cache = work / f"cache-{round_}"   # a new cache: empty uv cache and layer store
@@ -391,6 +395,7 @@ def main() -> int:
                     runs["envmgr"].append(envmgr_cold(args.method, env))
                     image = ctx.engine.inspect_image(f"envmgr/{args.method}:latest") or {}
                     env_bytes = int(image.get("Size", 0)) - base.layer.size   # the environment (+ method files)
+                    image_ids.add(str(image.get("Id")))
                     if args.method == SMALL:
                         remove_images(ctx, label)
             shutil.rmtree(cache, ignore_errors=True)
@@ -405,11 +410,12 @@ def main() -> int:
     results = {**best, "floor": {"download_s": download_s, "wheel_bytes": wheel_bytes, "env_bytes": env_bytes,
                                  "write_s": write_s, "total_s": download_s + write_s},
                "ratio": best["envmgr"]["wall"] / best["baseline"]["wall"], "method": args.method,
-               "distributions": len(entries), "rounds": args.rounds}
+               "distributions": len(entries), "rounds": args.rounds, "envmgr_image_ids": sorted(image_ids)}
     OUT.mkdir(exist_ok=True)
     (OUT / f"cold_build-{args.method}.json").write_text(json.dumps(results, indent=1))
     print(f"cold build of {args.method} ({len(entries)} distributions), best of {args.rounds} round(s):")
     table(results)
+    print(f"envmgr's image ID in every round: {', '.join(i[:19] for i in sorted(image_ids))}")
     return 0
 
 

@@ -2,7 +2,10 @@
 
 The same layers (incompressible bytes in files of a few MB, as a wheel's libraries are; sizes like
 sd-demo's largest layers, scaled by --gb) and the same config, so the same image ID either way:
-  - load:        one docker-archive streamed into the engine (envmgr's path: build._stream_load);
+  - load: pipe (before): the archive written into a pipe the SDK streams, large layers' tars made again
+                 from their trees (envmgr's path before issue 26);
+  - load: sendfile (now): the same archive as pieces, file contents by sendfile(2) on the engine's socket
+                 (build._stream_load now);
   - load/layer:  one archive per layer, bottom first (what loading layers as they are ready costs the engine);
   - push+pull:   each layer pushed uncompressed as a blob to Debian's docker-registry on 127.0.0.1, then
                  `docker pull` through the engine (loopback is insecure-allowed); push and pull timed apart.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -44,14 +48,23 @@ def make_trees(root: Path, total: int) -> list[Path]:
     return trees
 
 
-def image_of(trees: list[Path], layers_dir: Path, salt: str):
-    """A config over one layer per tree (each under a salted folder: a new image ID every round)."""
-    from envmgr.image import ImageConfig, write_layer
+def image_of(trees: list[Path], layers_dir: Path, salt: str, measured: bool = False):
+    """A config over one layer per tree (each under a salted folder: a new image ID every round); `measured`:
+    hashed, not written (their bytes made again from the trees when sent, as a build's large layers)."""
+    from envmgr.image import ImageConfig, measure_layer, write_layer
 
-    layers = [write_layer(layers_dir / f"{index}.tar", trees=[(tree, f"/opt/bench-{salt}/{index}")])
+    layers = [measure_layer([(tree, f"/opt/bench-{salt}/{index}")], layers_dir / f"{index}.tar") if measured
+              else write_layer(layers_dir / f"{index}.tar", trees=[(tree, f"/opt/bench-{salt}/{index}")])
               for index, tree in enumerate(trees)]
     return ImageConfig(layers=layers, labels={"org.envmgr.bench": "load-paths"},
                        history=[f"layer {i}" for i in range(len(layers))])
+
+
+def load_by_sendfile(engine, config, present=frozenset()) -> None:
+    from envmgr.image import archive_pieces, pieces_size
+
+    pieces = archive_pieces(config, [], present)
+    engine.load_files(pieces, pieces_size(pieces))
 
 
 def load_once(engine, config, present=frozenset()) -> None:
@@ -80,7 +93,7 @@ def load_per_layer(engine, config) -> None:
     parts = []
     for count in range(1, len(config.layers) + 1):
         part = ImageConfig(layers=config.layers[:count], labels=config.labels, history=config.history[:count])
-        load_once(engine, part, present=frozenset(layer.diff_id for layer in config.layers[:count - 1]))
+        load_by_sendfile(engine, part, present=frozenset(layer.diff_id for layer in config.layers[:count - 1]))
         parts.append(part.image_id())
     for image_id in parts[:-1]:   # the whole image's chain holds their layers now
         engine.remove_image(image_id)
@@ -148,16 +161,18 @@ def main() -> int:
     try:
         trees = make_trees(work / "trees", total)
         for round_ in range(args.rounds):
-            for way in ("load", "load/layer", "push+pull"):
-                salt = f"{os.getpid()}-{round_}-{way.replace('/', '-').replace('+', '-')}"
+            for way in ("load: pipe (before)", "load: sendfile (now)", "load/layer (sendfile)", "push+pull"):
+                salt = f"{os.getpid()}-{round_}-{re.sub('[^a-z]+', '-', way)}"
                 layers_dir = work / "layers"
-                config = image_of(trees, layers_dir, salt)
+                config = image_of(trees, layers_dir, salt, measured=way.startswith("load:"))
                 image_id = config.image_id()
                 try:
                     started = time.monotonic()
-                    if way == "load":
+                    if way == "load: pipe (before)":
                         load_once(engine, config)
-                    elif way == "load/layer":
+                    elif way == "load: sendfile (now)":
+                        load_by_sendfile(engine, config)
+                    elif way == "load/layer (sendfile)":
                         load_per_layer(engine, config)
                     else:
                         proc, registry = start_registry(work / f"registry-{salt}")
@@ -191,7 +206,7 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     (OUT / "load_paths.json").write_text(json.dumps(results, indent=1))
     for key, value in results.items():
-        print(f"{key:>24}  {value}")
+        print(f"{key:>26}  {value}")
     return 0
 
 
