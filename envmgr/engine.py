@@ -19,7 +19,7 @@ from docker.types import DeviceRequest, Mount
 
 from . import paths
 from .containers import ContainerResult, ContainerSpec, GpuDevices, gpu_devices
-from .errors import EngineError, Interrupted, UsageError
+from .errors import EngineError, EnvmgrError, Interrupted, UsageError
 from .gpu import GpuRequest
 from .logs import LineSplitter
 
@@ -45,6 +45,10 @@ class EngineGone(EngineError):
 # what a dropped engine connection looks like, mid-stream or on the next call
 _DROPPED = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
             urllib3.exceptions.ProtocolError, ConnectionError)
+
+
+class _Shrunk(Exception):
+    """A file sent by `load_files` had fewer bytes than the archive said."""
 
 
 class PushPullRefused(EngineError):
@@ -145,6 +149,7 @@ class Engine:
         if path is None:
             raise EngineError("loading from files needs the engine's unix socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._api.timeout)   # as the SDK's calls: a silent engine fails, never hangs the build
         try:
             sock.connect(path)
             sock.sendall((f"POST /v{self._api._version}/images/load?quiet=1 HTTP/1.1\r\nHost: docker\r\n"
@@ -160,7 +165,7 @@ class Engine:
                     file, size = piece
                     with open(file, "rb") as fh:
                         if sock.sendfile(fh, 0, size) != size:
-                            raise OSError(f"{file}: shorter than its {size} bytes (changed while it was sent)")
+                            raise _Shrunk(f"{file}: shorter than its {size} bytes (changed while it was sent)")
                     sent += size
                     if progress:
                         progress(size)
@@ -169,7 +174,10 @@ class Engine:
             response = http.client.HTTPResponse(sock)
             response.begin()
             body = response.read()
-        except (ConnectionError, http.client.HTTPException) as exc:
+        except _Shrunk as exc:
+            raise EnvmgrError(f"the image's files changed while they were sent to the engine: {exc}",
+                              hint="build again; nothing was tagged") from None
+        except (OSError, http.client.HTTPException) as exc:   # connection refused or dropped, timed out
             raise EngineError(f"engine refused the image archive: {_short(exc)}", hint=ENGINE_HINT) from None
         finally:
             sock.close()

@@ -97,3 +97,16 @@ def test_a_layer_whose_bytes_changed_is_refused_and_no_image_is_left(ctx, engine
     with pytest.raises(EngineError, match="refused the image archive"):
         _stream_load(ctx, config, frozenset())
     assert engine.api.images(filters={"label": f"{LABEL}={salt}"}) == []
+
+
+def test_a_file_that_shrank_while_it_was_sent_fails_the_load_naming_it(ctx, engine, salt, tmp_path):
+    from envmgr.errors import EnvmgrError
+
+    config = _config(tmp_path, salt)
+    pieces = archive_pieces(config, [], frozenset())
+    lib = tmp_path / "trees" / "site" / "pkg" / "lib.so"
+    lib.write_bytes(b"short")
+    with pytest.raises(EnvmgrError, match="changed while they were sent") as raised:
+        ctx.engine.load_files(pieces, pieces_size(pieces))
+    assert "lib.so" in raised.value.message
+    assert engine.api.images(filters={"label": f"{LABEL}={salt}"}) == []
