@@ -174,8 +174,7 @@ def when(lines: list[tuple[float, str]], text: str, exact: bool = False) -> floa
 def baseline(ctx, base, entries: list[str], work: Path, tag: str) -> dict[str, float]:
     files = baseline_files(ctx, entries)
     server, port = serve(files)
-    context = work / "baseline-context"
-    context.mkdir()
+    context = Path(tempfile.mkdtemp(prefix="baseline-context-", dir=work))   # one per round
     (context / "Dockerfile").write_text(dockerfile(base.image_id, base.python, port, sorted(files)))
     try:
         wall, lines, code = timed_lines([DOCKER, "build", "--network=host", "--no-cache", "-t", tag, str(context)],
