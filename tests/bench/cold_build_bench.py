@@ -140,6 +140,7 @@ def dockerfile(base_image: str, python: str, port: int, names: list[str]) -> str
     ])
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 UV_FIGURE = re.compile(r"(Prepared|Installed|Bytecode compiled) \d+ (?:packages?|files?) in (?:(\d+)m )?([\d.]+)(ms|s)")
 
 
@@ -160,8 +161,8 @@ def timed_lines(command: list[str], env: dict[str, str]) -> tuple[float, list[tu
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append((time.monotonic() - started, line.rstrip("\n")))
+    for line in proc.stdout:   # the legacy builder colours a RUN's stderr in pieces: the codes go
+        lines.append((time.monotonic() - started, ANSI.sub("", line.rstrip("\n"))))
     code = proc.wait()
     return time.monotonic() - started, lines, code
 
