@@ -122,6 +122,8 @@ test-variants: engine
 
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench
+	$(VENV)/bin/python -m tests.bench.cold_build_bench
+	$(VENV)/bin/python -m tests.bench.load_paths_bench
 	$(VENV)/bin/python -m tests.bench.layers_bench
 	$(VENV)/bin/python -m tests.bench.conda_bench
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench

@@ -133,20 +133,12 @@ def write_layer(out: Path, trees: Iterable[tuple[Path, str]] = (), extra_files: 
     return Layer(path=out, diff_id="sha256:" + writer.sha.hexdigest(), size=writer.size)
 
 
-class _Discard(io.RawIOBase):
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        return len(data)
-
-
 def measure_layer(trees: list[tuple[Path, str]], at: Path, progress: Callable[[int], None] | None = None) -> Layer:
     """The layer of these host trees, hashed but not written: its bytes are made again from the trees when
     they are sent (`open_layer`), so a layer that goes straight into the engine is never on disk twice.
     `at` is where the layer's file would be (it does not exist)."""
-    writer = _write_entries(_Discard(), layer_entries(trees), progress)
-    return Layer(path=at, diff_id="sha256:" + writer.sha.hexdigest(), size=writer.size, trees=tuple(trees))
+    digest, size = hash_pieces(layer_pieces(layer_entries(trees)), progress)
+    return Layer(path=at, diff_id="sha256:" + digest, size=size, trees=tuple(trees))
 
 
 @contextlib.contextmanager
@@ -249,6 +241,166 @@ def _write_entries(raw, entries: dict[str, tuple[str, Path | ExtraFile | None]],
                     if progress:
                         progress(st.st_size)
     return writer
+
+
+# ---------------------------------------------------------------------- a layer or archive as pieces
+# The bytes `_write_entries` and `write_archive` make, described instead of made: header bytes, and
+# (file, size) where a file's contents go. A loader can hand those files to the kernel (sendfile), so the
+# environment's bytes go from the page cache to the engine without passing through Python.
+
+Piece = bytes | tuple[Path, int]
+_NUL_BLOCK = tarfile.NUL * tarfile.BLOCKSIZE
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _padding(size: int) -> bytes:
+    return tarfile.NUL * (-size % tarfile.BLOCKSIZE)
+
+
+def _tar_end(offset: int) -> bytes:
+    """What TarFile.close writes after the last member: two zero blocks, then zeros to a whole record."""
+    offset += 2 * tarfile.BLOCKSIZE
+    return _NUL_BLOCK * 2 + tarfile.NUL * (-offset % tarfile.RECORDSIZE)
+
+
+def pieces_size(pieces: Iterable[Piece]) -> int:
+    return sum(len(piece) if isinstance(piece, bytes) else piece[1] for piece in pieces)
+
+
+def layer_pieces(entries: dict[str, tuple[str, Path | ExtraFile | None]]) -> list[Piece]:
+    """The bytes `_write_entries` writes for `entries`, as pieces (file contents by reference, sized by lstat)."""
+    pieces: list[Piece] = []
+    offset = 0
+
+    def add(piece: Piece) -> None:
+        nonlocal offset
+        pieces.append(piece)
+        offset += len(piece) if isinstance(piece, bytes) else piece[1]
+
+    for name in sorted(entries):
+        kind, item = entries[name]
+        if kind == "dir":
+            add(_header(tarinfo(name, tarfile.DIRTYPE, 0o755)))
+        elif kind == "extra":
+            assert isinstance(item, ExtraFile)
+            if item.link:
+                add(_header(tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=item.link)))
+                continue
+            add(_header(tarinfo(name, tarfile.REGTYPE, item.mode, len(item.data))) + item.data
+                + _padding(len(item.data)))
+        else:
+            assert isinstance(item, Path)
+            st = item.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                add(_header(tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=os.readlink(item))))
+            elif stat.S_ISDIR(st.st_mode):
+                add(_header(tarinfo(name, tarfile.DIRTYPE, st.st_mode)))
+            elif stat.S_ISREG(st.st_mode):
+                add(_header(tarinfo(name, tarfile.REGTYPE, st.st_mode, st.st_size)))
+                if st.st_size:
+                    add((item, st.st_size))
+                    add(_padding(st.st_size))
+    add(_tar_end(offset))
+    return _merged(pieces)
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Neighbouring header bytes joined (fewer writes)."""
+    merged: list[Piece] = []
+    for piece in pieces:
+        if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] = merged[-1] + piece
+        elif not isinstance(piece, bytes) or piece:
+            merged.append(piece)
+    return merged
+
+
+def archive_pieces(config: ImageConfig, repo_tags: list[str], present: frozenset[str] = frozenset()) -> list[Piece]:
+    """`write_archive`'s archive as pieces: the same members in the same order.
+
+    A layer with a file is that file; a measured layer is its tar made again from its trees, whose size
+    must still be the measured one (a tree changed since is an error here; changed contents of the same
+    size reach the engine, which refuses a layer whose bytes do not hash to the config's diff ID).
+    """
+    config_bytes, layer_names, manifest = archive_parts(config, repo_tags)
+    image_hex = hashlib.sha256(config_bytes).hexdigest()
+    pieces: list[Piece] = [_header(tarinfo(f"{image_hex}.json", tarfile.REGTYPE, 0o644, len(config_bytes)))
+                           + config_bytes + _padding(len(config_bytes))]
+    seen = set()
+    for name, layer in zip(layer_names, config.layers, strict=True):
+        if name in seen:
+            continue
+        seen.add(name)
+        if layer.diff_id in present:
+            continue
+        pieces.append(_header(tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
+                      + _header(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size)))
+        if layer.path.is_file() or not layer.trees:
+            size = layer.path.stat().st_size
+            body: list[Piece] = [(layer.path, size)]
+        else:
+            body = layer_pieces(layer_entries(layer.trees))
+            size = pieces_size(body)
+        if size != layer.size:
+            raise OSError(f"layer {layer.diff_id[:19]} changed after it was measured ({size} bytes, measured "
+                          f"{layer.size}): its files were modified meanwhile")
+        pieces += [*body, _padding(size)]
+    pieces.append(_header(tarinfo("manifest.json", tarfile.REGTYPE, 0o644, len(manifest))) + manifest
+                  + _padding(len(manifest)))
+    pieces.append(_tar_end(pieces_size(pieces)))
+    return _merged(pieces)
+
+
+def hash_pieces(pieces: Iterable[Piece], progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """(sha256 hex, size) of the bytes the pieces stand for: file contents read into one buffer and hashed
+    (hashlib lets go of the GIL on large updates, so threads hash in parallel), no tar made."""
+    sha = hashlib.sha256()
+    buffer = memoryview(bytearray(CHUNK))
+    total = 0
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            sha.update(piece)
+            total += len(piece)
+            continue
+        path, size = piece
+        with open(path, "rb", buffering=0) as fh:
+            left = size
+            while left:
+                got = fh.readinto(buffer[:min(CHUNK, left)])
+                if not got:
+                    raise OSError(f"{path}: shorter than its {size} bytes (changed while it was read)")
+                sha.update(buffer[:got])
+                left -= got
+        total += size
+        if progress:
+            progress(size)
+    return sha.hexdigest(), total
+
+
+def write_pieces(out: BinaryIO, pieces: Iterable[Piece], progress: Callable[[int], None] | None = None) -> int:
+    """Write pieces to a file object (tests and tools; the engine loader sends them with sendfile)."""
+    total = 0
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            out.write(piece)
+            total += len(piece)
+            continue
+        path, size = piece
+        with open(path, "rb") as fh:
+            left = size
+            while left:
+                chunk = fh.read(min(CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{path}: shorter than its {size} bytes (changed while it was sent)")
+                out.write(chunk)
+                left -= len(chunk)
+        total += size
+        if progress:
+            progress(size)
+    return total
 
 
 def file_sha256(path: Path) -> tuple[str, int]:

@@ -1,0 +1,112 @@
+"""The build's load by sendfile on the engine's socket registers the image the pipe load registers (issue 26):
+the same image ID and layer chain, partial archives (layers the engine holds left out) included, and a layer
+whose bytes are not its diff ID's is refused, leaving no image."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from envmgr.build.build import _stream_load
+from envmgr.core.config import load_config
+from envmgr.door.context import Context
+from envmgr.door.engine import Engine
+from envmgr.core.errors import EngineError
+from envmgr.images.image import ImageConfig, archive_pieces, measure_layer, pieces_size, write_layer
+from envmgr.core.ui import Reporter
+
+LABEL = "org.envmgr.test-load-paths"
+
+
+def _trees(root, salt: str):
+    site = root / "site"
+    (site / "pkg" / ("long-folder-name-" * 8)).mkdir(parents=True)
+    (site / "pkg" / "__init__.py").write_text(f"SALT = {salt!r}\n")
+    (site / "pkg" / "lib.so").write_bytes(os.urandom(3_000_001))
+    (site / "pkg" / ("long-folder-name-" * 8) / "data.bin").write_bytes(os.urandom(70_000))
+    (site / "pkg" / "link").symlink_to("lib.so")
+    other = root / "other"
+    other.mkdir()
+    (other / "small.txt").write_text(salt)
+    return [(site, "/opt/envmgr/envs/.shared")], [(other, "/srv/other")]
+
+
+def _config(tmp_path, salt: str) -> ImageConfig:
+    big, small = _trees(tmp_path / "trees", salt)
+    file_layer = write_layer(tmp_path / "small.tar", trees=small)
+    measured = measure_layer(big, tmp_path / "absent.tar")
+    return ImageConfig(layers=[file_layer, measured], labels={LABEL: salt}, history=["small", "measured"])
+
+
+def _layers(engine, image_id: str) -> list[str]:
+    return engine.api.inspect_image(image_id)["RootFS"]["Layers"]
+
+
+def _remove(engine, salt: str) -> None:
+    for image in engine.images.list(filters={"label": f"{LABEL}={salt}"}):
+        engine.images.remove(image.id, force=True)
+
+
+@pytest.fixture
+def ctx():
+    return Context(load_config(files=[]), Reporter("plain"))
+
+
+@pytest.fixture
+def salt(engine):
+    value = uuid.uuid4().hex
+    yield value
+    _remove(engine, value)
+
+
+def test_sendfile_load_gives_the_pipe_loads_image_id_and_chain(ctx, engine, salt, tmp_path, monkeypatch):
+    config = _config(tmp_path, salt)
+    assert ctx.engine.can_send_files()
+    image_id = _stream_load(ctx, config, frozenset())
+    assert image_id == config.image_id()
+    assert engine.api.inspect_image(image_id)["Id"] == image_id
+    chain = _layers(engine, image_id)
+    assert chain == [layer.diff_id for layer in config.layers]
+    _remove(engine, salt)
+    assert not engine.images.list(filters={"label": f"{LABEL}={salt}"})
+
+    monkeypatch.setattr(Engine, "can_send_files", lambda self: False)   # the pipe load, as before
+    assert _stream_load(ctx, config, frozenset()) == image_id
+    assert _layers(engine, image_id) == chain
+
+
+def test_sendfile_load_leaves_out_the_layers_the_engine_holds(ctx, engine, salt, tmp_path):
+    config = _config(tmp_path, salt)
+    lower = ImageConfig(layers=config.layers[:1], labels=config.labels, history=config.history[:1])
+    _stream_load(ctx, lower, frozenset())
+    present = frozenset({config.layers[0].diff_id})
+    pieces = archive_pieces(config, [], present)
+    assert [piece for piece in pieces if isinstance(piece, tuple) and piece[0] == config.layers[0].path] == []
+    assert pieces_size(pieces) < pieces_size(archive_pieces(config, [], frozenset()))
+    assert _stream_load(ctx, config, present) == config.image_id()
+    assert _layers(engine, config.image_id()) == [layer.diff_id for layer in config.layers]
+
+
+def test_a_layer_whose_bytes_changed_is_refused_and_no_image_is_left(ctx, engine, salt, tmp_path):
+    config = _config(tmp_path, salt)
+    # same size, other bytes: only the engine's digest check can tell
+    init = tmp_path / "trees" / "site" / "pkg" / "__init__.py"
+    init.write_text(init.read_text().replace("SALT", "TLAS"))
+    with pytest.raises(EngineError, match="refused the image archive"):
+        _stream_load(ctx, config, frozenset())
+    assert engine.api.images(filters={"label": f"{LABEL}={salt}"}) == []
+
+
+def test_a_file_that_shrank_while_it_was_sent_fails_the_load_naming_it(ctx, engine, salt, tmp_path):
+    from envmgr.core.errors import EnvmgrError
+
+    config = _config(tmp_path, salt)
+    pieces = archive_pieces(config, [], frozenset())
+    lib = tmp_path / "trees" / "site" / "pkg" / "lib.so"
+    lib.write_bytes(b"short")
+    with pytest.raises(EnvmgrError, match="changed while they were sent") as raised:
+        ctx.engine.load_files(pieces, pieces_size(pieces))
+    assert "lib.so" in raised.value.message
+    assert engine.api.images(filters={"label": f"{LABEL}={salt}"}) == []
