@@ -27,6 +27,7 @@ from .errors import EngineError, EnvmgrError, UsageError
 from .files import atomic_write, open_lock
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import CountingWriter, ExtraFile, ImageConfig, Layer, tree_hash, write_archive, write_layer
+from .layer_facts import LABEL as LAYER_FACTS, ImageFacts, LayerFacts
 from .layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
 from .sonames import check_image
 from .spec import MethodSpec
@@ -151,11 +152,26 @@ class BuildTarget:
         system = system_layer(ctx, self.spec, self.base)
         layers = [self.base.layer, *env.layers, *([system] if system else []),
                   method_layer(ctx, self.spec, self.inputs, self.digest)]
+        facts = recorded_facts(ctx, env, [self.base.layer, *([system] if system else [])])
         config = image_config(self.spec, self.base, layers, self.inputs, self.digest,
-                              gpu_image_labels(self.spec, env.gpu_archs or []), env_labels=env.labels)
+                              {**gpu_image_labels(self.spec, env.gpu_archs or []), LAYER_FACTS: facts.to_label()},
+                              env_labels=env.labels)
         if system:
             config.history.insert(len(config.history) - 1, system_history(self.spec))
         return config
+
+
+def recorded_facts(ctx: Context, env: EnvLayers, system: list[Layer]) -> ImageFacts:
+    """What the image's layer-facts label records (envmgr.layer_facts): each environment layer's group and
+    distributions, and what an SBOM lists of it and of the base (and system) layer."""
+    from .sbom import cached_layer_facts, dpkg_facts
+
+    groups = env.groups or [(None, [])] * len(env.layers)
+    sbom = cached_layer_facts(ctx, env.layers)
+    return ImageFacts(layers=[LayerFacts(diff_id=layer.diff_id, size=layer.size, group=group, units=units,
+                                         sbom=facts)
+                              for layer, (group, units), facts in zip(env.layers, groups, sbom, strict=True)],
+                      dpkg=dpkg_facts(ctx, system))
 
 
 def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> BuildTarget:

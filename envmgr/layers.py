@@ -50,6 +50,7 @@ from .context import Context
 from .errors import EnvmgrError
 from .files import atomic_write
 from .image import Layer, file_sha256, measure_layer, write_layer
+from .layer_facts import UnitFacts
 from .uv_cache import lend_uv_cache
 
 PHYSICAL_PREFIX = f"{paths.CONTAINER_ENVS_ROOT}/.shared"
@@ -332,6 +333,12 @@ class LayerStore:
                 freed += size
         return freed
 
+    def record_in_engine(self, key: str, diff_id: str, size: int) -> None:
+        """Record a layer this store never held that the engine does (learned from an image's labels):
+        released, as if its bytes had been handed over."""
+        atomic_write(self._group_record(key), json.dumps({"diff_id": diff_id, "size": size, "stamp": None,
+                                                          "released": True}))
+
     def record_sent(self, key: str, layer: Layer) -> None:
         """Record a layer that goes from its trees straight into the engine (never written here): released.
 
@@ -404,6 +411,9 @@ class EnvLayers:
     labels: list[str]                     # per layer: "skeleton", a distribution's name, "bucket-NN"
     gpu_archs: list[str] | None = None    # torch's compiled GPU architectures ([] without a CUDA torch)
     installed: list[str] = field(default_factory=list)   # the distributions installed by this build
+    # per layer: its group key and its distributions (layer_facts.UnitFacts), recorded in the image's labels
+    groups: list[tuple[str | None, list[UnitFacts]]] = field(default_factory=list)
+    learned: list[str] = field(default_factory=list)     # distributions whose facts came from the engine's images
 
 
 
@@ -894,6 +904,76 @@ def _say_shared(ctx: Context, shared: Shared) -> None:
                 f"({len(differing)} with different contents)")
 
 
+def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: str, dists: list[Unit],
+                      skeleton: Group) -> list[str]:
+    """Fill the store's records of distributions (and layers) it has never seen from the images the engine
+    holds (their layer-facts label, issue 26): a new cache, a second base dir, a server that imported an
+    archive installs nothing the engine already has. Returns the names learned.
+
+    Each distribution's RECORD rows (which paths it shares with others) are read from the image itself, one
+    container per image, and must hash to what the label says; a distribution that does not is installed.
+    """
+    from . import layer_facts
+    from .sbom import keep_layer_facts, kept_layer_facts
+
+    wanted = {u.key: u for u in dists if store.unit_files(u.key) is None or "size" not in store.dist(u.key)}
+    want_skeleton = not store._group_record(skeleton.key).is_file()
+    if not wanted and not want_skeleton:
+        return []
+    known = layer_facts.in_engine(ctx)
+    if not known:
+        return []
+    series = ".".join((base.python_version or "").split(".")[:2])
+    site = f"{PHYSICAL_PREFIX}/lib/python{series}/site-packages"
+    found: dict[str, tuple[str, layer_facts.LayerFacts, UnitFacts, str]] = {}   # unit key -> where
+    used: set[str] = set()
+    for image_id, facts in known:
+        for layer in facts.layers:
+            for unit in layer.units:
+                if unit.key in wanted and unit.key not in found:
+                    info = layer_facts.dist_info_of(layer, unit.name)
+                    if info is not None:
+                        found[unit.key] = (image_id, layer, unit, f"{site}/{info}/RECORD")
+                        used.add(image_id)
+            if want_skeleton and layer.group == skeleton.key:
+                used.add(image_id)
+    learned: list[str] = []
+    by_image: dict[str, list[str]] = {}
+    for key, (image_id, _layer, _unit, _record) in sorted(found.items()):
+        by_image.setdefault(image_id, []).append(key)
+    for image_id, keys in sorted(by_image.items()):
+        records = layer_facts.read_image_files(ctx, image_id, base.python, [found[k][3] for k in keys], method)
+        for key in keys:
+            _image, _layer, unit, record = found[key]
+            data = records.get(record)
+            if data is None or layer_facts.record_hash(data) != unit.record:
+                ctx.ui.log(f"{unit.name}: the RECORD in image {image_id[:19]} is not the one its label names: "
+                           "installing it")
+                continue
+            try:
+                rows = layer_facts.record_files(data, site, PHYSICAL_PREFIX)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            store.put_unit_files(key, {"name": unit.name, "record": unit.record, "files": rows})
+            dist: dict[str, object] = {"name": unit.name, "size": unit.size, "record": unit.record}
+            if unit.gpu_archs is not None:
+                dist["gpu_archs"] = list(unit.gpu_archs)
+            store.put_dist(key, **dist)
+            learned.append(unit.name)
+    for image_id, facts in known:
+        if image_id not in used:
+            continue
+        for layer in facts.layers:
+            if layer.group and not store._group_record(layer.group).is_file():
+                store.record_in_engine(layer.group, layer.diff_id, layer.size)
+            if kept_layer_facts(ctx, layer.diff_id) is None:
+                keep_layer_facts(ctx, layer.diff_id, layer.sbom)
+    if learned:
+        ctx.ui.step(f"{len(learned)} distribution(s) this cache had not seen are in the engine's images: "
+                    "their layers are reused, not installed")
+    return sorted(learned)
+
+
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
                      layout: str, installer: str, uv: str, has_torch: bool,
                      need_bytes: frozenset[str] = frozenset(),
@@ -917,6 +997,7 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
     skeleton_staged = False
     archs: list[str] | None = None
     files: dict[str, dict] = {}   # unit key -> its RECORD rows (store.unit_files): who shares which file
+    learned = learn_from_engine(ctx, store, base, method, dists, skeleton)
     try:
         while True:
             files.update({u.key: known for u in dists if u.key not in files
@@ -974,8 +1055,19 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             archs = store.dist(torch.key).get("gpu_archs", archs or [])
         ctx.ui.step(f"environment: {len(layers)} layers, {len(staged)} of {len(dists)} distributions installed "
                     "now, the rest from the layer store")
+        groups_facts: list[tuple[str | None, list[UnitFacts]]] = [(skeleton.key, [])]
+        for group in groups:
+            members = []
+            for unit in group.members:
+                record = store.dist(unit.key)
+                members.append(UnitFacts(key=unit.key, name=unit.name, size=int(record["size"]),
+                                         record=str(files[unit.key]["record"]),
+                                         gpu_archs=list(record.get("gpu_archs") or [])
+                                         if has_torch and torch is not None and unit.key == torch.key else None))
+            groups_facts.append((group.key, members))
         result = EnvLayers(layers, labels, archs if has_torch else [], sorted(u.name for u in dists
-                                                                              if u.key in staged))
+                                                                              if u.key in staged),
+                           groups=groups_facts, learned=learned)
         sent = [layer for layer in layers if layer.trees]
         if sent:
             ctx.ui.step(f"{len(sent)} large environment layer(s) ({sum(la.size for la in sent) / 1e9:.1f} GB) go "

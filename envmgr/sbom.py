@@ -124,27 +124,94 @@ def _facts_file(ctx: Context, diff_id: str) -> Path:
     return ctx.cache_dir / SBOM_DIR / "layers" / f"{diff_id.removeprefix('sha256:')}.json"
 
 
-def cached_layer_facts(ctx: Context, layers: list[Layer], image_id: str) -> list[dict]:
-    """layer_facts of each layer, kept per diff ID in the cache: a layer's content never changes under its
-    diff ID, so a rebuild that changed one environment layer reads only that one. Layers the store handed
-    to the engine are read back from the engine's image `image_id`, all in one pass."""
+def kept_layer_facts(ctx: Context, diff_id: str) -> dict | None:
+    """The layer_facts this cache keeps for a diff ID (a layer's content never changes under it), or None."""
+    try:
+        facts = json.loads(_facts_file(ctx, diff_id).read_text())
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) and {"metadata", "records", "conda"} <= set(facts) else None
+
+
+def keep_layer_facts(ctx: Context, diff_id: str, facts: dict) -> None:
     from .files import atomic_write
+
+    atomic_write(_facts_file(ctx, diff_id), json.dumps(facts, sort_keys=True))
+
+
+def cached_layer_facts(ctx: Context, layers: list[Layer], image_id: str | None = None) -> list[dict]:
+    """layer_facts of each layer, kept per diff ID in the cache: a rebuild that changed one environment layer
+    reads only that one. A layer without a file here (the store handed it to the engine) takes its facts from
+    the labels of an engine image that has it (layer_facts), else its bytes are read back from the engine:
+    from `image_id`, or from an envmgr image that holds it, all in one pass."""
     from .layer_bytes import with_layer_files
+    from .layer_facts import in_engine
 
     found: dict[str, dict] = {}
     for layer in layers:
-        try:
-            found[layer.diff_id] = json.loads(_facts_file(ctx, layer.diff_id).read_text())
-        except (OSError, ValueError):
-            pass
+        kept = kept_layer_facts(ctx, layer.diff_id)
+        if kept is not None:
+            found[layer.diff_id] = kept
     todo = [layer for layer in layers if layer.diff_id not in found]
-    with with_layer_files(ctx, ImageConfig(layers=[la for la in todo if not la.trees]), image_id) as fetched:
-        files = {layer.diff_id: layer.path for layer in fetched.layers}
-        for layer in todo:
-            facts = tree_layer_facts(layer.trees) if layer.trees else layer_facts(files[layer.diff_id])
-            atomic_write(_facts_file(ctx, layer.diff_id), json.dumps(facts, sort_keys=True))
-            found[layer.diff_id] = facts
+    if any(not layer.trees and not layer.path.is_file() for layer in todo):
+        for _image, recorded in in_engine(ctx):
+            for known in recorded.layers:
+                if known.diff_id not in found and any(layer.diff_id == known.diff_id for layer in todo):
+                    found[known.diff_id] = known.sbom
+                    keep_layer_facts(ctx, known.diff_id, known.sbom)
+        todo = [layer for layer in layers if layer.diff_id not in found]
+    for layer in todo:
+        if layer.trees or layer.path.is_file():
+            made = tree_layer_facts(layer.trees) if layer.trees else layer_facts(layer.path)
+            keep_layer_facts(ctx, layer.diff_id, made)
+            found[layer.diff_id] = made
+    todo = [layer for layer in layers if layer.diff_id not in found]
+    if todo:
+        source = image_id or _image_holding(ctx, [layer.diff_id for layer in todo])
+        with with_layer_files(ctx, ImageConfig(layers=todo), source) as fetched:
+            for layer in fetched.layers:
+                made = layer_facts(layer.path)
+                keep_layer_facts(ctx, layer.diff_id, made)
+                found[layer.diff_id] = made
     return [found[layer.diff_id] for layer in layers]
+
+
+def _image_holding(ctx: Context, diff_ids: list[str]) -> str:
+    """An envmgr image in the engine that has every one of these layers (to read them back from)."""
+    from . import paths
+    from .errors import EnvmgrError
+
+    for summary in ctx.engine.images(label=paths.LABEL_MANAGED):
+        layers = set(((ctx.engine.inspect_image(summary["Id"]) or {}).get("RootFS") or {}).get("Layers") or [])
+        if set(diff_ids) <= layers:
+            return str(summary["Id"])
+    raise EnvmgrError(f"{len(diff_ids)} environment layer(s) are neither in this cache nor in any image the engine "
+                      f"holds ({', '.join(d[:19] for d in diff_ids)})", hint="rebuild with `envmgr build --force`")
+
+
+def dpkg_facts(ctx: Context | None, layers: list[Layer]) -> list[list[str | None]]:
+    """The installed Debian packages of the topmost of `layers` (base, [system]) that has a dpkg status,
+    kept per diff ID in the cache (the base layer is 100 MB to read)."""
+    from .layer_facts import dpkg_packages
+
+    for layer in reversed(layers):
+        kept = ctx.cache_dir / SBOM_DIR / "dpkg" / f"{layer.diff_id.removeprefix('sha256:')}.json" if ctx else None
+        if kept is not None:
+            try:
+                rows = json.loads(kept.read_text())
+                if rows:
+                    return rows
+                continue
+            except (OSError, ValueError):
+                pass
+        rows = dpkg_packages(dpkg_status(layer.path))
+        if kept is not None:
+            from .files import atomic_write
+
+            atomic_write(kept, json.dumps(rows))
+        if rows:
+            return rows
+    return []
 
 
 def python_components(env_layer: Path | list[Path] | list[dict], lock_hashes: dict[str, list[str]]) -> list[Component]:
@@ -190,21 +257,16 @@ def dpkg_status(base_layer: Path) -> str:
     return ""
 
 
-def debian_components(status: str) -> list[Component]:
+def debian_components(status: str | list[list[str | None]]) -> list[Component]:
+    """Every installed package of a dpkg status file (or its layer_facts.dpkg_packages rows)."""
+    from .layer_facts import dpkg_packages
+
     found = []
-    for stanza in re.split(r"\n\s*\n", status):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if line and not line[0].isspace() and ":" in line:
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-        if "Package" not in fields or "installed" not in fields.get("Status", "").split():
-            continue
-        arch = fields.get("Architecture")
-        purl = PackageURL("deb", "debian", fields["Package"], fields.get("Version"), {"arch": arch} if arch else None)
-        found.append(Component(name=fields["Package"], version=fields.get("Version"), type=ComponentType.LIBRARY,
-                               purl=purl, bom_ref=f"{purl}"))
-    return sorted(found, key=lambda c: c.name)
+    for name, version, arch in dpkg_packages(status) if isinstance(status, str) else status:
+        purl = PackageURL("deb", "debian", name, version, {"arch": arch} if arch else None)
+        found.append(Component(name=str(name), version=version, type=ComponentType.LIBRARY, purl=purl,
+                               bom_ref=f"{purl}"))
+    return sorted(found, key=lambda c: str(c.name))
 
 
 def lock_file_hashes(spec: MethodSpec) -> dict[str, list[str]]:
@@ -221,20 +283,41 @@ def lock_file_hashes(spec: MethodSpec) -> dict[str, list[str]]:
     return found
 
 
-def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Context | None = None) -> bytes:
+def recorded_facts(spec: MethodSpec, config: ImageConfig) -> tuple[list[dict], list[list[str | None]]] | None:
+    """(environment layers' facts, Debian packages) from the image's layer-facts label, when it has one that
+    names every environment layer; None otherwise (an image built before the label)."""
+    from .layer_facts import ImageFacts
+
+    facts = ImageFacts.from_labels(config.labels)
+    env_end = -2 if spec.system.apt else -1
+    wanted = [layer.diff_id for layer in config.layers[1:env_end]]
+    if facts is None or [layer.diff_id for layer in facts.layers] != wanted:
+        return None
+    return [layer.sbom for layer in facts.layers], facts.dpkg
+
+
+def generate(spec: MethodSpec, base: BaseImage, config: ImageConfig, ctx: Context | None = None,
+             from_bytes: bool = False) -> bytes:
+    """The image's SBOM: from the facts its labels record (no layer read), or, for an image without them or
+    with `from_bytes`, from its layers' bytes (the cache's per-layer facts, or the engine's copy)."""
     # base, environment layers, [system packages,] method: the system layer's dpkg status holds the base's too
     env_end = -2 if spec.system.apt else -1
     env_slice = config.layers[1:env_end]
-    env_layer: list[Path] | list[dict] = [layer.path for layer in env_slice] if ctx is None else \
-        cached_layer_facts(ctx, env_slice, config.image_id())
-    system = [config.layers[0], *config.layers[env_end:-1]]
-    if ctx is not None and not all(layer.path.is_file() for layer in system):   # read back from the engine
-        from .layer_bytes import with_layer_files
-
-        with with_layer_files(ctx, ImageConfig(layers=system), config.image_id()) as fetched:
-            status = next((text for layer in reversed(fetched.layers) if (text := dpkg_status(layer.path))), "")
+    recorded = None if from_bytes else recorded_facts(spec, config)
+    env_layer: list[Path] | list[dict]
+    if recorded is not None:
+        env_layer, status = recorded
     else:
-        status = next((text for layer in reversed(system) if (text := dpkg_status(layer.path))), "")
+        env_layer = [layer.path for layer in env_slice] if ctx is None else \
+            cached_layer_facts(ctx, env_slice, config.image_id())
+        system = [config.layers[0], *config.layers[env_end:-1]]
+        if ctx is not None and not all(layer.path.is_file() for layer in system):   # read back from the engine
+            from .layer_bytes import with_layer_files
+
+            with with_layer_files(ctx, ImageConfig(layers=system), config.image_id()) as fetched:
+                status = dpkg_facts(None, fetched.layers)
+        else:
+            status = dpkg_facts(None, system)
     image_id = config.image_id()
     components = [*python_components(env_layer, lock_file_hashes(spec)), *conda_components(env_layer),
                   *debian_components(status)]
