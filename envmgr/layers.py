@@ -333,6 +333,14 @@ class LayerStore:
                 freed += size
         return freed
 
+    def recorded(self, key: str) -> dict | None:
+        """A group's record as stored (diff ID, size, released...), None when absent or unreadable."""
+        try:
+            data = json.loads(self._group_record(key).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
     def record_in_engine(self, key: str, diff_id: str, size: int) -> None:
         """Record a layer this store never held that the engine does (learned from an image's labels):
         released, as if its bytes had been handed over."""
@@ -974,6 +982,87 @@ def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: 
     return sorted(learned)
 
 
+# Runs in an engine image with its base's interpreter (-S -I): copies each listed unit's files (and the
+# bytecode compiled for its sources) out of the image into /out/d-<unit key>, as the split left them.
+REGAIN_SCRIPT = r"""
+import json, os, shutil, sys
+os.umask(0o022)
+plan = json.load(open(sys.argv[1]))
+prefix, out, site = plan["prefix"], plan["out"], plan["site"]
+tag = sys.implementation.cache_tag
+for key, inners in sorted(plan["units"].items()):
+    root = os.path.join(out, "d-" + key)
+    for inner in inners:
+        pairs = [(os.path.join(prefix, inner), os.path.join(root, inner))]
+        if inner.endswith(".py") and inner.startswith(site + "/") and "__pycache__" not in inner.split("/"):
+            folder, name = os.path.split(inner)
+            pyc = os.path.join(folder, "__pycache__", name[:-3] + "." + tag + ".pyc")
+            if os.path.isfile(os.path.join(prefix, pyc)):
+                pairs.append((os.path.join(prefix, pyc), os.path.join(root, pyc)))
+        for source, target in pairs:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
+            os.chmod(target, os.stat(source).st_mode & 0o7777)
+print("ENVMGR-REGAINED", flush=True)
+"""
+
+
+def regain_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: str, groups: list[Group],
+                       files: dict[str, dict], stage: Path, need_bytes: frozenset[str]) -> set[str]:
+    """Unit trees of `groups` (layers whose bytes this store does not hold and the engine holds on another
+    chain only) copied out of an engine image that has them, instead of installing them again. A group's
+    trees are kept only when they make its recorded diff ID byte for byte (measured); the others are left
+    to the install. Returns the unit keys regained."""
+    from . import layer_facts
+    from .containers import BindMount, ContainerSpec
+
+    wanted: dict[str, Group] = {}
+    for group in groups:
+        known = store.recorded(group.key)
+        if known and known.get("diff_id") in need_bytes and all(u.key in files for u in group.members):
+            wanted[str(known["diff_id"])] = group
+    if not wanted:
+        return set()
+    holder = next((image_id for image_id, facts in layer_facts.in_engine(ctx)
+                   if set(wanted) <= {layer.diff_id for layer in facts.layers}), None)
+    if holder is None:
+        return set()
+    owners = shared_files(files).owners
+    site = os.path.relpath(f"{PHYSICAL_PREFIX}/lib/python{'.'.join(base.python_version.split('.')[:2])}/"
+                           "site-packages", PHYSICAL_PREFIX)
+    units_plan = {u.key: [path for path, _digest, _size in files[u.key]["files"]
+                          if owners.get(path, u.name) == u.name]
+                  for group in wanted.values() for u in group.members}
+    plan_file = stage / ".regain.json"
+    plan_file.write_text(json.dumps({"prefix": PHYSICAL_PREFIX, "out": "/out", "site": site, "units": units_plan}))
+    lines: list[str] = []
+    container = ContainerSpec(
+        image=holder, command=[base.python, "-S", "-I", "-B", "-c", REGAIN_SCRIPT, "/out/.regain.json"],
+        env={"PATH": "/usr/bin:/bin"}, mounts=[BindMount(stage, "/out", read_only=False)],
+        user=f"{os.getuid()}:{os.getgid()}", network="none",
+        labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method}).hardened()
+    started = time.monotonic()
+    with ctx.ui.progress(f"copying {len(units_plan)} distributions' files out of the engine's image "
+                         f"({len(wanted)} layer(s) it holds on another chain)", total=None, unit="files"):
+        code = ctx.engine.run(container, on_line=lines.append).exit_code
+    plan_file.unlink(missing_ok=True)
+    regained: set[str] = set()
+    for diff_id, group in sorted(wanted.items()):
+        trees = [(stage / f"d-{u.key}", PHYSICAL_PREFIX) for u in group.members]
+        ok = code == 0 and all(tree.is_dir() for tree, _ in trees) and \
+            measure_layer(trees, stage / ".measured").diff_id == diff_id
+        if ok:
+            regained.update(u.key for u in group.members)
+        else:
+            ctx.ui.log(f"layer {group.label} copied out of image {holder[:19]} does not make {diff_id[:19]}: "
+                       "installing it")
+            for tree, _ in trees:
+                shutil.rmtree(tree, ignore_errors=True)
+    ctx.ui.log(f"regained {len(regained)} distributions from the engine in {time.monotonic() - started:.1f} s "
+               f"(exit {code}{': ' + ' | '.join(lines[-3:]) if code else ''})")
+    return regained
+
+
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
                      layout: str, installer: str, uv: str, has_torch: bool,
                      need_bytes: frozenset[str] = frozenset(),
@@ -998,6 +1087,7 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
     archs: list[str] | None = None
     files: dict[str, dict] = {}   # unit key -> its RECORD rows (store.unit_files): who shares which file
     learned = learn_from_engine(ctx, store, base, method, dists, skeleton)
+    regained: set[str] = set()    # unit keys whose trees were copied out of an engine image (regain_from_engine)
     try:
         while True:
             files.update({u.key: known for u in dists if u.key not in files
@@ -1005,8 +1095,12 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             sizes = {u.key: store.dist(u.key).get("size") if u.key in files else None for u in dists}
             groups = plan_groups(dists, sizes, layout, dropped=shared_files(files).digests())
             need: dict[str, Unit] = {u.key: u for u in dists if sizes[u.key] is None}
-            for group in groups:
-                if store.group(group.key, need_bytes) is None:
+            lacking = [g for g in groups if store.group(g.key, need_bytes) is None]
+            if need_bytes:   # layers the engine holds on another chain: their files, copied out of an image
+                regained |= regain_from_engine(ctx, store, base, method, [g for g in lacking if not any(
+                    u.key in staged or u.key in regained for u in g.members)], files, stage, need_bytes)
+            for group in lacking:
+                if not all(u.key in regained for u in group.members):
                     need.update({u.key: u for u in group.members})
             want_skeleton = not skeleton_staged and store.group(skeleton.key, need_bytes) is None
             want_archs = False
@@ -1054,7 +1148,8 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
         if torch is not None and has_torch:
             archs = store.dist(torch.key).get("gpu_archs", archs or [])
         ctx.ui.step(f"environment: {len(layers)} layers, {len(staged)} of {len(dists)} distributions installed "
-                    "now, the rest from the layer store")
+                    "now, the rest from the layer store", installed=sorted(u.name for u in dists if u.key in staged),
+                    learned=learned)
         groups_facts: list[tuple[str | None, list[UnitFacts]]] = [(skeleton.key, [])]
         for group in groups:
             members = []
