@@ -121,6 +121,7 @@ test-variants: engine
 bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.core_bench
 	$(VENV)/bin/python -m tests.bench.layers_bench
+	$(VENV)/bin/python -m tests.bench.layer_facts_bench
 	$(VENV)/bin/python -m tests.bench.conda_bench
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip
