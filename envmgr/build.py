@@ -27,7 +27,7 @@ from .errors import EngineError, EnvmgrError, UsageError
 from .files import atomic_write, open_lock
 from .gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
 from .image import CountingWriter, ExtraFile, ImageConfig, Layer, tree_hash, write_archive, write_layer
-from .layer_facts import LABEL as LAYER_FACTS, ImageFacts, LayerFacts
+from .layer_facts import LABEL as LAYER_FACTS, VERSION as LAYER_FACTS_VERSION, ImageFacts, LayerFacts
 from .layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
 from .sonames import check_image
 from .spec import MethodSpec
@@ -100,6 +100,7 @@ def inputs(ctx: Context, spec: MethodSpec, base: BaseImage) -> dict[str, str]:
         "method_files": tree_hash(spec.source_path, _excluded(spec)),
         "installer": installer_id(ctx),
         "shim": hashlib.sha256(_shim()).hexdigest(),
+        "layer_facts": str(LAYER_FACTS_VERSION),   # what the image's labels record (the image ID depends on it)
         **({"system": system_key(spec, base)} if spec.system.apt else {}),   # [system] apt: its own layer
     }
 
