@@ -50,7 +50,7 @@ from .context import Context
 from .errors import EnvmgrError
 from .files import atomic_write
 from .image import Layer, file_sha256, measure_layer, write_layer
-from .layer_facts import UnitFacts
+from .layer_facts import LayerFacts, UnitFacts
 from .uv_cache import lend_uv_cache
 
 PHYSICAL_PREFIX = f"{paths.CONTAINER_ENVS_ROOT}/.shared"
@@ -931,38 +931,24 @@ def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: 
     known = layer_facts.in_engine(ctx)
     if not known:
         return []
-    series = ".".join((base.python_version or "").split(".")[:2])
-    site = f"{PHYSICAL_PREFIX}/lib/python{series}/site-packages"
-    found: dict[str, tuple[str, layer_facts.LayerFacts, UnitFacts, str]] = {}   # unit key -> where
+    found: dict[str, tuple[str, LayerFacts, UnitFacts]] = {}   # unit key -> the image and layer that has it
     used: set[str] = set()
     for image_id, facts in known:
         for layer in facts.layers:
             for unit in layer.units:
                 if unit.key in wanted and unit.key not in found:
-                    info = layer_facts.dist_info_of(layer, unit.name)
-                    if info is not None:
-                        found[unit.key] = (image_id, layer, unit, f"{site}/{info}/RECORD")
-                        used.add(image_id)
+                    found[unit.key] = (image_id, layer, unit)
+                    used.add(image_id)
             if want_skeleton and layer.group == skeleton.key:
                 used.add(image_id)
     learned: list[str] = []
-    by_image: dict[str, list[str]] = {}
-    for key, (image_id, _layer, _unit, _record) in sorted(found.items()):
-        by_image.setdefault(image_id, []).append(key)
-    for image_id, keys in sorted(by_image.items()):
-        records = layer_facts.read_image_files(ctx, image_id, base.python, [found[k][3] for k in keys], method)
-        for key in keys:
-            _image, _layer, unit, record = found[key]
-            data = records.get(record)
-            if data is None or layer_facts.record_hash(data) != unit.record:
-                ctx.ui.log(f"{unit.name}: the RECORD in image {image_id[:19]} is not the one its label names: "
-                           "installing it")
-                continue
-            try:
-                rows = layer_facts.record_files(data, site, PHYSICAL_PREFIX)
-            except (ValueError, UnicodeDecodeError):
-                continue
-            store.put_unit_files(key, {"name": unit.name, "record": unit.record, "files": rows})
+    by_image: dict[str, list[tuple[LayerFacts, UnitFacts]]] = {}
+    for _key, (image_id, layer, unit) in sorted(found.items()):
+        by_image.setdefault(image_id, []).append((layer, unit))
+    for image_id, pairs in sorted(by_image.items()):
+        for key, data in _records_from_image(ctx, image_id, base, method, pairs).items():
+            unit = found[key][2]
+            store.put_unit_files(key, data)
             dist: dict[str, object] = {"name": unit.name, "size": unit.size, "record": unit.record}
             if unit.gpu_archs is not None:
                 dist["gpu_archs"] = list(unit.gpu_archs)
@@ -1007,59 +993,123 @@ print("ENVMGR-REGAINED", flush=True)
 """
 
 
-def regain_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: str, groups: list[Group],
-                       files: dict[str, dict], stage: Path, need_bytes: frozenset[str]) -> set[str]:
-    """Unit trees of `groups` (layers whose bytes this store does not hold and the engine holds on another
-    chain only) copied out of an engine image that has them, instead of installing them again. A group's
-    trees are kept only when they make its recorded diff ID byte for byte (measured); the others are left
-    to the install. Returns the unit keys regained."""
+def _site(base: BaseImage) -> str:
+    return f"{PHYSICAL_PREFIX}/lib/python{'.'.join((base.python_version or '').split('.')[:2])}/site-packages"
+
+
+def _records_from_image(ctx: Context, image_id: str, base: BaseImage, method: str,
+                        wanted: list[tuple[LayerFacts, UnitFacts]]) -> dict[str, dict]:
+    """unit key -> its RECORD rows ({"name", "record", "files"}, as the split leaves them), read from the
+    engine's image for each (LayerFacts, UnitFacts) in `wanted`; only those whose RECORD hashes to what the
+    label names."""
+    from . import layer_facts
+
+    site = _site(base)
+    where = {}
+    for layer, unit in wanted:
+        info = layer_facts.dist_info_of(layer, unit.name)
+        if info is not None:
+            where[unit.key] = (unit, f"{site}/{info}/RECORD")
+    if not where:
+        return {}
+    records = layer_facts.read_image_files(ctx, image_id, base.python, [path for _u, path in where.values()], method)
+    found: dict[str, dict] = {}
+    for key, (unit, path) in where.items():
+        data = records.get(path)
+        if data is None or layer_facts.record_hash(data) != unit.record:
+            ctx.ui.log(f"{unit.name}: the RECORD in image {image_id[:19]} is not the one its label names")
+            continue
+        try:
+            found[key] = {"name": unit.name, "record": unit.record,
+                          "files": layer_facts.record_files(data, site, PHYSICAL_PREFIX)}
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return found
+
+
+def regain_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: str, wanted: list[Unit],
+                       files: dict[str, dict], stage: Path) -> set[str]:
+    """Trees of the distributions `wanted` (whose layers this store lacks the bytes of) copied out of an engine
+    image, instead of installing them again: each from an environment layer of an image that holds it (the
+    layer it had there, its other distributions too), kept only when the trees of that layer make its
+    recorded diff ID byte for byte, and when the distribution leaves out the same shared files here as there.
+    The rest is left to the install. Returns the unit keys regained (trees in `stage/d-<key>`)."""
     from . import layer_facts
     from .containers import BindMount, ContainerSpec
 
-    wanted: dict[str, Group] = {}
-    for group in groups:
-        known = store.recorded(group.key)
-        if known and known.get("diff_id") in need_bytes and all(u.key in files for u in group.members):
-            wanted[str(known["diff_id"])] = group
-    if not wanted:
+    todo = {u.key: u for u in wanted if u.key in files}
+    if not todo:
         return set()
-    holder = next((image_id for image_id, facts in layer_facts.in_engine(ctx)
-                   if set(wanted) <= {layer.diff_id for layer in facts.layers}), None)
-    if holder is None:
+    known = layer_facts.in_engine(ctx)
+    sources: dict[str, tuple[str, layer_facts.ImageFacts, layer_facts.LayerFacts]] = {}   # diff ID -> where
+    covered: set[str] = set()
+    for key in sorted(todo):
+        if key in covered:
+            continue
+        for image_id, facts in known:
+            layer = next((la for la in facts.layers if any(x.key == key for x in la.units)), None)
+            if layer is not None:
+                sources.setdefault(layer.diff_id, (image_id, facts, layer))
+                covered.update(x.key for x in layer.units)
+                break
+    if not sources:
         return set()
-    owners = shared_files(files).owners
-    site = os.path.relpath(f"{PHYSICAL_PREFIX}/lib/python{'.'.join(base.python_version.split('.')[:2])}/"
-                           "site-packages", PHYSICAL_PREFIX)
-    units_plan = {u.key: [path for path, _digest, _size in files[u.key]["files"]
-                          if owners.get(path, u.name) == u.name]
-                  for group in wanted.values() for u in group.members}
-    plan_file = stage / ".regain.json"
-    plan_file.write_text(json.dumps({"prefix": PHYSICAL_PREFIX, "out": "/out", "site": site, "units": units_plan}))
-    lines: list[str] = []
-    container = ContainerSpec(
-        image=holder, command=[base.python, "-S", "-I", "-B", "-c", REGAIN_SCRIPT, "/out/.regain.json"],
-        env={"PATH": "/usr/bin:/bin"}, mounts=[BindMount(stage, "/out", read_only=False)],
-        user=f"{os.getuid()}:{os.getgid()}", network="none",
-        labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method}).hardened()
-    started = time.monotonic()
-    with ctx.ui.progress(f"copying {len(units_plan)} distributions' files out of the engine's image "
-                         f"({len(wanted)} layer(s) it holds on another chain)", total=None, unit="files"):
-        code = ctx.engine.run(container, on_line=lines.append).exit_code
-    plan_file.unlink(missing_ok=True)
     regained: set[str] = set()
-    for diff_id, group in sorted(wanted.items()):
-        trees = [(stage / f"d-{u.key}", PHYSICAL_PREFIX) for u in group.members]
-        ok = code == 0 and all(tree.is_dir() for tree, _ in trees) and \
-            measure_layer(trees, stage / ".measured").diff_id == diff_id
-        if ok:
-            regained.update(u.key for u in group.members)
-        else:
-            ctx.ui.log(f"layer {group.label} copied out of image {holder[:19]} does not make {diff_id[:19]}: "
-                       "installing it")
-            for tree, _ in trees:
-                shutil.rmtree(tree, ignore_errors=True)
-    ctx.ui.log(f"regained {len(regained)} distributions from the engine in {time.monotonic() - started:.1f} s "
-               f"(exit {code}{': ' + ' | '.join(lines[-3:]) if code else ''})")
+    here_owners = shared_files(files).owners
+    by_image: dict[str, list[str]] = {}
+    for diff_id, (image_id, _facts, _layer) in sorted(sources.items()):
+        by_image.setdefault(image_id, []).append(diff_id)
+    started = time.monotonic()
+    for image_id, diff_ids in sorted(by_image.items()):
+        facts = sources[diff_ids[0]][1]
+        # the RECORD rows of every distribution of that image: who owned which shared file there
+        there: dict[str, dict] = {}
+        unknown = []
+        for layer in facts.layers:
+            for unit in layer.units:
+                data = files.get(unit.key) or store.unit_files(unit.key)
+                if data is not None:
+                    there[unit.key] = data
+                else:
+                    unknown.append((layer, unit))
+        there.update(_records_from_image(ctx, image_id, base, method, unknown))
+        if len(there) != sum(len(layer.units) for layer in facts.layers):
+            continue
+        there_owners = shared_files(there).owners
+        plan = {unit.key: [path for path, _digest, _size in there[unit.key]["files"]
+                           if there_owners.get(path, unit.name) == unit.name]
+                for diff_id in diff_ids for unit in sources[diff_id][2].units}
+        plan_file = stage / ".regain.json"
+        plan_file.write_text(json.dumps({"prefix": PHYSICAL_PREFIX, "out": "/out", "units": plan,
+                                         "site": os.path.relpath(_site(base), PHYSICAL_PREFIX)}))
+        lines: list[str] = []
+        container = ContainerSpec(
+            image=image_id, command=[base.python, "-S", "-I", "-B", "-c", REGAIN_SCRIPT, "/out/.regain.json"],
+            env={"PATH": "/usr/bin:/bin"}, mounts=[BindMount(stage, "/out", read_only=False)],
+            user=f"{os.getuid()}:{os.getgid()}", network="none",
+            labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method}).hardened()
+        with ctx.ui.progress(f"copying {len(plan)} distributions' files out of the engine's image "
+                             f"({len(diff_ids)} layer(s) it holds)", total=None, unit="files"):
+            code = ctx.engine.run(container, on_line=lines.append).exit_code
+        plan_file.unlink(missing_ok=True)
+        for diff_id in diff_ids:
+            layer = sources[diff_id][2]
+            trees = [(stage / f"d-{unit.key}", PHYSICAL_PREFIX) for unit in layer.units]
+            same = code == 0 and all(tree.is_dir() for tree, _ in trees) and \
+                measure_layer(trees, stage / ".measured").diff_id == diff_id
+            for unit in layer.units:
+                mine = unit.key in todo and unit.key not in regained and same and [
+                    path for path, _digest, _size in files[unit.key]["files"]
+                    if here_owners.get(path, unit.name) == unit.name] == plan[unit.key]
+                if mine:
+                    regained.add(unit.key)
+                elif unit.key not in regained:
+                    shutil.rmtree(stage / f"d-{unit.key}", ignore_errors=True)
+            if not same:
+                ctx.ui.log(f"layer {diff_id[:19]} copied out of image {image_id[:19]} does not make its bytes "
+                           f"(exit {code}{': ' + ' | '.join(lines[-3:]) if code else ''}): installing instead")
+    ctx.ui.log(f"{len(regained)} of {len(todo)} distributions copied out of the engine's images in "
+               f"{time.monotonic() - started:.1f} s")
     return regained
 
 
@@ -1096,9 +1146,10 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             groups = plan_groups(dists, sizes, layout, dropped=shared_files(files).digests())
             need: dict[str, Unit] = {u.key: u for u in dists if sizes[u.key] is None}
             lacking = [g for g in groups if store.group(g.key, need_bytes) is None]
-            if need_bytes:   # layers the engine holds on another chain: their files, copied out of an image
-                regained |= regain_from_engine(ctx, store, base, method, [g for g in lacking if not any(
-                    u.key in staged or u.key in regained for u in g.members)], files, stage, need_bytes)
+            if need_bytes or learned:   # what the engine's images hold: copied out of them, not installed
+                regained |= regain_from_engine(ctx, store, base, method, [
+                    u for g in lacking for u in g.members if u.key not in staged and u.key not in regained
+                    and sizes[u.key] is not None], files, stage)
             for group in lacking:
                 if not all(u.key in regained for u in group.members):
                     need.update({u.key: u for u in group.members})
