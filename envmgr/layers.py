@@ -1151,8 +1151,7 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
                     u for g in lacking for u in g.members if u.key not in staged and u.key not in regained
                     and sizes[u.key] is not None], files, stage)
             for group in lacking:
-                if not all(u.key in regained for u in group.members):
-                    need.update({u.key: u for u in group.members})
+                need.update({u.key: u for u in group.members if u.key not in regained})
             want_skeleton = not skeleton_staged and store.group(skeleton.key, need_bytes) is None
             want_archs = False
             if has_torch and torch is not None and "gpu_archs" not in store.dist(torch.key):

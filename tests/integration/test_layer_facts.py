@@ -18,6 +18,23 @@ import pytest
 
 from tests.integration.test_layers import REPO, SMALL, Methods, _layers, layer_index  # noqa: F401 - a fixture
 from tests.support.engine_proxy import EngineProxy
+from tests.support.pypi import Index, build_wheel
+
+# lfx-juliet and lfx-oscar share bucket 14 (layers.bucket_of), lfx-papa and lfx-tango bucket 23 above it,
+# lfx-mike bucket 2 below it
+BUCKETED = ["lfx-oscar", "lfx-papa", "lfx-tango", "lfx-mike"]
+
+
+@pytest.fixture(scope="module")
+def bucket_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bucket-wheels")
+    for name in BUCKETED:
+        build_wheel(root, name, "1.0", extra={f"{name.replace('-', '_')}/data.py": f"NAME = {name!r}\n" * 50})
+    for version in ("1.0", "1.1"):
+        build_wheel(root, "lfx-juliet", version, body=f'NAME = "lfx-juliet-{version}"\n')
+    index = Index(root).start()
+    yield index
+    index.stop()
 
 
 @pytest.fixture
@@ -33,11 +50,12 @@ def _events(proc: subprocess.CompletedProcess) -> list[dict]:
 
 def _build(methods: Methods, name: str, cache: Path, *extra: str) -> tuple[dict, dict]:
     """(the done event, the environment step's event: which distributions were installed, which learned)."""
-    events = _events(methods.envmgr("--json", "build", name, *extra, cache=cache))
+    events = _events(methods.envmgr("-v", "--json", "build", name, *extra, cache=cache))
     done = [e for e in events if e.get("event") == "done"][-1]
     env = [e for e in events if e.get("event") == "step" and "installed" in e]   # a pass per look at the layers
+    said = [e.get("message") or e.get("line") for e in events if "cop" in (e.get("message") or e.get("line") or "")]
     return done, {"installed": sorted({n for e in env for n in e["installed"]}),
-                  "learned": sorted({n for e in env for n in e["learned"]}), "passes": len(env)}
+                  "learned": sorted({n for e in env for n in e["learned"]}), "passes": len(env), "said": said}
 
 
 def test_a_new_cache_reuses_the_engines_layers_and_installs_only_the_changed_distribution(methods, engine,
@@ -62,7 +80,7 @@ def test_a_new_cache_reuses_the_engines_layers_and_installs_only_the_changed_dis
     # the same image as the first cache makes by installing the new pin itself (nothing depends on the cache)
     engine.images.remove(second["image"], force=True)
     third, third_env = _build(methods, name, methods.cache_dir)
-    assert third_env == {"installed": ["lyr-apple"], "learned": [], "passes": third_env["passes"]}
+    assert third_env["installed"] == ["lyr-apple"] and third_env["learned"] == []
     assert third["image"] == second["image"]
 
 
@@ -80,6 +98,34 @@ def test_layers_the_engine_holds_only_on_another_chain_are_copied_out_not_instal
     reference, reference_env = _build(methods, two, methods.cache_dir)
     assert reference_env["learned"] == [] and "lyr-bighuge" in reference_env["installed"]
     assert reference["image"] == done["image"]
+
+
+def test_a_changed_pin_sharing_its_layer_takes_the_others_files_from_the_engine(tmp_path, store, engine,
+                                                                               bucket_index):
+    """juliet's bucket changes: oscar, in the same bucket, is copied out of the engine's image (checked by
+    the old bucket's diff ID), and so are the buckets above it (another chain now): juliet alone installs."""
+    from envmgr.layers import bucket_of
+
+    assert bucket_of("lfx-juliet") == bucket_of("lfx-oscar") == 14 and bucket_of("lfx-papa") == 23
+    methods = Methods(tmp_path, store, bucket_index.url)
+    try:
+        reqs = ["lfx-juliet==1.0", *BUCKETED]
+        name = methods.add(reqs)
+        methods.envmgr("lock", name)
+        _build(methods, name, methods.cache_dir)
+        methods.requirements(name, ["lfx-juliet==1.1", *BUCKETED])
+        methods.envmgr("lock", name)
+        done, env = _build(methods, name, tmp_path / "new-cache")
+        assert env["installed"] == ["lfx-juliet"], env
+        out = engine.containers.run(done["tag"], ["python", "-c", "import lfx_juliet, lfx_oscar.data, lfx_tango; "
+                                                  "print(lfx_juliet.NAME, lfx_oscar.data.NAME)"],
+                                    remove=True, network_mode="none")
+        assert out.decode().split() == ["lfx-juliet-1.1", "lfx-oscar"]
+        engine.images.remove(done["image"], force=True)
+        reference, _ = _build(methods, name, methods.cache_dir)   # installs oscar again from its uv cache
+        assert reference["image"] == done["image"]
+    finally:
+        methods.cleanup(engine)
 
 
 class RecordingProxy(EngineProxy):
