@@ -54,8 +54,10 @@ def main() -> int:
         steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         installed = sorted({n for e in steps if e.get("event") == "step" for n in e.get("installed", [])})
         learned = sorted({n for e in steps if e.get("event") == "step" for n in e.get("learned", [])})
+        tasks = {e["task"][:48]: e["seconds"] for e in steps if e.get("event") == "progress-end"}
         results.update(second_base_dir_pin=changed, second_base_dir_build_s=round(wall, 2),
-                       second_base_dir_installed=installed, second_base_dir_learned=len(learned))
+                       second_base_dir_installed=installed, second_base_dir_learned=len(learned),
+                       second_base_dir_tasks=json.dumps(tasks))
 
         rounds = []
         for index in range(3):
