@@ -912,8 +912,7 @@ def _say_shared(ctx: Context, shared: Shared) -> None:
                 f"({len(differing)} with different contents)")
 
 
-def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: str, dists: list[Unit],
-                      skeleton: Group) -> list[str]:
+def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: str, dists: list[Unit]) -> list[str]:
     """Fill the store's records of distributions (and layers) it has never seen from the images the engine
     holds (their layer-facts label, issue 26): a new cache, a second base dir, a server that imported an
     archive installs nothing the engine already has. Returns the names learned.
@@ -925,8 +924,7 @@ def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: 
     from .sbom import keep_layer_facts, kept_layer_facts
 
     wanted = {u.key: u for u in dists if store.unit_files(u.key) is None or "size" not in store.dist(u.key)}
-    want_skeleton = not store._group_record(skeleton.key).is_file()
-    if not wanted and not want_skeleton:
+    if not wanted:
         return []
     known = layer_facts.in_engine(ctx)
     if not known:
@@ -938,9 +936,6 @@ def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: 
             for unit in layer.units:
                 if unit.key in wanted and unit.key not in found:
                     found[unit.key] = (image_id, layer, unit)
-                    used.add(image_id)
-            if want_skeleton and layer.group == skeleton.key:
-                used.add(image_id)
     learned: list[str] = []
     by_image: dict[str, list[tuple[LayerFacts, UnitFacts]]] = {}
     for _key, (image_id, layer, unit) in sorted(found.items()):
@@ -954,7 +949,8 @@ def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: 
                 dist["gpu_archs"] = list(unit.gpu_archs)
             store.put_dist(key, **dist)
             learned.append(unit.name)
-    for image_id, facts in known:
+            used.add(image_id)
+    for image_id, facts in known:   # the layers of the images learned from (the skeleton too): in the engine
         if image_id not in used:
             continue
         for layer in facts.layers:
@@ -1136,7 +1132,8 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
     skeleton_staged = False
     archs: list[str] | None = None
     files: dict[str, dict] = {}   # unit key -> its RECORD rows (store.unit_files): who shares which file
-    learned = learn_from_engine(ctx, store, base, method, dists, skeleton)
+    # only a build that loads the image next learns from the engine (the layers it learns have no bytes here)
+    learned = learn_from_engine(ctx, store, base, method, dists) if defer is not None else []
     regained: set[str] = set()    # unit keys whose trees were copied out of an engine image (regain_from_engine)
     try:
         while True:
