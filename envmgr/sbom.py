@@ -6,6 +6,10 @@ Read from the image's own layers and the method's lock, never from a container:
 - conda packages: every `conda-meta/*.json` in the environment layer (name, version, build, sha256);
 - Debian packages: the base layer's dpkg status (name, version, architecture).
 
+The facts are kept with the image too: its layer-facts label (envmgr.layer_facts) records, per environment
+layer, what an SBOM lists of it, and the base's Debian packages, so an SBOM of an image built with the label
+reads no layer byte (`generate(..., from_bytes=True)` reads them, for comparison).
+
 It is written at build time beside the image in the cache (`<cache>/sbom/<image id>.cdx.json`),
 carried in exports (so a signature covers it) and printed by `envmgr sbom`. The same image gives
 the same bytes: the serial number derives from the image ID and the timestamp is the image's.
