@@ -125,6 +125,7 @@ bench: engine method-venv
 	$(VENV)/bin/python -m tests.bench.cold_build_bench
 	$(VENV)/bin/python -m tests.bench.load_paths_bench
 	$(VENV)/bin/python -m tests.bench.layers_bench
+	$(VENV)/bin/python -m tests.bench.layer_facts_bench
 	$(VENV)/bin/python -m tests.bench.conda_bench
 	ENVMGR_BASE_DIR=$(DEMO_BASE) $(VENV)/bin/python -m tests.bench.run_bench
 	$(VENV)/bin/python -m tests.bench.transfer_bench --gzip

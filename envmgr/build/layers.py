@@ -42,7 +42,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from envmgr.build.layer_facts import ImageFacts, LayerFacts, UnitFacts
 from envmgr.core import paths
 from envmgr.core.errors import EnvmgrError
 from envmgr.core.files import atomic_write
@@ -311,6 +313,20 @@ class LayerStore:
                 freed += size
         return freed
 
+    def recorded(self, key: str) -> dict | None:
+        """A group's record as stored (diff ID, size, released...), None when absent or unreadable."""
+        try:
+            data = json.loads(self._group_record(key).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def record_in_engine(self, key: str, diff_id: str, size: int) -> None:
+        """Record a layer this store never held that the engine does (learned from an image's labels):
+        released, as if its bytes had been handed over."""
+        atomic_write(self._group_record(key), json.dumps({"diff_id": diff_id, "size": size, "stamp": None,
+                                                          "released": True}))
+
     def record_sent(self, key: str, layer: Layer) -> None:
         """Record a layer that goes from its trees straight into the engine (never written here): released.
 
@@ -383,6 +399,9 @@ class EnvLayers:
     labels: list[str]                     # per layer: "skeleton", a distribution's name, "bucket-NN"
     gpu_archs: list[str] | None = None    # torch's compiled GPU architectures ([] without a CUDA torch)
     installed: list[str] = field(default_factory=list)   # the distributions installed by this build
+    # per layer: its group key and its distributions (layer_facts.UnitFacts), recorded in the image's labels
+    groups: list[tuple[str | None, list[UnitFacts]]] = field(default_factory=list)
+    learned: list[str] = field(default_factory=list)     # distributions whose facts came from the engine's images
 
 
 
@@ -949,6 +968,237 @@ def _layers_for_plan(ctx: Context, store: LayerStore, method: str, plan: list[Gr
     return [found_layers[group.key] for group in plan]
 
 
+def _where_in_engine(known: list[tuple[str, ImageFacts]], wanted: dict[str, Unit]
+                     ) -> dict[str, tuple[str, LayerFacts, UnitFacts]]:
+    """unit key -> the first image (and its layer) whose layer-facts label lists that wanted unit."""
+    found: dict[str, tuple[str, LayerFacts, UnitFacts]] = {}
+    for image_id, facts in known:
+        for layer in facts.layers:
+            for unit in layer.units:
+                if unit.key in wanted and unit.key not in found:
+                    found[unit.key] = (image_id, layer, unit)
+    return found
+
+
+def _learn_unit(store: LayerStore, key: str, data: dict, unit: UnitFacts) -> None:
+    """A distribution's RECORD rows (read from an image) and its label facts, into this store's records."""
+    store.put_unit_files(key, data)
+    dist: dict[str, object] = {"name": unit.name, "size": unit.size, "record": unit.record}
+    if unit.gpu_archs is not None:
+        dist["gpu_archs"] = list(unit.gpu_archs)
+    store.put_dist(key, **dist)
+
+
+def _record_layers_in_engine(ctx: Context, store: LayerStore, images: list) -> None:
+    """The layers of the images learned from (the skeleton too) are in the engine: recorded as such, with their
+    SBOM facts kept per diff ID."""
+    from envmgr.build.layer_facts import keep_layer_facts, kept_layer_facts
+
+    for facts in images:
+        for layer in facts.layers:
+            if layer.group and not store._group_record(layer.group).is_file():
+                store.record_in_engine(layer.group, layer.diff_id, layer.size)
+            if kept_layer_facts(ctx, layer.diff_id) is None:
+                keep_layer_facts(ctx, layer.diff_id, layer.sbom)
+
+
+def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: str, dists: list[Unit]) -> list[str]:
+    """Fill the store's records of distributions (and layers) it has never seen from the images the engine
+    holds (their layer-facts label, issue 26): a new cache, a second base dir, a server that imported an
+    archive installs nothing the engine already has. Returns the names learned.
+
+    Each distribution's RECORD rows (which paths it shares with others) are read from the image itself, one
+    container per image, and must hash to what the label says; a distribution that does not is installed.
+    """
+    from envmgr.build import layer_facts
+
+    wanted = {u.key: u for u in dists if store.unit_files(u.key) is None or "size" not in store.dist(u.key)}
+    if not wanted:
+        return []
+    known = layer_facts.in_engine(ctx)
+    if not known:
+        return []
+    found = _where_in_engine(known, wanted)
+    learned: list[str] = []
+    used: set[str] = set()
+    by_image: dict[str, list[tuple[LayerFacts, UnitFacts]]] = {}
+    for _key, (image_id, layer, unit) in sorted(found.items()):
+        by_image.setdefault(image_id, []).append((layer, unit))
+    for image_id, pairs in sorted(by_image.items()):
+        for key, data in _records_from_image(ctx, image_id, base, method, pairs).items():
+            _learn_unit(store, key, data, found[key][2])
+            learned.append(found[key][2].name)
+            used.add(image_id)
+    _record_layers_in_engine(ctx, store, [facts for image_id, facts in known if image_id in used])
+    if learned:
+        ctx.ui.step(f"{len(learned)} distribution(s) this cache had not seen are in the engine's images: "
+                    "their layers are reused, not installed")
+    return sorted(learned)
+
+
+# Runs in an engine image with its base's interpreter (-S -I): copies each listed unit's files (and the
+# bytecode compiled for its sources) out of the image into /out/d-<unit key>, as the split left them.
+REGAIN_SCRIPT = r"""
+import json, os, shutil, sys
+os.umask(0o022)
+plan = json.load(open(sys.argv[1]))
+prefix, out, site = plan["prefix"], plan["out"], plan["site"]
+tag = sys.implementation.cache_tag
+for key, inners in sorted(plan["units"].items()):
+    root = os.path.join(out, "d-" + key)
+    for inner in inners:
+        pairs = [(os.path.join(prefix, inner), os.path.join(root, inner))]
+        if inner.endswith(".py") and inner.startswith(site + "/") and "__pycache__" not in inner.split("/"):
+            folder, name = os.path.split(inner)
+            pyc = os.path.join(folder, "__pycache__", name[:-3] + "." + tag + ".pyc")
+            if os.path.isfile(os.path.join(prefix, pyc)):
+                pairs.append((os.path.join(prefix, pyc), os.path.join(root, pyc)))
+        for source, target in pairs:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
+            os.chmod(target, os.stat(source).st_mode & 0o7777)
+print("ENVMGR-REGAINED", flush=True)
+"""
+
+
+def _site(base: BaseImage) -> str:
+    return f"{PHYSICAL_PREFIX}/lib/python{'.'.join((base.python_version or '').split('.')[:2])}/site-packages"
+
+
+def _records_from_image(ctx: Context, image_id: str, base: BaseImage, method: str,
+                        wanted: list[tuple[LayerFacts, UnitFacts]]) -> dict[str, dict]:
+    """unit key -> its RECORD rows ({"name", "record", "files"}, as the split leaves them), read from the
+    engine's image for each (LayerFacts, UnitFacts) in `wanted`; only those whose RECORD hashes to what the
+    label names."""
+    from envmgr.build import layer_facts
+
+    site = _site(base)
+    where = {}
+    for layer, unit in wanted:
+        info = layer_facts.dist_info_of(layer, unit.name)
+        if info is not None:
+            where[unit.key] = (unit, f"{site}/{info}/RECORD")
+    if not where:
+        return {}
+    records = layer_facts.read_image_files(ctx, image_id, base.python, [path for _u, path in where.values()], method)
+    found: dict[str, dict] = {}
+    for key, (unit, path) in where.items():
+        data = records.get(path)
+        if data is None or layer_facts.record_hash(data) != unit.record:
+            ctx.ui.log(f"{unit.name}: the RECORD in image {image_id[:19]} is not the one its label names")
+            continue
+        try:
+            found[key] = {"name": unit.name, "record": unit.record,
+                          "files": layer_facts.record_files(data, site, PHYSICAL_PREFIX)}
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return found
+
+
+def _regain_sources(known: list, todo: dict[str, Unit]) -> dict[str, tuple[str, Any, Any]]:
+    """diff ID -> (image, its facts, the layer) of an environment layer in the engine that holds a unit of
+    `todo` (one layer per unit: the first image that lists it)."""
+    sources: dict[str, tuple[str, Any, Any]] = {}
+    covered: set[str] = set()
+    for key in sorted(todo):
+        if key in covered:
+            continue
+        for image_id, facts in known:
+            layer = next((la for la in facts.layers if any(x.key == key for x in la.units)), None)
+            if layer is not None:
+                sources.setdefault(layer.diff_id, (image_id, facts, layer))
+                covered.update(x.key for x in layer.units)
+                break
+    return sources
+
+
+def regain_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: str, wanted: list[Unit],
+                       files: dict[str, dict], stage: Path) -> set[str]:
+    """Trees of the distributions `wanted` (whose layers this store lacks the bytes of) copied out of an engine
+    image, instead of installing them again: each from an environment layer of an image that holds it (the
+    layer it had there, its other distributions too), kept only when the trees of that layer make its
+    recorded diff ID byte for byte, and when the distribution leaves out the same shared files here as there.
+    The rest is left to the install. Returns the unit keys regained (trees in `stage/d-<key>`)."""
+    from envmgr.build import layer_facts
+
+    todo = {u.key: u for u in wanted if u.key in files}
+    if not todo:
+        return set()
+    sources = _regain_sources(layer_facts.in_engine(ctx), todo)
+    if not sources:
+        return set()
+    regained: set[str] = set()
+    by_image: dict[str, list[str]] = {}
+    for diff_id, (image_id, _facts, _layer) in sorted(sources.items()):
+        by_image.setdefault(image_id, []).append(diff_id)
+    started = time.monotonic()
+    for image_id, diff_ids in sorted(by_image.items()):
+        regained |= _regain_from_image(ctx, store, base, method, image_id, diff_ids, sources, files, stage,
+                                       todo, regained)
+    ctx.ui.log(f"{len(regained)} of {len(todo)} distributions copied out of the engine's images in "
+               f"{time.monotonic() - started:.1f} s")
+    return regained
+
+
+def _regain_from_image(ctx: Context, store: LayerStore, base: BaseImage, method: str, image_id: str,
+                       diff_ids: list[str], sources: dict[str, tuple[str, Any, Any]], files: dict[str, dict],
+                       stage: Path, todo: dict[str, Unit], regained: set[str]) -> set[str]:
+    """The layers `diff_ids` of one engine image copied out into `stage` (one container); the units of `todo`
+    whose trees make their layer's diff ID and leave out the same shared files as here."""
+    from envmgr.door.containers import BindMount, ContainerSpec
+
+    facts = sources[diff_ids[0]][1]
+    # the RECORD rows of every distribution of that image: who owned which shared file there
+    there: dict[str, dict] = {}
+    unknown = []
+    for layer in facts.layers:
+        for unit in layer.units:
+            data = files.get(unit.key) or store.unit_files(unit.key)
+            if data is not None:
+                there[unit.key] = data
+            else:
+                unknown.append((layer, unit))
+    there.update(_records_from_image(ctx, image_id, base, method, unknown))
+    if len(there) != sum(len(layer.units) for layer in facts.layers):
+        return set()
+    here_owners = shared_files(files).owners
+    there_owners = shared_files(there).owners
+    found: set[str] = set()
+    plan = {unit.key: [path for path, _digest, _size in there[unit.key]["files"]
+                       if there_owners.get(path, unit.name) == unit.name]
+            for diff_id in diff_ids for unit in sources[diff_id][2].units}
+    plan_file = stage / ".regain.json"
+    plan_file.write_text(json.dumps({"prefix": PHYSICAL_PREFIX, "out": "/out", "units": plan,
+                                     "site": os.path.relpath(_site(base), PHYSICAL_PREFIX)}))
+    lines: list[str] = []
+    container = ContainerSpec(
+        image=image_id, command=[base.python, "-S", "-I", "-B", "-c", REGAIN_SCRIPT, "/out/.regain.json"],
+        env={"PATH": "/usr/bin:/bin"}, mounts=[BindMount(stage, "/out", read_only=False)],
+        user=f"{os.getuid()}:{os.getgid()}", network="none",
+        labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method}).hardened()
+    with ctx.ui.progress(f"copying {len(plan)} distributions' files out of the engine's image "
+                         f"({len(diff_ids)} layer(s) it holds)", total=None, unit="files"):
+        code = ctx.engine.run(container, on_line=lines.append).exit_code
+    plan_file.unlink(missing_ok=True)
+    for diff_id in diff_ids:
+        layer = sources[diff_id][2]
+        trees = [(stage / f"d-{unit.key}", PHYSICAL_PREFIX) for unit in layer.units]
+        same = code == 0 and all(tree.is_dir() for tree, _ in trees) and \
+            measure_layer(trees, stage / ".measured").diff_id == diff_id
+        for unit in layer.units:
+            mine = unit.key in todo and unit.key not in regained and unit.key not in found and same and [
+                path for path, _digest, _size in files[unit.key]["files"]
+                if here_owners.get(path, unit.name) == unit.name] == plan[unit.key]
+            if mine:
+                found.add(unit.key)
+            elif unit.key not in regained and unit.key not in found:
+                shutil.rmtree(stage / f"d-{unit.key}", ignore_errors=True)
+        if not same:
+            ctx.ui.log(f"layer {diff_id[:19]} copied out of image {image_id[:19]} does not make its bytes "
+                       f"(exit {code}{': ' + ' | '.join(lines[-3:]) if code else ''}): installing instead")
+    return found
+
+
 def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[str], extra_indexes: list[str],
                      layout: str, installer: str, uv: str, has_torch: bool,
                      need_bytes: frozenset[str] = frozenset(),
@@ -972,6 +1222,9 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
     skeleton_staged = False
     archs: list[str] | None = None
     files: dict[str, dict] = {}   # unit key -> its RECORD rows (store.unit_files): who shares which file
+    # only a build that loads the image next learns from the engine (the layers it learns have no bytes here)
+    learned = learn_from_engine(ctx, store, base, method, dists) if defer is not None else []
+    regained: set[str] = set()    # unit keys whose trees were copied out of an engine image (regain_from_engine)
     try:
         while True:
             files.update({u.key: known for u in dists if u.key not in files
@@ -979,9 +1232,13 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
             sizes = {u.key: store.dist(u.key).get("size") if u.key in files else None for u in dists}
             groups = plan_groups(dists, sizes, layout, dropped=shared_files(files).digests())
             need: dict[str, Unit] = {u.key: u for u in dists if sizes[u.key] is None}
-            for group in groups:
-                if store.group(group.key, need_bytes) is None:
-                    need.update({u.key: u for u in group.members})
+            lacking = [g for g in groups if store.group(g.key, need_bytes) is None]
+            if need_bytes or learned:   # what the engine's images hold: copied out of them, not installed
+                regained |= regain_from_engine(ctx, store, base, method, [
+                    u for g in lacking for u in g.members if u.key not in staged and u.key not in regained
+                    and sizes[u.key] is not None], files, stage)
+            for group in lacking:
+                need.update({u.key: u for u in group.members if u.key not in regained})
             want_skeleton = not skeleton_staged and store.group(skeleton.key, need_bytes) is None
             want_archs = False
             if has_torch and torch is not None and "gpu_archs" not in store.dist(torch.key):
@@ -1009,9 +1266,21 @@ def build_env_layers(ctx: Context, method: str, base: BaseImage, entries: list[s
         if torch is not None and has_torch:
             archs = store.dist(torch.key).get("gpu_archs", archs or [])
         ctx.ui.step(f"environment: {len(layers)} layers, {len(staged)} of {len(dists)} distributions installed "
-                    "now, the rest from the layer store")
+                    "now, the rest from the layer store", installed=sorted(u.name for u in dists if u.key in staged),
+                    learned=learned)
+        groups_facts: list[tuple[str | None, list[UnitFacts]]] = [(skeleton.key, [])]
+        for group in groups:
+            members = []
+            for unit in group.members:
+                record = store.dist(unit.key)
+                members.append(UnitFacts(key=unit.key, name=unit.name, size=int(record["size"]),
+                                         record=str(files[unit.key]["record"]),
+                                         gpu_archs=list(record.get("gpu_archs") or [])
+                                         if has_torch and torch is not None and unit.key == torch.key else None))
+            groups_facts.append((group.key, members))
         result = EnvLayers(layers, labels, archs if has_torch else [], sorted(u.name for u in dists
-                                                                              if u.key in staged))
+                                                                              if u.key in staged),
+                           groups=groups_facts, learned=learned)
         sent = [layer for layer in layers if layer.trees]
         if sent:
             ctx.ui.step(f"{len(sent)} large environment layer(s) ({sum(la.size for la in sent) / 1e9:.1f} GB) go "

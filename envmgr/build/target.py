@@ -22,6 +22,7 @@ from pathlib import Path
 
 from envmgr import __version__
 from envmgr.build.gpu_image import image_labels as gpu_image_labels, lock_facts, read_archs
+from envmgr.build.layer_facts import LABEL as LAYER_FACTS, VERSION as LAYER_FACTS_VERSION, ImageFacts, LayerFacts
 from envmgr.build.layers import PHYSICAL_PREFIX, EnvLayers, build_env_layers
 from envmgr.build.system_layer import history as system_history, system_key, system_layer
 from envmgr.core import paths
@@ -91,6 +92,7 @@ def inputs(ctx: Context, spec: MethodSpec, base: BaseImage) -> dict[str, str]:
         "method_files": tree_hash(spec.source_path, method_excludes(spec)),
         "installer": installer_id(ctx),
         "shim": hashlib.sha256(_shim()).hexdigest(),
+        "layer_facts": str(LAYER_FACTS_VERSION),   # what the image's labels record (the image ID depends on it)
         **({"system": system_key(spec, base)} if spec.system.apt else {}),   # [system] apt: its own layer
     }
 
@@ -143,11 +145,26 @@ class BuildTarget:
         system = system_layer(ctx, self.spec, self.base)
         layers = [self.base.layer, *env.layers, *([system] if system else []),
                   method_layer(ctx, self.spec, self.inputs, self.digest)]
+        facts = recorded_facts(ctx, env, [self.base.layer, *([system] if system else [])])
         config = image_config(self.spec, self.base, layers, self.inputs, self.digest,
-                              gpu_image_labels(self.spec, env.gpu_archs or []), env_labels=env.labels)
+                              {**gpu_image_labels(self.spec, env.gpu_archs or []), LAYER_FACTS: facts.to_label()},
+                              env_labels=env.labels)
         if system:
             config.history.insert(len(config.history) - 1, system_history(self.spec))
         return config
+
+
+def recorded_facts(ctx: Context, env: EnvLayers, system: list[Layer]) -> ImageFacts:
+    """What the image's layer-facts label records (envmgr.build.layer_facts): each environment layer's group and
+    distributions, and what an SBOM lists of it and of the base (and system) layer."""
+    from envmgr.build.contents import cached_layer_facts, dpkg_facts
+
+    groups = env.groups or [(None, [])] * len(env.layers)
+    sbom = cached_layer_facts(ctx, env.layers)
+    return ImageFacts(layers=[LayerFacts(diff_id=layer.diff_id, size=layer.size, group=group, units=units,
+                                         sbom=facts)
+                              for layer, (group, units), facts in zip(env.layers, groups, sbom, strict=True)],
+                      dpkg=dpkg_facts(ctx, system))
 
 
 def target(ctx: Context, spec: MethodSpec, base: BaseImage | None = None) -> BuildTarget:

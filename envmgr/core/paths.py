@@ -89,6 +89,8 @@ LABEL_TORCH = LABEL_PREFIX + "torch"                # torch version, e.g. 2.13.0
 LABEL_CUDA = LABEL_PREFIX + "cuda"                  # CUDA runtime the environment ships, e.g. 13.0
 LABEL_CUDNN = LABEL_PREFIX + "cudnn"                # cuDNN version, e.g. 9.20.0.48
 LABEL_GPU_ARCHS = LABEL_PREFIX + "gpu-archs"        # torch.cuda.get_arch_list(), comma-separated
+# What a method image's layers hold, as JSON (envmgr/build/layer_facts.py): reuse facts and SBOM facts (issue 26)
+LABEL_LAYER_FACTS = LABEL_PREFIX + "layer-facts"
 
 # What envmgr tells a container about the GPUs it asked for (`all`, `2`, `0,1`, or `none`).
 ENV_GPUS = "ENVMGR_GPUS"

@@ -132,7 +132,7 @@ def _site_tree(root):
 def test_a_measured_layer_is_the_written_one_made_again_from_its_trees(tmp_path):
     import pytest
 
-    from envmgr.build.sbom import layer_facts, tree_layer_facts
+    from envmgr.build.contents import layer_facts, tree_layer_facts
     from envmgr.images.image import measure_layer, open_layer, write_layer
 
     trees = _site_tree(tmp_path / "tree")
