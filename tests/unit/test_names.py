@@ -50,7 +50,7 @@ def test_the_modules_that_check_names_refuse_a_trailing_newline():
         spec.MethodSpec(name="third", entry=["bash"], variants={"cu128\n": {"pin": {"torch": "2.10.0"}}})
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(min_size=0, max_size=80))
 def test_any_text_that_passes_as_a_name_is_one_plain_component(text):
     for pattern in (names.METHOD, names.INPUT, names.RUN_ID, names.BASE_IMAGE):
@@ -119,7 +119,7 @@ def test_a_forged_manifest_is_refused_before_any_name_is_used(changes):
         transfer.check_manifest_fields(Path("a.tar"), _manifest(**changes))
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.text(min_size=1, max_size=40), base=st.text(min_size=1, max_size=40))
 def test_import_of_any_forged_name_writes_nothing_outside_the_methods_folder(tmp_path_factory, name, base):
     """import_archive refuses a forged manifest before it touches the engine or the disk."""
