@@ -368,4 +368,4 @@ def test_an_sdist_in_the_pip_section_is_refused_without_running_it(conda_ws, cha
         listener.close()
     assert listener.received == [], "the sdist's build backend ran on the host while locking"
     assert proc.returncode == 1, proc.stderr
-    assert "hostile has only a source distribution" in proc.stderr, proc.stderr
+    assert "hostile==0.1 has only a source distribution" in proc.stderr, proc.stderr

@@ -15,6 +15,7 @@ import tomllib
 
 import pytest
 
+from tests.support.engine import default_sigint
 from tests.support.pypi import Index, build_wheel
 
 pytestmark = pytest.mark.engine
@@ -160,7 +161,7 @@ def test_ctrl_c_during_build_leaves_no_container_and_no_tag(workspace, engine, m
     workspace.envmgr("lock", "tiny", mirror=mirror_a.url)
     proc = subprocess.Popen([sys.executable, "-m", "envmgr", "build", "tiny"],
                             env=workspace.env(ENVMGR_MIRRORS_PYPI=mirror_a.url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         # the low-level list: containers.list inspects each container and fails on one removed meanwhile

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import REPO as SOURCE_ROOT, TINY_MAIN, TINY_PYPROJECT, TINY_SPEC
+from tests.support.engine import drop_images_holding
 from tests.support.said import error_lines
 
 pytestmark = pytest.mark.engine
@@ -100,6 +101,7 @@ def test_sigkill_during_build_leaves_no_partial_tag_and_the_next_build_completes
             shutil.rmtree(faults.cache_dir / "store" / made, ignore_errors=True)
         for image in engine.images.list(TAG_REPO):   # a kill that landed after the whole build: start cold again
             engine.images.remove(image.id, force=True)
+        drop_images_holding(engine, {"envmgr-alpha"})   # nor may another image's label let it learn them
         killed, seen = _build_until(faults, mirror_a.url, point, delay)
         assert killed, f"never reached {point!r}: {seen}"
         tried += 1
