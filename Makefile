@@ -16,7 +16,7 @@ REPORTS := .test-reports
 help:
 	@echo "make demo   - engine up, base + sd-demo images, tiny SD3 model + sample dataset, a short CPU run"
 	@echo "make test   - unit, trainer and integration tests (starts the Docker Engine if none answers)"
-	@echo "make lint   - ruff and mypy (make test runs it first)"
+	@echo "make lint   - ruff, mypy and the import contracts (make test runs it first)"
 	@echo "make dist   - dist/wheelhouse: envmgr's wheel + every dependency's, requirements.txt with hashes (offline install)"
 	@echo "make bench  - benchmarks (figures for the closing notes)"
 	@echo "make test-variants - build sd-demo's cu128 variant for real (~4 GB download; not in make test)"

@@ -40,7 +40,7 @@ def stage_lines(report: Path) -> list[str]:
 
 
 def summary(folder: Path) -> str:
-    out = ["", "make test: summary", "  lint: ruff and mypy passed"]
+    out = ["", "make test: summary", "  lint: ruff, mypy and the import contracts passed"]
     for stage, what in STAGES:
         report = folder / f"{stage}.xml"
         lines = stage_lines(report) if report.is_file() else [NOT_RUN.get(stage, "not run")]
