@@ -318,6 +318,18 @@ def _merged(pieces: list[Piece]) -> list[Piece]:
     return merged
 
 
+def _members(config: ImageConfig, layer_names: list[str], present: frozenset[str]) -> Iterator[tuple[str, Layer]]:
+    """(member name, layer) of each layer an archive carries, in image order: a layer listed twice once, and
+    none the target engine already holds (`present`). write_archive and archive_pieces both walk this."""
+    seen = set()
+    for name, layer in zip(layer_names, config.layers, strict=True):
+        if name in seen:
+            continue
+        seen.add(name)
+        if layer.diff_id not in present:
+            yield name, layer
+
+
 def archive_pieces(config: ImageConfig, repo_tags: list[str], present: frozenset[str] = frozenset()) -> list[Piece]:
     """`write_archive`'s archive as pieces: the same members in the same order.
 
@@ -329,13 +341,7 @@ def archive_pieces(config: ImageConfig, repo_tags: list[str], present: frozenset
     image_hex = hashlib.sha256(config_bytes).hexdigest()
     pieces: list[Piece] = [_header(tarinfo(f"{image_hex}.json", tarfile.REGTYPE, 0o644, len(config_bytes)))
                            + config_bytes + _padding(len(config_bytes))]
-    seen = set()
-    for name, layer in zip(layer_names, config.layers, strict=True):
-        if name in seen:
-            continue
-        seen.add(name)
-        if layer.diff_id in present:
-            continue
+    for name, layer in _members(config, layer_names, present):
         pieces.append(_header(tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
                       + _header(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size)))
         if layer.path.is_file() or not layer.trees:
@@ -477,13 +483,7 @@ def write_archive(out, config: ImageConfig, repo_tags: list[str],
     image_hex = hashlib.sha256(config_bytes).hexdigest()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
         tar.addfile(tarinfo(f"{image_hex}.json", tarfile.REGTYPE, 0o644, len(config_bytes)), io.BytesIO(config_bytes))
-        seen = set()
-        for name, layer in zip(layer_names, config.layers, strict=True):
-            if name in seen:
-                continue
-            seen.add(name)
-            if layer.diff_id in present:
-                continue
+        for name, layer in _members(config, layer_names, present):
             tar.addfile(tarinfo(name.split("/")[0], tarfile.DIRTYPE, 0o755))
             with open_layer(layer, verify=verify_measured) as fh:
                 tar.addfile(tarinfo(name, tarfile.REGTYPE, 0o644, layer.size), CountingReader(fh, progress))
