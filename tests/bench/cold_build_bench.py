@@ -4,7 +4,7 @@ Both install the same locked pins on the same base image, in one run on this mac
   - baseline: `docker build` (Debian's /usr/bin/docker, DOCKER_BUILDKIT=0: Engine 20.10's legacy builder,
     --network=host) of `FROM <the method's base image>` + one RUN: `uv venv`, then
     `uv pip install --require-hashes --no-deps --compile-bytecode --no-cache` of the lock's entries. uv, the
-    requirements and the host's mirror settings (envmgr.core.mirrors.uv_env, the CA bundle) come from a server
+    requirements and the host's mirror settings (envmgr.door.mirrors.uv_env, the CA bundle) come from a server
     on 127.0.0.1 and are removed in the same RUN: no credential in a layer or in the image's history;
   - envmgr: `envmgr build` with a new cache dir (empty uv cache and layer store) and the engine lacking
     the method's environment layers (the base layer and the venv skeleton are shared with every method).
@@ -111,7 +111,7 @@ def serve(files: dict[str, bytes]) -> tuple[http.server.ThreadingHTTPServer, int
 def baseline_files(ctx, entries: list[str]) -> dict[str, bytes]:
     """What the Dockerfile's RUN fetches from 127.0.0.1: uv, the requirements, the host's uv settings, the CA."""
     from envmgr.core import paths
-    from envmgr.core.mirrors import uv_env
+    from envmgr.door.mirrors import uv_env
 
     settings = uv_env(ctx.config.mirrors)
     settings.pop("UV_LINK_MODE", None)   # an admin's Dockerfile takes uv's default

@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds (the first is cold); default 4")
     args = parser.parse_args()
     from envmgr.core.config import load_config
-    from envmgr.core.mirrors import on_host, poetry_env
+    from envmgr.door.mirrors import on_host, poetry_env
     from tests.support.engine import ensure_engine
 
     ensure_engine()
