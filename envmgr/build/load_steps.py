@@ -22,17 +22,19 @@ from envmgr.core.errors import EngineError, UsageError
 from envmgr.door.engine import Engine
 from envmgr.images.image import ImageConfig, Piece, archive_pieces, pieces_size
 
-STEP_BYTES = 256 << 20   # a step's fixed cost (a request, a temp folder, an image record) is tens of ms
+STEP_BYTES = 256 << 20   # the step size measured (a step's fixed cost: a request, a temp folder, an image record)
 
 
 def step_bytes_setting() -> int:
-    """STEP_BYTES, or what ENVMGR_LOAD_STEP_BYTES says (0: one archive, never steps)."""
+    """Bytes of new layers per step, from ENVMGR_LOAD_STEP_BYTES; unset or 0: one archive. Off by default:
+    on 2 cores the engine's load is CPU-bound and steps saved 7-11 % at 5 GB (tests/bench/load_paths_bench.py),
+    short of what a second way to load is worth; set it (STEP_BYTES is the measured size) to try it."""
     value = os.environ.get(paths.ENV_LOAD_STEP_BYTES, "").strip()
     try:
-        return int(value) if value else STEP_BYTES
+        return int(value) if value else 0
     except ValueError:
         raise UsageError(f"{paths.ENV_LOAD_STEP_BYTES}={value!r} is not a whole number of bytes",
-                         hint="0 loads the image as one archive") from None
+                         hint=f"0 loads the image as one archive; {STEP_BYTES} is the measured step") from None
 
 
 def _held(config: ImageConfig, present: frozenset[str]) -> int:

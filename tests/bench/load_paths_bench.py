@@ -8,7 +8,8 @@ sd-demo's largest layers, scaled by --gb) and the same config, so the same image
                  (build._stream_load now);
   - load/layer:  one archive per layer, bottom first (what loading layers as they are ready costs the engine);
   - load: steps (pipelined): envmgr/build/load_steps.py: chain-prefix images whose archives overlap, the next
-                 one's bytes arriving while the engine registers the one before (build._stream_load now);
+                 one's bytes arriving while the engine registers the one before (build._stream_load with
+                 ENVMGR_LOAD_STEP_BYTES set; 256 MiB steps here);
   - push+pull:   each layer pushed uncompressed as a blob to Debian's docker-registry on 127.0.0.1, then
                  `docker pull` through the engine (loopback is insecure-allowed); push and pull timed apart.
 Rounds interleaved, the minimum kept; the image and the registry are removed after each. Also the disk's
@@ -147,9 +148,9 @@ def load_per_layer(engine, config) -> None:
 
 
 def load_pipelined(engine, config) -> None:
-    from envmgr.build.load_steps import load_in_steps
+    from envmgr.build.load_steps import STEP_BYTES, load_in_steps
 
-    load_in_steps(engine, config, frozenset())
+    load_in_steps(engine, config, frozenset(), step_bytes=STEP_BYTES)
 
 
 WAYS = ("load: pipe (before)", "load: sendfile (one archive)", "load: steps (pipelined)", "load/layer (sendfile)",
@@ -187,6 +188,30 @@ def push(registry: str, repository: str, config) -> None:
     answer = session.put(f"{base}/manifests/latest", data=json.dumps(manifest),
                          headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
     answer.raise_for_status()
+
+
+def written_bytes() -> int:
+    """Bytes the machine's disks wrote so far (/proc/diskstats: whole disks, every process's writes)."""
+    total = 0
+    with open("/proc/diskstats") as fh:
+        for line in fh:
+            fields = line.split()
+            if re.fullmatch(r"(sd|vd|xvd)[a-z]+|nvme\d+n\d+", fields[2]):
+                total += int(fields[9]) * 512
+    return total
+
+
+def engine_cpu_seconds() -> float:
+    """CPU seconds dockerd and its reaped children (docker-untar, docker-applyLayer) used so far; 0 unknown.
+    The engine's work for every client, not only this bench's."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "dockerd":
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return 0.0
 
 
 def disk_write(path: Path, total: int) -> float:
@@ -229,6 +254,7 @@ def main() -> int:
                 config = (salted_image(saved, layers_dir, salt) if saved
                           else image_of(trees, layers_dir, salt, measured=way.startswith("load:")))
                 load_average = os.getloadavg()[0]
+                written, cpu = written_bytes(), engine_cpu_seconds()
                 image_id = config.image_id()
                 try:
                     started = time.monotonic()
@@ -256,7 +282,9 @@ def main() -> int:
                             shutil.rmtree(work / f"registry-{salt}", ignore_errors=True)
                     times.setdefault(way, []).append(time.monotonic() - started)
                     print(f"round {round_} {way}: {times[way][-1]:.1f} s (load average before: {load_average:.2f}, "
-                          f"after: {os.getloadavg()[0]:.2f})", flush=True)
+                          f"after: {os.getloadavg()[0]:.2f}; disks wrote {(written_bytes() - written) / 1e9:.1f} GB, "
+                          f"the engine used {engine_cpu_seconds() - cpu:.0f} CPU s meanwhile, for all its clients)",
+                          flush=True)
                     ids.setdefault(way, set()).add(str(engine.image_id(image_id)) == image_id)
                 finally:
                     for ref in (image_id,):

@@ -175,3 +175,16 @@ def test_the_archive_end_is_held_back_while_the_step_below_registers(tmp_path):
 
     load_in_steps(Engine(), config, frozenset(), step_bytes=20_000)
     assert order == ["step 1 answered", "step 2 end"]
+
+
+def test_steps_are_off_unless_the_environment_asks_for_them(tmp_path, monkeypatch):
+    from envmgr.core.errors import UsageError
+
+    config = _config(tmp_path, [30_000, 30_000])
+    monkeypatch.delenv(paths.ENV_LOAD_STEP_BYTES, raising=False)
+    assert steps(config, frozenset()) == [config]
+    monkeypatch.setenv(paths.ENV_LOAD_STEP_BYTES, "20000")
+    assert [len(s.layers) for s in steps(config, frozenset())] == [1, 2]
+    monkeypatch.setenv(paths.ENV_LOAD_STEP_BYTES, "256M")
+    with pytest.raises(UsageError, match="whole number of bytes"):
+        steps(config, frozenset())
