@@ -8,6 +8,7 @@ the same rootfs bytes, and so the same base image ID.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import re
@@ -202,7 +203,8 @@ def _save_single_layer(ctx: Context, image_id: str, out: Path) -> tuple[dict | N
     for an image of more layers."""
     config_data = None
     layer = None
-    with tarfile.open(fileobj=cast(IO[bytes], _Stream(ctx.engine.save_image(image_id))), mode="r|") as archive:
+    with tarfile.open(fileobj=cast(IO[bytes], io.BufferedReader(_Stream(ctx.engine.save_image(image_id)), 1 << 20)),
+                      mode="r|") as archive:
         for member in archive:
             if member.name.endswith("/layer.tar") and member.isfile():
                 if layer is not None:
@@ -219,21 +221,26 @@ def _save_single_layer(ctx: Context, image_id: str, out: Path) -> tuple[dict | N
     return config_data, layer
 
 
-class _Stream:
-    """A file-like reader over an iterator of byte chunks (the engine's `docker save` stream)."""
+class _Stream(io.RawIOBase):
+    """A raw reader over an iterator of byte chunks (the engine's `docker save` stream)."""
 
     def __init__(self, chunks):
         self.chunks = iter(chunks)
-        self.buffer = b""
+        self.chunk = memoryview(b"")
 
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self.buffer) < size:
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.chunk:
             chunk = next(self.chunks, None)
             if chunk is None:
-                break
-            self.buffer += chunk
-        data, self.buffer = (self.buffer, b"") if size < 0 else (self.buffer[:size], self.buffer[size:])
-        return data
+                return 0
+            self.chunk = memoryview(chunk)
+        size = min(len(buffer), len(self.chunk))
+        buffer[:size] = self.chunk[:size]
+        self.chunk = self.chunk[size:]
+        return size
 
 
 def missing_tools() -> list[str]:
