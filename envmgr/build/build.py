@@ -223,8 +223,8 @@ def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> 
     """Send the archive to the engine without writing it anywhere: its file contents by sendfile(2) on the
     engine's unix socket (never through Python: the engine's own load is then the cost, about a third
     less time than a pipe, measured in tests/bench/load_paths_bench.py), else written into a pipe.
-    With ENVMGR_LOAD_STEP_BYTES set, in overlapping steps (load_steps.py: the engine registers one group of
-    layers while the next arrives), one archive as the fallback."""
+    Large images go in overlapping steps (load_steps.py: the engine registers one group of layers while the
+    next arrives; ENVMGR_LOAD_STEP_BYTES=0 turns them off), one archive as the fallback."""
     total = sum(layer.size for layer in config.layers if layer.diff_id not in present)
     if ctx.engine.can_send_files():
         title = (f"loading the image into the engine ({len(present)} of {len(config.layers)} layers already "

@@ -57,7 +57,7 @@ VARIANTS_DIR = "variants"      # <lock_dir>/variants/<name>/: each variant's loc
 SYSTEM_CONFIG = Path("/etc/envmgr/config.toml")
 USER_CONFIG = Path("~/.config/envmgr/config.toml")
 ENV_PREFIX = "ENVMGR_"
-# bytes of new layers per step of a stepped load (envmgr/build/load_steps.py); unset or 0: one archive
+# bytes of new layers per step of a stepped load (envmgr/build/load_steps.py); 0: the image as one archive
 ENV_LOAD_STEP_BYTES = ENV_PREFIX + "LOAD_STEP_BYTES"
 
 # Inside images and containers.

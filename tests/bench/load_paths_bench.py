@@ -8,8 +8,8 @@ sd-demo's largest layers, scaled by --gb) and the same config, so the same image
                  (build._stream_load now);
   - load/layer:  one archive per layer, bottom first (what loading layers as they are ready costs the engine);
   - load: steps (pipelined): envmgr/build/load_steps.py: chain-prefix images whose archives overlap, the next
-                 one's bytes arriving while the engine registers the one before (build._stream_load with
-                 ENVMGR_LOAD_STEP_BYTES set; 256 MiB steps here);
+                 one's bytes arriving while the engine registers the one before (build._stream_load now,
+                 256 MiB steps);
   - push+pull:   each layer pushed uncompressed as a blob to Debian's docker-registry on 127.0.0.1, then
                  `docker pull` through the engine (loopback is insecure-allowed); push and pull timed apart.
 Rounds interleaved, the minimum kept; the image and the registry are removed after each. Also the disk's

@@ -177,11 +177,14 @@ def test_the_archive_end_is_held_back_while_the_step_below_registers(tmp_path):
     assert order == ["step 1 answered", "step 2 end"]
 
 
-def test_steps_are_off_unless_the_environment_asks_for_them(tmp_path, monkeypatch):
+def test_the_environment_sets_the_step_size_and_0_turns_steps_off(tmp_path, monkeypatch):
+    from envmgr.build.load_steps import STEP_BYTES
     from envmgr.core.errors import UsageError
 
     config = _config(tmp_path, [30_000, 30_000])
     monkeypatch.delenv(paths.ENV_LOAD_STEP_BYTES, raising=False)
+    assert steps(config, frozenset()) == [config] and STEP_BYTES > 30_000   # small images: one archive
+    monkeypatch.setenv(paths.ENV_LOAD_STEP_BYTES, "0")
     assert steps(config, frozenset()) == [config]
     monkeypatch.setenv(paths.ENV_LOAD_STEP_BYTES, "20000")
     assert [len(s.layers) for s in steps(config, frozenset())] == [1, 2]
