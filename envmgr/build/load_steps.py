@@ -103,6 +103,12 @@ def load_in_steps(engine: Engine, config: ImageConfig, present: frozenset[str],
     An engine error of any step is raised once the steps have stopped; the partial images that loaded stay
     (labelled: the next build or `envmgr gc` removes them) and their layers count as present."""
     plan = [_Step(step, pieces) for step, pieces in step_archives(config, present, step_bytes)]
+    counting = threading.Lock()
+
+    def advance(size: int) -> None:   # two steps send at once; a progress counter need not be thread-safe
+        if progress is not None:
+            with counting:
+                progress(size)
 
     def gated(step: _Step, before: _Step | None) -> Iterator[Piece]:
         yield from step.pieces[:-1]
@@ -115,7 +121,7 @@ def load_in_steps(engine: Engine, config: ImageConfig, present: frozenset[str],
 
     def send(step: _Step, before: _Step | None) -> None:
         try:
-            engine.load_files(gated(step, before), pieces_size(step.pieces), progress=progress)
+            engine.load_files(gated(step, before), pieces_size(step.pieces), progress=advance)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller below
             step.error = exc
         finally:
