@@ -720,8 +720,10 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> tuple
     a console script two distributions both install) goes to one unit only: see shared_owners.
 
     Two scripts: the install, and the split. Between them, with `read_archs`, torch's GPU facts are
-    read in a box of their own (gpu_image.read_archs_boxed): importing torch runs package code, which
-    must not share this step's network, netrc and uv cache. Without it, both run as one step.
+    read while the whole environment is there: from torch's library on the host (gpu_image.archs_from_files,
+    no package code runs), else by importing torch in a box of its own (gpu_image.read_archs_boxed):
+    package code, which must not share this step's network, netrc and uv cache. Without it, both run
+    as one step.
     """
     uv, work, envs, prefix = paths.CONTAINER_UV, paths.CONTAINER_WORK, paths.CONTAINER_ENVS_ROOT, PHYSICAL_PREFIX
     compile_one = (f'cd "$1" && exec env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q '
@@ -780,7 +782,7 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
     unit's RECORD rows are left in `stage/files-<key>.json`. Returns torch's GPU architectures when
     `read_archs`, else None.
     """
-    from envmgr.build.gpu_image import read_archs_boxed
+    from envmgr.build.gpu_image import archs_from_files, read_archs_boxed
     from envmgr.lock.backends.common import run_step, uv_mounts, uv_step_env
 
     work_root = ctx.cache_dir / "work"
@@ -825,9 +827,14 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
                     run_step(ctx, base, f"installing {method}'s environment", script, mounts, env,
                              on_line=on_line, method=method)
                     if split_script:
-                        archs = read_archs_boxed(ctx, method, base, stage / Path(PHYSICAL_PREFIX).name,
-                                                 PHYSICAL_PREFIX)
-                        ctx.ui.log(f"ENVMGR-PHASE gpu-facts at {time.monotonic() - started:.1f} s")
+                        prefix = stage / Path(PHYSICAL_PREFIX).name
+                        found = archs_from_files(prefix)
+                        how = "read from torch's library"
+                        if found is None:
+                            found = read_archs_boxed(ctx, method, base, prefix, PHYSICAL_PREFIX)
+                            how = "torch imported"
+                        archs = found
+                        ctx.ui.log(f"ENVMGR-PHASE gpu-facts ({how}) at {time.monotonic() - started:.1f} s")
                         run_step(ctx, base, f"splitting {method}'s environment into layers", split_script, mounts,
                                  env, on_line=on_line, method=method)
                 except EnvmgrError:
