@@ -124,6 +124,37 @@ def archs_from_files(prefix: Path) -> list[str] | None:
         os.close(fd)
 
 
+FILES_MARK = "ENVMGR-GPU-FACTS-FROM-FILES "
+
+
+def files_script() -> str:
+    """archs_from_files as a script for the base's Python (`python -S -I -B archs.py <prefix>`), so the install
+    step reads the facts itself and goes on to the split in the same container (one container less): prints
+    FILES_MARK and the list, exit 0; exit 1 when the bytes cannot tell (then torch is imported, boxed). It
+    reads package files and runs none of them, as the split beside it does."""
+    import inspect
+
+    functions = "\n\n".join(inspect.getsource(f) for f in (_strings_with, _arch_flags, archs_in_library,
+                                                            archs_from_files))
+    return "\n".join([
+        "from __future__ import annotations",
+        "import json, mmap, os, re, stat, sys",
+        "from pathlib import Path",
+        f"_ARCH_RUN = re.compile({_ARCH_RUN.pattern!r})",
+        f"_CUDA_NAMES = {_CUDA_NAMES!r}",
+        f"_TORCH_GPU_LIBS = {_TORCH_GPU_LIBS!r}",
+        f"_LONGEST = {_LONGEST!r}",
+        functions,
+        "try:",
+        "    found = archs_from_files(Path(sys.argv[1]))",
+        "except Exception:   # noqa: BLE001 - whatever it is, the import says",
+        "    found = None",
+        "if found is None:",
+        "    sys.exit(1)",
+        f"print({FILES_MARK!r} + json.dumps(found), flush=True)",
+        ""])
+
+
 def lock_facts(spec: MethodSpec) -> ImageGpuFacts:
     """What the lock says (no engine): torch, CUDA runtime, cuDNN."""
     pins = get_backend(spec).summary(spec).get("pins") or {}

@@ -2,11 +2,13 @@
 it; whatever the bytes do not say for sure is left to the boxed import (None)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from envmgr.build.gpu_image import archs_from_files, archs_in_library
+from envmgr.build.gpu_image import FILES_MARK, archs_from_files, archs_in_library, files_script
 
 NAMES = b"\0_cuda_getArchFlags\0_cuda_getDeviceCount\0"
 # as in torch 2.13.0+cu130's libtorch_python.so: the flags beside other strings naming architectures
@@ -104,3 +106,76 @@ def test_a_fifo_is_not_waited_on(tmp_path):
     lib = _torch_lib(tmp_path / "prefix")
     os.mkfifo(lib / "libtorch_python.so")
     assert archs_from_files(tmp_path / "prefix") is None
+
+
+def _script(tmp_path: Path, prefix: Path) -> subprocess.CompletedProcess:
+    script = tmp_path / "archs.py"
+    script.write_text(files_script())
+    return subprocess.run([sys.executable, "-S", "-I", "-B", str(script), str(prefix)], capture_output=True, text=True)
+
+
+def test_the_steps_script_prints_the_archs_or_exits_1_for_the_import(tmp_path):
+    """files_script: archs_from_files run by the base's Python in the install step, standard library only."""
+    lib = _torch_lib(tmp_path / "prefix")
+    (lib / "libtorch_python.so").write_bytes(CUDA)
+    done = _script(tmp_path, tmp_path / "prefix")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == FILES_MARK + '["sm_100", "sm_120", "sm_75", "sm_80", "sm_86", "sm_90"]\n'
+    (lib / "libtorch_python.so").write_bytes(b"\0torch_python" + NAMES)   # what the bytes cannot vouch for
+    done = _script(tmp_path, tmp_path / "prefix")
+    assert (done.returncode, done.stdout) == (1, "")
+    done = _script(tmp_path, tmp_path / "nothing-here")
+    assert (done.returncode, done.stdout) == (1, "")
+
+
+def _stage(tmp_path: Path, said: list[str], monkeypatch) -> tuple[list[str] | None, list[str], list[str]]:
+    """stage_units with read_archs and a fake step runner whose install step prints `said`: (archs, the steps
+    run, the boxed reads)."""
+    from envmgr.build import gpu_image
+    from envmgr.build.layers import Unit, stage_units
+    from envmgr.core.config import load_config
+    from envmgr.core.ui import Reporter
+    from envmgr.door.context import Context
+    from envmgr.images.base import BaseImage
+
+    steps: list[str] = []
+    boxed: list[str] = []
+
+    def runner(ctx, step, on_line=None):
+        steps.append(step.script)
+        for line in (said if len(steps) == 1 else ["ENVMGR-PHASE split"]):
+            on_line(line)
+        return []
+
+    def read_archs_boxed(ctx, method, base, prefix, container_prefix):
+        boxed.append(str(prefix))
+        return ["sm_80"]
+
+    monkeypatch.setattr(gpu_image, "read_archs_boxed", read_archs_boxed)
+    base = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,
+                     layer_path="/nonexistent", python="/usr/bin/python3.11", python_version="3.11.2", packages={})
+    config = load_config({"cache_dir": str(tmp_path / "cache"), "base_dir": str(tmp_path / "base")}, files=[])
+    ctx = Context(config=config, ui=Reporter("plain"), step_runner=runner)
+    stage = tmp_path / "cache" / "envs" / "m-units-x"
+    stage.mkdir(parents=True)
+    archs = stage_units(ctx, base, "m", [Unit("torch", "torch==2.13.0 --hash=sha256:00", "k-torch")], stage, [],
+                        want_skeleton=False, read_archs=True)
+    return archs, steps, boxed
+
+
+def test_archs_the_install_step_read_need_no_import_and_no_second_step(tmp_path, monkeypatch):
+    said = ["+ torch==2.13.0", "ENVMGR-PHASE installed", FILES_MARK + '["sm_75", "sm_90"]', "ENVMGR-PHASE gpu-facts",
+            "ENVMGR-PHASE split", "ENVMGR-PHASE compiled"]
+    archs, steps, boxed = _stage(tmp_path, said, monkeypatch)
+    assert archs == ["sm_75", "sm_90"] and boxed == []
+    assert len(steps) == 1
+    script = steps[0]   # install, then the read, then the split: one container
+    assert script.index("pip install") < script.index("archs.py") < script.index("split.py")
+
+
+def test_when_the_step_cannot_tell_torch_is_imported_boxed_before_the_split_step(tmp_path, monkeypatch):
+    # a line that looks like the read's but comes before the install ends (uv's output) is not the read's
+    said = [FILES_MARK + '["sm_99"]', "+ torch==2.13.0", "ENVMGR-PHASE installed", "ENVMGR-PHASE gpu-facts-need-import"]
+    archs, steps, boxed = _stage(tmp_path, said, monkeypatch)
+    assert archs == ["sm_80"] and len(boxed) == 1 and boxed[0].endswith("/.shared")
+    assert len(steps) == 2 and "pip install" not in steps[1] and "split.py" in steps[1]
