@@ -7,7 +7,9 @@ travel with the image (export, push), and a no-op build reads nothing. Two ways,
 
 - from torch's files, without running them (archs_from_files): the compile-time arch flags that
   `torch._C._cuda_getArchFlags()` returns are one string literal in torch/lib/libtorch_python.so;
-  a scan of its bytes takes ~0.1 s where importing torch from a prefix without bytecode took 6.5 s;
+  a scan of its bytes takes ~0.1 s where importing torch from a prefix without bytecode took 6.5 s.
+  Per-distribution layers: in the install step itself, between install and split (FILES_SCRIPT);
+  conda's one layer: on the host;
 - when the scan cannot tell (not a CUDA wheel it recognises), by importing torch: the layer's own
   Python in a container of the base image with the new environment mounted read-only and no network
   (no GPU needed: torch reports its compile-time arch flags).
@@ -127,7 +129,7 @@ def archs_from_files(prefix: Path) -> list[str] | None:
 FILES_MARK = "ENVMGR-GPU-FACTS-FROM-FILES "
 
 
-def files_script() -> str:
+def _files_script() -> str:
     """archs_from_files as a script for the base's Python (`python -S -I -B archs.py <prefix>`), so the install
     step reads the facts itself and goes on to the split in the same container (one container less): prints
     FILES_MARK and the list, exit 0; exit 1 when the bytes cannot tell (then torch is imported, boxed). It
@@ -153,6 +155,9 @@ def files_script() -> str:
         "    sys.exit(1)",
         f"print({FILES_MARK!r} + json.dumps(found), flush=True)",
         ""])
+
+
+FILES_SCRIPT = _files_script()   # made once, from the functions above as defined (not as later patched)
 
 
 def lock_facts(spec: MethodSpec) -> ImageGpuFacts:

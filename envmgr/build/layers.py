@@ -721,7 +721,7 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> tuple
 
     Two scripts: the install (followed by the split), and the split alone. With `read_archs`, torch's GPU
     facts are read while the whole environment is there, between install and split: the step reads them
-    from torch's library (gpu_image.files_script: bytes only, no package code runs) and goes on to the
+    from torch's library (gpu_image.FILES_SCRIPT: bytes only, no package code runs) and goes on to the
     split; when those bytes cannot tell, the step stops there, torch is imported in a box of its own
     (gpu_image.read_archs_boxed: package code, which must not share this step's network, netrc and uv
     cache), and the split runs as a step of its own (the second script).
@@ -786,7 +786,7 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
     unit's RECORD rows are left in `stage/files-<key>.json`. Returns torch's GPU architectures when
     `read_archs`, else None.
     """
-    from envmgr.build.gpu_image import files_script, read_archs_boxed
+    from envmgr.build.gpu_image import FILES_SCRIPT, read_archs_boxed
     from envmgr.lock.backends.common import run_step, uv_mounts, uv_step_env
 
     work_root = ctx.cache_dir / "work"
@@ -795,7 +795,7 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
         (Path(work) / "requirements.txt").write_text("".join(u.requirement + "\n" for u in todo))
         (Path(work) / "units.txt").write_text("".join(f"{u.key} {u.name}\n" for u in todo))
         (Path(work) / "split.py").write_text(SPLIT_SCRIPT)
-        (Path(work) / "archs.py").write_text(files_script())
+        (Path(work) / "archs.py").write_text(FILES_SCRIPT)
         (Path(work) / "others.jsonl").write_text("".join(json.dumps(list(row)) + "\n" for row in others))
         (Path(work) / "alone.sh").write_text(_alone_script(base.python))
         (Path(work) / "fresh.sh").write_text(_fresh_script(base.python))

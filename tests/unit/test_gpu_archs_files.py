@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.build.gpu_image import FILES_MARK, archs_from_files, archs_in_library, files_script
+from envmgr.build.gpu_image import FILES_MARK, FILES_SCRIPT, archs_from_files, archs_in_library
 
 NAMES = b"\0_cuda_getArchFlags\0_cuda_getDeviceCount\0"
 # as in torch 2.13.0+cu130's libtorch_python.so: the flags beside other strings naming architectures
@@ -110,12 +110,12 @@ def test_a_fifo_is_not_waited_on(tmp_path):
 
 def _script(tmp_path: Path, prefix: Path) -> subprocess.CompletedProcess:
     script = tmp_path / "archs.py"
-    script.write_text(files_script())
+    script.write_text(FILES_SCRIPT)
     return subprocess.run([sys.executable, "-S", "-I", "-B", str(script), str(prefix)], capture_output=True, text=True)
 
 
 def test_the_steps_script_prints_the_archs_or_exits_1_for_the_import(tmp_path):
-    """files_script: archs_from_files run by the base's Python in the install step, standard library only."""
+    """FILES_SCRIPT: archs_from_files run by the base's Python in the install step, standard library only."""
     lib = _torch_lib(tmp_path / "prefix")
     (lib / "libtorch_python.so").write_bytes(CUDA)
     done = _script(tmp_path, tmp_path / "prefix")
