@@ -719,9 +719,12 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> tuple
     file). A path several distributions' RECORDs claim (the `nvidia/__init__.py` of every CUDA wheel,
     a console script two distributions both install) goes to one unit only: see shared_owners.
 
-    Two scripts: the install, and the split. Between them, with `read_archs`, torch's GPU facts are
-    read in a box of their own (gpu_image.read_archs_boxed): importing torch runs package code, which
-    must not share this step's network, netrc and uv cache. Without it, both run as one step.
+    Two scripts: the install (followed by the split), and the split alone. With `read_archs`, torch's GPU
+    facts are read while the whole environment is there, between install and split: the step reads them
+    from torch's library (gpu_image.FILES_SCRIPT: bytes only, no package code runs) and goes on to the
+    split; when those bytes cannot tell, the step stops there, torch is imported in a box of its own
+    (gpu_image.read_archs_boxed: package code, which must not share this step's network, netrc and uv
+    cache), and the split runs as a step of its own (the second script).
     """
     uv, work, envs, prefix = paths.CONTAINER_UV, paths.CONTAINER_WORK, paths.CONTAINER_ENVS_ROOT, PHYSICAL_PREFIX
     compile_one = (f'cd "$1" && exec env PYTHONHASHSEED=0 {python} -S -B -m compileall -f -q '
@@ -748,8 +751,11 @@ def _install_script(python: str, want_skeleton: bool, read_archs: bool) -> tuple
         "echo ENVMGR-PHASE compiled",
         f"rm -rf {prefix} {envs}/.skeleton-files",
     ]
-    if read_archs:   # torch imports only in a whole environment: read (boxed) between install and split
-        return "\n".join(lines), "\n".join(split)
+    if read_archs:   # torch's facts need the whole environment: read between install and split
+        gate = [f"if ! {python} -S -I -B {work}/archs.py {prefix}; then echo ENVMGR-PHASE gpu-facts-need-import; "
+                "exit 0; fi",
+                "echo ENVMGR-PHASE gpu-facts"]
+        return "\n".join(lines + gate + split), "\n".join(split)
     return "\n".join(lines + split), ""
 
 
@@ -780,7 +786,7 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
     unit's RECORD rows are left in `stage/files-<key>.json`. Returns torch's GPU architectures when
     `read_archs`, else None.
     """
-    from envmgr.build.gpu_image import read_archs_boxed
+    from envmgr.build.gpu_image import FILES_SCRIPT, read_archs_boxed
     from envmgr.lock.backends.common import run_step, uv_mounts, uv_step_env
 
     work_root = ctx.cache_dir / "work"
@@ -789,6 +795,7 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
         (Path(work) / "requirements.txt").write_text("".join(u.requirement + "\n" for u in todo))
         (Path(work) / "units.txt").write_text("".join(f"{u.key} {u.name}\n" for u in todo))
         (Path(work) / "split.py").write_text(SPLIT_SCRIPT)
+        (Path(work) / "archs.py").write_text(FILES_SCRIPT)
         (Path(work) / "others.jsonl").write_text("".join(json.dumps(list(row)) + "\n" for row in others))
         (Path(work) / "alone.sh").write_text(_alone_script(base.python))
         (Path(work) / "fresh.sh").write_text(_fresh_script(base.python))
@@ -824,10 +831,13 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
                 try:
                     run_step(ctx, base, f"installing {method}'s environment", script, mounts, env,
                              on_line=on_line, method=method)
-                    if split_script:
+                    read = _archs_read_in_step(lines) if read_archs else None
+                    if read is not None:
+                        archs = read
+                    elif split_script:   # the step's read could not tell: torch imported, boxed, then the split
                         archs = read_archs_boxed(ctx, method, base, stage / Path(PHYSICAL_PREFIX).name,
                                                  PHYSICAL_PREFIX)
-                        ctx.ui.log(f"ENVMGR-PHASE gpu-facts at {time.monotonic() - started:.1f} s")
+                        ctx.ui.log(f"ENVMGR-PHASE gpu-facts (torch imported) at {time.monotonic() - started:.1f} s")
                         run_step(ctx, base, f"splitting {method}'s environment into layers", split_script, mounts,
                                  env, on_line=on_line, method=method)
                 except EnvmgrError:
@@ -837,6 +847,19 @@ def stage_units(ctx: Context, base: BaseImage, method: str, todo: list[Unit], st
                     raise EnvmgrError(f"{method}: {said[-1]}", hint="nothing was stored or tagged; run with -v for "
                                       "the install's output") from None
     return archs if read_archs else None
+
+
+def _archs_read_in_step(lines: list[str]) -> list[str] | None:
+    """The GPU architectures the install step read from torch's files (after its install), None when it could not
+    tell (see _install_script)."""
+    from envmgr.build.gpu_image import FILES_MARK
+
+    after = lines[lines.index("ENVMGR-PHASE installed") + 1:] if "ENVMGR-PHASE installed" in lines else []
+    said = [line[len(FILES_MARK):] for line in after if line.startswith(FILES_MARK)]
+    if not said:
+        return None
+    found = json.loads(said[-1])
+    return [str(arch) for arch in found] if isinstance(found, list) else None
 
 
 # Layers this process measured for the engine (send mode), by diff ID, with the trees their bytes are made

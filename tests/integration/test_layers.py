@@ -545,6 +545,32 @@ class _C:
 '''
 
 
+# what torch 2.x's CUDA wheels hold in torch/lib/libtorch_python.so: the arch flags literal and torch._C's CUDA methods
+FLAGS_LIBRARY = (b"\x7fELF\0\0expected sm_80 or newer\0sm_80 sm_90a compute_90\0\0"
+                 b"_cuda_getArchFlags\0_cuda_getDeviceCount\0")
+
+
+def test_gpu_archs_come_from_torchs_library_without_importing_it(tmp_path, store, engine):
+    """A torch whose libtorch_python.so holds the arch flags: the install step reads them from its bytes and goes
+    on to the split in the same container; torch is never imported (its own arch list would say sm_10)."""
+    root = tmp_path / "wheels"
+    build_wheel(root, "torch", "2.13.0", body=FAKE_TORCH.format(port=9).replace('["sm_90"]', '["sm_10"]'),
+                extra={"torch/lib/libtorch_python.so": FLAGS_LIBRARY, "torch/lib/libtorch_cuda.so": b"\0"})
+    index = Index(root).start()
+    ws = Methods(tmp_path, store, index.url)
+    try:
+        name = ws.add(["torch==2.13.0"])
+        ws.envmgr("lock", name)
+        built = ws.build(name, verbose=True)
+        labels = engine.images.get(built["image"]).labels
+        assert labels.get("org.envmgr.gpu-archs") == "compute_90,sm_80,sm_90a", labels
+        said = built["stderr"]   # the install step's own mark: it read them, and went on to the split
+        assert "ENVMGR-PHASE gpu-facts at " in said and "gpu-facts-need-import" not in said
+    finally:
+        index.stop()
+        ws.cleanup(engine)
+
+
 def test_torch_imported_for_gpu_facts_gets_no_network_no_credentials_and_writes_nothing(tmp_path, store, engine):
     """Reading torch's GPU architectures imports it: package code. It runs in a box of its own, not in the
     install step that has the network, the mirror's netrc and the uv cache (a torch that reaches out here
