@@ -163,6 +163,9 @@ def adopt_from_engine(ctx: Context, name: str) -> BaseImage | None:
         if already is not None:
             return already
         for image in candidates:
+            if (image.get("Labels") or {}).get(paths.LABEL_KIND) != "base" or \
+                    len(((ctx.engine.inspect_image(image["Id"]) or {}).get("RootFS") or {}).get("Layers") or []) != 1:
+                continue     # only a one-layer base image is saved (never a method image's gigabytes)
             base = _adopt_image(ctx, definition, image["Id"], out_dir)
             if base is not None:
                 _state_file(ctx, name).write_text(json.dumps(asdict(base), indent=1, sort_keys=True))

@@ -36,12 +36,15 @@ class FakeEngine:
         self.saved: list[str] = []
         self.archives = {}
         self.summaries = []
+        self.layers = {}
         self.fail = fail
         for tags, (config, repo_tags) in images.items():
             out = io.BytesIO()
             image_id = write_archive(out, config, repo_tags)
             self.archives[image_id] = out.getvalue()
-            self.summaries.append({"Id": image_id, "RepoTags": repo_tags, "label": tags})
+            self.summaries.append({"Id": image_id, "RepoTags": repo_tags, "label": tags,
+                                   "Labels": dict(config.labels)})
+            self.layers[image_id] = [layer.diff_id for layer in config.layers]
 
     def images(self, label=None, all_=False):
         if self.fail:
@@ -53,6 +56,9 @@ class FakeEngine:
         data = self.archives[ref]
         for at in range(0, len(data), 4096):   # in chunks, as the SDK streams it
             yield data[at:at + 4096]
+
+    def inspect_image(self, ref):
+        return {"Id": ref, "RootFS": {"Layers": self.layers[ref]}}
 
     def image_id(self, ref):
         return next((s["Id"] for s in self.summaries if ref in s["RepoTags"] or ref == s["Id"]), None)
@@ -108,14 +114,20 @@ def test_an_image_that_is_not_this_definitions_base_is_not_taken(tmp_path):
     assert not [p for p in (ctx.store_dir / "base" / NAME).iterdir() if p.suffix in (".tar", ".partial")]
 
 
-def test_an_image_of_two_layers_is_not_taken(tmp_path):
+def test_an_image_of_two_layers_or_another_kind_is_not_even_saved(tmp_path):
     first = file_layer(rootfs_tar(tmp_path / "one.tar"))
     second = file_layer(rootfs_tar(tmp_path / "two.tar", STATUS.replace("2.36", "2.37")))
     config = base_module._config(base_module.load_definition(NAME), first)
     config.layers = [first, second]
-    ctx = context(tmp_path, FakeEngine({"base": (config, [])}))
+    method = base_module._config(base_module.load_definition(NAME), first)
+    method.labels = {**method.labels, "org.envmgr.kind": "method"}
+    engine = FakeEngine({"base": (config, [])})
+    engine.summaries += FakeEngine({"base": (method, [])}).summaries
+    engine.layers.update({s["Id"]: [first.diff_id] for s in engine.summaries[1:]})
+    ctx = context(tmp_path, engine)
 
     assert base_module.adopt_from_engine(ctx, NAME) is None
+    assert engine.saved == []
 
 
 def test_an_engine_that_cannot_list_images_means_building_as_before(tmp_path, monkeypatch):
