@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from envmgr.build.load_steps import load_in_steps, remove_partials, steps
+from envmgr.build.load_steps import load_in_steps, owner_of, remove_partials, steps
 from envmgr.build.sonames import check_image
 from envmgr.build.target import BuildTarget, build_running, env_record, is_layered, target
 from envmgr.core.errors import EngineError, EnvmgrError
@@ -171,7 +171,8 @@ def _assemble_in(ctx: Context, wanted: BuildTarget, defer: contextlib.ExitStack)
         ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")
     if not build_running(ctx.cache_dir, besides=f"build-{wanted.spec.name}.lock"):
-        remove_partials(ctx.engine)   # what an interrupted stepped load left (no build here is loading now)
+        # what an interrupted stepped load of this cache left (no build here is loading now)
+        remove_partials(ctx.engine, owner=owner_of(ctx.cache_dir))
     _hand_over(ctx, wanted, config)
     return image_id
 
@@ -232,7 +233,8 @@ def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> 
         if len(steps(config, present)) > 1:
             try:
                 with ctx.ui.progress(title, total=total, unit="bytes") as task:
-                    return load_in_steps(ctx.engine, config, present, progress=task.advance)
+                    return load_in_steps(ctx.engine, config, present, progress=task.advance,
+                                         owner=owner_of(ctx.cache_dir))
             except EngineError as exc:   # the one-archive load below is the fallback
                 ctx.ui.warn(f"loading in steps failed ({exc.message}): loading the image as one archive")
         pieces = archive_pieces(config, [], present)

@@ -16,10 +16,12 @@ back (the disks wrote about 5 GB less), the overlap adds little where the engine
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from envmgr.core import paths
 from envmgr.core.errors import EngineError, UsageError
@@ -47,9 +49,17 @@ def _held(config: ImageConfig, present: frozenset[str]) -> int:
     return count
 
 
-def steps(config: ImageConfig, present: frozenset[str], step_bytes: int | None = None) -> list[ImageConfig]:
+def owner_of(cache_dir: Path) -> str:
+    """The label value that says which cache dir's build loaded a partial image (a hash: no path in a label)."""
+    return hashlib.sha256(str(cache_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def steps(config: ImageConfig, present: frozenset[str], step_bytes: int | None = None,
+          owner: str = "") -> list[ImageConfig]:
     """The images to load in turn: chain prefixes that each end once `step_bytes` of layers the engine lacks
-    are in, then `config` itself. One step when there is nothing to split (or `step_bytes` is 0)."""
+    are in, then `config` itself. One step when there is nothing to split (or `step_bytes` is 0). `owner`:
+    owner_of the building cache, labelled on the partial images (only that cache removes them while
+    unfinished: a build elsewhere on the same engine leaves them alone)."""
     step_bytes = step_bytes_setting() if step_bytes is None else step_bytes
     if step_bytes <= 0:
         return [config]
@@ -62,19 +72,20 @@ def steps(config: ImageConfig, present: frozenset[str], step_bytes: int | None =
     image_id = config.image_id()
     prefixes = [replace(config, layers=config.layers[:cut], history=config.history[:cut], env={}, cmd=None,
                         entrypoint=None, workdir=None,
-                        labels={paths.LABEL_MANAGED: "true", paths.LABEL_PARTIAL: image_id})
+                        labels={paths.LABEL_MANAGED: "true", paths.LABEL_PARTIAL: image_id,
+                                **({paths.LABEL_PARTIAL_OWNER: owner} if owner else {})})
                 for cut in cuts if cut < len(config.layers)]
     return [*prefixes, config]
 
 
-def step_archives(config: ImageConfig, present: frozenset[str],
-                  step_bytes: int | None = None) -> list[tuple[ImageConfig, list[Piece]]]:
+def step_archives(config: ImageConfig, present: frozenset[str], step_bytes: int | None = None,
+                  owner: str = "") -> list[tuple[ImageConfig, list[Piece]]]:
     """Each step's image and archive pieces, carrying the layers above the chain the step before left (a
     layer also found lower down is sent again: the engine registers it on a new chain). The last piece is the
     archive's end (manifest.json and the end blocks), which a step holds back."""
     out = []
     below = _held(config, present)
-    for step in steps(config, present, step_bytes):
+    for step in steps(config, present, step_bytes, owner):
         new = {layer.diff_id for layer in step.layers[below:]}
         pieces = archive_pieces(step, [], frozenset(layer.diff_id for layer in step.layers[:below]) - new)
         last = pieces[-1]
@@ -98,11 +109,12 @@ class _Step:
 
 
 def load_in_steps(engine: Engine, config: ImageConfig, present: frozenset[str],
-                  progress: Callable[[int], None] | None = None, step_bytes: int | None = None) -> str:
+                  progress: Callable[[int], None] | None = None, step_bytes: int | None = None,
+                  owner: str = "") -> str:
     """Load `config` (the engine holds the layers in `present`) in overlapping steps; returns its image ID.
     An engine error of any step is raised once the steps have stopped; the partial images that loaded stay
     (labelled: the next build or `envmgr gc` removes them) and their layers count as present."""
-    plan = [_Step(step, pieces) for step, pieces in step_archives(config, present, step_bytes)]
+    plan = [_Step(step, pieces) for step, pieces in step_archives(config, present, step_bytes, owner)]
     counting = threading.Lock()
 
     def advance(size: int) -> None:   # two steps send at once; a progress counter need not be thread-safe
@@ -147,12 +159,22 @@ def load_in_steps(engine: Engine, config: ImageConfig, present: frozenset[str],
     return config.image_id()
 
 
-def remove_partials(engine: Engine, image_id: str | None = None) -> int:
-    """Remove the partial images of a stepped load (of `image_id`, else all of them); returns how many went.
-    An image the engine refuses to remove stays for the next time."""
+def leftover(engine: Engine, summary: dict, owner: str) -> bool:
+    """Whether a partial image is a leftover that the cache `owner` may remove: its own (the caller knows no
+    build of its is loading), or one whose image is in the engine already (its load is over, whoever's)."""
+    labels = summary.get("Labels") or {}
+    return labels.get(paths.LABEL_PARTIAL_OWNER) == owner or \
+        engine.image_id(labels.get(paths.LABEL_PARTIAL) or "sha256:none") is not None
+
+
+def remove_partials(engine: Engine, image_id: str | None = None, owner: str | None = None) -> int:
+    """Remove partial images of a stepped load: those of `image_id`, or the leftovers the cache `owner` may
+    remove (see leftover); returns how many went. An image the engine refuses to remove stays for next time."""
     gone = 0
     for summary in engine.images(label=paths.LABEL_PARTIAL, all_=True):
         if image_id and (summary.get("Labels") or {}).get(paths.LABEL_PARTIAL) != image_id:
+            continue
+        if image_id is None and not leftover(engine, summary, owner or ""):
             continue
         with contextlib.suppress(EngineError):
             engine.remove_image(summary["Id"])

@@ -88,6 +88,7 @@ LABEL_MANAGED = LABEL_PREFIX + "managed"
 LABEL_VARIANT = LABEL_PREFIX + "variant"
 # a chain-prefix image a stepped load leaves while it runs (envmgr/build/load_steps.py); its value: the image it builds
 LABEL_PARTIAL = LABEL_PREFIX + "partial-of"
+LABEL_PARTIAL_OWNER = LABEL_PREFIX + "partial-owner"   # which cache dir's build loaded it (a hash)
 # GPU facts of a method image (envmgr/build/gpu_image.py): read from the lock, and from torch in the build
 LABEL_TORCH = LABEL_PREFIX + "torch"                # torch version, e.g. 2.13.0
 LABEL_CUDA = LABEL_PREFIX + "cuda"                  # CUDA runtime the environment ships, e.g. 13.0

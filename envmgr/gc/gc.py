@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from envmgr.build.layers import RELEASE_BYTES, LayerStore
+from envmgr.build.load_steps import leftover, owner_of
 from envmgr.build.sbom import SBOM_DIR
 from envmgr.build.target import build_running, target
 from envmgr.core import paths
@@ -151,13 +152,13 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None, everythi
 
 
 def _plan_partials(ctx: Context, result: Plan, in_use: set) -> None:
-    """Partial images an interrupted stepped load left (envmgr/build/load_steps.py); a running build's stay."""
-    if build_running(ctx.cache_dir):
-        return
+    """Partial images an interrupted stepped load left (envmgr/build/load_steps.py): this cache's, unless a build
+    of it runs, and any whose image is in the engine already; another cache's unfinished ones stay."""
+    owner = "" if build_running(ctx.cache_dir) else owner_of(ctx.cache_dir)
     result.remove += [Item("image", image["Id"], 0, "left by an interrupted load (partial image of "
                            f"{(image.get('Labels') or {}).get(paths.LABEL_PARTIAL, '?')[:19]})")
                       for image in ctx.engine.images(label=paths.LABEL_PARTIAL, all_=True)
-                      if image["Id"] not in in_use]
+                      if image["Id"] not in in_use and leftover(ctx.engine, image, owner)]
 
 
 def _plan_caches(ctx: Context, result: Plan, only: set[str], everything: bool) -> None:

@@ -107,10 +107,15 @@ def test_gc_removes_partial_images_of_an_interrupted_load_unless_a_build_runs_or
     from envmgr.core import paths
     from envmgr.core.files import open_lock
 
+    from envmgr.build.load_steps import owner_of
+
     ctx, engine = _ctx(tmp_path)
-    partial = {"Id": GONE, "Labels": {paths.LABEL_MANAGED: "true", paths.LABEL_PARTIAL: KEPT}}
-    used = {"Id": OTHER_GONE, "Labels": {paths.LABEL_MANAGED: "true", paths.LABEL_PARTIAL: KEPT}}
-    engine.images = lambda label=None, all_=False: [partial, used] if label == paths.LABEL_PARTIAL else []
+    mine = {paths.LABEL_MANAGED: "true", paths.LABEL_PARTIAL: KEPT, paths.LABEL_PARTIAL_OWNER: owner_of(ctx.cache_dir)}
+    partial = {"Id": GONE, "Labels": mine}
+    used = {"Id": OTHER_GONE, "Labels": mine}
+    elsewhere = {"Id": "sha256:" + "e" * 64, "Labels": {**mine, paths.LABEL_PARTIAL_OWNER: "another-cache"}}
+    engine.images = lambda label=None, all_=False: [partial, used, elsewhere] if label == paths.LABEL_PARTIAL else []
+    engine.image_id = lambda ref: None                # no partial's image is in yet: their loads may be running
     engine.containers = lambda label=None: [{"Id": "c1", "ImageID": OTHER_GONE, "State": "running", "Labels": {}}]
     engine.image_history = lambda image_id: None      # sizes: none known here
     engine.image_disk_usage = lambda: []
@@ -120,3 +125,6 @@ def test_gc_removes_partial_images_of_an_interrupted_load_unless_a_build_runs_or
     with open_lock(ctx.cache_dir / "locks" / "build-m.lock") as guard:   # a build loading in steps now
         fcntl.flock(guard, fcntl.LOCK_EX)
         assert plan(ctx).remove == []
+    # another cache's unfinished partial stays; once its image is in the engine it is anyone's to remove
+    engine.image_id = lambda ref: ref if ref == KEPT else None
+    assert [(i.kind, i.what) for i in plan(ctx).remove] == [("image", GONE), ("image", elsewhere["Id"])]

@@ -191,3 +191,34 @@ def test_the_environment_sets_the_step_size_and_0_turns_steps_off(tmp_path, monk
     monkeypatch.setenv(paths.ENV_LOAD_STEP_BYTES, "256M")
     with pytest.raises(UsageError, match="whole number of bytes"):
         steps(config, frozenset())
+
+
+def test_leftovers_are_the_owners_or_finished_ones_never_another_caches_running_load(tmp_path):
+    """A build in another base dir (another cache) on the same engine must not remove the partial images a
+    stepped load is still standing on (measured: its load then failed after 63 s and started over)."""
+    from envmgr.build.load_steps import owner_of, remove_partials
+
+    config = _config(tmp_path, [30_000, 30_000, 30_000])
+    mine = owner_of(tmp_path / "cache-a")
+    assert owner_of(tmp_path / "cache-a") == mine != owner_of(tmp_path / "cache-b")
+    partial = steps(config, frozenset(), step_bytes=20_000, owner=mine)[0]
+    assert partial.labels[paths.LABEL_PARTIAL_OWNER] == mine and str(tmp_path) not in json.dumps(partial.labels)
+
+    class Engine:
+        removed: list[str] = []
+        finished = {"sha256:done"}
+
+        def images(self, label=None, all_=False):
+            return [{"Id": "p-mine", "Labels": {paths.LABEL_PARTIAL: "sha256:running", paths.LABEL_PARTIAL_OWNER: mine}},
+                    {"Id": "p-other", "Labels": {paths.LABEL_PARTIAL: "sha256:running", paths.LABEL_PARTIAL_OWNER: "x"}},
+                    {"Id": "p-done", "Labels": {paths.LABEL_PARTIAL: "sha256:done", paths.LABEL_PARTIAL_OWNER: "x"}}]
+
+        def image_id(self, ref):
+            return ref if ref in self.finished else None
+
+        def remove_image(self, ref):
+            self.removed.append(ref)
+
+    engine = Engine()
+    assert remove_partials(engine, owner=mine) == 2
+    assert engine.removed == ["p-mine", "p-done"]
