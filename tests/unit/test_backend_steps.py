@@ -386,3 +386,36 @@ def test_a_pin_newer_than_the_day_is_told_how_to_move_the_day(tmp_path):
     with pytest.raises(EnvmgrError) as raised:
         get_backend(spec).lock(_ctx(tmp_path, FakeRunner(answer)), spec, BASE)
     assert "resolve_as_of" in (raised.value.hint or "")
+
+
+def test_the_lock_step_runs_poetry_with_its_imports_frozen_and_fewer_young_collections(tmp_path):
+    """The wrapper the lock step starts poetry with, run against a stand-in poetry package: poetry's `main` gets
+    the arguments, runs with what was imported frozen out of the collector and the young generation collected
+    every 50,000 allocations, and its exit code is the step's."""
+    import json
+    import subprocess
+    import sys
+
+    from envmgr.lock.backends.poetry import WHEELS_ONLY_POETRY
+
+    for module, text in {
+        "poetry/__init__.py": "", "poetry/console/__init__.py": "", "poetry/inspection/__init__.py": "",
+        "poetry/utils/__init__.py": "",
+        "poetry/inspection/info.py": "get_pep517_metadata = isolated_builder = None\n",
+        "poetry/utils/isolated_build.py": "isolated_builder = None\n",
+        "poetry/console/application.py": (
+            "import gc, json, sys\n"
+            "def main():\n"
+            "    print(json.dumps({'argv': sys.argv, 'threshold': gc.get_threshold(),\n"
+            "                      'frozen': gc.get_freeze_count()}))\n"
+            "    return 3\n"),
+    }.items():
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / module).write_text(text)
+    (tmp_path / "wheels_only_poetry.py").write_text(WHEELS_ONLY_POETRY)
+    done = subprocess.run([sys.executable, "-B", str(tmp_path / "wheels_only_poetry.py"), "lock"], cwd=tmp_path,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 3, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["argv"] == ["poetry", "lock"]
+    assert seen["threshold"] == [50_000, 20, 100] and seen["frozen"] > 0
