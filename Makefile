@@ -135,6 +135,7 @@ bench: engine method-venv
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_trainer.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/bench_cache.py
 	$(METHOD_VENV)/bin/python envs/sd-demo/bench/gpu_bench.py
+	$(VENV)/bin/python -m tests.bench.first_build_summary
 
 # sd-demo's environment layer digests (envs/sd-demo/env-layers.json), compared by its integration test.
 # Run after a lock or layout change and commit the record with it (builds the layers when missing: minutes).

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from envmgr.build.load_steps import load_in_steps, remove_partials, steps
 from envmgr.build.sonames import check_image
 from envmgr.build.target import BuildTarget, build_running, env_record, is_layered, target
 from envmgr.core.errors import EngineError, EnvmgrError
@@ -169,6 +170,8 @@ def _assemble_in(ctx: Context, wanted: BuildTarget, defer: contextlib.ExitStack)
         _load(ctx, config, ctx.engine.present_layers([layer.diff_id for layer in layers]))   # shared layers stayed
         ctx.engine.tag(image_id, repository, short)
     ctx.engine.tag(image_id, repository, "latest")
+    if not build_running(ctx.cache_dir, besides=f"build-{wanted.spec.name}.lock"):
+        remove_partials(ctx.engine)   # what an interrupted stepped load left (no build here is loading now)
     _hand_over(ctx, wanted, config)
     return image_id
 
@@ -219,13 +222,23 @@ def _hand_over(ctx: Context, wanted: BuildTarget, config: ImageConfig) -> None:
 def _stream_load(ctx: Context, config: ImageConfig, present: frozenset[str]) -> str:
     """Send the archive to the engine without writing it anywhere: its file contents by sendfile(2) on the
     engine's unix socket (never through Python: the engine's own load is then the cost, about a third
-    less time than a pipe, measured in tests/bench/load_paths_bench.py), else written into a pipe."""
+    less time than a pipe, measured in tests/bench/load_paths_bench.py), else written into a pipe.
+    Large images go in overlapping steps (load_steps.py: the engine registers one group of layers while the
+    next arrives; ENVMGR_LOAD_STEP_BYTES=0 turns them off), one archive as the fallback."""
     total = sum(layer.size for layer in config.layers if layer.diff_id not in present)
     if ctx.engine.can_send_files():
+        title = (f"loading the image into the engine ({len(present)} of {len(config.layers)} layers already "
+                 "there)")
+        if len(steps(config, present)) > 1:
+            try:
+                with ctx.ui.progress(title, total=total, unit="bytes") as task:
+                    return load_in_steps(ctx.engine, config, present, progress=task.advance)
+            except EngineError as exc:   # the one-archive load below is the fallback
+                ctx.ui.warn(f"loading in steps failed ({exc.message}): loading the image as one archive")
         pieces = archive_pieces(config, [], present)
-        with ctx.ui.progress(f"loading the image into the engine ({len(present)} of {len(config.layers)} layers "
-                             "already there)", total=total, unit="bytes") as task:
+        with ctx.ui.progress(title, total=total, unit="bytes") as task:
             ctx.engine.load_files(pieces, pieces_size(pieces), progress=task.advance)
+        remove_partials(ctx.engine, config.image_id())   # what failed steps left
         return config.image_id()
     read_end, write_end = os.pipe()
     result: dict = {}

@@ -129,8 +129,7 @@ def missing(prefix: str, system_dirs: list[str] | None = None) -> tuple[dict[str
     system: set[str] = set()
     for folder in _library_dirs() if system_dirs is None else system_dirs:
         system |= _names_in(folder)
-    found: dict[str, tuple[list[str], list[str]]] = {}
-    provided: dict[str, list[str]] = {}      # file name or SONAME -> the environment's files of that name
+    elf: dict[str, tuple[list[str], str | None, list[str]]] = {}
     names: set[str] = set()
     for folder, _dirs, files in os.walk(root):
         for name in files:
@@ -139,14 +138,25 @@ def missing(prefix: str, system_dirs: list[str] | None = None) -> tuple[dict[str
                 continue
             path = os.path.join(folder, name)
             info = None if os.path.islink(path) else dynamic_info(path)
-            if info is None:
-                continue
-            needed, soname, search = info
-            rel = os.path.relpath(path, root)
-            for key in {name, soname} - {None}:
-                provided.setdefault(str(key), []).append(rel)
-            dirs = [d.replace("$ORIGIN", folder).replace("${ORIGIN}", folder) for d in search]
-            found[rel] = (needed, dirs)
+            if info is not None:
+                elf[os.path.relpath(path, root)] = info
+    return decide(root, elf, names, system, os.path.exists)
+
+
+def decide(root: str, elf: dict, names: set[str], system: set[str], exists) -> tuple[dict[str, list[str]],
+                                                                                    dict[str, list[str]]]:
+    """missing()'s answer from facts alone: `elf` (path under `root` -> DT_NEEDED, DT_SONAME, RPATH/RUNPATH of
+    each ELF file), `names` (every file name in the environment), `system` (every name in the image's library
+    folders) and `exists` (whether an absolute path is a file in the image). The build answers it from the
+    layer store's records without a container; the scan above from the files themselves."""
+    found: dict[str, tuple[list[str], list[str]]] = {}
+    provided: dict[str, list[str]] = {}      # file name or SONAME -> the environment's files of that name
+    for rel, (needed, soname, search) in sorted(elf.items()):
+        folder = os.path.dirname(os.path.join(root, rel))
+        for key in {os.path.basename(rel), soname} - {None}:
+            provided.setdefault(str(key), []).append(rel)
+        dirs = [d.replace("$ORIGIN", folder).replace("${ORIGIN}", folder) for d in search]
+        found[rel] = (list(needed), dirs)
     reached, todo = set(), sorted(rel for rel in found if is_extension_module(os.path.basename(rel)))
     while todo:     # what importing the extension modules loads
         rel = todo.pop()
@@ -160,7 +170,7 @@ def missing(prefix: str, system_dirs: list[str] | None = None) -> tuple[dict[str
         for soname in needed:
             if soname in provided or soname in names or soname in system or is_driver_library(soname) or "/" in soname:
                 continue
-            if any(os.path.exists(os.path.join(d, soname)) for d in dirs):
+            if any(exists(os.path.join(d, soname)) for d in dirs):
                 continue
             (needed_by if rel in reached else optional).setdefault(soname, []).append(rel)
     return needed_by, {soname: files for soname, files in optional.items() if soname not in needed_by}

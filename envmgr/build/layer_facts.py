@@ -115,9 +115,10 @@ def record_files(record: bytes, site: str, prefix: str) -> list[list[str]]:
     for row in csv.reader(io.StringIO(record.decode("utf-8"), newline="")):
         if not row:
             continue
-        inner = posixpath.relpath(posixpath.normpath(posixpath.join(site, row[0])), prefix)
-        if inner.startswith(".."):
+        path = posixpath.normpath(posixpath.join(site, row[0]))
+        if not path.startswith(prefix.rstrip("/") + "/"):
             raise ValueError(f"RECORD names a file outside the environment: {row[0]}")
+        inner = path[len(prefix.rstrip("/")) + 1:]
         rows[inner] = (row[1] if len(row) > 1 else "", row[2] if len(row) > 2 else "")
     return [[inner, digest, size] for inner, (digest, size) in sorted(rows.items())]
 
@@ -182,19 +183,68 @@ def read_image_files(ctx, image_id: str, python: str, files: list[str], method: 
     One container of the image runs its base's interpreter isolated (-S -I, PATH of the base only), with no
     network, no capabilities, as nobody, on a read-only root: nothing of the environment runs.
     """
+    return parse_read_files(_run_reader(ctx, image_id, python, READ_FILES_SCRIPT, files, method))
+
+
+# Appended to READ_FILES_SCRIPT (and elf_needed's reader) by read_image_records: for each RECORD read, the ELF
+# facts of the shared objects it names, one line per file (short lines: the log stream splits long ones).
+ELF_PART = r"""
+import csv, io, json, posixpath
+SITE, PREFIX = sys.argv[1], sys.argv[2]
+for record in sys.argv[3:]:
+    try:
+        with open(record, encoding="utf-8") as fh:
+            rows = list(csv.reader(io.StringIO(fh.read(), newline="")))
+    except (OSError, ValueError):
+        continue
+    for row in rows:
+        if not row or ".so" not in posixpath.basename(row[0]):
+            continue
+        path = posixpath.normpath(posixpath.join(SITE, row[0]))
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        info = dynamic_info(path)
+        if info is not None:
+            print("ENVMGR-ELF " + json.dumps([record, posixpath.relpath(path, PREFIX), list(info)]), flush=True)
+print("ENVMGR-ELF-DONE", flush=True)
+"""
+
+
+def read_image_records(ctx, image_id: str, python: str, records: list[str], site: str, prefix: str,
+                       method: str) -> tuple[dict[str, bytes], dict[str, dict[str, list]]]:
+    """(RECORD path -> its bytes, RECORD path -> the ELF facts of the shared objects it names, by path in
+    `prefix`) read from the engine's image in one container, as read_image_files does (nothing of the
+    environment runs: the ELF headers are parsed as bytes by the base's interpreter). A RECORD whose facts
+    did not all arrive has none (its system-library check then scans the image)."""
+    from envmgr.build import elf_needed
+
+    reader = Path(elf_needed.__file__).read_text().split('\nif __name__ == "__main__":')[0]
+    script = reader + READ_FILES_SCRIPT.replace("sys.argv[1:]", "sys.argv[3:]") + ELF_PART
+    lines = _run_reader(ctx, image_id, python, script, [site, prefix, *records], method)
+    elf: dict[str, dict[str, list]] = {}
+    if "ENVMGR-ELF-DONE" in lines:
+        elf = {record: {} for record in records}
+        for line in lines:
+            if line.startswith("ENVMGR-ELF "):
+                record, inner, info = json.loads(line[len("ENVMGR-ELF "):])
+                elf.setdefault(record, {})[inner] = info
+    return parse_read_files(lines), elf
+
+
+def _run_reader(ctx, image_id: str, python: str, script: str, args: list[str], method: str) -> list[str]:
     from envmgr.door.containers import ContainerSpec
 
     lines: list[str] = []
     container = ContainerSpec(
-        image=image_id, command=[python, "-S", "-I", "-B", "-c", READ_FILES_SCRIPT, *files],
+        image=image_id, command=[python, "-S", "-I", "-B", "-c", script, *args],
         env={"PATH": "/usr/bin:/bin"}, user="65534:65534", network="none",
         labels={paths.LABEL_KIND: "step", paths.LABEL_METHOD: method}).hardened(pids_limit=64)
     code = ctx.engine.run(container, on_line=lines.append).exit_code
     if code != 0:
-        ctx.ui.log(f"reading {len(files)} file(s) from image {image_id[:19]} failed (exit {code}): "
+        ctx.ui.log(f"reading {len(args)} file(s) from image {image_id[:19]} failed (exit {code}): "
                    + " | ".join(lines[-3:]))
-        return {}
-    return parse_read_files(lines)
+        return []
+    return lines
 
 
 # ---------------------------------------------------------------- what a cache keeps per diff ID

@@ -915,8 +915,28 @@ def _staged_files(store: LayerStore, unit: Unit, stage: Path) -> dict:
         raise EnvmgrError(f"{unit.name}: its installed RECORD differs from the one its first install left "
                           f"({data['record'][:19]}, was {str(pinned)[:19]}): a modified file in the uv cache?",
                           hint="remove the uv cache (`<cache>/uv`) and build again; nothing was stored or tagged")
+    data["elf"] = elf_facts(stage / f"d-{unit.key}", [path for path, _digest, _size in data["files"]])
     store.put_unit_files(unit.key, data)
     return data
+
+
+def elf_facts(tree: Path, paths_: Iterable[str]) -> dict[str, list]:
+    """path in the prefix -> [DT_NEEDED, DT_SONAME, RPATH/RUNPATH] of each shared object among `paths_` in `tree`
+    (read here, as bytes: nothing runs), for the system-library check from records (sonames.lacking_from_records).
+    A file another distribution's layer holds is not in this tree: its owner's facts have it."""
+    from envmgr.build.elf_needed import dynamic_info
+
+    found: dict[str, list] = {}
+    for inner in paths_:
+        if ".so" not in inner.rsplit("/", 1)[-1]:
+            continue
+        path = tree / inner
+        if path.is_symlink() or not path.is_file():
+            continue
+        info = dynamic_info(str(path))
+        if info is not None:
+            found[inner] = [info[0], info[1], info[2]]
+    return found
 
 
 def _say_shared(ctx: Context, shared: Shared) -> None:
@@ -1024,11 +1044,18 @@ def learn_from_engine(ctx: Context, store: LayerStore, base: BaseImage, method: 
     by_image: dict[str, list[tuple[LayerFacts, UnitFacts]]] = {}
     for _key, (image_id, layer, unit) in sorted(found.items()):
         by_image.setdefault(image_id, []).append((layer, unit))
+    facts_of = dict(known)
     for image_id, pairs in sorted(by_image.items()):
-        for key, data in _records_from_image(ctx, image_id, base, method, pairs).items():
-            _learn_unit(store, key, data, found[key][2])
-            learned.append(found[key][2].name)
-            used.add(image_id)
+        # the image's other distributions too (same container): a later copy out of this image needs to know
+        # which shared files each of them owns there (regain_from_engine), without a second container
+        others = [(layer, unit) for layer in facts_of[image_id].layers for unit in layer.units
+                  if unit.key not in wanted and store.unit_files(unit.key) is None]
+        units = {unit.key: unit for _layer, unit in pairs + others}
+        for key, data in _records_from_image(ctx, image_id, base, method, pairs + others).items():
+            _learn_unit(store, key, data, units[key])
+            if key in wanted:
+                learned.append(units[key].name)
+                used.add(image_id)
     _record_layers_in_engine(ctx, store, [facts for image_id, facts in known if image_id in used])
     if learned:
         ctx.ui.step(f"{len(learned)} distribution(s) this cache had not seen are in the engine's images: "
@@ -1080,7 +1107,8 @@ def _records_from_image(ctx: Context, image_id: str, base: BaseImage, method: st
             where[unit.key] = (unit, f"{site}/{info}/RECORD")
     if not where:
         return {}
-    records = layer_facts.read_image_files(ctx, image_id, base.python, [path for _u, path in where.values()], method)
+    records, elf = layer_facts.read_image_records(ctx, image_id, base.python,
+                                                  [path for _u, path in where.values()], site, PHYSICAL_PREFIX, method)
     found: dict[str, dict] = {}
     for key, (unit, path) in where.items():
         data = records.get(path)
@@ -1092,6 +1120,8 @@ def _records_from_image(ctx: Context, image_id: str, base: BaseImage, method: st
                           "files": layer_facts.record_files(data, site, PHYSICAL_PREFIX)}
         except (ValueError, UnicodeDecodeError):
             continue
+        if path in elf:
+            found[key]["elf"] = elf[path]
     return found
 
 

@@ -15,7 +15,9 @@ import gzip
 import hashlib
 import json
 import platform
+import posixpath
 import re
+import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -158,9 +160,135 @@ def runtime_hint(tail: list[str], cache_dir: Path) -> str | None:
     return "\n".join(hints)
 
 
+def lacking_from_records(ctx: Context, spec: MethodSpec, base: BaseImage, image_id: str
+                         ) -> dict[str, dict[str, list[str]]] | None:
+    """The scan's answer without a container: the image's distributions (its layer-facts label) and their ELF
+    facts (the layer store's records: read from the staged trees at install, or from the image when learned),
+    the base's and the system layer's library folders (their layer tars). None when a fact is missing (an
+    environment of one layer, a record from before the facts were kept, a layer tar not here): then scan."""
+    from envmgr.build.layer_facts import ImageFacts
+    from envmgr.build.layers import PHYSICAL_PREFIX, store_for
+    from envmgr.build.system_layer import system_layer
+
+    facts = ImageFacts.from_labels(((ctx.engine.inspect_image(image_id) or {}).get("Config") or {}).get("Labels"))
+    if facts is None or not facts.layers or any(layer.group is None for layer in facts.layers):
+        return None
+    store = store_for(ctx)
+    elf: dict[str, list] = {}
+    env_paths: set[str] = set()
+    for layer in facts.layers:
+        for unit in layer.units:
+            record = store.unit_files(unit.key)
+            if record is None or not isinstance(record.get("elf"), dict):
+                return None
+            elf.update(record["elf"])
+            env_paths.update(path for path, _digest, _size in record["files"])
+    system = system_layer(ctx, spec, base) if spec.system.apt else None
+    tars = [Path(base.layer_path), *([system.path] if system is not None else [])]
+    if not all(tar.is_file() for tar in tars):
+        return None
+    image_files = ImageFiles([_tar_index(ctx, tar) for tar in tars])
+    root = PHYSICAL_PREFIX
+
+    def exists(path: str) -> bool:
+        path = posixpath.normpath(path)
+        if path.startswith(root + "/"):
+            return path[len(root) + 1:] in env_paths
+        return image_files.exists(path)
+
+    needed, optional = elf_needed.decide(root, {k: tuple(v) for k, v in elf.items()},
+                                         {path.rsplit("/", 1)[-1] for path in env_paths},
+                                         image_files.library_names(), exists)
+    return {"needed": needed, "optional": optional}
+
+
+class ImageFiles:
+    """The paths of an image's system layers (base, system packages), symbolic links followed as the loader does."""
+
+    def __init__(self, indexes: list[dict]):
+        self.entries: set[str] = set()
+        self.links: dict[str, str] = {}
+        self.ldconf: list[str] = []
+        for index in indexes:
+            self.entries.update(index["entries"])
+            self.links.update(index["links"])
+            self.ldconf += index["ldconf"]
+
+    def resolve(self, path: str) -> str:
+        parts = [p for p in path.strip("/").split("/") if p and p != "."]
+        done: list[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            here = "/".join([*done, part])
+            target = self.links.get(here)
+            if target is not None and hops < 40:
+                hops += 1
+                if target.startswith("/"):
+                    done = []
+                parts = [p for p in target.split("/") if p and p != "."] + parts
+                continue
+            done.append(part)
+        return "/".join(done)
+
+    def exists(self, path: str) -> bool:
+        return self.resolve(path) in self.entries
+
+    def library_names(self) -> set[str]:
+        dirs = list(elf_needed.SYSTEM_DIRS)
+        for top in ("/lib", "/usr/lib"):
+            folder = self.resolve(top)
+            dirs += ["/" + entry for entry in self.entries
+                     if entry.rsplit("/", 1)[0] == folder and entry.endswith("-linux-gnu")]
+        dirs += [line for line in self.ldconf if line.startswith("/")]
+        folders = {self.resolve(folder) for folder in dirs}
+        return {entry.rsplit("/", 1)[-1] for entry in self.entries if entry.rsplit("/", 1)[0] in folders
+                and "/" in entry}
+
+
+def _tar_index(ctx: Context, tar: Path) -> dict:
+    """A layer tar's paths, symbolic links and ld.so.conf.d lines, kept per tar file (content-addressed names)."""
+    stat = tar.stat()
+    key = hashlib.sha256(f"{tar.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = ctx.cache_dir / "system-libs" / f"tar-{key}.json"
+    try:
+        return dict(json.loads(memo.read_text()))
+    except (OSError, ValueError):
+        pass
+    entries: list[str] = []
+    links: dict[str, str] = {}
+    ldconf: list[str] = []
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            name = posixpath.normpath(member.name.removeprefix("./"))
+            name = name.lstrip("/")
+            if name in ("", "."):
+                continue
+            entries.append(name)
+            if member.issym():
+                links[name] = member.linkname
+            elif member.isfile() and name.startswith("etc/ld.so.conf.d/") and name.endswith(".conf"):
+                source = archive.extractfile(member)
+                if source is not None:
+                    ldconf += [line.strip() for line in source.read().decode(errors="replace").splitlines()
+                               if line.strip().startswith("/")]
+    index = {"entries": sorted(entries), "links": links, "ldconf": ldconf}
+    atomic_write(memo, json.dumps(index))
+    return index
+
+
 def check_image(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str, str], image_id: str) -> str | None:
-    """After a new image: the scan (remembered per environment: base, lock, installer, system packages), then
-    the report. A scan that cannot run is a warning, never a failed build."""
+    """After a new image: which system libraries its environment lacks, from the records when they have every
+    fact, else the scan (remembered per environment: base, lock, installer, system packages); then the
+    report. A scan that cannot run is a warning, never a failed build."""
+    found = lacking_from_records(ctx, spec, base, image_id)
+    if found is not None:
+        ctx.ui.log(f"{spec.name}: system libraries checked from the layer records (no scan)")
+        return _report_found(ctx, spec, base, found)
     key = hashlib.sha256(json.dumps({"scanner": hashlib.sha256(_scanner_source().encode()).hexdigest(),
                                      "prefix": spec.env_prefix, **{k: data.get(k, "") for k in _ENV_INPUTS}},
                                     sort_keys=True).encode()).hexdigest()[:32]
@@ -178,9 +306,14 @@ def check_image(ctx: Context, spec: MethodSpec, base: BaseImage, data: dict[str,
             ctx.ui.warn(f"{spec.name}: could not read which system libraries the environment needs ({exc.message})")
             return None
         atomic_write(memo, json.dumps(found, sort_keys=True))
-        lacking = dict(found.get("needed") or {})
-        optional = found.get("optional") or {}
-        if optional:     # plugins loaded on demand (NVIDIA's nvshmem/cuFile transports, Qt platforms): -v only
-            ctx.ui.log(f"{spec.name}: plugins no extension module links need libraries the image lacks (not "
-                       "counted): " + "; ".join(f"{name} ({files[0]})" for name, files in sorted(optional.items())))
+        return _report_found(ctx, spec, base, found)
     return report(ctx, spec.name, lacking, load_definition(base.name).suite, platform.machine(), spec.system.apt)
+
+
+def _report_found(ctx: Context, spec: MethodSpec, base: BaseImage, found: dict) -> str | None:
+    optional = found.get("optional") or {}
+    if optional:     # plugins loaded on demand (NVIDIA's nvshmem/cuFile transports, Qt platforms): -v only
+        ctx.ui.log(f"{spec.name}: plugins no extension module links need libraries the image lacks (not "
+                   "counted): " + "; ".join(f"{name} ({files[0]})" for name, files in sorted(optional.items())))
+    return report(ctx, spec.name, dict(found.get("needed") or {}), load_definition(base.name).suite,
+                  platform.machine(), spec.system.apt)

@@ -57,6 +57,8 @@ VARIANTS_DIR = "variants"      # <lock_dir>/variants/<name>/: each variant's loc
 SYSTEM_CONFIG = Path("/etc/envmgr/config.toml")
 USER_CONFIG = Path("~/.config/envmgr/config.toml")
 ENV_PREFIX = "ENVMGR_"
+# bytes of new layers per step of a stepped load (envmgr/build/load_steps.py); 0: the image as one archive
+ENV_LOAD_STEP_BYTES = ENV_PREFIX + "LOAD_STEP_BYTES"
 
 # Inside images and containers.
 CONTAINER_ENVS_ROOT = "/opt/envmgr/envs"          # /opt/envmgr/envs/<method>: the locked environment
@@ -84,6 +86,8 @@ LABEL_BASE = LABEL_PREFIX + "base"
 LABEL_KIND = LABEL_PREFIX + "kind"   # "base" or "method"
 LABEL_MANAGED = LABEL_PREFIX + "managed"
 LABEL_VARIANT = LABEL_PREFIX + "variant"
+# a chain-prefix image a stepped load leaves while it runs (envmgr/build/load_steps.py); its value: the image it builds
+LABEL_PARTIAL = LABEL_PREFIX + "partial-of"
 # GPU facts of a method image (envmgr/build/gpu_image.py): read from the lock, and from torch in the build
 LABEL_TORCH = LABEL_PREFIX + "torch"                # torch version, e.g. 2.13.0
 LABEL_CUDA = LABEL_PREFIX + "cuda"                  # CUDA runtime the environment ships, e.g. 13.0

@@ -99,7 +99,10 @@ class Engine:
 
     def images(self, label: str | None = None, all_: bool = False) -> list[dict[str, Any]]:
         """Image summaries; with `label`, only images that carry it; with `all_`, intermediate ones too."""
-        return self._api.images(all=all_, filters={"label": label} if label else None)
+        try:
+            return self._api.images(all=all_, filters={"label": label} if label else None)
+        except docker.errors.APIError as exc:
+            raise EngineError(f"engine refused to list images: {_short(exc)}") from None
 
     def image_history(self, image_id: str) -> list[dict[str, Any]] | None:
         """The image's history, newest first; None when the engine cannot tell."""

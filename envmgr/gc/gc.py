@@ -2,14 +2,14 @@
 
 Removed: method images (label org.envmgr.method) that are not their method's current image and not
 among its N most recently tagged ones; stopped envmgr containers; cached layers no kept image uses;
-leftovers of interrupted builds in the cache; SBOMs and signature records (`<cache>/sbom/`,
-`<cache>/signatures/`) whose image is gone or removed by this gc; download caches trimmed to what current
-locks name, superseded base rootfs and lock tools (envmgr/gc/caches.py has the rule; `--all` empties the
-download caches). Kept, always: the current image of every method, any
-image a container uses (running or stopped, envmgr's or not), the images of methods this base dir
-does not know (another base dir's), and work folders while a build holds its lock. Removal goes tag
-by tag without force, so an image that a container started to use meanwhile is refused by the
-engine and kept.
+leftovers of interrupted builds in the cache and in the engine (partial images of a stepped load); SBOMs
+and signature records (`<cache>/sbom/`, `<cache>/signatures/`) whose image is gone or removed by this gc;
+download caches trimmed to what current locks name, superseded base rootfs and lock tools
+(envmgr/gc/caches.py has the rule; `--all` empties the download caches). Kept, always: the current
+image of every method, any image a container uses (running or stopped, envmgr's or not), the images of
+methods this base dir does not know (another base dir's), and work folders while a build holds its lock.
+Removal goes tag by tag without force, so an image that a container started to use meanwhile is refused
+by the engine and kept.
 """
 
 from __future__ import annotations
@@ -142,11 +142,22 @@ def plan(ctx: Context, keep: int = 1, methods: list[str] | None = None, everythi
                 result.keep.append(Item("image", image["Id"], 0, f"{label}: one of the {keep} most recent"))
             else:
                 result.remove.append(Item("image", image["Id"], 0, f"{label}: superseded"))
+    _plan_partials(ctx, result, in_use)
     _count_image_bytes(ctx, result)
     _plan_cache(ctx, result, kept_images, only)
     _plan_image_records(ctx, result, only)
     _plan_caches(ctx, result, only, everything)
     return result
+
+
+def _plan_partials(ctx: Context, result: Plan, in_use: set) -> None:
+    """Partial images an interrupted stepped load left (envmgr/build/load_steps.py); a running build's stay."""
+    if build_running(ctx.cache_dir):
+        return
+    result.remove += [Item("image", image["Id"], 0, "left by an interrupted load (partial image of "
+                           f"{(image.get('Labels') or {}).get(paths.LABEL_PARTIAL, '?')[:19]})")
+                      for image in ctx.engine.images(label=paths.LABEL_PARTIAL, all_=True)
+                      if image["Id"] not in in_use]
 
 
 def _plan_caches(ctx: Context, result: Plan, only: set[str], everything: bool) -> None:

@@ -8,24 +8,27 @@ the same rootfs bytes, and so the same base image ID.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO, cast
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import BaseModel, ConfigDict
 
 from envmgr.core import paths
-from envmgr.door.context import Context
-from envmgr.core.errors import EnvmgrError, MirrorError, UsageError
+from envmgr.core.errors import EngineError, EnvmgrError, MirrorError, UsageError
 from envmgr.core.files import open_lock
-from envmgr.images.image import ImageConfig, file_layer, write_archive
 from envmgr.core.tomlfile import load_model
+from envmgr.door.context import Context
+from envmgr.images.image import ImageConfig, Layer, file_layer, write_archive
 
 TOOLS = ("debuerreotype-init", "debuerreotype-minimizing-config", "debuerreotype-apt-get",
          "debuerreotype-slimify", "debuerreotype-tar", "debootstrap")
@@ -52,8 +55,6 @@ class BaseImage:
 
     @property
     def layer(self):
-        from envmgr.images.image import Layer
-
         path = Path(self.layer_path)
         return Layer(path=path, diff_id=self.diff_id, size=path.stat().st_size)
 
@@ -132,13 +133,114 @@ def current_base(ctx: Context, name: str) -> BaseImage | None:
 
 def ensure_base(ctx: Context, name: str) -> BaseImage:
     """The current base image, built if there is none, reloaded into the engine if it went missing."""
-    base = current_base(ctx, name)
+    base = current_base(ctx, name) or adopt_from_engine(ctx, name)
     if base is None:
         ctx.ui.step(f"no base image {name!r} yet: building it (once)")
         return build_base(ctx, name)
     if ctx.engine.image_id(base.tag) != base.image_id:
         _load(ctx, base)
     return base
+
+
+def adopt_from_engine(ctx: Context, name: str) -> BaseImage | None:
+    """A base image envmgr built before (in another cache, or loaded from an archive) that the engine holds,
+    made current here without debootstrap: its layer is saved from the engine into the store, checked against
+    the image's diff ID, and the image must be exactly the one `_config` makes of that layer with today's
+    definition (same image ID: a base built from another definition is not taken). None when the engine holds
+    no such image (or cannot say)."""
+    definition = load_definition(name)
+    try:
+        found = ctx.engine.images(label=f"{paths.LABEL_BASE}={name}")
+    except EngineError:
+        return None
+    latest = f"{paths.IMAGE_REPO_PREFIX}base-{name}:latest"
+    candidates = sorted(found, key=lambda image: (latest not in (image.get("RepoTags") or []), image["Id"]))
+    out_dir = ctx.store_dir / "base" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open_lock(out_dir / ".lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        already = current_base(ctx, name)     # another process adopted or built it meanwhile
+        if already is not None:
+            return already
+        for image in candidates:
+            base = _adopt_image(ctx, definition, image["Id"], out_dir)
+            if base is not None:
+                _state_file(ctx, name).write_text(json.dumps(asdict(base), indent=1, sort_keys=True))
+                ctx.ui.step(f"base image {name}: taken from the engine ({base.tag}, python {base.python_version}): "
+                            "no debootstrap")
+                return base
+    return None
+
+
+def _adopt_image(ctx: Context, definition: BaseDefinition, image_id: str, out_dir: Path) -> BaseImage | None:
+    """The base image `image_id` saved from the engine into `out_dir`, when it is envmgr's base for `definition`."""
+    tmp = out_dir / f".adopt-{os.getpid()}.tar.partial"
+    try:
+        config_data, layer = _save_single_layer(ctx, image_id, tmp)
+        if config_data is None or layer is None:
+            return None
+        diff_ids = (config_data.get("rootfs") or {}).get("diff_ids") or []
+        if diff_ids != [layer.diff_id] or _config(definition, layer).image_id() != image_id:
+            ctx.ui.log(f"base image {definition.name}: engine image {image_id[:19]} is not this definition's")
+            return None
+        final = out_dir / f"{layer.diff_id.split(':')[1]}.tar"
+        os.replace(tmp, final)
+    except (EngineError, OSError, tarfile.TarError, ValueError) as exc:
+        ctx.ui.log(f"base image {definition.name}: could not take {image_id[:19]} from the engine: {exc}")
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    with tarfile.open(final) as tar:
+        status = tar.extractfile("var/lib/dpkg/status")
+        packages = _dpkg_status_versions(status.read().decode(errors="replace") if status else "")
+    return BaseImage(name=definition.name, image_id=image_id, diff_id=layer.diff_id, layer_path=str(final),
+                     python=definition.python, python_version=_python_version(definition, packages),
+                     packages=packages)
+
+
+def _save_single_layer(ctx: Context, image_id: str, out: Path) -> tuple[dict | None, Layer | None]:
+    """(config, layer written to `out` and hashed) of a one-layer image saved from the engine; (None, None)
+    for an image of more layers."""
+    config_data = None
+    layer = None
+    with tarfile.open(fileobj=cast(IO[bytes], io.BufferedReader(_Stream(ctx.engine.save_image(image_id)), 1 << 20)),
+                      mode="r|") as archive:
+        for member in archive:
+            if member.name.endswith("/layer.tar") and member.isfile():
+                if layer is not None:
+                    return None, None
+                source = archive.extractfile(member)
+                assert source is not None
+                with open(out, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+                layer = file_layer(out)
+            elif member.name.endswith(".json") and member.name != "manifest.json" and member.isfile():
+                source = archive.extractfile(member)
+                assert source is not None
+                config_data = json.loads(source.read())
+    return config_data, layer
+
+
+class _Stream(io.RawIOBase):
+    """A raw reader over an iterator of byte chunks (the engine's `docker save` stream)."""
+
+    def __init__(self, chunks):
+        self.chunks = iter(chunks)
+        self.chunk = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.chunk:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return 0
+            self.chunk = memoryview(chunk)
+        size = min(len(buffer), len(self.chunk))
+        buffer[:size] = self.chunk[:size]
+        self.chunk = self.chunk[size:]
+        return size
 
 
 def missing_tools() -> list[str]:
@@ -213,13 +315,10 @@ def _build_locked(ctx: Context, definition: BaseDefinition, mirror: str, out_dir
         os.replace(tar_tmp, final)
         # Everything under rootfs is root-owned device nodes and files: remove it before the temp dir goes.
         shutil.rmtree(rootfs, ignore_errors=True)
-    python_pkg = Path(definition.python).name
-    version = packages.get(python_pkg, packages.get(python_pkg + "-minimal", ""))
-    match = re.match(r"(\d+\.\d+\.\d+)", version)
     config = _config(definition, file_layer(final))
     base = BaseImage(name=definition.name, image_id=config.image_id(), diff_id=config.layers[0].diff_id,
                      layer_path=str(final), python=definition.python,
-                     python_version=match.group(1) if match else "", packages=packages)
+                     python_version=_python_version(definition, packages), packages=packages)
     _load(ctx, base)
     _state_file(ctx, definition.name).write_text(json.dumps(asdict(base), indent=1, sort_keys=True))
     ctx.ui.success(f"base image {definition.name}: {base.tag} ({final.stat().st_size / 1e6:.0f} MB, "
@@ -248,11 +347,22 @@ def _scrub(rootfs: Path) -> None:
         (rootfs / log).unlink(missing_ok=True)
 
 
+def _python_version(definition: BaseDefinition, packages: dict[str, str]) -> str:
+    """`3.11.2` from the Debian version of the definition's interpreter package ("" when not installed)."""
+    python_pkg = Path(definition.python).name
+    version = packages.get(python_pkg, packages.get(python_pkg + "-minimal", ""))
+    match = re.match(r"(\d+\.\d+\.\d+)", version)
+    return match.group(1) if match else ""
+
+
 def _dpkg_versions(rootfs: Path) -> dict[str, str]:
-    status = rootfs / "var/lib/dpkg/status"
+    return _dpkg_status_versions((rootfs / "var/lib/dpkg/status").read_text(errors="replace"))
+
+
+def _dpkg_status_versions(text: str) -> dict[str, str]:
     versions: dict[str, str] = {}
     package = None
-    for line in status.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         if line.startswith("Package: "):
             package = line.split(": ", 1)[1]
         elif line.startswith("Version: ") and package:

@@ -15,8 +15,9 @@ bytes (fsync'd).
 
 Default method: `cold-bench`, a pip method holding sd-demo's locked distributions without torch, triton and
 the CUDA wheels (about 60 distributions; the sd-demo figure takes ~3.5 GB of downloads per side). `--method
-sd-demo` builds sd-demo itself: then every sd-demo image must leave the engine first (`--remove-sd-demo`
-does it; other people's images of it go too), or the build is not cold.
+sd-demo` builds sd-demo itself. Either way every sd-demo image must leave the engine first (`--remove-sd-demo`
+does it; other people's images of it go too): a new cache learns the layers of any image holding the same
+distributions, and a build that learned any is refused as not cold.
 Run: `.venv/bin/python -m tests.bench.cold_build_bench [--method sd-demo --remove-sd-demo] [--rounds N]`.
 """
 
@@ -206,6 +207,10 @@ def envmgr_cold(method: str, env: dict[str, str]) -> dict[str, float]:
     if code != 0:
         raise SystemExit(f"envmgr build {method} failed:\n" + "\n".join(line for _, line in lines[-30:]))
     events = [json.loads(line) for _, line in lines if line.startswith("{")]
+    learned = sorted({name for e in events if e.get("event") == "step" for name in e.get("learned") or []})
+    if learned:
+        raise SystemExit(f"not a cold build: {len(learned)} distribution(s) were learned from images in the engine "
+                         f"({', '.join(learned[:5])}, ...): remove the images that hold them")
     timeline = [(round(t, 1), f"{e.get('event')}: {e.get('message') or e.get('task') or e.get('line', '')}"[:120])
                 for t, line in lines if line.startswith("{")
                 for e in [json.loads(line)] if e.get("event") != "log" or "ENVMGR-PHASE" in e.get("line", "")]
@@ -355,7 +360,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=(SMALL, "sd-demo"), default=SMALL)
     parser.add_argument("--remove-sd-demo", action="store_true",
-                        help="with --method sd-demo: remove every sd-demo image from the engine first (cold)")
+                        help="remove every sd-demo image from the engine first, so the build is cold (a new cache "
+                             "learns the layers of any image that holds the same distributions)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds (interleaved; the minimum of each kept)")
     parser.add_argument("--workdir", default="/var/tmp")
     args = parser.parse_args()
@@ -369,16 +375,15 @@ def main() -> int:
     os.environ.update(ENVMGR_STORE_DIR=str(store))
     ctx = Context(load_config(files=[]), Reporter("plain"))
     entries, _spec, base = sd_demo_entries()
+    label = "org.envmgr.method=sd-demo"
+    if ctx.engine.images(label=label):     # the small method's distributions are sd-demo's: learned from them
+        if not args.remove_sd_demo:
+            raise SystemExit("the engine holds sd-demo images, whose layers a new cache learns: the build would "
+                             "not be cold (--remove-sd-demo removes them, other people's too)")
+        remove_images(ctx, label)
     if args.method == SMALL:
         entries = small_method(base_dir, entries)
         label = f"org.envmgr.method={SMALL}"
-    else:
-        label = "org.envmgr.method=sd-demo"
-        if ctx.engine.images(label=label):
-            if not args.remove_sd_demo:
-                raise SystemExit("the engine holds sd-demo images: the build would not be cold "
-                                 "(--remove-sd-demo removes them, other people's too)")
-            remove_images(ctx, label)
     tag = f"envmgr-bench/dockerfile-{args.method}:{os.getpid()}"
     runs: dict[str, list[dict[str, float]]] = {"baseline": [], "envmgr": []}
     env_bytes = 0

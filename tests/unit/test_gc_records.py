@@ -99,3 +99,24 @@ def test_a_record_whose_image_came_back_between_plan_and_apply_is_kept(tmp_path)
     done = apply(ctx, dry)
     assert record.exists() and not done.remove
     assert [i.why for i in done.keep if i.what == str(record)] == ["its image is in the engine again"]
+
+
+def test_gc_removes_partial_images_of_an_interrupted_load_unless_a_build_runs_or_a_container_uses_one(tmp_path):
+    import fcntl
+
+    from envmgr.core import paths
+    from envmgr.core.files import open_lock
+
+    ctx, engine = _ctx(tmp_path)
+    partial = {"Id": GONE, "Labels": {paths.LABEL_MANAGED: "true", paths.LABEL_PARTIAL: KEPT}}
+    used = {"Id": OTHER_GONE, "Labels": {paths.LABEL_MANAGED: "true", paths.LABEL_PARTIAL: KEPT}}
+    engine.images = lambda label=None, all_=False: [partial, used] if label == paths.LABEL_PARTIAL else []
+    engine.containers = lambda label=None: [{"Id": "c1", "ImageID": OTHER_GONE, "State": "running", "Labels": {}}]
+    engine.image_history = lambda image_id: None      # sizes: none known here
+    engine.image_disk_usage = lambda: []
+    assert [(i.kind, i.what) for i in plan(ctx).remove] == [("image", GONE)]
+
+    (ctx.cache_dir / "locks").mkdir(parents=True)
+    with open_lock(ctx.cache_dir / "locks" / "build-m.lock") as guard:   # a build loading in steps now
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        assert plan(ctx).remove == []

@@ -5,8 +5,11 @@ and the run-time hint for `cannot open shared object file`."""
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -147,3 +150,88 @@ def test_a_run_that_cannot_open_a_library_names_its_package(tmp_path):
     error = _failure("20261206-070000-abcd", tmp_path, {"exit_code": 1}, tail, tmp_path)
     assert error.hint and '[system] apt = ["libgl1"]' in error.hint
     assert runtime_hint(["ModuleNotFoundError: No module named 'cv2'"], tmp_path) is None
+
+
+# ---------------------------------------------------------------- the same answer from records (issue 26)
+
+def _facts_of(env: Path) -> tuple[dict, set[str], set[str]]:
+    """What the layer store keeps of this prefix: each file's path, and the ELF facts layers.elf_facts reads."""
+    from envmgr.build.layers import elf_facts
+
+    paths = {str(p.relative_to(env)) for p in env.rglob("*") if p.is_file() or p.is_symlink()}
+    return elf_facts(env, sorted(paths)), paths, {p.rsplit("/", 1)[-1] for p in paths}
+
+
+@pytest.mark.parametrize("system_has", [(), ("libenvmgrmissing.so.1",)])
+def test_records_give_the_scans_answer(env, tmp_path, system_has):
+    from envmgr.build.elf_needed import decide
+
+    (env / SITE / "pkg" / "readme.so.txt").write_text("not an ELF file")
+    system = tmp_path / "usr-lib"
+    system.mkdir()
+    for name in ("libc.so.6", *system_has):
+        (system / name).write_text("")
+    elf, paths, names = _facts_of(env)
+    assert set(elf) == {f"{SITE}/pkg/_ext.cpython-311-x86_64-linux-gnu.so", f"{SITE}/pkg.libs/libbundled-1a2b3c.so.1"}
+    root = str(env)
+    from_records = decide(root, {k: tuple(v) for k, v in elf.items()}, names, {"libc.so.6", *system_has},
+                          lambda path: os.path.normpath(path).removeprefix(root + "/") in paths)
+    assert from_records == missing(root, [str(system)])
+
+
+def test_image_files_follow_links_and_read_ld_so_conf(tmp_path):
+    from envmgr.build.sonames import ImageFiles, _tar_index
+
+    tar_path = tmp_path / "rootfs.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        def add(name, data=b"", link=None, kind=tarfile.REGTYPE):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE if link else kind
+            info.linkname = link or ""
+            info.size = len(data) if not link and kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if info.size else None)
+        add("./usr/lib/x86_64-linux-gnu", kind=tarfile.DIRTYPE)
+        add("./usr/lib/x86_64-linux-gnu/libc.so.6")
+        add("./usr/lib/x86_64-linux-gnu/libz.so.1", link="libz.so.1.2.13")
+        add("./usr/lib/x86_64-linux-gnu/libz.so.1.2.13")
+        add("./lib", link="usr/lib")
+        add("./opt/vendor/lib/libvendor.so.2")
+        add("./opt/other/libnot.so.1")
+        add("./etc/ld.so.conf.d/vendor.conf", b"# vendor\n/opt/vendor/lib\n")
+    ctx = SimpleNamespace(cache_dir=tmp_path / "cache")
+    files = ImageFiles([_tar_index(ctx, tar_path)])
+    assert files.resolve("/lib/x86_64-linux-gnu/libz.so.1") == "usr/lib/x86_64-linux-gnu/libz.so.1.2.13"
+    assert files.exists("/lib/x86_64-linux-gnu/libc.so.6") and not files.exists("/lib/libc.so.6")
+    assert {"libc.so.6", "libz.so.1", "libz.so.1.2.13", "libvendor.so.2"} <= files.library_names()
+    assert "libnot.so.1" not in files.library_names()
+    assert _tar_index(ctx, tar_path) == _tar_index(ctx, tar_path)      # kept: the second read is the memo
+
+
+def test_the_image_reader_prints_each_records_elf_facts(env, tmp_path):
+    """read_image_records' script, run here with this interpreter (in a build it runs in the image)."""
+    import sys
+
+    from envmgr.build import layer_facts
+
+    dist_info = env / SITE / "pkg-1.0.dist-info"
+    dist_info.mkdir()
+    rows = ["pkg/_ext.cpython-311-x86_64-linux-gnu.so,sha256=x,1", "pkg.libs/libbundled-1a2b3c.so.1,sha256=y,2",
+            "pkg/__init__.py,,", "pkg-1.0.dist-info/RECORD,,"]
+    (dist_info / "RECORD").write_text("\n".join(rows) + "\n")
+    (env / SITE / "pkg" / "__init__.py").write_text("")
+    record = str(dist_info / "RECORD")
+
+    class Engine:
+        def run(self, spec, on_line):
+            proc = subprocess.run([sys.executable, *spec.command[1:]], capture_output=True, text=True)
+            for line in proc.stdout.splitlines():
+                on_line(line)
+            return SimpleNamespace(exit_code=proc.returncode)
+
+    ctx = SimpleNamespace(engine=Engine(), ui=SimpleNamespace(log=lambda *_: None))
+    records, elf = layer_facts.read_image_records(ctx, "sha256:x", sys.executable, [record, "/nowhere/RECORD"],
+                                                  str(env / SITE), str(env), "m")
+    assert records == {record: (dist_info / "RECORD").read_bytes()}
+    expected, _paths, _names = _facts_of(env)
+    assert elf[record] == {k: list(v) for k, v in expected.items()}
+    assert elf["/nowhere/RECORD"] == {}
