@@ -173,6 +173,64 @@ def test_poetry_lock_step_runs_poetry_without_a_keyring(tmp_path, monkeypatch):
     assert lock_step.env["POETRY_KEYRING_ENABLED"] == "false"
     assert (spec.lock_path / "poetry.lock").is_file()
 
+def _poetry_locked(tmp_path: Path):
+    """A poetry method locked through a fake container that writes a lock of one package."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "envmgr.toml").write_text('name = "m"\nbackend = "poetry"\nentry = ["python", "x.py"]\n')
+    (folder / "pyproject.toml").write_text('[project]\nname = "m"\nversion = "0.1.0"\n'
+                                           'requires-python = ">=3.11,<3.12"\ndependencies = ["six==1.16.0"]\n'
+                                           '\n[tool.poetry]\npackage-mode = false\n')
+
+    def lock_in_container(step: Step) -> list[str]:
+        if "wheels_only_poetry.py lock" in step.script:
+            (_mount(step, paths.CONTAINER_WORK) / "poetry.lock").write_text(
+                '[[package]]\nname = "six"\nversion = "1.16.0"\ngroups = ["main"]\nfiles = [\n'
+                '    {file = "six-1.16.0-py2.py3-none-any.whl", hash = "sha256:' + "1" * 64 + '"},\n]\n\n'
+                '[metadata]\nlock-version = "2.1"\npython-versions = ">=3.11,<3.12"\n'
+                'content-hash = "' + "0" * 64 + '"\n')
+        return []
+
+    spec = load_spec(folder / "envmgr.toml", builtin=False)
+    backend = PoetryBackend()
+    backend.lock(_ctx(tmp_path, FakeRunner(lock_in_container)), spec, BASE)
+    return spec, backend
+
+
+def test_the_check_after_a_poetry_lock_reads_the_file_and_parses_it_once(tmp_path, monkeypatch):
+    import envmgr.lock.backends.poetry as poetry
+
+    monkeypatch.delenv("ENVMGR_STORE_DIR", raising=False)
+    parses: list[int] = []
+    loads = poetry.tomllib.loads
+
+    def counted(text: str) -> dict:
+        parses.append(len(text))
+        return loads(text)
+
+    monkeypatch.setattr(poetry.tomllib, "loads", counted)
+    spec, backend = _poetry_locked(tmp_path)
+    lock_parses = [n for n in parses if n > 300]   # the lock, not the small pyproject
+    assert len(lock_parses) == 1
+    backend.check(spec)                            # the text on disk is the one parsed: not parsed again
+    assert len([n for n in parses if n > 300]) == 1
+    assert 'content-hash = "' + "0" * 64 not in (spec.lock_path / "poetry.lock").read_text()  # envmgr's own hash
+
+
+def test_the_check_after_a_poetry_lock_still_sees_a_lock_changed_on_disk(tmp_path, monkeypatch):
+    from envmgr.core.errors import StaleLockError
+
+    monkeypatch.delenv("ENVMGR_STORE_DIR", raising=False)
+    spec, backend = _poetry_locked(tmp_path)
+    path = spec.lock_path / "poetry.lock"
+    path.write_text(re.sub(r'content-hash = "[0-9a-f]+"', 'content-hash = "' + "f" * 64 + '"', path.read_text()))
+    with pytest.raises(StaleLockError):
+        backend.check(spec)
+    path.write_text("not [ toml")
+    with pytest.raises(StaleLockError, match="not a valid lock"):
+        backend.check(spec)
+
+
 def test_conda_pip_packages_go_into_the_conda_python_in_one_step(tmp_path):
     spec = load_spec(REPO / "envs" / "conda-demo" / "envmgr.toml")
     prefix = tmp_path / "prefix"
@@ -328,3 +386,36 @@ def test_a_pin_newer_than_the_day_is_told_how_to_move_the_day(tmp_path):
     with pytest.raises(EnvmgrError) as raised:
         get_backend(spec).lock(_ctx(tmp_path, FakeRunner(answer)), spec, BASE)
     assert "resolve_as_of" in (raised.value.hint or "")
+
+
+def test_the_lock_step_runs_poetry_with_its_imports_frozen_and_fewer_young_collections(tmp_path):
+    """The wrapper the lock step starts poetry with, run against a stand-in poetry package: poetry's `main` gets
+    the arguments, runs with what was imported frozen out of the collector and the young generation collected
+    every 50,000 allocations, and its exit code is the step's."""
+    import json
+    import subprocess
+    import sys
+
+    from envmgr.lock.backends.poetry import WHEELS_ONLY_POETRY
+
+    for module, text in {
+        "poetry/__init__.py": "", "poetry/console/__init__.py": "", "poetry/inspection/__init__.py": "",
+        "poetry/utils/__init__.py": "",
+        "poetry/inspection/info.py": "get_pep517_metadata = isolated_builder = None\n",
+        "poetry/utils/isolated_build.py": "isolated_builder = None\n",
+        "poetry/console/application.py": (
+            "import gc, json, sys\n"
+            "def main():\n"
+            "    print(json.dumps({'argv': sys.argv, 'threshold': gc.get_threshold(),\n"
+            "                      'frozen': gc.get_freeze_count()}))\n"
+            "    return 3\n"),
+    }.items():
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / module).write_text(text)
+    (tmp_path / "wheels_only_poetry.py").write_text(WHEELS_ONLY_POETRY)
+    done = subprocess.run([sys.executable, "-B", str(tmp_path / "wheels_only_poetry.py"), "lock"], cwd=tmp_path,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 3, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["argv"] == ["poetry", "lock"]
+    assert seen["threshold"] == [50_000, 20, 100] and seen["frozen"] > 0
