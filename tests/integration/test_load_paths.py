@@ -125,12 +125,13 @@ def test_a_load_in_steps_gives_the_one_archive_image_id_and_leaves_no_partial_im
                                                                                  monkeypatch):
     import time
 
-    from envmgr.build.load_steps import steps
+    from envmgr.build.load_steps import owner_of, steps
     from envmgr.core import paths
 
     config = _config(tmp_path, salt)
     monkeypatch.setenv(paths.ENV_LOAD_STEP_BYTES, "1")   # every layer its own step
-    partial = steps(config, frozenset())[0]
+    partial = steps(config, frozenset(), owner=owner_of(ctx.cache_dir))[0]    # as the build labels it
+    assert partial.labels[paths.LABEL_PARTIAL_OWNER] == owner_of(ctx.cache_dir)
     assert len(steps(config, frozenset())) == 2 and partial.image_id() != config.image_id()
     since = int(time.time()) - 1
     assert _stream_load(ctx, config, frozenset()) == config.image_id()
