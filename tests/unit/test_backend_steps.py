@@ -150,14 +150,20 @@ def test_poetry_lock_tools_made_without_bytecode_are_compiled_once_in_place(tmp_
     assert (made_before / "kept").exists() and (made_before / TOOLS_BYTECODE).exists()
 
 
-def test_poetry_lock_step_runs_poetry_without_a_keyring(tmp_path, monkeypatch):
-    monkeypatch.delenv("ENVMGR_STORE_DIR", raising=False)
+def _poetry_method(tmp_path: Path) -> Path:
+    """A poetry method `m` pinning six, in tmp_path/m."""
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "envmgr.toml").write_text('name = "m"\nbackend = "poetry"\nentry = ["python", "x.py"]\n')
     (folder / "pyproject.toml").write_text('[project]\nname = "m"\nversion = "0.1.0"\n'
                                            'requires-python = ">=3.11,<3.12"\ndependencies = ["six==1.16.0"]\n'
                                            '\n[tool.poetry]\npackage-mode = false\n')
+    return folder
+
+
+def test_poetry_lock_step_runs_poetry_without_a_keyring(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENVMGR_STORE_DIR", raising=False)
+    folder = _poetry_method(tmp_path)
 
     def lock_in_container(step: Step) -> list[str]:
         if "wheels_only_poetry.py lock" in step.script:
@@ -175,12 +181,7 @@ def test_poetry_lock_step_runs_poetry_without_a_keyring(tmp_path, monkeypatch):
 
 def _poetry_locked(tmp_path: Path):
     """A poetry method locked through a fake container that writes a lock of one package."""
-    folder = tmp_path / "m"
-    folder.mkdir()
-    (folder / "envmgr.toml").write_text('name = "m"\nbackend = "poetry"\nentry = ["python", "x.py"]\n')
-    (folder / "pyproject.toml").write_text('[project]\nname = "m"\nversion = "0.1.0"\n'
-                                           'requires-python = ">=3.11,<3.12"\ndependencies = ["six==1.16.0"]\n'
-                                           '\n[tool.poetry]\npackage-mode = false\n')
+    folder = _poetry_method(tmp_path)
 
     def lock_in_container(step: Step) -> list[str]:
         if "wheels_only_poetry.py lock" in step.script:

@@ -133,10 +133,7 @@ def _stage(tmp_path: Path, said: list[str], monkeypatch) -> tuple[list[str] | No
     run, the boxed reads)."""
     from envmgr.build import gpu_image
     from envmgr.build.layers import Unit, stage_units
-    from envmgr.core.config import load_config
-    from envmgr.core.ui import Reporter
-    from envmgr.door.context import Context
-    from envmgr.images.base import BaseImage
+    from tests.support.stage import stage_setup
 
     steps: list[str] = []
     boxed: list[str] = []
@@ -152,12 +149,7 @@ def _stage(tmp_path: Path, said: list[str], monkeypatch) -> tuple[list[str] | No
         return ["sm_80"]
 
     monkeypatch.setattr(gpu_image, "read_archs_boxed", read_archs_boxed)
-    base = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,
-                     layer_path="/nonexistent", python="/usr/bin/python3.11", python_version="3.11.2", packages={})
-    config = load_config({"cache_dir": str(tmp_path / "cache"), "base_dir": str(tmp_path / "base")}, files=[])
-    ctx = Context(config=config, ui=Reporter("plain"), step_runner=runner)
-    stage = tmp_path / "cache" / "envs" / "m-units-x"
-    stage.mkdir(parents=True)
+    ctx, base, stage = stage_setup(tmp_path, runner)
     archs = stage_units(ctx, base, "m", [Unit("torch", "torch==2.13.0 --hash=sha256:00", "k-torch")], stage, [],
                         want_skeleton=False, read_archs=True)
     return archs, steps, boxed

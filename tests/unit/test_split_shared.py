@@ -168,11 +168,8 @@ def test_a_split_failure_reaches_the_user_as_one_line_naming_the_distribution(tm
     import pytest
 
     from envmgr.build.layers import stage_units
-    from envmgr.core.config import load_config
     from envmgr.core.errors import EnvmgrError
-    from envmgr.core.ui import Reporter
-    from envmgr.door.context import Context
-    from envmgr.images.base import BaseImage
+    from tests.support.stage import stage_setup
 
     said = f"{SPLIT_ERROR}innocent: {SITE}/innocent/__init__.py does not match the hash in its RECORD"
 
@@ -182,12 +179,7 @@ def test_a_split_failure_reaches_the_user_as_one_line_naming_the_distribution(tm
             on_line(line)
         raise EnvmgrError(f"{step.title} failed (exit 1): " + " | ".join(["Traceback (most recent call last):", said]))
 
-    base = BaseImage(name="bookworm-py311", image_id="sha256:" + "b" * 64, diff_id="sha256:" + "d" * 64,
-                     layer_path="/nonexistent", python="/usr/bin/python3.11", python_version="3.11.2", packages={})
-    config = load_config({"cache_dir": str(tmp_path / "cache"), "base_dir": str(tmp_path / "base")}, files=[])
-    ctx = Context(config=config, ui=Reporter("plain"), step_runner=runner)
-    stage = tmp_path / "cache" / "envs" / "m-units-x"
-    stage.mkdir(parents=True)
+    ctx, base, stage = stage_setup(tmp_path, runner)
     with pytest.raises(EnvmgrError) as caught:
         stage_units(ctx, base, "m", [Unit("innocent", "innocent==1.0 --hash=sha256:00", "k-inn")], stage, [],
                     want_skeleton=False, read_archs=False)
