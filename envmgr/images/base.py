@@ -8,7 +8,6 @@ the same rootfs bytes, and so the same base image ID.
 from __future__ import annotations
 
 import fcntl
-import io
 import json
 import os
 import re
@@ -18,7 +17,6 @@ import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, cast
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import BaseModel, ConfigDict
@@ -28,7 +26,7 @@ from envmgr.core.errors import EngineError, EnvmgrError, MirrorError, UsageError
 from envmgr.core.files import open_lock
 from envmgr.core.tomlfile import load_model
 from envmgr.door.context import Context
-from envmgr.images.image import ImageConfig, Layer, file_layer, write_archive
+from envmgr.images.image import ImageConfig, Layer, file_layer, save_layers, write_archive
 
 TOOLS = ("debuerreotype-init", "debuerreotype-minimizing-config", "debuerreotype-apt-get",
          "debuerreotype-slimify", "debuerreotype-tar", "debootstrap")
@@ -163,10 +161,10 @@ def adopt_from_engine(ctx: Context, name: str) -> BaseImage | None:
         if already is not None:
             return already
         for image in candidates:
-            if (image.get("Labels") or {}).get(paths.LABEL_KIND) != "base" or \
-                    len(((ctx.engine.inspect_image(image["Id"]) or {}).get("RootFS") or {}).get("Layers") or []) != 1:
+            layers = ((ctx.engine.inspect_image(image["Id"]) or {}).get("RootFS") or {}).get("Layers") or []
+            if (image.get("Labels") or {}).get(paths.LABEL_KIND) != "base" or len(layers) != 1:
                 continue     # only a one-layer base image is saved (never a method image's gigabytes)
-            base = _adopt_image(ctx, definition, image["Id"], out_dir)
+            base = _adopt_image(ctx, definition, image["Id"], layers[0], out_dir)
             if base is not None:
                 _state_file(ctx, name).write_text(json.dumps(asdict(base), indent=1, sort_keys=True))
                 ctx.ui.step(f"base image {name}: taken from the engine ({base.tag}, python {base.python_version}): "
@@ -175,75 +173,31 @@ def adopt_from_engine(ctx: Context, name: str) -> BaseImage | None:
     return None
 
 
-def _adopt_image(ctx: Context, definition: BaseDefinition, image_id: str, out_dir: Path) -> BaseImage | None:
-    """The base image `image_id` saved from the engine into `out_dir`, when it is envmgr's base for `definition`."""
-    tmp = out_dir / f".adopt-{os.getpid()}.tar.partial"
+def _adopt_image(ctx: Context, definition: BaseDefinition, image_id: str, diff_id: str,
+                 out_dir: Path) -> BaseImage | None:
+    """The base image `image_id` (its one layer `diff_id`) saved from the engine into `out_dir`, when it is
+    envmgr's base for `definition`."""
     try:
-        config_data, layer = _save_single_layer(ctx, image_id, tmp)
-        if config_data is None or layer is None:
-            return None
-        diff_ids = (config_data.get("rootfs") or {}).get("diff_ids") or []
-        if diff_ids != [layer.diff_id] or _config(definition, layer).image_id() != image_id:
-            ctx.ui.log(f"base image {definition.name}: engine image {image_id[:19]} is not this definition's")
-            return None
-        final = out_dir / f"{layer.diff_id.split(':')[1]}.tar"
-        os.replace(tmp, final)
-    except (EngineError, OSError, tarfile.TarError, ValueError) as exc:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".adopt-") as scratch:
+            found = save_layers(ctx.engine.save_image(image_id), {diff_id: None}, Path(scratch))
+            if diff_id not in found:
+                ctx.ui.log(f"base image {definition.name}: engine image {image_id[:19]} gave no layer {diff_id[:19]}")
+                return None
+            layer = Layer(path=found[diff_id], diff_id=diff_id, size=found[diff_id].stat().st_size)
+            if _config(definition, layer).image_id() != image_id:
+                ctx.ui.log(f"base image {definition.name}: engine image {image_id[:19]} is not this definition's")
+                return None
+            final = out_dir / f"{diff_id.split(':')[1]}.tar"
+            os.replace(found[diff_id], final)
+    except (EngineError, OSError, tarfile.TarError) as exc:
         ctx.ui.log(f"base image {definition.name}: could not take {image_id[:19]} from the engine: {exc}")
         return None
-    finally:
-        tmp.unlink(missing_ok=True)
     with tarfile.open(final) as tar:
         status = tar.extractfile("var/lib/dpkg/status")
         packages = _dpkg_status_versions(status.read().decode(errors="replace") if status else "")
-    return BaseImage(name=definition.name, image_id=image_id, diff_id=layer.diff_id, layer_path=str(final),
+    return BaseImage(name=definition.name, image_id=image_id, diff_id=diff_id, layer_path=str(final),
                      python=definition.python, python_version=_python_version(definition, packages),
                      packages=packages)
-
-
-def _save_single_layer(ctx: Context, image_id: str, out: Path) -> tuple[dict | None, Layer | None]:
-    """(config, layer written to `out` and hashed) of a one-layer image saved from the engine; (None, None)
-    for an image of more layers."""
-    config_data = None
-    layer = None
-    with tarfile.open(fileobj=cast(IO[bytes], io.BufferedReader(_Stream(ctx.engine.save_image(image_id)), 1 << 20)),
-                      mode="r|") as archive:
-        for member in archive:
-            if member.name.endswith("/layer.tar") and member.isfile():
-                if layer is not None:
-                    return None, None
-                source = archive.extractfile(member)
-                assert source is not None
-                with open(out, "wb") as sink:
-                    shutil.copyfileobj(source, sink, 1 << 20)
-                layer = file_layer(out)
-            elif member.name.endswith(".json") and member.name != "manifest.json" and member.isfile():
-                source = archive.extractfile(member)
-                assert source is not None
-                config_data = json.loads(source.read())
-    return config_data, layer
-
-
-class _Stream(io.RawIOBase):
-    """A raw reader over an iterator of byte chunks (the engine's `docker save` stream)."""
-
-    def __init__(self, chunks):
-        self.chunks = iter(chunks)
-        self.chunk = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self.chunk:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                return 0
-            self.chunk = memoryview(chunk)
-        size = min(len(buffer), len(self.chunk))
-        buffer[:size] = self.chunk[:size]
-        self.chunk = self.chunk[size:]
-        return size
 
 
 def missing_tools() -> list[str]:

@@ -12,8 +12,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -407,6 +409,72 @@ def write_pieces(out: BinaryIO, pieces: Iterable[Piece], progress: Callable[[int
         if progress:
             progress(size)
     return total
+
+
+# ---------------------------------------------------------------------- layers out of `docker save`
+
+# a layer's member in `docker save` output: legacy `<v1 id>/layer.tar`, or an OCI blob `blobs/sha256/<hex>`
+_LAYER_MEMBER = re.compile(r"(^|/)layer\.tar$|^blobs/sha256/[0-9a-f]{64}$")
+
+
+class ChunkReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (the engine's HTTP stream)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def save_layers(chunks: Iterable[bytes], wanted: dict[str, int | None], into: Path) -> dict[str, Path]:
+    """Pick the layers `wanted` (diff ID -> size, None when unknown) out of a `docker save` stream into
+    `into/<hex>`.
+
+    Only members of a wanted size are written and hashed (any size when one is unknown); the rest are
+    skipped as they stream by. Returns the layers found (diff ID -> file); one whose bytes hash to no
+    wanted diff ID is dropped.
+    """
+    any_size = None in wanted.values()
+    sizes = set(wanted.values())
+    found: dict[str, Path] = {}
+    reader = io.BufferedReader(ChunkReader(chunks), buffer_size=CHUNK)
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile() or not (any_size or info.size in sizes) or not _LAYER_MEMBER.search(info.name):
+                continue
+            source = tar.extractfile(info)
+            if source is None:
+                continue
+            fd, tmp_name = tempfile.mkstemp(dir=into, prefix=".from-engine-")
+            sha = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(CHUNK):
+                    sha.update(chunk)
+                    out.write(chunk)
+            diff_id = "sha256:" + sha.hexdigest()
+            if diff_id in wanted and diff_id not in found:
+                final = into / sha.hexdigest()
+                os.replace(tmp_name, final)
+                found[diff_id] = final
+            else:
+                os.unlink(tmp_name)
+            if len(found) == len(wanted):
+                break
+    return found
+
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
